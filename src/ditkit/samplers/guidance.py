@@ -1,0 +1,46 @@
+"""Classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598) as a denoiser wrapper.
+
+The conditional and unconditional predictions come from one batched call. Guidance is applied to the
+denoised estimate; since x0 and eps are affine in each other at a fixed (x_t, t), this is the same as
+guiding eps. All channels are guided by default; `channels=3` reproduces the official DiT release,
+which guides only the first three of four latent channels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..diffusion.denoiser import Denoiser
+
+__all__ = ["ClassifierFreeGuidance"]
+
+
+class ClassifierFreeGuidance(Denoiser):
+    """denoised = uncond + scale * (cond - uncond); scale 1 is the plain conditional denoiser."""
+
+    def __init__(self, denoiser: Denoiser, scale: float, *, channels: int | None = None) -> None:
+        if scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        if channels is not None and channels < 1:
+            raise ValueError(f"channels must be >= 1 or None, got {channels}")
+        self.denoiser = denoiser
+        self.process = denoiser.process
+        self.scale = scale
+        self.channels = channels
+
+    def null_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.null_cond(cond)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if self.scale == 1.0 or cond is None:
+            return self.denoiser(x_t, t, cond)
+        n = x_t.shape[0]
+        both = self.denoiser(
+            torch.cat([x_t, x_t]), torch.cat([t.expand(n), t.expand(n)]), torch.cat([cond, self.null_cond(cond)])
+        )
+        conditional, unconditional = both[:n], both[n:]
+        guided = unconditional + self.scale * (conditional - unconditional)
+        if self.channels is not None:
+            # Legacy: guide the first `channels` channels, keep the conditional prediction elsewhere.
+            guided = torch.cat([guided[:, : self.channels], conditional[:, self.channels :]], dim=1)
+        return guided

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditkit.cli import main
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""
+model: {{patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10, learn_sigma: false}}
+data: {{dataset: mnist, image_size: 8, channels: 1}}
+train: {{out_dir: {tmp_path / 'run'}, steps: 50, batch_size: 4, log_every: 1, ckpt_every: 1, device: cpu}}
+sample: {{steps: 2}}
+"""
+    )
+    return path
+
+
+def test_train_sample_info_round_trip(tmp_path, config_file, capsys):
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=2"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert (ckpt / "ema.safetensors").is_file()
+
+    out = tmp_path / "grid.png"
+    args = ["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "0", "3", "7", "--per-class", "2",
+            "--cfg-scale", "2.0", "--steps", "3", "--seed", "1", "--scale", "1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    grid = np.asarray(Image.open(out))
+    # 3 rows of 2 samples, 8x8 each, 2 px padding.
+    assert grid.shape == (3 * 10 + 2, 2 * 10 + 2)
+    again = tmp_path / "grid2.png"
+    assert main(args[:-1] + [str(again)]) == 0
+    assert np.array_equal(grid, np.asarray(Image.open(again)))  # seeded: same request, same pixels
+
+    capsys.readouterr()
+    assert main(["info", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens"] == 16 and info["depth"] == 1
+
+    # Resume continues from the saved step.
+    assert main(["train", "--config", str(config_file), "--no-progress", "--resume", str(tmp_path / "run"),
+                 "train.steps=3"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
+
+
+def test_info_on_presets_uses_paper_numbers(capsys):
+    assert main(["info", "DiT-XL/2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["gmacs_per_forward"] - 118.6) / 118.6 < 0.005
+    assert abs(info["parameters"] - 675e6) / 675e6 < 0.005
+    assert info["tokens"] == 256
+
+
+def test_bad_config_key_is_a_clear_error(config_file, capsys):
+    assert main(["train", "--config", str(config_file), "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.stepz" in err and "unknown config key" in err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_sample_rejects_out_of_range_class(tmp_path, config_file, capsys):
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "12", "--steps", "1",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "class labels must be in [0, 9]" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "ditkit", "--help"], capture_output=True, text=True, check=True)
+    for command in ("train", "sample", "info", "demo"):
+        assert command in proc.stdout
+
+
+def test_demo_smoke(tmp_path):
+    from ditkit.demo import run_demo
+
+    metrics = run_demo(tmp_path / "demo", smoke=True, progress=False)
+    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert saved == metrics
+    assert 0.0 <= saved["conditional_accuracy"] <= 1.0 and saved["num_samples"] == 20
+    assert 0.0 <= saved["classifier_holdout_accuracy"] <= 1.0 and saved["train_steps"] == 6
+    grid = Image.open(tmp_path / "demo" / "samples.png")
+    assert grid.size == ((2 * 30 + 2) * 3, (10 * 30 + 2) * 3)  # 10 rows (one per class) of 2, upscaled x3
+    assert (tmp_path / "demo" / "loss_curve.png").is_file()
+    # Running it again reuses the finished classifier and run.
+    again = run_demo(tmp_path / "demo", smoke=True, progress=False)
+    assert again["train_steps"] == 6 and again["conditional_accuracy"] == metrics["conditional_accuracy"]
