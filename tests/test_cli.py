@@ -98,3 +98,16 @@ def test_demo_smoke(tmp_path):
     # Running it again reuses the finished classifier and run.
     again = run_demo(tmp_path / "demo", smoke=True, progress=False)
     assert again["train_steps"] == 6 and again["conditional_accuracy"] == metrics["conditional_accuracy"]
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")))
+def test_every_shipped_config_loads(path):
+    from ditkit.config import load_config
+    from ditkit.models import DiT
+
+    config = load_config(path)
+    assert config.model.resolved()
+    import torch
+
+    with torch.device("meta"):
+        DiT(config.model)
