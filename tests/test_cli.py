@@ -111,3 +111,17 @@ def test_every_shipped_config_loads(path):
 
     with torch.device("meta"):
         DiT(config.model)
+
+
+def test_mnist_config_matches_the_demo(tmp_path):
+    """configs/mnist.yaml is documented as the demo's job: keep them in step."""
+    from pathlib import Path
+
+    from ditkit.config import load_config
+    from ditkit.demo import demo_config
+
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "mnist.yaml")
+    demo = demo_config(tmp_path)
+    assert shipped.model == demo.model and shipped.diffusion == demo.diffusion and shipped.sample == demo.sample
+    for key in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "precision"):
+        assert getattr(shipped.train, key) == getattr(demo.train, key), key

@@ -95,7 +95,7 @@ def test_loss_is_mse_to_the_added_noise(process):
     """A network that outputs the noise that was added has zero loss; outputting zero gives E[eps^2] = 1."""
     g_ref = torch.Generator().manual_seed(3)
     x0 = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    t = process.sample_t(256, generator=g_ref)
+    process.sample_t(256, generator=g_ref)  # replay the loss's draws: timesteps first, then noise
     noise = torch.randn(x0.shape, generator=g_ref)
 
     class Cheat(torch.nn.Module):
@@ -140,3 +140,62 @@ def test_loss_decreases_when_training_tiny_model(process):
 def test_discrete_vp_rejects_bad_betas():
     with pytest.raises(ValueError):
         DiscreteVP(torch.tensor([0.1, 1.5]))
+
+
+def test_v_prediction_target_and_conversion_round_trip(process):
+    """A network that outputs the true v recovers x0 exactly; v = alpha eps - sigma x0."""
+    from ditkit.diffusion import prediction_target, prediction_to_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 2, 3, 3, generator=g), torch.randn(5, 2, 3, 3, generator=g)
+    t = torch.tensor([0.0, 10.0, 250.0, 700.0, 999.0])
+    alpha, sigma = process.alpha(t), process.sigma(t)
+    x_t = process.add_noise(x0, noise, t)
+    v = prediction_target("v", x0, noise, alpha, sigma)
+    a4, s4 = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
+    assert torch.allclose(v, a4 * noise - s4 * x0, atol=1e-6)
+    assert torch.allclose(prediction_to_x0("v", v, x_t, alpha, sigma), x0, atol=1e-4)
+    assert torch.allclose(prediction_to_x0("eps", noise, x_t, alpha, sigma), x0, atol=1e-2)  # eps / alpha blows up at t=999
+    with pytest.raises(ValueError, match="unknown prediction"):
+        prediction_target("x", x0, noise, alpha, sigma)
+
+
+def test_v_loss_is_zero_for_an_oracle(process):
+    from ditkit.diffusion import prediction_target
+
+    g_ref = torch.Generator().manual_seed(3)
+    x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = process.sample_t(64, generator=g_ref)
+    noise = torch.randn(x0.shape, generator=g_ref)
+    v = prediction_target("v", x0, noise, process.alpha(t), process.sigma(t))
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t_model, y, generator=None):
+            return v
+
+    loss = diffusion_loss(Oracle(), process, x0, torch.zeros(64, dtype=torch.long),
+                          generator=torch.Generator().manual_seed(3), prediction="v")
+    assert loss.item() < 1e-10
+
+
+def test_clamp_denoised_bounds_the_estimate(process):
+    from ditkit.diffusion import ClampDenoised, Denoiser
+
+    class Wild(Denoiser):
+        def __init__(self):
+            self.process = process
+
+        def __call__(self, x_t, t, cond):
+            return 5 * x_t
+
+        def null_cond(self, cond):
+            return cond + 100
+
+    den = ClampDenoised(Wild(), -1.0, 1.0)
+    x = torch.linspace(-2, 2, 9).reshape(1, 1, 3, 3)
+    out = den(x, torch.tensor([10.0]), None)
+    assert out.min() == -1.0 and out.max() == 1.0
+    assert torch.equal(out, (5 * x).clamp(-1, 1))
+    assert torch.equal(den.null_cond(torch.tensor([1])), torch.tensor([101]))
+    with pytest.raises(ValueError):
+        ClampDenoised(Wild(), 1.0, -1.0)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -38,6 +37,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     images = generate(
         model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+        clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
     )
     out = save_grid(images, args.out, nrow=args.per_class if args.per_class > 1 else min(len(classes), 10), scale=args.scale)
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp x0 estimates to [-1, 1] while sampling (default: the checkpoint's sample.clip_denoised)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the written grid")

@@ -38,7 +38,7 @@ __all__ = [
 Precision = Literal["fp32", "bf16", "fp16"]
 DatasetName = Literal["mnist", "folder"]
 ScheduleName = Literal["linear"]
-PredictionName = Literal["eps"]
+PredictionName = Literal["eps", "v"]
 SamplerName = Literal["ddim"]
 AttnImpl = Literal["auto", "sdpa", "math"]
 
@@ -142,7 +142,8 @@ class DiffusionConfig:
     beta_end: float = 0.02
     """beta_T of the linear schedule (Ho et al. 2020)."""
     prediction: PredictionName = "eps"
-    """What the network predicts: 'eps' (the added noise)."""
+    """What the network predicts: 'eps' (the added noise, DDPM/DiT) or 'v' = alpha * eps - sigma * x0
+    (Salimans & Ho 2022), which weighs errors at high noise more and converges faster on small models."""
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 2:
@@ -256,6 +257,8 @@ class SampleConfig:
     """Classifier-free guidance scale; 1 disables guidance."""
     seed: int = 0
     """Seed of the initial noise and of any sampler noise."""
+    clip_denoised: bool = True
+    """Clamp every x0 estimate to the data range [-1, 1] while sampling (pixel space)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -425,7 +428,8 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else _yaml_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}")
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"config file {path} is not valid {kind}: {err}") from err
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .diffusion import ModelDenoiser, build_process
+from .diffusion import ClampDenoised, ModelDenoiser, build_process
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
 __all__ = ["generate"]
@@ -23,6 +23,7 @@ def generate(
     eta: float | None = None,
     sampler: str | None = None,
     seed: int | None = None,
+    clip_denoised: bool | None = None,
     batch_size: int = 256,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -48,6 +49,9 @@ def generate(
     denoiser = ModelDenoiser(model, process, config.diffusion.prediction)
     if cfg_scale != 1.0:
         denoiser = ClassifierFreeGuidance(denoiser, cfg_scale)
+    clip = sc.clip_denoised if clip_denoised is None else clip_denoised
+    if clip:
+        denoiser = ClampDenoised(denoiser, -1.0, 1.0)
     generator = torch.Generator(device).manual_seed(seed)
     m = config.model
     noise = process.prior((len(labels), m.in_channels, m.input_size, m.input_size), generator=generator, device=device)

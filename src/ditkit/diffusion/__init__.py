@@ -1,10 +1,21 @@
 """Noise processes, the training loss and the network -> denoiser conversion."""
 
-from .denoiser import Denoiser, ModelDenoiser
+from .denoiser import ClampDenoised, Denoiser, ModelDenoiser
 from .loss import diffusion_loss
-from .process import DiscreteVP, NoiseProcess, build_process, eps_to_x0, linear_betas, x0_to_eps
+from .process import (
+    DiscreteVP,
+    NoiseProcess,
+    build_process,
+    eps_to_x0,
+    linear_betas,
+    prediction_target,
+    prediction_to_x0,
+    v_to_x0,
+    x0_to_eps,
+)
 
 __all__ = [
+    "ClampDenoised",
     "Denoiser",
     "ModelDenoiser",
     "diffusion_loss",
@@ -14,4 +25,7 @@ __all__ = [
     "eps_to_x0",
     "linear_betas",
     "x0_to_eps",
+    "v_to_x0",
+    "prediction_target",
+    "prediction_to_x0",
 ]

@@ -1,11 +1,12 @@
-"""Training objective: noise-prediction MSE (L_simple of Ho et al. 2020) at uniformly drawn timesteps."""
+"""Training objective: MSE to the prediction target (noise, as L_simple of Ho et al. 2020, or v) at
+uniformly drawn timesteps."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .process import NoiseProcess
+from .process import NoiseProcess, prediction_target
 
 __all__ = ["diffusion_loss"]
 
@@ -19,17 +20,15 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     prediction: str = "eps",
 ) -> torch.Tensor:
-    """Mean squared error between the network's noise prediction and the noise that was added.
+    """Mean squared error between the network's output and its target ('eps': the added noise; 'v').
 
     Draws t and the noise from `generator`; the network is called as `model(x_t, t, cond, generator=...)`
     so label dropout uses the same stream. Extra output channels (a learned variance) are ignored here.
     """
-    if prediction != "eps":
-        raise ValueError(f"unsupported prediction {prediction!r}")
     n, channels = x0.shape[:2]
     t = process.sample_t(n, generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
     out = model(x_t, process.model_time(t), cond, generator=generator)
-    eps = out[:, :channels].float()
-    return (eps - noise.float()).pow(2).mean()
+    target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t))
+    return (out[:, :channels].float() - target).pow(2).mean()

@@ -18,7 +18,17 @@ import torch
 
 from ..config import DiffusionConfig
 
-__all__ = ["NoiseProcess", "DiscreteVP", "linear_betas", "build_process", "eps_to_x0", "x0_to_eps"]
+__all__ = [
+    "NoiseProcess",
+    "DiscreteVP",
+    "linear_betas",
+    "build_process",
+    "eps_to_x0",
+    "x0_to_eps",
+    "v_to_x0",
+    "prediction_target",
+    "prediction_to_x0",
+]
 
 
 class NoiseProcess(ABC):
@@ -70,6 +80,30 @@ def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: 
 def x0_to_eps(x0: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Noise estimate from a denoised estimate: eps = (x_t - alpha x0) / sigma."""
     return (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
+
+
+def v_to_x0(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Denoised estimate from a velocity prediction v = alpha eps - sigma x0: x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)."""
+    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    return (a * x_t - s * v) / (a**2 + s**2)
+
+
+def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """What a network trained for `prediction` ('eps' or 'v') should output at x_t = alpha x0 + sigma noise."""
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        return _bcast(alpha, x0) * noise - _bcast(sigma, x0) * x0
+    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
+
+
+def prediction_to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Convert a network output trained for `prediction` into the denoised estimate x0."""
+    if prediction == "eps":
+        return eps_to_x0(out, x_t, alpha, sigma)
+    if prediction == "v":
+        return v_to_x0(out, x_t, alpha, sigma)
+    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
 
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
