@@ -184,3 +184,37 @@ def test_build_model_seed_is_reproducible_and_leaves_global_rng(tiny_config):
     a, b = build_model(tiny_config, seed=3), build_model(tiny_config, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_training_on_an_image_folder_with_workers_and_flips(tmp_path):
+    """The ImageNet-layout path end to end: RGB folder, resize/crop, random flips, a worker process."""
+    import numpy as np
+    from PIL import Image
+
+    from ditkit.config import Config, DataConfig, ModelConfig, TrainConfig
+
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            size = (20 + 3 * i, 14 + 2 * i)
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+                tmp_path / "images" / name / f"{i}.png")
+    config = Config(
+        model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2, learn_sigma=True),
+        data=DataConfig(dataset="folder", root=str(tmp_path / "images"), image_size=8, channels=3, hflip=True),
+        train=TrainConfig(out_dir=str(tmp_path / "run"), steps=3, batch_size=4, log_every=1, ckpt_every=3,
+                          num_workers=1, device="cpu"),
+    )
+    result = train(config, progress=False)
+    assert result.step == 3 and math.isfinite(result.final_loss)
+    model, saved = load_model(result.checkpoint)
+    assert saved.data.root == str(tmp_path / "images")
+    assert model(torch.zeros(1, 3, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long)).shape == (1, 6, 8, 8)
+
+
+def test_too_many_classes_in_the_data_is_refused(tmp_path, tiny_dataset):
+    config = make_tiny_config(tmp_path / "run")
+    config.model.num_classes = 2  # the tiny dataset has 4
+    with pytest.raises(ConfigError, match="4 classes but model.num_classes=2"):
+        train(config, progress=False, dataset=tiny_dataset)

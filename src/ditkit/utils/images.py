@@ -62,6 +62,8 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path, size: tuple[int
         logs = np.log10(np.array([p[1] for p in points], dtype=float))
         lo, hi = logs.min(), logs.max()
         hi = hi if hi > lo else lo + 1e-3
+        pad = 0.05 * (hi - lo)  # keep the curve off the frame
+        lo, hi = lo - pad, hi + pad
         xs = left + (steps - steps.min()) / max(steps.max() - steps.min(), 1) * (right - left)
         ys = bottom - (logs - lo) / (hi - lo) * (bottom - top)
         draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(31, 119, 180), width=2)
