@@ -218,3 +218,15 @@ def test_too_many_classes_in_the_data_is_refused(tmp_path, tiny_dataset):
     config.model.num_classes = 2  # the tiny dataset has 4
     with pytest.raises(ConfigError, match="4 classes but model.num_classes=2"):
         train(config, progress=False, dataset=tiny_dataset)
+
+
+def test_weights_that_do_not_match_the_config_are_named(tmp_path, tiny_config):
+    from safetensors.torch import save_file
+
+    model = build_model(tiny_config, seed=0)
+    path = save_checkpoint(tmp_path / "step_0000001", config=tiny_config, model=model, ema=model)
+    state = load_file(path / "ema.safetensors")
+    state.pop("final_layer.linear.bias")
+    save_file(state, path / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="ema.safetensors does not match its config.json"):
+        load_model(path)

@@ -31,6 +31,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .train import load_model, resolve_device
     from .utils.images import save_grid
 
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, args.weights, device)
     classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))

@@ -24,6 +24,7 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    CheckpointError,
     checkpoint_name,
     load_config_from_checkpoint,
     load_state,
@@ -286,7 +287,10 @@ def load_model(path: str | Path, which: str = "ema", device: str | torch.device 
     config = load_config_from_checkpoint(path)
     with torch.device("meta"):
         model = DiT(config.model)
-    model.load_state_dict(load_weights(path, which, device), assign=True)
+    try:
+        model.load_state_dict(load_weights(path, which, device), assign=True)
+    except RuntimeError as err:  # missing/unexpected keys or wrong shapes
+        raise CheckpointError(f"{path / (which + '.safetensors')} does not match its config.json: {err}") from err
     return model.to(device).eval(), config
 
 

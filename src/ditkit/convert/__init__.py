@@ -1,0 +1,1 @@
+"""Weight exchange with other DiT implementations."""

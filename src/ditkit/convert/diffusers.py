@@ -1,0 +1,145 @@
+"""Lossless weight exchange with diffusers' `DiTTransformer2DModel`.
+
+diffusers stores the DiT under other names: separate q/k/v projections instead of one `qkv`, and a
+copy of the timestep and class embedders inside every block's AdaLayerNormZero (all copies equal).
+ditkit -> diffusers copies the shared embedders into every block; diffusers -> ditkit takes block 0's
+and checks the others agree. diffusers is an optional dependency, imported only by `to_diffusers`.
+
+One behavioural difference remains outside the weights: diffusers' DiT builds its sinusoidal
+timestep features with `downscale_freq_shift=1` (frequency exponent divided by half - 1), while the
+paper's model and ditkit divide by half. `to_diffusers(..., match_timestep_features=True)` (the
+default) sets the shift to 0 on the returned model so both give the same outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..models import DiT
+
+__all__ = ["diffusers_config", "to_diffusers_state_dict", "from_diffusers_state_dict", "to_diffusers", "from_diffusers"]
+
+_BLOCK_MAP = {
+    "adaLN_modulation.1": "norm1.linear",
+    "attn.proj": "attn1.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+}
+_TOP_MAP = {
+    "x_embedder.proj": "pos_embed.proj",
+    "final_layer.adaLN_modulation.1": "proj_out_1",
+    "final_layer.linear": "proj_out_2",
+}
+_EMBED_MAP = {
+    "t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
+    "y_embedder.embedding_table": "norm1.emb.class_embedder.embedding_table",
+}
+
+
+def diffusers_config(config: ModelConfig) -> dict[str, Any]:
+    """`DiTTransformer2DModel` keyword arguments for a ditkit model config."""
+    config.require_resolved()
+    if config.class_dropout_prob == 0:
+        raise ValueError("diffusers' DiT always has a null class: convert a model trained with class dropout")
+    return {
+        "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.hidden_size // config.num_heads,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_layers": config.depth,
+        "sample_size": config.input_size,
+        "patch_size": config.patch_size,
+        "num_embeds_ada_norm": config.num_classes,
+        "norm_eps": 1e-6,  # the paper's LayerNorms use 1e-6
+    }
+
+
+def to_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename a ditkit DiT state dict into diffusers' layout (pos_embed is rebuilt by diffusers)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            continue
+        name, _, leaf = key.rpartition(".")
+        if name in _TOP_MAP:
+            out[f"{_TOP_MAP[name]}.{leaf}"] = value
+        elif name in _EMBED_MAP:
+            for i in range(depth):
+                out[f"transformer_blocks.{i}.{_EMBED_MAP[name]}.{leaf}"] = value
+        elif key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            sub, _, leaf = rest.rpartition(".")
+            prefix = f"transformer_blocks.{index}"
+            if sub == "attn.qkv":
+                q, k, v = value.chunk(3, dim=0)
+                out[f"{prefix}.attn1.to_q.{leaf}"], out[f"{prefix}.attn1.to_k.{leaf}"] = q, k
+                out[f"{prefix}.attn1.to_v.{leaf}"] = v
+            elif sub in _BLOCK_MAP:
+                out[f"{prefix}.{_BLOCK_MAP[sub]}.{leaf}"] = value
+            else:
+                raise KeyError(f"no diffusers name for ditkit parameter {key!r}")
+        else:
+            raise KeyError(f"no diffusers name for ditkit parameter {key!r}")
+    return out
+
+
+def from_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers DiT state dict into ditkit's layout (without `pos_embed`, which is fixed)."""
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in _TOP_MAP.items():
+        for leaf in ("weight", "bias"):
+            out[f"{ours}.{leaf}"] = state[f"{theirs}.{leaf}"]
+    for ours, theirs in _EMBED_MAP.items():
+        for leaf in ("weight", "bias"):
+            key = f"transformer_blocks.0.{theirs}.{leaf}"
+            if key not in state:
+                continue
+            for i in range(1, depth):
+                if not torch.equal(state[f"transformer_blocks.{i}.{theirs}.{leaf}"], state[key]):
+                    raise ValueError(f"diffusers block {i} has its own {theirs}; ditkit shares one embedder")
+            out[f"{ours}.{leaf}"] = state[key]
+    for i in range(depth):
+        prefix = f"transformer_blocks.{i}"
+        for leaf in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([state[f"{prefix}.attn1.to_{n}.{leaf}"] for n in "qkv"])
+            for ours, theirs in _BLOCK_MAP.items():
+                out[f"blocks.{i}.{ours}.{leaf}"] = state[f"{prefix}.{theirs}.{leaf}"]
+    return out
+
+
+def to_diffusers(model: DiT, *, match_timestep_features: bool = True) -> Any:
+    """A diffusers `DiTTransformer2DModel` holding the same weights as `model`."""
+    from diffusers import DiTTransformer2DModel
+
+    out = DiTTransformer2DModel(**diffusers_config(model.config))
+    missing, unexpected = out.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config.depth), strict=False)
+    missing = [k for k in missing if not k.endswith("pos_embed.pos_embed")]
+    if missing or unexpected:
+        raise ValueError(f"diffusers layout mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if match_timestep_features:
+        for block in out.transformer_blocks:
+            block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return out.to(next(model.parameters()).dtype).eval()
+
+
+def from_diffusers(diffusers_model: Any, num_classes: int | None = None) -> DiT:
+    """A ditkit DiT holding the weights of a diffusers `DiTTransformer2DModel`."""
+    cfg = diffusers_model.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    out_channels = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"out_channels={out_channels} is neither in_channels nor twice it")
+    config = ModelConfig(
+        input_size=cfg.sample_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size, hidden_size=hidden,
+        depth=cfg.num_layers, num_heads=cfg.num_attention_heads, num_classes=num_classes or cfg.num_embeds_ada_norm,
+        class_dropout_prob=0.1, learn_sigma=out_channels == 2 * cfg.in_channels,
+    )
+    model = DiT(config)
+    state = from_diffusers_state_dict(diffusers_model.state_dict(), config.depth)
+    state["pos_embed"] = model.pos_embed.detach().clone()
+    model.load_state_dict(state)
+    return model.eval()
