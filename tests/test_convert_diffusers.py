@@ -52,3 +52,33 @@ def test_round_trip_through_diffusers_is_lossless():
     a, b = ours.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_exports_a_checkpoint_that_diffusers_loads(tmp_path, capsys):
+    from diffusers import DiTTransformer2DModel
+
+    from ditkit.checkpoint import save_checkpoint
+    from ditkit.cli import main
+    from ditkit.config import Config, DataConfig
+
+    model_config = ModelConfig(input_size=8, in_channels=3, patch_size=2, hidden_size=64, depth=2, num_heads=2,
+                               num_classes=5, learn_sigma=True)
+    config = Config(model=model_config, data=DataConfig(image_size=8, channels=3))
+    ours = DiT(config.model)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    ckpt = save_checkpoint(tmp_path / "step_0000001", config=config, model=ours, ema=ours)
+    out = tmp_path / "exported"
+    assert main(["convert", "to-diffusers", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert "downscale_freq_shift" in capsys.readouterr().out
+    theirs = DiTTransformer2DModel.from_pretrained(out).eval()
+    for block in theirs.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 800.0]), torch.tensor([1, 5])
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x, t, y), theirs(x, timestep=t, class_labels=y).sample, atol=1e-5)
+    # An existing, non-empty folder is never overwritten.
+    assert main(["convert", "to-diffusers", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err

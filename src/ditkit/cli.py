@@ -1,4 +1,4 @@
-"""The `ditkit` command: train, sample, info, demo."""
+"""The `ditkit` command: train, sample, info, convert, demo."""
 
 from __future__ import annotations
 
@@ -94,6 +94,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .convert.diffusers import to_diffusers
+    from .train import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder (nothing was written)")
+    model, _ = load_model(args.checkpoint, args.weights)
+    try:
+        converted = to_diffusers(model)
+    except ImportError as err:
+        raise ValueError("converting to diffusers needs diffusers: pip install 'ditkit[diffusers]'") from err
+    converted.save_pretrained(out, safe_serialization=True)
+    print(
+        f"wrote a diffusers DiTTransformer2DModel to {out}. Note: diffusers' DiT computes timestep features "
+        "with downscale_freq_shift=1; set `block.norm1.emb.time_proj.downscale_freq_shift = 0` on every "
+        "block after loading to reproduce ditkit's outputs exactly"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Train, sample and inspect Diffusion Transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -131,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-learn-sigma", action="store_true", help="preset without the learned variance")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="export a checkpoint to another library's format")
+    p.add_argument("format", choices=["to-diffusers"], help="target format")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
+    p.add_argument("--out", required=True, help="new folder to write (refused if it exists and is not empty)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="train a DiT on the bundled digits and judge its samples")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")

@@ -123,7 +123,8 @@ def to_diffusers(model: DiT, *, match_timestep_features: bool = True) -> Any:
     if match_timestep_features:
         for block in out.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
-    return out.to(next(model.parameters()).dtype).eval()
+    dtype = next(model.parameters()).dtype
+    return (out if dtype == torch.float32 else out.to(dtype)).eval()
 
 
 def from_diffusers(diffusers_model: Any, num_classes: int | None = None) -> DiT:
