@@ -396,7 +396,9 @@ def test_unknown_preset_raises(tmp_path):
 
 
 def test_presets_cover_the_paper_grid():
-    assert set(MODEL_PRESETS) == {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    paper = {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    assert set(MODEL_PRESETS) == paper | {"DiT-2B/2"}
+    assert MODEL_PRESETS["DiT-2B/2"] == {"depth": 30, "hidden_size": 2048, "num_heads": 16, "patch_size": 2}
     assert MODEL_PRESETS["DiT-XL/2"] == {"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 2}
     assert MODEL_PRESETS["DiT-L/4"] == {"depth": 24, "hidden_size": 1024, "num_heads": 16, "patch_size": 4}
     assert MODEL_PRESETS["DiT-B/8"] == {"depth": 12, "hidden_size": 768, "num_heads": 12, "patch_size": 8}

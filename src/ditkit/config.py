@@ -126,6 +126,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     for size, (d, w, h) in _DIT_SIZES.items()
     for patch in (2, 4, 8)
 }
+# Beyond the paper: 30 blocks of width 2048 with 16 heads and a 4x (8192) MLP.
+MODEL_PRESETS["DiT-2B/2"] = {"depth": 30, "hidden_size": 2048, "num_heads": 16, "patch_size": 2}
 """Name -> ModelConfig fields of the paper's models (256 px latents, 1000 classes by default)."""
 
 
