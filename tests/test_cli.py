@@ -39,6 +39,10 @@ def test_train_sample_info_round_trip(tmp_path, config_file, capsys):
     assert main(args[:-1] + [str(again)]) == 0
     assert np.array_equal(grid, np.asarray(Image.open(again)))  # seeded: same request, same pixels
 
+    heun = tmp_path / "heun.png"
+    assert main(args[:-1] + [str(heun)] + ["--sampler", "heun"]) == 0
+    assert not np.array_equal(grid, np.asarray(Image.open(heun)))  # another sampler, other pixels
+
     capsys.readouterr()
     assert main(["info", str(ckpt), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

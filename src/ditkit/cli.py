@@ -13,6 +13,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import MODEL_PRESETS, ConfigError, ModelConfig, load_config
 from .data import DataError
+from .samplers import SAMPLERS
 
 __all__ = ["main"]
 
@@ -38,7 +39,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     images = generate(
-        model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+        model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, sampler=args.sampler,
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
     )
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
     p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's sample.cfg_scale)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,

@@ -39,7 +39,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 DatasetName = Literal["mnist", "folder"]
 ScheduleName = Literal["linear"]
 PredictionName = Literal["eps", "v"]
-SamplerName = Literal["ddim"]
+SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
 AttnImpl = Literal["auto", "sdpa", "math"]
 
 
@@ -250,7 +250,9 @@ class SampleConfig:
     """Defaults for sampling from a trained model (every field can be overridden at the CLI)."""
 
     sampler: SamplerName = "ddim"
-    """Sampling algorithm."""
+    """Sampling algorithm: 'ddim' (eta sets its noise), 'ddpm' (ancestral, stochastic), 'euler' and 'heun'
+    (probability-flow ODE, 1st/2nd order; heun makes 2 * steps - 1 denoiser calls) or 'dpmpp_2m'
+    (DPM-Solver++(2M), 2nd order at one call per step). `eta` applies to 'ddim' only."""
     steps: int = 50
     """Number of denoiser evaluations (timesteps respaced evenly over the process)."""
     eta: float = 0.0

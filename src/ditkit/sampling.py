@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -36,8 +38,15 @@ def generate(
     sc = config.sample
     steps = sc.steps if steps is None else steps
     cfg_scale = sc.cfg_scale if cfg_scale is None else cfg_scale
-    eta = sc.eta if eta is None else eta
-    sampler_fn = SAMPLERS[sc.sampler if sampler is None else sampler]
+    sampler_name = sc.sampler if sampler is None else sampler
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose from {', '.join(SAMPLERS)}")
+    sampler_fn = SAMPLERS[sampler_name]
+    options: dict[str, float] = {}
+    if "eta" in inspect.signature(sampler_fn).parameters:
+        options["eta"] = sc.eta if eta is None else eta
+    elif eta:  # an explicit request the sampler cannot honour; config.sample.eta is DDIM's and is ignored
+        raise ValueError(f"sampler {sampler_name!r} takes no eta (got eta={eta})")
     seed = sc.seed if seed is None else seed
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -59,8 +68,8 @@ def generate(
     for start in range(0, len(labels), batch_size):
         x = noise[start : start + batch_size]
         x = sampler_fn(
-            denoiser, x, steps, cond=labels[start : start + batch_size], eta=eta,
-            generator=generator, callback=callback, progress=progress,
+            denoiser, x, steps, cond=labels[start : start + batch_size],
+            generator=generator, callback=callback, progress=progress, **options,
         )
         out.append(x.clamp(-1, 1))
     return torch.cat(out) if out else noise
