@@ -82,3 +82,10 @@ def test_cli_exports_a_checkpoint_that_diffusers_loads(tmp_path, capsys):
     # An existing, non-empty folder is never overwritten.
     assert main(["convert", "to-diffusers", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_options_diffusers_cannot_express_are_refused():
+    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                            num_classes=3, qk_norm=True))
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_diffusers(model)

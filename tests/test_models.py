@@ -119,7 +119,7 @@ def test_every_block_is_identity_at_init():
 
 def test_block_is_not_identity_once_modulation_is_trained():
     torch.manual_seed(0)
-    block = DiTBlock(32, 2, 4.0)
+    block = DiTBlock(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2))
     with torch.no_grad():
         nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
     x, c = torch.randn(2, 16, 32), torch.randn(2, 32)

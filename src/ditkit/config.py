@@ -41,6 +41,9 @@ ScheduleName = Literal["linear"]
 PredictionName = Literal["eps", "v"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
 AttnImpl = Literal["auto", "sdpa", "math"]
+BlockType = Literal["adaLN-Zero", "adaLN"]
+PosEmbed = Literal["sincos", "learned"]
+MlpAct = Literal["gelu_tanh", "gelu"]
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,15 @@ class ModelConfig:
     """Probability that a training label is replaced by the null class (for classifier-free guidance)."""
     learn_sigma: bool = True
     """Predict a per-pixel variance interpolation too (output channels doubled), as the DiT release does."""
+    block_type: BlockType = "adaLN-Zero"
+    """Conditioning block (paper section 3.2): 'adaLN-Zero' (gated residuals, gates and modulation
+    zero-initialised, so every block starts as the identity) or 'adaLN' (modulated LayerNorms only)."""
+    pos_embed: PosEmbed = "sincos"
+    """Positional embedding: fixed 2D sin-cos, or 'learned' (a parameter initialised to sin-cos)."""
+    mlp_act: MlpAct = "gelu_tanh"
+    """MLP activation: tanh-approximated GELU (the DiT release) or exact 'gelu'."""
+    qk_norm: bool = False
+    """LayerNorm on queries and keys per head (stabilises attention logits in large or long runs)."""
     attn_impl: AttnImpl = "auto"
     """Attention kernel, same math either way: 'sdpa' (fused), 'math' (two matmuls), 'auto' (SDPA except
     bf16/fp16 on CPU, where the matmul form trains faster)."""

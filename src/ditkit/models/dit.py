@@ -122,30 +122,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (see `attention` for the kernel choice)."""
+    """Multi-head self-attention (see `attention` for the kernel choice), optionally QK-normalised.
 
-    def __init__(self, dim: int, num_heads: int, impl: str = "auto") -> None:
+    QK-norm (Dehghani et al. 2023, https://arxiv.org/abs/2302.05442) applies a LayerNorm over each
+    head's queries and keys so attention logits cannot grow without bound.
+    """
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "auto", qk_norm: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.impl = impl
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         x = attention(q, k, v, self.impl)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 
 
 class Mlp(nn.Module):
-    """Two linear layers with a tanh-approximated GELU between them."""
+    """Two linear layers with a GELU (tanh-approximated by default, as in the DiT release) between them."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,21 +161,27 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated, and residual branches gated, by the condition."""
+    """Transformer block whose LayerNorms are modulated by the condition (adaLN), and whose residual
+    branches are also scaled by condition-dependent gates in the adaLN-Zero variant."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attn_impl: str = "auto") -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, attn_impl)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        d = config.hidden_size
+        self.gated = config.block_type == "adaLN-Zero"
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, config.num_heads, config.attn_impl, config.qk_norm)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, (6 if self.gated else 4) * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        if self.gated:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -196,9 +210,10 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(p, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        # A fixed buffer kept as a frozen parameter so it sits in the state dict as in official checkpoints.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio, config.attn_impl) for _ in range(config.depth))
+        # Fixed sin-cos is kept as a frozen parameter so it sits in the state dict as in official checkpoints.
+        learned = config.pos_embed == "learned"
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=learned)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(d, p, config.out_channels)
         self.initialize_weights()
 
@@ -224,10 +239,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, the output starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # adaLN-Zero: every block starts as the identity, the output starts at zero. Plain adaLN keeps
+        # the xavier-initialised modulation (there are no gates to zero).
+        if self.config.block_type == "adaLN-Zero":
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -272,7 +289,7 @@ def count_macs(config: ModelConfig) -> int:
     patch_embed = tokens * config.in_channels * p * p * d
     t_embed = 256 * d + d * d
     per_block = (
-        d * 6 * d  # adaLN modulation
+        d * (6 if config.block_type == "adaLN-Zero" else 4) * d  # adaLN modulation
         + tokens * d * 3 * d  # qkv
         + 2 * tokens * tokens * d  # q @ k^T and attn @ v
         + tokens * d * d  # output projection

@@ -1,0 +1,104 @@
+"""The architecture options: conditioning block, positional embedding, activation, QK-norm."""
+
+import pytest
+import torch
+
+from ditkit.config import ConfigError, DiffusionConfig, ModelConfig, load_config
+from ditkit.diffusion import build_process, diffusion_loss
+from ditkit.models import DiT, count_macs
+
+
+def _config(**kw) -> ModelConfig:
+    base = dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=2,
+                learn_sigma=False)
+    return ModelConfig(**{**base, **kw})
+
+
+VARIANTS = [
+    {},
+    {"block_type": "adaLN"},
+    {"pos_embed": "learned"},
+    {"mlp_act": "gelu"},
+    {"qk_norm": True},
+    {"block_type": "adaLN", "pos_embed": "learned", "mlp_act": "gelu", "qk_norm": True},
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) or "default")
+def test_every_variant_trains(variant):
+    """Each option builds, runs forward/backward, and learns a two-class toy problem."""
+    torch.manual_seed(0)
+    model = DiT(_config(**variant))
+    process = build_process(DiffusionConfig())
+    x0 = torch.full((16, 1, 8, 8), -1.0)
+    x0[:8, :, :4] = 1.0
+    x0[8:, :, 4:] = 1.0
+    y = torch.tensor([0] * 8 + [1] * 8)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def eval_loss():
+        return diffusion_loss(model, process, x0.repeat(8, 1, 1, 1), y.repeat(8),
+                              generator=torch.Generator().manual_seed(9)).item()
+
+    before = eval_loss()
+    for _ in range(60):
+        loss = diffusion_loss(model, process, x0, y, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < 0.6 * before
+
+
+def test_adaln_without_zero_is_not_the_identity_at_init_and_has_no_gates():
+    torch.manual_seed(0)
+    zero, plain = DiT(_config()), DiT(_config(block_type="adaLN"))
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    assert torch.equal(zero.blocks[0](x, c), x)
+    assert not torch.allclose(plain.blocks[0](x, c), x)
+    assert zero.blocks[0].adaLN_modulation[1].out_features == 6 * 32
+    assert plain.blocks[0].adaLN_modulation[1].out_features == 4 * 32
+    # Fewer modulation MACs: 2 * D * D per block less.
+    assert count_macs(zero.config) - count_macs(plain.config) == 2 * 2 * 32 * 32
+
+
+def test_learned_pos_embed_starts_at_sincos_and_trains():
+    fixed, learned = DiT(_config()), DiT(_config(pos_embed="learned"))
+    assert torch.equal(fixed.pos_embed, learned.pos_embed)
+    assert learned.pos_embed.requires_grad and not fixed.pos_embed.requires_grad
+
+
+def test_exact_and_tanh_gelu_differ():
+    torch.manual_seed(0)
+    a = DiT(_config())
+    b = DiT(_config(mlp_act="gelu"))
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        for p in list(a.parameters()) + list(b.parameters()):
+            if p.requires_grad:
+                p.copy_(torch.ones_like(p) * 0.05 + torch.arange(p.numel()).reshape(p.shape).float().sin() * 0.1)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 500.0]), torch.tensor([0, 1])
+    out_a, out_b = a(x, t, y), b(x, t, y)
+    assert not torch.equal(out_a, out_b)
+    assert torch.allclose(out_a, out_b, rtol=5e-2)  # tanh GELU approximates the exact one closely
+
+
+def test_qk_norm_bounds_attention_logits():
+    """With QK-norm, scaling the qkv weights up does not sharpen attention without limit."""
+    torch.manual_seed(0)
+    model = DiT(_config(qk_norm=True))
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 16, 32)
+    ref = attn(x)
+    with torch.no_grad():
+        attn.qkv.weight[: 2 * 32] *= 100.0  # queries and keys only
+        attn.qkv.bias[: 2 * 32] *= 100.0
+    assert torch.allclose(attn(x), ref, atol=1e-4)
+    assert set(model.state_dict()) >= {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias"}
+
+
+def test_unknown_variant_values_are_config_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {block_type: cross-attn}\n")
+    with pytest.raises(ConfigError, match="model.block_type"):
+        load_config(path)
