@@ -89,3 +89,10 @@ def test_options_diffusers_cannot_express_are_refused():
                             num_classes=3, qk_norm=True))
     with pytest.raises(ValueError, match="qk_norm"):
         to_diffusers(model)
+
+
+def test_unconditional_models_are_refused():
+    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                            num_classes=0))
+    with pytest.raises(ValueError, match="unconditional"):
+        to_diffusers(model)

@@ -102,3 +102,41 @@ def test_unknown_variant_values_are_config_errors(tmp_path):
     path.write_text("model: {block_type: cross-attn}\n")
     with pytest.raises(ConfigError, match="model.block_type"):
         load_config(path)
+
+
+def test_unconditional_model_has_no_label_embedding_and_ignores_labels():
+    model = DiT(_config(num_classes=0))
+    assert model.y_embedder is None
+    assert not any(k.startswith("y_embedder") for k in model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 600.0])
+    assert torch.equal(model(x, t), model(x, t, torch.tensor([3, 7])))
+    with pytest.raises(ValueError, match="no null class"):
+        model.null_class
+    with pytest.raises(ValueError, match="pass labels"):
+        DiT(_config())(x, t)
+
+
+def test_unconditional_training_and_sampling_end_to_end(tmp_path):
+    from conftest import make_tiny_config, make_tiny_dataset
+
+    from ditkit.cli import main
+    from ditkit.sampling import generate
+    from ditkit.train import load_model, train
+
+    config = make_tiny_config(tmp_path / "run")
+    config.model.num_classes = 0
+    result = train(config, progress=False, dataset=make_tiny_dataset())
+    model, saved = load_model(result.checkpoint)
+    images = generate(model, saved, 5, steps=2)
+    assert images.shape == (5, 1, 8, 8)
+    assert torch.equal(images, generate(model, saved, 5, steps=2))
+    with pytest.raises(ValueError, match="cannot be guided"):
+        generate(model, saved, 5, cfg_scale=3.0)
+    assert main(["sample", "--checkpoint", str(result.checkpoint), "--per-class", "4", "--steps", "2",
+                 "--no-progress", "--out", str(tmp_path / "u.png")]) == 0
+    assert main(["sample", "--checkpoint", str(result.checkpoint), "--classes", "1", "--steps", "2",
+                 "--out", str(tmp_path / "v.png")]) == 2

@@ -36,15 +36,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, args.weights, device)
-    classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))
-    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    if config.model.conditional:
+        classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))
+        labels: torch.Tensor | int = torch.tensor(classes).repeat_interleave(args.per_class)
+        nrow = args.per_class if args.per_class > 1 else min(len(classes), 10)
+    else:
+        if args.classes:
+            raise ValueError("this model is unconditional (model.num_classes=0): drop --classes")
+        labels, nrow = args.per_class, min(args.per_class, 8)
     images = generate(
         model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, sampler=args.sampler,
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
     )
-    out = save_grid(images, args.out, nrow=args.per_class if args.per_class > 1 else min(len(classes), 10), scale=args.scale)
-    print(f"wrote {len(labels)} samples to {out}")
+    out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
+    print(f"wrote {len(images)} samples to {out}")
     return 0
 
 
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--classes", type=int, nargs="*", help="class labels, one grid row each (default: 0..9)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class; for an unconditional model, the number of samples (default 8)")
     p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's sample.cfg_scale)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)")

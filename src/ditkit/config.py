@@ -69,7 +69,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of `hidden_size`."""
     num_classes: int = 1000
-    """Number of class labels; index `num_classes` is the null (unconditional) class."""
+    """Number of class labels; index `num_classes` is the null (unconditional) class. 0 builds an
+    unconditional model: no label embedding at all, labels are ignored, no guidance."""
     class_dropout_prob: float = 0.1
     """Probability that a training label is replaced by the null class (for classifier-free guidance)."""
     learn_sigma: bool = True
@@ -88,10 +89,12 @@ class ModelConfig:
     bf16/fp16 on CPU, where the matmul form trains faster)."""
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
+        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {value}")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         if self.input_size is not None and self.input_size % self.patch_size:
             raise ConfigError(
                 f"model.patch_size={self.patch_size} must divide model.input_size={self.input_size}"
@@ -117,6 +120,11 @@ class ModelConfig:
         """Raise unless input size and channels are known (a bare ModelConfig needs them set)."""
         if not self.resolved():
             raise ConfigError("model.input_size and model.in_channels must be set to build a model")
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes class labels."""
+        return self.num_classes > 0
 
     @property
     def out_channels(self) -> int:

@@ -18,7 +18,7 @@ __all__ = ["generate"]
 def generate(
     model: nn.Module,
     config: Config,
-    labels: torch.Tensor | list[int],
+    labels: torch.Tensor | list[int] | int,
     *,
     steps: int | None = None,
     cfg_scale: float | None = None,
@@ -32,12 +32,16 @@ def generate(
 ) -> torch.Tensor:
     """Sample one image per label; returns (N, C, H, W) in [-1, 1] on the model's device.
 
-    Unset arguments take `config.sample`'s values. The initial noise of the whole request is drawn
+    For an unconditional model pass the number of images as `labels`. Unset arguments take
+    `config.sample`'s values (guidance defaults to off for unconditional models). The initial noise of the whole request is drawn
     from one generator seeded with `seed`, so a request is reproducible whatever `batch_size` is.
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
-    cfg_scale = sc.cfg_scale if cfg_scale is None else cfg_scale
+    conditional = config.model.conditional
+    if not conditional and cfg_scale not in (None, 1.0):
+        raise ValueError("an unconditional model cannot be guided: leave cfg_scale unset or 1")
+    cfg_scale = (sc.cfg_scale if conditional else 1.0) if cfg_scale is None else cfg_scale
     sampler_name = sc.sampler if sampler is None else sampler
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}; choose from {', '.join(SAMPLERS)}")
@@ -49,8 +53,12 @@ def generate(
         raise ValueError(f"sampler {sampler_name!r} takes no eta (got eta={eta})")
     seed = sc.seed if seed is None else seed
     device = next(model.parameters()).device
+    if isinstance(labels, int):
+        if conditional:
+            raise ValueError("a class-conditional model needs one label per image, not a count")
+        labels = torch.zeros(labels, dtype=torch.long)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= config.model.num_classes):
+    if conditional and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= config.model.num_classes):
         raise ValueError(f"class labels must be in [0, {config.model.num_classes - 1}], got {labels.tolist()}")
     if cfg_scale != 1.0 and config.model.class_dropout_prob == 0:
         raise ValueError("this model was trained without label dropout, so it has no null class: use cfg_scale=1")

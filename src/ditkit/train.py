@@ -162,7 +162,7 @@ def train(
 
     dataset = dataset if dataset is not None else build_dataset(config.data, "train")
     num_classes = getattr(dataset, "num_classes", None)
-    if num_classes is not None and num_classes > config.model.num_classes:
+    if config.model.conditional and num_classes is not None and num_classes > config.model.num_classes:
         raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={config.model.num_classes}")
 
     process = build_process(config.diffusion)

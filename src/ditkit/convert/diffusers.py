@@ -43,6 +43,8 @@ _EMBED_MAP = {
 def diffusers_config(config: ModelConfig) -> dict[str, Any]:
     """`DiTTransformer2DModel` keyword arguments for a ditkit model config."""
     config.require_resolved()
+    if not config.conditional:
+        raise ValueError("diffusers' DiTTransformer2DModel is class-conditional only; this model is unconditional")
     if config.class_dropout_prob == 0:
         raise ValueError("diffusers' DiT always has a null class: convert a model trained with class dropout")
     paper = {"block_type": "adaLN-Zero", "pos_embed": "sincos", "mlp_act": "gelu_tanh", "qk_norm": False}

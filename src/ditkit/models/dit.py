@@ -199,7 +199,10 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional Diffusion Transformer. `forward(x, t, y)` returns (N, out_channels, H, W)."""
+    """Diffusion Transformer, class-conditional or (num_classes=0) unconditional.
+
+    `forward(x, t, y)` returns (N, out_channels, H, W).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -209,7 +212,8 @@ class DiT(nn.Module):
         self.grid_size = config.input_size // p
         self.x_embedder = PatchEmbed(p, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        # An unconditional model has no label embedding at all (not a one-class table).
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob) if config.conditional else None
         # Fixed sin-cos is kept as a frozen parameter so it sits in the state dict as in official checkpoints.
         learned = config.pos_embed == "learned"
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=learned)
@@ -220,6 +224,8 @@ class DiT(nn.Module):
     @property
     def null_class(self) -> int:
         """Label index of the unconditional (null) class."""
+        if self.y_embedder is None or self.config.class_dropout_prob == 0:
+            raise ValueError("this model has no null class (unconditional, or trained without label dropout)")
         return self.config.num_classes
 
     @torch.no_grad()
@@ -236,7 +242,8 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output starts at zero. Plain adaLN keeps
@@ -258,11 +265,11 @@ class DiT(nn.Module):
         return x.reshape(n, c, g * p, g * p)  # (N, C, H, W)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Predict from noisy input x (N, C, H, W), timesteps t (N,) and labels y (N,) (null class allowed).
 
-        `generator` drives label dropout in training mode.
+        `generator` drives label dropout in training mode. An unconditional model ignores `y`.
         """
         size = self.config.input_size
         if x.shape[1:] != (self.config.in_channels, size, size):
@@ -270,7 +277,11 @@ class DiT(nn.Module):
                 f"DiT expects input of shape (N, {self.config.in_channels}, {size}, {size}), got {tuple(x.shape)}"
             )
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, generator)  # (N, D)
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("this DiT is class-conditional: pass labels y (the null class for unconditional)")
+            c = c + self.y_embedder(y, generator)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
