@@ -284,7 +284,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "holdout": 10, "split_seed": 4, "skip_bad_files": True,
         },
         "train": {
-            "out_dir": "runs/a", "steps": 9, "max_minutes": 2.5, "batch_size": 4, "lr": 0.0003,
+            "out_dir": "runs/a", "steps": 9, "init_from": "runs/old", "max_minutes": 2.5, "batch_size": 4, "lr": 0.0003,
             "warmup_steps": 2, "weight_decay": 0.01, "betas": [0.8, 0.9], "grad_clip": None,
             "ema_decay": 0.99, "precision": "bf16", "seed": 7, "log_every": 3, "ckpt_every": 4,
             "keep_last": 1, "num_workers": 1, "device": "cpu",

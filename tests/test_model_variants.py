@@ -140,3 +140,48 @@ def test_unconditional_training_and_sampling_end_to_end(tmp_path):
                  "--no-progress", "--out", str(tmp_path / "u.png")]) == 0
     assert main(["sample", "--checkpoint", str(result.checkpoint), "--classes", "1", "--steps", "2",
                  "--out", str(tmp_path / "v.png")]) == 2
+
+
+def test_resize_pos_embed_recomputes_sincos_and_interpolates_learned():
+    from ditkit.models.dit import resize_pos_embed, sincos_pos_embed_2d
+
+    fixed = sincos_pos_embed_2d(32, 4, 4)[None]
+    assert torch.equal(resize_pos_embed(fixed, 8, learned=False), sincos_pos_embed_2d(32, 8, 8)[None])
+    assert resize_pos_embed(fixed, 4, learned=True) is fixed
+    constant = torch.ones(1, 16, 32) * torch.arange(32.0)  # each channel constant over the grid
+    assert torch.allclose(resize_pos_embed(constant, 6, learned=True), torch.ones(1, 36, 32) * torch.arange(32.0), atol=1e-5)
+    # A smooth learned embedding survives up- and down-sampling closely.
+    up = resize_pos_embed(fixed, 8, learned=True)
+    assert up.shape == (1, 64, 32)
+    with pytest.raises(ValueError, match="square"):
+        resize_pos_embed(torch.zeros(1, 12, 32), 4, learned=True)
+
+
+def test_init_from_a_lower_resolution_checkpoint(tmp_path):
+    from conftest import make_tiny_config, make_tiny_dataset
+
+    from ditkit.checkpoint import load_weights
+    from ditkit.config import Config, DataConfig, TrainConfig
+    from ditkit.train import build_model, init_from_checkpoint, train
+
+    low = make_tiny_config(tmp_path / "low", steps=2)
+    low.model.pos_embed = "learned"
+    source = train(low, progress=False, dataset=make_tiny_dataset(size=8)).checkpoint
+    high_model = ModelConfig(**{**low.model.__dict__, "input_size": None})
+    high = Config(model=high_model, data=DataConfig(image_size=16, channels=1),
+                  train=TrainConfig(out_dir=str(tmp_path / "high"), steps=1, batch_size=8, init_from=str(source),
+                                    device="cpu"))
+    model = build_model(high, seed=0)
+    init_from_checkpoint(model, source)
+    weights = load_weights(source, "ema")
+    for key, value in model.state_dict().items():
+        if key == "pos_embed":
+            assert value.shape == (1, 64, 32)
+        else:
+            assert torch.equal(value, weights[key]), key
+    result = train(high, progress=False, dataset=make_tiny_dataset(size=16))
+    assert result.step == 1
+    other_patch = Config(model=ModelConfig(**{**high_model.__dict__, "patch_size": 4, "input_size": None}),
+                         data=DataConfig(image_size=16, channels=1), train=high.train)
+    with pytest.raises(ConfigError, match="patch size"):
+        init_from_checkpoint(build_model(other_patch), source)

@@ -5,14 +5,14 @@ from typing import get_args
 
 import pytest
 import torch
-
 from conftest import make_tiny_config
+from test_samplers import GaussianDenoiser
+
 from ditkit.config import ConfigError, DiffusionConfig, SamplerName, load_config
 from ditkit.diffusion import Denoiser, NoiseProcess, build_process
 from ditkit.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_heun
 from ditkit.sampling import generate
 from ditkit.train import build_model
-from test_samplers import GaussianDenoiser
 
 MU, S = 0.5, 0.3
 ODE_SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_config, make_tiny_dataset
 from safetensors.torch import load_file
 
 import ditkit.checkpoint as ckpt_mod
@@ -17,8 +18,6 @@ from ditkit.checkpoint import (
 )
 from ditkit.config import ConfigError, config_to_dict
 from ditkit.train import EpochBatchSampler, build_model, load_model, train
-
-from conftest import make_tiny_config, make_tiny_dataset
 
 
 def _weights(path, which="model"):

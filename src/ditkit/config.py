@@ -217,6 +217,9 @@ class TrainConfig:
     """Run folder: checkpoints/, metrics.jsonl and samples land here."""
     steps: int = 10_000
     """Number of optimizer steps."""
+    init_from: str | None = None
+    """Start from the EMA weights of this checkpoint (or run folder) instead of a fresh initialisation,
+    e.g. to fine-tune at a new resolution: the positional embedding is resized to the new token grid."""
     max_minutes: float | None = None
     """Stop early (and checkpoint) once this much wall-clock training time has passed."""
     batch_size: int = 128

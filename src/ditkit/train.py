@@ -37,8 +37,18 @@ from .config import Config, ConfigError, config_to_dict, save_config
 from .data import build_dataset, random_hflip
 from .diffusion import build_process, diffusion_loss
 from .models import DiT
+from .models.dit import resize_pos_embed
 
-__all__ = ["train", "TrainResult", "resolve_device", "build_model", "EpochBatchSampler", "update_ema"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "resolve_device",
+    "build_model",
+    "init_from_checkpoint",
+    "load_model",
+    "EpochBatchSampler",
+    "update_ema",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +176,10 @@ def train(
         raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={config.model.num_classes}")
 
     process = build_process(config.diffusion)
-    model = build_model(config, seed=tc.seed).to(device)
+    model = build_model(config, seed=tc.seed)
+    if tc.init_from is not None and resume_path is None:
+        init_from_checkpoint(model, tc.init_from)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -279,6 +292,24 @@ def train(
     if last_path is None:  # resumed at or past the final step
         last_path = checkpoint()
     return TrainResult(out_dir, last_path, step, last_loss, train_seconds)
+
+
+def init_from_checkpoint(model: DiT, path: str | Path) -> None:
+    """Copy a checkpoint's EMA weights into `model`, resizing the positional embedding to its grid.
+
+    Every other tensor must match in shape: this changes resolution, not architecture.
+    """
+    path = resolve_checkpoint(path)
+    source = load_config_from_checkpoint(path).model
+    state = load_weights(path, "ema")
+    mine = model.config
+    if source.patch_size != mine.patch_size:
+        raise ConfigError(f"train.init_from={path}: patch size {source.patch_size} differs from model.patch_size={mine.patch_size}")
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.input_size // mine.patch_size, mine.pos_embed == "learned")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"train.init_from={path}: weights do not fit this model: {err}") from err
 
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[DiT, Config]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 
-__all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs"]
+__all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs", "resize_pos_embed"]
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -286,6 +286,25 @@ class DiT(nn.Module):
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, learned: bool) -> torch.Tensor:
+    """Positional embedding (1, g*g, D) for a (new_grid x new_grid) token grid.
+
+    Fixed sin-cos embeddings are recomputed; learned ones are interpolated bicubically, as when a
+    model trained at 256 px is fine-tuned at 512 px.
+    """
+    _, tokens, dim = pos_embed.shape
+    old_grid = math.isqrt(tokens)
+    if old_grid * old_grid != tokens:
+        raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
+    if old_grid == new_grid:
+        return pos_embed
+    if not learned:
+        return sincos_pos_embed_2d(dim, new_grid, new_grid)[None].to(pos_embed)
+    grid = pos_embed.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)  # (1, T', D)
 
 
 def count_macs(config: ModelConfig) -> int:
