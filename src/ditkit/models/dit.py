@@ -18,146 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import (  # noqa: F401 - re-exported: these names have lived in this module
+    Attention,
+    CrossAttention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    attention,
+    modulate,
+    sincos_pos_embed_2d,
+    timestep_embedding,
+)
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs", "resize_pos_embed"]
-
-
-def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """(P,) positions -> (P, dim) as [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (dim/2))."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (P, dim/2)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-def sincos_pos_embed_2d(dim: int, height: int, width: int) -> torch.Tensor:
-    """Fixed 2D sin-cos embedding, (height * width, dim), tokens in row-major order.
-
-    The first half of the channels encodes the column, the second half the row (the layout of the
-    official DiT `pos_embed` buffer).
-    """
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    emb_col = _sincos_1d(dim // 2, cols.flatten())  # (H*W, dim/2)
-    emb_row = _sincos_1d(dim // 2, rows.flatten())  # (H*W, dim/2)
-    return torch.cat([emb_col, emb_row], dim=1).float()
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: (N,) -> (N, dim) as [cos, sin]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: per-sample affine (N, D) applied to every token of x (N, T, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens, via a strided convolution."""
-
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D)
-
-
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of t followed by a 2-layer SiLU MLP."""
-
-    def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
-        super().__init__()
-        self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype)
-        return self.mlp(freq)  # (N, D)
-
-
-class LabelEmbedder(nn.Module):
-    """Class embedding table with one extra null row used for classifier-free guidance.
-
-    In training mode each label is replaced by the null class with probability `dropout_prob`, drawn
-    from the generator passed in (so training is reproducible and resumable).
-    """
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-        # The null row exists only when labels are dropped, as in the official checkpoints.
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
-
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability `dropout_prob`."""
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-
-    def forward(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            labels = self.drop_labels(labels, generator)
-        return self.embedding_table(labels)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (N, H, T, Dh) tensors.
-
-    'sdpa' calls `F.scaled_dot_product_attention`; 'math' spells out the two matmuls. 'auto' takes SDPA
-    except for reduced-precision tensors on CPU, where PyTorch's fused CPU kernel is slower in training:
-    measured on a 2-core AMX CPU (bf16 autocast, forward+backward, 49 tokens) 57 ms vs 10 ms, and at
-    196 tokens 212 ms vs 118 ms. In fp32 the fused kernel wins (22 vs 24 ms, 162 vs 342 ms).
-    """
-    if impl == "math" or (impl == "auto" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
-        return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # (N, H, T, Dh)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention (see `attention` for the kernel choice), optionally QK-normalised.
-
-    QK-norm (Dehghani et al. 2023, https://arxiv.org/abs/2302.05442) applies a LayerNorm over each
-    head's queries and keys so attention logits cannot grow without bound.
-    """
-
-    def __init__(self, dim: int, num_heads: int, impl: str = "auto", qk_norm: bool = False) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.impl = impl
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-        head_dim = dim // num_heads
-        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        x = attention(q, k, v, self.impl)  # (N, H, T, Dh)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
-
-
-class Mlp(nn.Module):
-    """Two linear layers with a GELU (tanh-approximated by default, as in the DiT release) between them."""
-
-    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh") -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
