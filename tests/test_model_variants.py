@@ -17,6 +17,10 @@ def _config(**kw) -> ModelConfig:
 VARIANTS = [
     {},
     {"block_type": "adaLN"},
+    {"block_type": "cross-attn"},
+    {"block_type": "in-context"},
+    {"block_type": "in-context", "num_classes": 0},
+    {"block_type": "cross-attn", "num_classes": 0, "qk_norm": True},
     {"pos_embed": "learned"},
     {"mlp_act": "gelu"},
     {"qk_norm": True},
@@ -99,7 +103,7 @@ def test_qk_norm_bounds_attention_logits():
 
 def test_unknown_variant_values_are_config_errors(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: {block_type: cross-attn}\n")
+    path.write_text("model: {block_type: cross-attention}\n")
     with pytest.raises(ConfigError, match="model.block_type"):
         load_config(path)
 
@@ -185,3 +189,51 @@ def test_init_from_a_lower_resolution_checkpoint(tmp_path):
                          data=DataConfig(image_size=16, channels=1), train=high.train)
     with pytest.raises(ConfigError, match="patch size"):
         init_from_checkpoint(build_model(other_patch), source)
+
+
+@pytest.mark.parametrize("block_type,gmacs", [("adaLN-Zero", 118.6), ("adaLN", 118.6), ("cross-attn", 137.6),
+                                               ("in-context", 119.4)])
+def test_conditioning_variants_cost_what_the_paper_reports(block_type, gmacs):
+    """DiT paper, Figure 5: XL/2 Gflops of the four conditioning strategies."""
+    cfg = ModelConfig(input_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
+                      block_type=block_type)
+    assert abs(count_macs(cfg) / 1e9 - gmacs) < 0.1
+
+
+@pytest.mark.parametrize("block_type", ["cross-attn", "in-context"])
+def test_token_conditioned_variants_use_the_labels_and_keep_the_shape(block_type):
+    torch.manual_seed(0)
+    model = DiT(_config(block_type=block_type, num_classes=3))
+    assert model.final_layer.adaLN_modulation is None
+    assert not any("adaLN" in k for k in model.state_dict())
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.1)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 5.0])
+    a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1]))
+    assert a.shape == (2, 1, 8, 8) and not torch.allclose(a, b)
+
+
+def test_count_macs_matches_hooks_for_token_conditioned_variants():
+    """Brute force: hook every Linear/Conv2d, add the attention products, compare with count_macs."""
+    from torch import nn
+
+    for block_type in ("cross-attn", "in-context"):
+        cfg = _config(block_type=block_type, num_classes=3, hidden_size=32, depth=2)
+        model = DiT(cfg).eval()
+        macs = []
+
+        def hook(module, inputs, output):
+            if isinstance(module, nn.Linear):
+                macs.append(output.numel() // output.shape[0] * module.in_features)
+            else:
+                macs.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        with torch.no_grad():
+            model(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        for h in handles:
+            h.remove()
+        t, s, d = cfg.num_tokens, 2, cfg.hidden_size
+        seq = t + s if block_type == "in-context" else t
+        attn = 2 * seq * seq * d + (2 * t * s * d if block_type == "cross-attn" else 0)
+        assert sum(macs) + cfg.depth * attn == count_macs(cfg), block_type

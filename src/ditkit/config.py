@@ -41,7 +41,7 @@ ScheduleName = Literal["linear"]
 PredictionName = Literal["eps", "v"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
 AttnImpl = Literal["auto", "sdpa", "math"]
-BlockType = Literal["adaLN-Zero", "adaLN"]
+BlockType = Literal["adaLN-Zero", "adaLN", "cross-attn", "in-context"]
 PosEmbed = Literal["sincos", "learned"]
 MlpAct = Literal["gelu_tanh", "gelu"]
 
@@ -77,7 +77,9 @@ class ModelConfig:
     """Predict a per-pixel variance interpolation too (output channels doubled), as the DiT release does."""
     block_type: BlockType = "adaLN-Zero"
     """Conditioning block (paper section 3.2): 'adaLN-Zero' (gated residuals, gates and modulation
-    zero-initialised, so every block starts as the identity) or 'adaLN' (modulated LayerNorms only)."""
+    zero-initialised, so every block starts as the identity), 'adaLN' (modulated LayerNorms only),
+    'cross-attn' (t and y embeddings as a 2-token sequence attended after self-attention) or
+    'in-context' (t and y embeddings appended as two extra tokens, dropped before the final layer)."""
     pos_embed: PosEmbed = "sincos"
     """Positional embedding: fixed 2D sin-cos, or 'learned' (a parameter initialised to sin-cos)."""
     mlp_act: MlpAct = "gelu_tanh"

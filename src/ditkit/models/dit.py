@@ -31,7 +31,7 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     timestep_embedding,
 )
 
-__all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs", "resize_pos_embed"]
+__all__ = ["DiT", "DiTBlock", "TokenConditionedBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs", "resize_pos_embed"]
 
 
 class DiTBlock(nn.Module):
@@ -58,16 +58,45 @@ class DiTBlock(nn.Module):
         return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map from tokens to patch pixels."""
+class TokenConditionedBlock(nn.Module):
+    """Pre-norm transformer block for the token-conditioned variants.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+    'in-context': plain self-attention + MLP; the conditioning tokens are part of the sequence.
+    'cross-attn': self-attention, then cross-attention over the conditioning tokens, then MLP.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = Attention(d, config.num_heads, config.attn_impl, config.qk_norm)
+        if config.block_type == "cross-attn":
+            self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+            self.cross_attn = CrossAttention(d, config.num_heads, config.attn_impl)
+        else:
+            self.cross_attn = None
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (adaLN-modulated in the adaLN variants) and a linear map from tokens to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaptive else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.adaLN_modulation is None:
+            return self.linear(self.norm_final(x))  # (N, T, p*p*C_out)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
@@ -91,8 +120,10 @@ class DiT(nn.Module):
         # Fixed sin-cos is kept as a frozen parameter so it sits in the state dict as in official checkpoints.
         learned = config.pos_embed == "learned"
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=learned)
-        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
-        self.final_layer = FinalLayer(d, p, config.out_channels)
+        self.adaptive = config.block_type in ("adaLN-Zero", "adaLN")
+        block = DiTBlock if self.adaptive else TokenConditionedBlock
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(d, p, config.out_channels, adaptive=self.adaptive)
         self.initialize_weights()
 
     @property
@@ -126,8 +157,9 @@ class DiT(nn.Module):
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        if self.final_layer.adaLN_modulation is not None:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -151,13 +183,23 @@ class DiT(nn.Module):
                 f"DiT expects input of shape (N, {self.config.in_channels}, {size}, {size}), got {tuple(x.shape)}"
             )
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t)  # (N, D)
+        cond = [self.t_embedder(t)]  # [(N, D)]
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this DiT is class-conditional: pass labels y (the null class for unconditional)")
-            c = c + self.y_embedder(y, generator)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+            cond.append(self.y_embedder(y, generator))
+        if self.adaptive:
+            c = torch.stack(cond).sum(0)  # (N, D): t and y embeddings added
+            for block in self.blocks:
+                x = block(x, c)  # (N, T, D)
+        else:
+            c = torch.stack(cond, dim=1)  # (N, S, D): conditioning tokens, S = 2 (1 if unconditional)
+            tokens = x.shape[1]
+            if self.config.block_type == "in-context":
+                x = torch.cat([x, c.to(x.dtype)], dim=1)  # (N, T + S, D)
+            for block in self.blocks:
+                x = block(x, c)
+            x = x[:, :tokens]  # (N, T, D): conditioning tokens removed before the final layer
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
@@ -190,14 +232,25 @@ def count_macs(config: ModelConfig) -> int:
     config.require_resolved()
     d, p, tokens = config.hidden_size, config.patch_size, config.num_tokens
     hidden = int(d * config.mlp_ratio)
+    cond_tokens = 2 if config.conditional else 1
     patch_embed = tokens * config.in_channels * p * p * d
     t_embed = 256 * d + d * d
+    seq = tokens + cond_tokens if config.block_type == "in-context" else tokens
     per_block = (
-        d * (6 if config.block_type == "adaLN-Zero" else 4) * d  # adaLN modulation
-        + tokens * d * 3 * d  # qkv
-        + 2 * tokens * tokens * d  # q @ k^T and attn @ v
-        + tokens * d * d  # output projection
-        + 2 * tokens * d * hidden  # MLP
+        seq * d * 3 * d  # qkv
+        + 2 * seq * seq * d  # q @ k^T and attn @ v
+        + seq * d * d  # output projection
+        + 2 * seq * d * hidden  # MLP
     )
-    final = d * 2 * d + tokens * d * p * p * config.out_channels
+    if config.block_type in ("adaLN-Zero", "adaLN"):
+        per_block += d * (6 if config.block_type == "adaLN-Zero" else 4) * d  # adaLN modulation
+    elif config.block_type == "cross-attn":
+        per_block += (
+            tokens * d * d  # queries
+            + cond_tokens * d * 2 * d  # keys and values
+            + 2 * tokens * cond_tokens * d  # scores and weighted sum
+            + tokens * d * d  # output projection
+        )
+    final_modulation = d * 2 * d if config.block_type in ("adaLN-Zero", "adaLN") else 0
+    final = final_modulation + tokens * d * p * p * config.out_channels
     return patch_embed + t_embed + config.depth * per_block + final
