@@ -289,7 +289,8 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "ema_decay": 0.99, "precision": "bf16", "seed": 7, "log_every": 3, "ckpt_every": 4,
             "keep_last": 1, "num_workers": 1, "device": "cpu",
         },
-        "sample": {"sampler": "ddim", "steps": 5, "eta": 1.0, "cfg_scale": 1.0, "seed": 2, "clip_denoised": False},
+        "sample": {"sampler": "ddim", "steps": 5, "eta": 1.0, "cfg_scale": 1.0, "seed": 2, "spacing": "logsnr",
+                   "clip_denoised": False},
     }
     assert config_to_dict(config_from_dict(d)) == d
 

@@ -45,7 +45,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError("this model is unconditional (model.num_classes=0): drop --classes")
         labels, nrow = args.per_class, min(args.per_class, 8)
     images = generate(
-        model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed, sampler=args.sampler,
+        model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+        sampler=args.sampler, spacing=args.spacing,
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
     )
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
+    p.add_argument("--spacing", choices=["linear", "logsnr"], help="time grid (default: the checkpoint's sample.spacing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x0 estimates to [-1, 1] while sampling (default: the checkpoint's sample.clip_denoised)")

@@ -41,6 +41,7 @@ ScheduleName = Literal["linear"]
 PredictionName = Literal["eps", "v"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
 AttnImpl = Literal["auto", "sdpa", "math"]
+Spacing = Literal["linear", "logsnr"]
 BlockType = Literal["adaLN-Zero", "adaLN", "cross-attn", "in-context"]
 PosEmbed = Literal["sincos", "learned"]
 MlpAct = Literal["gelu_tanh", "gelu"]
@@ -286,6 +287,9 @@ class SampleConfig:
     """Classifier-free guidance scale; 1 disables guidance."""
     seed: int = 0
     """Seed of the initial noise and of any sampler noise."""
+    spacing: Spacing = "linear"
+    """Time grid: 'linear' (even integer steps, DiT's "250 of 1000" respacing) or 'logsnr' (even in
+    log(alpha/sigma); better for dpmpp_2m and heun at few steps)."""
     clip_denoised: bool = True
     """Clamp every x0 estimate to the data range [-1, 1] while sampling (pixel space)."""
 

@@ -26,6 +26,7 @@ def generate(
     sampler: str | None = None,
     seed: int | None = None,
     clip_denoised: bool | None = None,
+    spacing: str | None = None,
     batch_size: int = 256,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -72,11 +73,12 @@ def generate(
     generator = torch.Generator(device).manual_seed(seed)
     m = config.model
     noise = process.prior((len(labels), m.in_channels, m.input_size, m.input_size), generator=generator, device=device)
+    grid = process.timesteps(steps, device=device, spacing=sc.spacing if spacing is None else spacing)
     out = []
     for start in range(0, len(labels), batch_size):
         x = noise[start : start + batch_size]
         x = sampler_fn(
-            denoiser, x, steps, cond=labels[start : start + batch_size],
+            denoiser, x, grid, cond=labels[start : start + batch_size],
             generator=generator, callback=callback, progress=progress, **options,
         )
         out.append(x.clamp(-1, 1))

@@ -50,8 +50,16 @@ class NoiseProcess(ABC):
         """Training timesteps, (n,) float."""
 
     @abstractmethod
-    def timesteps(self, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Sampling grid: num_steps + 1 decreasing times from t_max to t_min (float, (num_steps + 1,))."""
+    def timesteps(self, num_steps: int, device: torch.device | str = "cpu", spacing: str = "linear") -> torch.Tensor:
+        """Sampling grid: num_steps + 1 decreasing times from t_max to t_min (float, (num_steps + 1,)).
+
+        `spacing` 'linear' is even in t; 'logsnr' is even in lambda = log(alpha / sigma), which suits
+        higher-order solvers (DPM-Solver++, Heun).
+        """
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda(t) = log(alpha(t) / sigma(t)); +inf at the data end."""
+        return torch.log(self.alpha(t).double()) - torch.log(self.sigma(t).double())
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time value fed to the network (identity unless a process says otherwise)."""
@@ -146,14 +154,31 @@ class DiscreteVP(NoiseProcess):
         """Uniform integer steps in [0, T)."""
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device).float()
 
-    def timesteps(self, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Evenly spaced integer steps from T-1 down to 0 (both included), then -1 (data)."""
+    def timesteps(self, num_steps: int, device: torch.device | str = "cpu", spacing: str = "linear") -> torch.Tensor:
+        """num_steps times from T-1 down to 0 (both included), then -1 (data).
+
+        'linear': evenly spaced integer steps (rounded), the respacing DiT's and ADM's evaluations use
+        ("250 of 1000"). 'logsnr': evenly spaced in lambda = log(alpha/sigma) between steps T-1 and 0,
+        fractional t (the network's timestep embedding takes any real t).
+        """
         if not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+        if spacing not in ("linear", "logsnr"):
+            raise ValueError(f"unknown spacing {spacing!r}; expected 'linear' or 'logsnr'")
         if num_steps == 1:
             grid = torch.tensor([self.t_max], dtype=torch.float64)
-        else:
+        elif spacing == "linear":
             grid = torch.linspace(self.t_max, 0.0, num_steps, dtype=torch.float64).round()
+        else:
+            steps = torch.arange(self.num_timesteps, dtype=torch.float64)
+            lam = 0.5 * (self.alphas_cumprod.log() - torch.log1p(-self.alphas_cumprod))  # decreasing in t
+            targets = torch.linspace(float(lam[-1]), float(lam[0]), num_steps, dtype=torch.float64)
+            # Invert the monotone table: lambda is piecewise linear enough between integer steps.
+            idx = torch.searchsorted(-lam, -targets).clamp(1, self.num_timesteps - 1)
+            lo, hi = lam[idx - 1], lam[idx]
+            frac = ((lo - targets) / (lo - hi)).clamp(0, 1)
+            grid = steps[idx - 1] + frac
+            grid[0], grid[-1] = self.t_max, 0.0
         return torch.cat([grid, torch.tensor([self.t_min], dtype=torch.float64)]).float().to(device)
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.process import x0_to_eps
+from .grid import sampling_grid
 
 __all__ = ["sample_ddim", "StepCallback"]
 
@@ -28,7 +29,7 @@ StepCallback = Callable[[dict[str, Any]], None]
 def sample_ddim(
     denoiser: Denoiser,
     x: torch.Tensor,
-    steps: int,
+    steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
     eta: float = 0.0,
@@ -40,7 +41,8 @@ def sample_ddim(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     process = denoiser.process
-    grid = process.timesteps(steps, device=x.device)  # (steps + 1,), last entry is the data end
+    grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
+    steps = len(grid) - 1
     alphas, sigmas = process.alpha(grid).to(x.device), process.sigma(grid).to(x.device)
     n = x.shape[0]
     bar = tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.denoiser import Denoiser
 from .ddim import StepCallback
+from .grid import sampling_grid
 
 __all__ = ["sample_ddpm"]
 
@@ -31,7 +32,7 @@ Variance = Literal["small", "large"]
 def sample_ddpm(
     denoiser: Denoiser,
     x: torch.Tensor,
-    steps: int,
+    steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -43,7 +44,8 @@ def sample_ddpm(
     if variance not in ("small", "large"):
         raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
     process = denoiser.process
-    grid = process.timesteps(steps, device=x.device)  # (steps + 1,), last entry is the data end
+    grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
+    steps = len(grid) - 1
     alphas = process.alpha(grid).to("cpu", torch.float64)
     sigmas = process.sigma(grid).to("cpu", torch.float64)
     if not torch.allclose(alphas**2 + sigmas**2, torch.ones_like(alphas), atol=1e-4):

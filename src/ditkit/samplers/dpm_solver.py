@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.denoiser import Denoiser
 from .ddim import StepCallback
+from .grid import sampling_grid
 
 __all__ = ["sample_dpmpp_2m"]
 
@@ -29,7 +30,7 @@ __all__ = ["sample_dpmpp_2m"]
 def sample_dpmpp_2m(
     denoiser: Denoiser,
     x: torch.Tensor,
-    steps: int,
+    steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -38,7 +39,8 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     """Second-order multistep solve of the probability-flow ODE in `steps` denoiser calls (deterministic)."""
     process = denoiser.process
-    grid = process.timesteps(steps, device=x.device)  # (steps + 1,), last entry is the data end
+    grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
+    steps = len(grid) - 1
     alphas = process.alpha(grid).to("cpu", torch.float64)
     sigmas = process.sigma(grid).to("cpu", torch.float64)
     lambdas = torch.log(alphas) - torch.log(sigmas)  # +inf at the data end

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.denoiser import Denoiser
 from .ddim import StepCallback
+from .grid import sampling_grid
 
 __all__ = ["sample_euler", "sample_heun"]
 
@@ -25,7 +26,7 @@ __all__ = ["sample_euler", "sample_heun"]
 def sample_euler(
     denoiser: Denoiser,
     x: torch.Tensor,
-    steps: int,
+    steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -40,7 +41,7 @@ def sample_euler(
 def sample_heun(
     denoiser: Denoiser,
     x: torch.Tensor,
-    steps: int,
+    steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -54,7 +55,7 @@ def sample_heun(
 def _solve(
     denoiser: Denoiser,
     x: torch.Tensor,
-    steps: int,
+    steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None,
     callback: StepCallback | None,
@@ -63,7 +64,8 @@ def _solve(
 ) -> torch.Tensor:
     """The shared loop; `generator` is accepted by the public functions for the common signature only."""
     process = denoiser.process
-    grid = process.timesteps(steps, device=x.device)  # (steps + 1,), last entry is the data end
+    grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
+    steps = len(grid) - 1
     alphas = process.alpha(grid).to("cpu", torch.float64)
     scaled_sigmas = process.sigma(grid).to("cpu", torch.float64) / alphas  # s = sigma / alpha, 0 at the data end
     n = x.shape[0]
