@@ -274,7 +274,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "input_size": 16, "in_channels": 3, "patch_size": 4, "hidden_size": 64, "depth": 2,
             "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 5, "class_dropout_prob": 0.2,
             "learn_sigma": False, "block_type": "adaLN", "pos_embed": "learned", "mlp_act": "gelu", "qk_norm": True,
-            "attn_impl": "sdpa",
+            "mlp_type": "dwconv", "attn_impl": "sdpa",
         },
         "diffusion": {
             "schedule": "linear", "num_timesteps": 50, "beta_start": 0.001, "beta_end": 0.05, "prediction": "eps",

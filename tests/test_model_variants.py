@@ -21,6 +21,8 @@ VARIANTS = [
     {"block_type": "in-context"},
     {"block_type": "in-context", "num_classes": 0},
     {"block_type": "cross-attn", "num_classes": 0, "qk_norm": True},
+    {"mlp_type": "dwconv"},
+    {"block_type": "in-context", "mlp_type": "dwconv"},
     {"pos_embed": "learned"},
     {"mlp_act": "gelu"},
     {"qk_norm": True},
@@ -217,8 +219,9 @@ def test_count_macs_matches_hooks_for_token_conditioned_variants():
     """Brute force: hook every Linear/Conv2d, add the attention products, compare with count_macs."""
     from torch import nn
 
-    for block_type in ("cross-attn", "in-context"):
-        cfg = _config(block_type=block_type, num_classes=3, hidden_size=32, depth=2)
+    for block_type, mlp_type in (("cross-attn", "linear"), ("in-context", "linear"), ("in-context", "dwconv"),
+                                 ("adaLN-Zero", "dwconv")):
+        cfg = _config(block_type=block_type, num_classes=3, hidden_size=32, depth=2, mlp_type=mlp_type)
         model = DiT(cfg).eval()
         macs = []
 
@@ -226,7 +229,8 @@ def test_count_macs_matches_hooks_for_token_conditioned_variants():
             if isinstance(module, nn.Linear):
                 macs.append(output.numel() // output.shape[0] * module.in_features)
             else:
-                macs.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+                per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                macs.append(output[0].numel() * per_output)
 
         handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         with torch.no_grad():
@@ -236,4 +240,23 @@ def test_count_macs_matches_hooks_for_token_conditioned_variants():
         t, s, d = cfg.num_tokens, 2, cfg.hidden_size
         seq = t + s if block_type == "in-context" else t
         attn = 2 * seq * seq * d + (2 * t * s * d if block_type == "cross-attn" else 0)
+        if block_type == "adaLN-Zero":  # the hook already counted the modulation linears
+            attn = 2 * t * t * d
         assert sum(macs) + cfg.depth * attn == count_macs(cfg), block_type
+
+
+def test_dwconv_mlp_mixes_neighbouring_tokens_only():
+    """The depthwise MLP changes a token's output when a neighbour changes, but not a distant token's."""
+    from ditkit.models.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(8, 16, grid=(4, 4))
+    x = torch.randn(1, 16, 8)
+    y = x.clone()
+    y[0, 5] += 1.0  # token (1, 1)
+    diff = (mlp(y) - mlp(x)).abs().sum(-1)[0].reshape(4, 4)
+    assert diff[1, 1] > 0 and diff[0, 0] > 0 and diff[2, 2] > 0  # itself and its 3x3 neighbours
+    assert diff[3, 3] == 0 and diff[1, 3] == 0  # two tokens away: untouched
+    plain = Mlp(8, 16)
+    diff_plain = (plain(y) - plain(x)).abs().sum(-1)[0]
+    assert (diff_plain > 0).sum() == 1

@@ -45,6 +45,7 @@ Spacing = Literal["linear", "logsnr"]
 BlockType = Literal["adaLN-Zero", "adaLN", "cross-attn", "in-context"]
 PosEmbed = Literal["sincos", "learned"]
 MlpAct = Literal["gelu_tanh", "gelu"]
+MlpType = Literal["linear", "dwconv"]
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class ModelConfig:
     """Positional embedding: fixed 2D sin-cos, or 'learned' (a parameter initialised to sin-cos)."""
     mlp_act: MlpAct = "gelu_tanh"
     """MLP activation: tanh-approximated GELU (the DiT release) or exact 'gelu'."""
+    mlp_type: MlpType = "linear"
+    """'linear' (the paper's MLP) or 'dwconv' (a depthwise 3x3 convolution over the token grid after the
+    first layer, LocalViT-style: local mixing inside the MLP)."""
     qk_norm: bool = False
     """LayerNorm on queries and keys per head (stabilises attention logits in large or long runs)."""
     attn_impl: AttnImpl = "auto"

@@ -47,7 +47,8 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
         raise ValueError("diffusers' DiTTransformer2DModel is class-conditional only; this model is unconditional")
     if config.class_dropout_prob == 0:
         raise ValueError("diffusers' DiT always has a null class: convert a model trained with class dropout")
-    paper = {"block_type": "adaLN-Zero", "pos_embed": "sincos", "mlp_act": "gelu_tanh", "qk_norm": False}
+    paper = {"block_type": "adaLN-Zero", "pos_embed": "sincos", "mlp_act": "gelu_tanh", "mlp_type": "linear",
+             "qk_norm": False}
     other = {k: getattr(config, k) for k, v in paper.items() if getattr(config, k) != v}
     if other:
         raise ValueError(f"diffusers' DiTTransformer2DModel has no equivalent of model options {other}")

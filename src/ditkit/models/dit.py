@@ -34,6 +34,14 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
 __all__ = ["DiT", "DiTBlock", "TokenConditionedBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs", "resize_pos_embed"]
 
 
+def _mlp_grid(config: ModelConfig) -> tuple[int, int] | None:
+    """The token grid a depthwise-convolution MLP runs over, or None for the plain MLP."""
+    if config.mlp_type != "dwconv":
+        return None
+    side = config.input_size // config.patch_size
+    return side, side
+
+
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the condition (adaLN), and whose residual
     branches are also scaled by condition-dependent gates in the adaLN-Zero variant."""
@@ -45,7 +53,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, config.num_heads, config.attn_impl, config.qk_norm)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act)
+        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act, _mlp_grid(config))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, (6 if self.gated else 4) * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -76,7 +84,7 @@ class TokenConditionedBlock(nn.Module):
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act)
+        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act, _mlp_grid(config))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -241,6 +249,7 @@ def count_macs(config: ModelConfig) -> int:
         + 2 * seq * seq * d  # q @ k^T and attn @ v
         + seq * d * d  # output projection
         + 2 * seq * d * hidden  # MLP
+        + (tokens * hidden * 9 if config.mlp_type == "dwconv" else 0)  # depthwise 3x3 over the grid
     )
     if config.block_type in ("adaLN-Zero", "adaLN"):
         per_block += d * (6 if config.block_type == "adaLN-Zero" else 4) * d  # adaLN modulation

@@ -174,13 +174,27 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two linear layers with a GELU (tanh-approximated by default, as in the DiT release) between them."""
+    """Two linear layers with a GELU (tanh-approximated by default, as in the DiT release) between them.
 
-    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh") -> None:
+    With `grid=(h, w)` a depthwise 3x3 convolution over the token grid follows the first layer, as in
+    LocalViT (Li et al. 2021, https://arxiv.org/abs/2104.05707), giving the MLP a local receptive
+    field. Tokens beyond the h*w grid (in-context conditioning tokens) skip the convolution.
+    """
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh", grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
+        self.grid = grid
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if grid is not None else None
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.act(self.fc1(x))  # (N, T', hidden)
+        if self.dwconv is not None:
+            n, (gh, gw) = h.shape[0], self.grid
+            tokens = gh * gw
+            img = h[:, :tokens].transpose(1, 2).reshape(n, -1, gh, gw)  # (N, hidden, h, w)
+            img = self.act(self.dwconv(img)).flatten(2).transpose(1, 2)  # (N, T, hidden)
+            h = torch.cat([img, h[:, tokens:]], dim=1)  # (N, T', hidden)
+        return self.fc2(h)
