@@ -96,3 +96,10 @@ def test_unconditional_models_are_refused():
                             num_classes=0))
     with pytest.raises(ValueError, match="unconditional"):
         to_diffusers(model)
+
+
+def test_non_square_models_are_refused():
+    model = DiT(ModelConfig(input_size=(8, 4), in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                            num_classes=3))
+    with pytest.raises(ValueError, match="square"):
+        to_diffusers(model)

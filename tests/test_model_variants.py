@@ -260,3 +260,67 @@ def test_dwconv_mlp_mixes_neighbouring_tokens_only():
     plain = Mlp(8, 16)
     diff_plain = (plain(y) - plain(x)).abs().sum(-1)[0]
     assert (diff_plain > 0).sum() == 1
+
+
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "in-context"])
+def test_non_square_inputs_forward_and_backward(block_type):
+    torch.manual_seed(0)
+    cfg = _config(input_size=(16, 8), patch_size=4, block_type=block_type, mlp_type="dwconv")
+    assert cfg.grid_hw == (4, 2) and cfg.num_tokens == 8
+    model = DiT(cfg)
+    from ditkit.models.dit import sincos_pos_embed_2d
+
+    assert torch.equal(model.pos_embed[0], sincos_pos_embed_2d(32, 4, 2))
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.1)
+    x = torch.randn(2, 1, 16, 8, requires_grad=True)
+    out = model(x, torch.tensor([1.0, 900.0]), torch.tensor([0, 1]))
+    assert out.shape == (2, 1, 16, 8)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(N, 1, 16, 8\)"):
+        model(torch.zeros(1, 1, 8, 16), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_non_square_patches_land_where_they_came_from():
+    """With identity blocks (adaLN-Zero at init) each output patch depends only on its input patch."""
+    torch.manual_seed(0)
+    model = DiT(_config(input_size=(8, 12), patch_size=4))
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.1)
+    x = torch.randn(1, 1, 8, 12)
+    y = x.clone()
+    y[..., 4:8, 8:12] += 1.0  # patch at row 1, column 2
+    diff = (model(y, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+            - model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))).abs()
+    assert diff[..., 4:8, 8:12].sum() > 0
+    diff[..., 4:8, 8:12] = 0
+    assert diff.sum() == 0
+
+
+def test_non_square_config_round_trip_and_conflicts(tmp_path):
+    from ditkit.config import Config, DataConfig, config_from_dict, config_to_dict, save_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {input_size: [16, 8], in_channels: 1, patch_size: 4, hidden_size: 32, depth: 1, "
+                    "num_heads: 2}\n")
+    with pytest.raises(ConfigError, match="conflicts with data.image_size"):
+        load_config(path)  # the data pipeline is square (data.image_size defaults to 28)
+    model = _config(input_size=(16, 8), patch_size=4)
+    assert config_from_dict({"input_size": [16, 8], "patch_size": 4}, ModelConfig).input_size == (16, 8)
+    assert config_to_dict(model)["input_size"] == [16, 8]
+    square = Config(model=_config(input_size=(8, 8)), data=DataConfig(image_size=8, channels=1))
+    save_config(square, tmp_path / "s.json")
+    assert load_config(tmp_path / "s.json") == square
+    with pytest.raises(ConfigError, match="must divide"):
+        _config(input_size=(16, 10), patch_size=4)
+
+
+def test_learned_pos_embed_resizes_between_non_square_grids():
+    from ditkit.models.dit import resize_pos_embed, sincos_pos_embed_2d
+
+    fixed = sincos_pos_embed_2d(32, 4, 2)[None]
+    assert torch.equal(resize_pos_embed(fixed, (2, 4), learned=False, old_grid=(4, 2)), sincos_pos_embed_2d(32, 2, 4)[None])
+    assert resize_pos_embed(fixed, (8, 4), learned=True, old_grid=(4, 2)).shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="not a square grid"):
+        resize_pos_embed(fixed, 4, learned=True)

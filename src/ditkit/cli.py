@@ -66,7 +66,7 @@ def _describe(model_cfg: ModelConfig) -> dict[str, object]:
         "parameters_millions": round(params / 1e6, 2),
         "tokens": model_cfg.num_tokens,
         "gmacs_per_forward": round(count_macs(model_cfg) / 1e9, 3),
-        "input": [model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size],
+        "input": [model_cfg.in_channels, *model_cfg.input_hw],
         "depth": model_cfg.depth,
         "hidden_size": model_cfg.hidden_size,
         "num_heads": model_cfg.num_heads,

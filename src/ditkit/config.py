@@ -56,8 +56,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of a DiT (Peebles & Xie 2023). Defaults are DiT-XL/2 on 256 px SD-VAE latents."""
 
-    input_size: int | None = None
-    """Height and width of the model input; null: follow the data (`data.image_size` in pixel space)."""
+    input_size: int | tuple[int, int] | None = None
+    """Side of a square model input, or [height, width]; null: follow the data (`data.image_size`)."""
     in_channels: int | None = None
     """Channels of the model input; null: follow the data (`data.channels` in pixel space)."""
     patch_size: int = 2
@@ -96,13 +96,17 @@ class ModelConfig:
     bf16/fp16 on CPU, where the matmul form trains faster)."""
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
+        for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {value}")
+        if isinstance(self.input_size, list):
+            self.input_size = tuple(self.input_size)
+        if self.input_size is not None and min(self.input_hw) < 1:
+            raise ConfigError(f"model.input_size must be >= 1, got {self.input_size}")
         if self.num_classes < 0:
             raise ConfigError(f"model.num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
-        if self.input_size is not None and self.input_size % self.patch_size:
+        if self.input_size is not None and any(side % self.patch_size for side in self.input_hw):
             raise ConfigError(
                 f"model.patch_size={self.patch_size} must divide model.input_size={self.input_size}"
             )
@@ -140,10 +144,26 @@ class ModelConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        if self.input_size is None:
+            raise ConfigError("model.input_size is not set")
+        if isinstance(self.input_size, int):
+            return self.input_size, self.input_size
+        return tuple(self.input_size)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """(rows, columns) of the token grid."""
+        h, w = self.input_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
     def num_tokens(self) -> int:
         """Sequence length seen by the transformer."""
         self.require_resolved()
-        return (self.input_size // self.patch_size) ** 2
+        rows, cols = self.grid_hw
+        return rows * cols
 
 
 # Depth, width and heads of the paper's Table 1; the patch size is the suffix.
@@ -323,7 +343,7 @@ class Config:
             have = getattr(self.model, model_key)
             if have is None:
                 setattr(self.model, model_key, wanted)
-            elif have != wanted:
+            elif (self.model.input_hw != (wanted, wanted)) if model_key == "input_size" else have != wanted:
                 raise ConfigError(
                     f"model.{model_key}={have} conflicts with data.{data_key}={wanted} "
                     f"(pixel-space model: leave model.{model_key} unset to follow the data)"

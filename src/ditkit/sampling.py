@@ -72,7 +72,7 @@ def generate(
         denoiser = ClampDenoised(denoiser, -1.0, 1.0)
     generator = torch.Generator(device).manual_seed(seed)
     m = config.model
-    noise = process.prior((len(labels), m.in_channels, m.input_size, m.input_size), generator=generator, device=device)
+    noise = process.prior((len(labels), m.in_channels, *m.input_hw), generator=generator, device=device)
     grid = process.timesteps(steps, device=device, spacing=sc.spacing if spacing is None else spacing)
     out = []
     for start in range(0, len(labels), batch_size):

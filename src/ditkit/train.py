@@ -305,7 +305,8 @@ def init_from_checkpoint(model: DiT, path: str | Path) -> None:
     mine = model.config
     if source.patch_size != mine.patch_size:
         raise ConfigError(f"train.init_from={path}: patch size {source.patch_size} differs from model.patch_size={mine.patch_size}")
-    state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.input_size // mine.patch_size, mine.pos_embed == "learned")
+    learned = mine.pos_embed == "learned"
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.grid_hw, learned, old_grid=source.grid_hw)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

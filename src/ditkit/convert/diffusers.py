@@ -43,6 +43,8 @@ _EMBED_MAP = {
 def diffusers_config(config: ModelConfig) -> dict[str, Any]:
     """`DiTTransformer2DModel` keyword arguments for a ditkit model config."""
     config.require_resolved()
+    if config.input_hw[0] != config.input_hw[1]:
+        raise ValueError(f"diffusers' DiTTransformer2DModel takes square inputs only; this model's is {config.input_size}")
     if not config.conditional:
         raise ValueError("diffusers' DiTTransformer2DModel is class-conditional only; this model is unconditional")
     if config.class_dropout_prob == 0:
@@ -58,7 +60,7 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
         "num_layers": config.depth,
-        "sample_size": config.input_size,
+        "sample_size": config.input_hw[0],
         "patch_size": config.patch_size,
         "num_embeds_ada_norm": config.num_classes,
         "norm_eps": 1e-6,  # the paper's LayerNorms use 1e-6

@@ -38,8 +38,7 @@ def _mlp_grid(config: ModelConfig) -> tuple[int, int] | None:
     """The token grid a depthwise-convolution MLP runs over, or None for the plain MLP."""
     if config.mlp_type != "dwconv":
         return None
-    side = config.input_size // config.patch_size
-    return side, side
+    return config.grid_hw
 
 
 class DiTBlock(nn.Module):
@@ -120,7 +119,7 @@ class DiT(nn.Module):
         config.require_resolved()
         self.config = config
         d, p = config.hidden_size, config.patch_size
-        self.grid_size = config.input_size // p
+        self.grid_hw = config.grid_hw  # (rows, columns) of tokens; H != W is fine
         self.x_embedder = PatchEmbed(p, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         # An unconditional model has no label embedding at all (not a one-class table).
@@ -150,7 +149,7 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size, self.grid_size, self.grid_size)[None])
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size, *self.grid_hw)[None])
         # Initialise the patch projection like a linear layer over flattened patches.
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -173,10 +172,11 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) tokens -> (N, C, H, W) image."""
-        n, p, c, g = x.shape[0], self.config.patch_size, self.config.out_channels, self.grid_size
-        x = x.reshape(n, g, g, p, p, c)  # (N, h, w, p, p, C)
+        n, p, c = x.shape[0], self.config.patch_size, self.config.out_channels
+        rows, cols = self.grid_hw
+        x = x.reshape(n, rows, cols, p, p, c)  # (N, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
-        return x.reshape(n, c, g * p, g * p)  # (N, C, H, W)
+        return x.reshape(n, c, rows * p, cols * p)  # (N, C, H, W)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None
@@ -185,11 +185,9 @@ class DiT(nn.Module):
 
         `generator` drives label dropout in training mode. An unconditional model ignores `y`.
         """
-        size = self.config.input_size
-        if x.shape[1:] != (self.config.in_channels, size, size):
-            raise ValueError(
-                f"DiT expects input of shape (N, {self.config.in_channels}, {size}, {size}), got {tuple(x.shape)}"
-            )
+        h, w = self.config.input_hw
+        if x.shape[1:] != (self.config.in_channels, h, w):
+            raise ValueError(f"DiT expects input of shape (N, {self.config.in_channels}, {h}, {w}), got {tuple(x.shape)}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         cond = [self.t_embedder(t)]  # [(N, D)]
         if self.y_embedder is not None:
@@ -212,23 +210,34 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (N, C_out, H, W)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, learned: bool) -> torch.Tensor:
-    """Positional embedding (1, g*g, D) for a (new_grid x new_grid) token grid.
+def resize_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: int | tuple[int, int],
+    learned: bool,
+    old_grid: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Positional embedding (1, rows*cols, D) for another token grid (an int is a square grid).
 
     Fixed sin-cos embeddings are recomputed; learned ones are interpolated bicubically, as when a
-    model trained at 256 px is fine-tuned at 512 px.
+    model trained at 256 px is fine-tuned at 512 px. `old_grid` defaults to a square grid.
     """
     _, tokens, dim = pos_embed.shape
-    old_grid = math.isqrt(tokens)
-    if old_grid * old_grid != tokens:
-        raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
-    if old_grid == new_grid:
+    new_hw = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    if old_grid is None:
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"pos_embed has {tokens} tokens, not a square grid: pass old_grid")
+        old_grid = side
+    old_hw = (old_grid, old_grid) if isinstance(old_grid, int) else tuple(old_grid)
+    if old_hw[0] * old_hw[1] != tokens:
+        raise ValueError(f"pos_embed has {tokens} tokens, not the {old_hw[0]}x{old_hw[1]} grid given")
+    if old_hw == new_hw:
         return pos_embed
     if not learned:
-        return sincos_pos_embed_2d(dim, new_grid, new_grid)[None].to(pos_embed)
-    grid = pos_embed.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()  # (1, D, g, g)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)  # (1, T', D)
+        return sincos_pos_embed_2d(dim, *new_hw)[None].to(pos_embed)
+    grid = pos_embed.reshape(1, *old_hw, dim).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    grid = F.interpolate(grid, size=new_hw, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim).to(pos_embed.dtype)  # (1, T', D)
 
 
 def count_macs(config: ModelConfig) -> int:
