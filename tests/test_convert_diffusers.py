@@ -103,3 +103,28 @@ def test_non_square_models_are_refused():
                             num_classes=3))
     with pytest.raises(ValueError, match="square"):
         to_diffusers(model)
+
+
+def test_cli_round_trip_ditkit_diffusers_ditkit(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ditkit.checkpoint import save_checkpoint
+    from ditkit.cli import main
+    from ditkit.config import Config, DataConfig
+
+    model_config = ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=3, num_heads=2,
+                               num_classes=4, learn_sigma=False)
+    config = Config(model=model_config, data=DataConfig(image_size=8, channels=1))
+    ours = DiT(config.model)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    ckpt = save_checkpoint(tmp_path / "step_0000001", config=config, model=ours, ema=ours)
+    assert main(["convert", "to-diffusers", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", "from-diffusers", "--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    a, b = load_file(ckpt / "ema.safetensors"), load_file(tmp_path / "back" / "ema.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["convert", "from-diffusers", "--diffusers", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a diffusers model folder" in capsys.readouterr().err

@@ -105,12 +105,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .convert.diffusers import to_diffusers
-    from .train import load_model
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder (nothing was written)")
+    if args.format == "to-diffusers":
+        return _to_diffusers(args, out)
+    return _from_diffusers(args, out)
+
+
+def _to_diffusers(args: argparse.Namespace, out) -> int:
+    from .convert.diffusers import to_diffusers
+    from .train import load_model
+
+    if not args.checkpoint:
+        raise ValueError("to-diffusers needs --checkpoint")
     model, _ = load_model(args.checkpoint, args.weights)
     try:
         converted = to_diffusers(model)
@@ -122,6 +130,33 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         "with downscale_freq_shift=1; set `block.norm1.emb.time_proj.downscale_freq_shift = 0` on every "
         "block after loading to reproduce ditkit's outputs exactly"
     )
+    return 0
+
+
+def _from_diffusers(args: argparse.Namespace, out) -> int:
+    from pathlib import Path
+
+    from .checkpoint import save_checkpoint
+    from .config import Config, DataConfig
+    from .convert.diffusers import from_diffusers
+
+    source = Path(args.diffusers or "")
+    if not (source / "config.json").is_file():
+        raise ValueError(f"--diffusers {source}: not a diffusers model folder (no config.json)")
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError as err:
+        raise ValueError("converting from diffusers needs diffusers: pip install 'ditkit[diffusers]'") from err
+    model = from_diffusers(DiTTransformer2DModel.from_pretrained(source))
+    m = model.config
+    if m.in_channels not in (1, 3):
+        raise ValueError(
+            f"{source}: a {m.in_channels}-channel (latent) model needs an autoencoder config, which ditkit "
+            "checkpoints cannot describe yet; pixel models (1 or 3 channels) convert"
+        )
+    config = Config(model=m, data=DataConfig(image_size=m.input_hw[0], channels=m.in_channels))
+    save_checkpoint(out, config=config, model=model, ema=model)
+    print(f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights)")
     return 0
 
 
@@ -165,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("convert", help="export a checkpoint to another library's format")
-    p.add_argument("format", choices=["to-diffusers"], help="target format")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p = sub.add_parser("convert", help="move weights between ditkit and diffusers")
+    p.add_argument("format", choices=["to-diffusers", "from-diffusers"], help="direction")
+    p.add_argument("--checkpoint", help="to-diffusers: checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--diffusers", help="from-diffusers: a DiTTransformer2DModel folder (config.json + weights)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
     p.add_argument("--out", required=True, help="new folder to write (refused if it exists and is not empty)")
     p.set_defaults(func=_cmd_convert)
