@@ -277,7 +277,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "mlp_type": "dwconv", "attn_impl": "sdpa",
         },
         "diffusion": {
-            "schedule": "linear", "num_timesteps": 50, "beta_start": 0.001, "beta_end": 0.05, "prediction": "eps",
+            "schedule": "cosine", "num_timesteps": 50, "beta_start": 0.001, "beta_end": 0.05, "prediction": "x0",
         },
         "data": {
             "dataset": "folder", "root": "data/x", "image_size": 16, "channels": 3, "hflip": True,
@@ -289,7 +289,8 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "ema_decay": 0.99, "precision": "bf16", "seed": 7, "log_every": 3, "ckpt_every": 4,
             "keep_last": 1, "num_workers": 1, "device": "cpu",
         },
-        "sample": {"sampler": "ddim", "steps": 5, "eta": 1.0, "cfg_scale": 1.0, "seed": 2, "spacing": "logsnr",
+        "sample": {"sampler": "ddim", "steps": 5, "eta": 1.0, "cfg_scale": 1.0, "seed": 2, "guidance_interval": [0.0, 600.0],
+                   "spacing": "logsnr",
                    "clip_denoised": False},
     }
     assert config_to_dict(config_from_dict(d)) == d

@@ -313,3 +313,67 @@ def test_an_explicit_grid_equals_the_step_count_and_bad_grids_are_refused():
         sample_euler(den, x, torch.tensor([0.0, 500.0, -1.0]))
     with pytest.raises(ValueError, match="data end"):
         sample_euler(den, x, torch.tensor([999.0, 0.0]))
+
+
+def test_guidance_interval_guides_inside_and_is_conditional_outside():
+    from test_samplers import _tiny_denoiser
+
+    from ditkit.samplers import ClassifierFreeGuidance
+
+    den = _tiny_denoiser()
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])
+    full = ClassifierFreeGuidance(den, 4.0)
+    windowed = ClassifierFreeGuidance(den, 4.0, interval=(100.0, 600.0))
+    inside, outside = torch.full((3,), 400.0), torch.full((3,), 800.0)
+    assert torch.allclose(windowed(x, inside, y), full(x, inside, y), atol=1e-6)
+    assert torch.allclose(windowed(x, outside, y), den(x, outside, y), atol=1e-6)
+    mixed = torch.tensor([400.0, 800.0, 50.0])
+    out = windowed(x, mixed, y)
+    assert torch.allclose(out[0], full(x, mixed, y)[0], atol=1e-6)
+    assert torch.allclose(out[1:], den(x, mixed, y)[1:], atol=1e-6)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        ClassifierFreeGuidance(den, 2.0, interval=(600.0, 100.0))
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    import math as m
+
+    process = build_process(DiffusionConfig(schedule="cosine"))
+
+    def abar(k):
+        f = lambda u: m.cos((u / 1000 + 0.008) / 1.008 * m.pi / 2) ** 2  # noqa: E731
+        return f(k + 1) / f(0)
+
+    for k in (0, 250, 500, 900):
+        assert abs(process.alpha(torch.tensor([float(k)])).item() ** 2 - abar(k)) < 1e-5
+    x = process.prior((4000, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    out = sample_ddim(GaussianDenoiser(process, 0.5, 0.3), x, 200, generator=torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - 0.5) < 0.01 and abs(out.std().item() - 0.3) < 0.01
+
+
+def test_x0_prediction_is_its_own_denoised_estimate():
+    from ditkit.diffusion import prediction_target, prediction_to_x0
+
+    process = build_process(DiffusionConfig())
+    x0, noise = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    t = torch.tensor([10.0, 900.0])
+    a, s = process.alpha(t), process.sigma(t)
+    assert torch.equal(prediction_target("x0", x0, noise, a, s), x0)
+    assert torch.equal(prediction_to_x0("x0", x0, process.add_noise(x0, noise, t), a, s), x0)
+
+
+def test_generate_guidance_interval_spans_no_guidance_to_full_guidance(tiny_model):
+    import copy
+
+    model, config = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    with torch.no_grad():  # a fresh adaLN-Zero model outputs zeros whatever the class: give it weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    labels = [0, 1, 2, 3]
+    full = generate(model, config, labels, steps=4, cfg_scale=3.0)
+    everywhere = generate(model, config, labels, steps=4, cfg_scale=3.0, guidance_interval=(-1.0, 999.0))
+    nowhere = generate(model, config, labels, steps=4, cfg_scale=3.0, guidance_interval=(2000.0, 3000.0))
+    unguided = generate(model, config, labels, steps=4, cfg_scale=1.0)
+    assert torch.allclose(everywhere, full, atol=1e-6) and torch.allclose(nowhere, unguided, atol=1e-6)
+    assert not torch.allclose(full, unguided)

@@ -47,6 +47,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     images = generate(
         model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
         sampler=args.sampler, spacing=args.spacing,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
     )
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for LO <= t <= HI (default: the checkpoint's sample.guidance_interval)")
     p.add_argument("--spacing", choices=["linear", "logsnr"], help="time grid (default: the checkpoint's sample.spacing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,

@@ -37,8 +37,8 @@ __all__ = [
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DatasetName = Literal["mnist", "folder"]
-ScheduleName = Literal["linear"]
-PredictionName = Literal["eps", "v"]
+ScheduleName = Literal["linear", "cosine"]
+PredictionName = Literal["eps", "v", "x0"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
 AttnImpl = Literal["auto", "sdpa", "math"]
 Spacing = Literal["linear", "logsnr"]
@@ -183,7 +183,8 @@ class DiffusionConfig:
     """The forward noise process and the training objective."""
 
     schedule: ScheduleName = "linear"
-    """Beta schedule of the discrete variance-preserving process (DDPM)."""
+    """Beta schedule of the discrete variance-preserving process: 'linear' (DDPM, DiT) or 'cosine'
+    (Nichol & Dhariwal 2021; diffusers' `squaredcos_cap_v2`). beta_start/beta_end apply to 'linear'."""
     num_timesteps: int = 1000
     """Number of discrete diffusion steps T."""
     beta_start: float = 1e-4
@@ -191,8 +192,9 @@ class DiffusionConfig:
     beta_end: float = 0.02
     """beta_T of the linear schedule (Ho et al. 2020)."""
     prediction: PredictionName = "eps"
-    """What the network predicts: 'eps' (the added noise, DDPM/DiT) or 'v' = alpha * eps - sigma * x0
-    (Salimans & Ho 2022), which weighs errors at high noise more and converges faster on small models."""
+    """What the network predicts: 'eps' (the added noise, DDPM/DiT), 'v' = alpha * eps - sigma * x0
+    (Salimans & Ho 2022), which weighs errors at high noise more and converges faster on small models,
+    or 'x0' (the clean data itself)."""
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 2:
@@ -311,6 +313,8 @@ class SampleConfig:
     """Classifier-free guidance scale; 1 disables guidance."""
     seed: int = 0
     """Seed of the initial noise and of any sampler noise."""
+    guidance_interval: tuple[float, float] | None = None
+    """Apply guidance only for lo <= t <= hi (process time, e.g. [0, 600] of 999); null: every step."""
     spacing: Spacing = "linear"
     """Time grid: 'linear' (even integer steps, DiT's "250 of 1000" respacing) or 'logsnr' (even in
     log(alpha/sigma); better for dpmpp_2m and heun at few steps)."""

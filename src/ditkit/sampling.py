@@ -27,6 +27,7 @@ def generate(
     seed: int | None = None,
     clip_denoised: bool | None = None,
     spacing: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     batch_size: int = 256,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -66,7 +67,8 @@ def generate(
     process = build_process(config.diffusion)
     denoiser = ModelDenoiser(model, process, config.diffusion.prediction)
     if cfg_scale != 1.0:
-        denoiser = ClassifierFreeGuidance(denoiser, cfg_scale)
+        interval = sc.guidance_interval if guidance_interval is None else guidance_interval
+        denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval)
     clip = sc.clip_denoised if clip_denoised is None else clip_denoised
     if clip:
         denoiser = ClampDenoised(denoiser, -1.0, 1.0)

@@ -32,8 +32,8 @@ class ModelDenoiser(Denoiser):
     """Wraps a class-conditional network trained with the given prediction target."""
 
     def __init__(self, model: nn.Module, process: NoiseProcess, prediction: str = "eps") -> None:
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unsupported prediction {prediction!r}; expected 'eps' or 'v'")
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unsupported prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
         self.model = model
         self.process = process
         self.prediction = prediction

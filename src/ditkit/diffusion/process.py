@@ -22,6 +22,7 @@ __all__ = [
     "NoiseProcess",
     "DiscreteVP",
     "linear_betas",
+    "cosine_betas",
     "build_process",
     "eps_to_x0",
     "x0_to_eps",
@@ -102,7 +103,9 @@ def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, al
         return noise
     if prediction == "v":
         return _bcast(alpha, x0) * noise - _bcast(sigma, x0) * x0
-    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
+    if prediction == "x0":
+        return x0
+    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
 
 
 def prediction_to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,9 @@ def prediction_to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alph
         return eps_to_x0(out, x_t, alpha, sigma)
     if prediction == "v":
         return v_to_x0(out, x_t, alpha, sigma)
-    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
+    if prediction == "x0":
+        return out
+    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
 
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -182,8 +187,18 @@ class DiscreteVP(NoiseProcess):
         return torch.cat([grid, torch.tensor([self.t_min], dtype=torch.float64)]).float().to(device)
 
 
+def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672):
+    alpha_bar(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), betas from its ratios, capped at 0.999."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    alpha_bar = torch.cos((steps + offset) / (1 + offset) * torch.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
 def build_process(config: DiffusionConfig) -> NoiseProcess:
     """The noise process a diffusion config describes."""
     if config.schedule == "linear":
         return DiscreteVP(linear_betas(config.num_timesteps, config.beta_start, config.beta_end))
+    if config.schedule == "cosine":
+        return DiscreteVP(cosine_betas(config.num_timesteps))
     raise ValueError(f"unknown schedule {config.schedule!r}")

@@ -3,7 +3,9 @@
 The conditional and unconditional predictions come from one batched call. Guidance is applied to the
 denoised estimate; since x0 and eps are affine in each other at a fixed (x_t, t), this is the same as
 guiding eps. All channels are guided by default; `channels=3` reproduces the official DiT release,
-which guides only the first three of four latent channels.
+which guides only the first three of four latent channels. `interval=(lo, hi)` applies guidance
+only at times lo <= t <= hi and the conditional prediction elsewhere (Kynkaanniemi et al. 2024,
+https://arxiv.org/abs/2404.07724, as used by LightningDiT and REPA).
 """
 
 from __future__ import annotations
@@ -18,9 +20,19 @@ __all__ = ["ClassifierFreeGuidance"]
 class ClassifierFreeGuidance(Denoiser):
     """denoised = uncond + scale * (cond - uncond); scale 1 is the plain conditional denoiser."""
 
-    def __init__(self, denoiser: Denoiser, scale: float, *, channels: int | None = None) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        scale: float,
+        *,
+        channels: int | None = None,
+        interval: tuple[float, float] | None = None,
+    ) -> None:
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        if interval is not None and not interval[0] <= interval[1]:
+            raise ValueError(f"guidance interval must satisfy lo <= hi, got {interval}")
+        self.interval = interval
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be >= 1 or None, got {channels}")
         self.denoiser = denoiser
@@ -35,6 +47,11 @@ class ClassifierFreeGuidance(Denoiser):
         if self.scale == 1.0 or cond is None:
             return self.denoiser(x_t, t, cond)
         n = x_t.shape[0]
+        inside = None
+        if self.interval is not None:
+            inside = (t.expand(n) >= self.interval[0]) & (t.expand(n) <= self.interval[1])
+            if not bool(inside.any()):
+                return self.denoiser(x_t, t, cond)
         both = self.denoiser(
             torch.cat([x_t, x_t]), torch.cat([t.expand(n), t.expand(n)]), torch.cat([cond, self.null_cond(cond)])
         )
@@ -43,4 +60,6 @@ class ClassifierFreeGuidance(Denoiser):
         if self.channels is not None:
             # Legacy: guide the first `channels` channels, keep the conditional prediction elsewhere.
             guided = torch.cat([guided[:, : self.channels], conditional[:, self.channels :]], dim=1)
+        if inside is not None:
+            guided = torch.where(inside.reshape(-1, *([1] * (guided.dim() - 1))), guided, conditional)
         return guided
