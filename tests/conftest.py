@@ -13,8 +13,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def make_tiny_config(out_dir, **train_overrides) -> Config:
     """A 2-block, 32-wide DiT on 8x8 single-channel images: every training step takes milliseconds."""
-    train = dict(out_dir=str(out_dir), steps=4, batch_size=8, lr=1e-3, log_every=1, ckpt_every=2, keep_last=3,
-                 device="cpu", ema_decay=0.9)
+    train = dict(
+        out_dir=str(out_dir),
+        steps=4,
+        batch_size=8,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=2,
+        keep_last=3,
+        device="cpu",
+        ema_decay=0.9,
+    )
     train.update(train_overrides)
     return Config(
         model=ModelConfig(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, learn_sigma=False),
@@ -32,6 +41,33 @@ def make_tiny_dataset(n: int = 32, size: int = 8, classes: int = 4, seed: int = 
     for i, k in enumerate(labels.tolist()):
         images[i, 0, (2 * k) % size] = 255
     return TensorImageDataset(images.to(torch.uint8), labels, [str(k) for k in range(classes)])
+
+
+def toy_training_losses(model, process, steps: int = 60, lr: float = 3e-3, prediction: str = "eps"):
+    """Train `model` on a two-class toy problem (class 0: top half bright, class 1: bottom half).
+
+    Returns the loss on a fixed evaluation batch before and after `steps` Adam steps.
+    """
+    from ditkit.diffusion import diffusion_loss
+
+    x0 = torch.full((16, 1, 8, 8), -1.0)
+    x0[:8, :, :4] = 1.0
+    x0[8:, :, 4:] = 1.0
+    y = torch.tensor([0] * 8 + [1] * 8)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+
+    def eval_loss():
+        batch, labels, g_eval = x0.repeat(8, 1, 1, 1), y.repeat(8), torch.Generator().manual_seed(9)
+        return diffusion_loss(model, process, batch, labels, generator=g_eval, prediction=prediction).item()
+
+    before = eval_loss()
+    for _ in range(steps):
+        loss = diffusion_loss(model, process, x0, y, generator=g, prediction=prediction)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, eval_loss()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ def config_file(tmp_path):
         f"""
 model: {{patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10, learn_sigma: false}}
 data: {{dataset: mnist, image_size: 8, channels: 1}}
-train: {{out_dir: {tmp_path / 'run'}, steps: 50, batch_size: 4, log_every: 1, ckpt_every: 1, device: cpu}}
+train: {{out_dir: {tmp_path / "run"}, steps: 50, batch_size: 4, log_every: 1, ckpt_every: 1, device: cpu}}
 sample: {{steps: 2}}
 """
     )
@@ -29,8 +29,28 @@ def test_train_sample_info_round_trip(tmp_path, config_file, capsys):
     assert (ckpt / "ema.safetensors").is_file()
 
     out = tmp_path / "grid.png"
-    args = ["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "0", "3", "7", "--per-class", "2",
-            "--cfg-scale", "2.0", "--steps", "3", "--seed", "1", "--scale", "1", "--no-progress", "--out", str(out)]
+    args = [
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--classes",
+        "0",
+        "3",
+        "7",
+        "--per-class",
+        "2",
+        "--cfg-scale",
+        "2.0",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--scale",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     grid = np.asarray(Image.open(out))
     # 3 rows of 2 samples, 8x8 each, 2 px padding.
@@ -49,8 +69,12 @@ def test_train_sample_info_round_trip(tmp_path, config_file, capsys):
     assert info["tokens"] == 16 and info["depth"] == 1
 
     # Resume continues from the saved step.
-    assert main(["train", "--config", str(config_file), "--no-progress", "--resume", str(tmp_path / "run"),
-                 "train.steps=3"]) == 0
+    assert (
+        main(
+            ["train", "--config", str(config_file), "--no-progress", "--resume", str(tmp_path / "run"), "train.steps=3"]
+        )
+        == 0
+    )
     assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3]
@@ -77,8 +101,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_sample_rejects_out_of_range_class(tmp_path, config_file, capsys):
     assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
-    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "12", "--steps", "1",
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--classes",
+                "12",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "class labels must be in [0, 9]" in capsys.readouterr().err
 
 

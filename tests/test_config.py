@@ -271,27 +271,70 @@ def test_default_config_round_trips_through_file(tmp_path):
 def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
     d = {
         "model": {
-            "input_size": 16, "in_channels": 3, "patch_size": 4, "hidden_size": 64, "depth": 2,
-            "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 5, "class_dropout_prob": 0.2,
-            "learn_sigma": False, "block_type": "adaLN", "pos_embed": "learned", "mlp_act": "gelu", "qk_norm": True,
-            "mlp_type": "dwconv", "attn_impl": "sdpa",
+            "input_size": 16,
+            "in_channels": 3,
+            "patch_size": 4,
+            "hidden_size": 64,
+            "depth": 2,
+            "num_heads": 2,
+            "mlp_ratio": 2.0,
+            "num_classes": 5,
+            "class_dropout_prob": 0.2,
+            "learn_sigma": False,
+            "block_type": "adaLN",
+            "pos_embed": "learned",
+            "mlp_act": "gelu",
+            "qk_norm": True,
+            "mlp_type": "dwconv",
+            "attn_impl": "sdpa",
         },
         "diffusion": {
-            "schedule": "cosine", "num_timesteps": 50, "beta_start": 0.001, "beta_end": 0.05, "prediction": "x0",
+            "schedule": "cosine",
+            "num_timesteps": 50,
+            "beta_start": 0.001,
+            "beta_end": 0.05,
+            "prediction": "x0",
         },
         "data": {
-            "dataset": "folder", "root": "data/x", "image_size": 16, "channels": 3, "hflip": True,
-            "holdout": 10, "split_seed": 4, "skip_bad_files": True,
+            "dataset": "folder",
+            "root": "data/x",
+            "image_size": 16,
+            "channels": 3,
+            "hflip": True,
+            "holdout": 10,
+            "split_seed": 4,
+            "skip_bad_files": True,
         },
         "train": {
-            "out_dir": "runs/a", "steps": 9, "init_from": "runs/old", "max_minutes": 2.5, "batch_size": 4, "lr": 0.0003,
-            "warmup_steps": 2, "weight_decay": 0.01, "betas": [0.8, 0.9], "grad_clip": None,
-            "ema_decay": 0.99, "precision": "bf16", "seed": 7, "log_every": 3, "ckpt_every": 4,
-            "keep_last": 1, "num_workers": 1, "device": "cpu",
+            "out_dir": "runs/a",
+            "steps": 9,
+            "init_from": "runs/old",
+            "max_minutes": 2.5,
+            "batch_size": 4,
+            "lr": 0.0003,
+            "warmup_steps": 2,
+            "weight_decay": 0.01,
+            "betas": [0.8, 0.9],
+            "grad_clip": None,
+            "ema_decay": 0.99,
+            "precision": "bf16",
+            "seed": 7,
+            "log_every": 3,
+            "ckpt_every": 4,
+            "keep_last": 1,
+            "num_workers": 1,
+            "device": "cpu",
         },
-        "sample": {"sampler": "ddim", "steps": 5, "eta": 1.0, "cfg_scale": 1.0, "seed": 2, "guidance_interval": [0.0, 600.0],
-                   "spacing": "logsnr",
-                   "clip_denoised": False},
+        "sample": {
+            "sampler": "ddim",
+            "steps": 5,
+            "eta": 1.0,
+            "cfg_scale": 1.0,
+            "seed": 2,
+            "guidance_interval": [0.0, 600.0],
+            "spacing": "logsnr",
+            "clip_denoised": False,
+        },
     }
     assert config_to_dict(config_from_dict(d)) == d
 
@@ -434,7 +477,7 @@ def test_missing_file_raises_naming_path(tmp_path):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize(("name", "text"), [("bad.yaml", "model: [1, 2\n"), ("bad.json", "{\"model\": ")])
+@pytest.mark.parametrize(("name", "text"), [("bad.yaml", "model: [1, 2\n"), ("bad.json", '{"model": ')])
 def test_invalid_file_syntax_raises_naming_path(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)

@@ -11,15 +11,33 @@ pytest.importorskip("diffusers")
 from ditkit.convert.diffusers import from_diffusers, to_diffusers  # noqa: E402
 
 
-def _random_dit(learn_sigma: bool, seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
-                            num_classes=5, learn_sigma=learn_sigma))
-    with torch.no_grad():  # zero-initialised layers would hide mistakes: give every weight a value
+def _randomise(model: DiT) -> DiT:
+    """Give every trainable weight a random value: zero-initialised layers would hide mapping mistakes."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def _random_dit(learn_sigma: bool, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=5,
+        learn_sigma=learn_sigma,
+    )  # fmt: skip
+    return _randomise(DiT(config))
+
+
+def _random_checkpoint(folder, **model_fields):
+    """A pixel-space checkpoint (channels 1 or 3) holding a randomised DiT; returns (model, path)."""
+    from ditkit.checkpoint import save_checkpoint
+    from ditkit.config import Config, DataConfig
+
+    fields = dict(input_size=8, patch_size=2, num_heads=2, **model_fields)
+    config = Config(model=ModelConfig(**fields), data=DataConfig(image_size=8, channels=fields["in_channels"]))
+    model = _randomise(DiT(config.model))
+    return model, save_checkpoint(folder / "step_0000001", config=config, model=model, ema=model)
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])
@@ -57,19 +75,9 @@ def test_round_trip_through_diffusers_is_lossless():
 def test_cli_exports_a_checkpoint_that_diffusers_loads(tmp_path, capsys):
     from diffusers import DiTTransformer2DModel
 
-    from ditkit.checkpoint import save_checkpoint
     from ditkit.cli import main
-    from ditkit.config import Config, DataConfig
 
-    model_config = ModelConfig(input_size=8, in_channels=3, patch_size=2, hidden_size=64, depth=2, num_heads=2,
-                               num_classes=5, learn_sigma=True)
-    config = Config(model=model_config, data=DataConfig(image_size=8, channels=3))
-    ours = DiT(config.model)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    ckpt = save_checkpoint(tmp_path / "step_0000001", config=config, model=ours, ema=ours)
+    ours, ckpt = _random_checkpoint(tmp_path, in_channels=3, hidden_size=64, depth=2, num_classes=5, learn_sigma=True)
     out = tmp_path / "exported"
     assert main(["convert", "to-diffusers", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
     assert "downscale_freq_shift" in capsys.readouterr().out
@@ -85,22 +93,27 @@ def test_cli_exports_a_checkpoint_that_diffusers_loads(tmp_path, capsys):
 
 
 def test_options_diffusers_cannot_express_are_refused():
-    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                            num_classes=3, qk_norm=True))
+    model = DiT(
+        ModelConfig(
+            input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, qk_norm=True
+        )
+    )
     with pytest.raises(ValueError, match="qk_norm"):
         to_diffusers(model)
 
 
 def test_unconditional_models_are_refused():
-    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                            num_classes=0))
+    model = DiT(
+        ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=0)
+    )
     with pytest.raises(ValueError, match="unconditional"):
         to_diffusers(model)
 
 
 def test_non_square_models_are_refused():
-    model = DiT(ModelConfig(input_size=(8, 4), in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                            num_classes=3))
+    model = DiT(
+        ModelConfig(input_size=(8, 4), in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    )
     with pytest.raises(ValueError, match="square"):
         to_diffusers(model)
 
@@ -108,23 +121,22 @@ def test_non_square_models_are_refused():
 def test_cli_round_trip_ditkit_diffusers_ditkit(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from ditkit.checkpoint import save_checkpoint
     from ditkit.cli import main
-    from ditkit.config import Config, DataConfig
 
-    model_config = ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=3, num_heads=2,
-                               num_classes=4, learn_sigma=False)
-    config = Config(model=model_config, data=DataConfig(image_size=8, channels=1))
-    ours = DiT(config.model)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    ckpt = save_checkpoint(tmp_path / "step_0000001", config=config, model=ours, ema=ours)
+    _, ckpt = _random_checkpoint(tmp_path, in_channels=1, hidden_size=32, depth=3, num_classes=4, learn_sigma=False)
     assert main(["convert", "to-diffusers", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
-    assert main(["convert", "from-diffusers", "--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert (
+        main(["convert", "from-diffusers", "--diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    )
     a, b = load_file(ckpt / "ema.safetensors"), load_file(tmp_path / "back" / "ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     capsys.readouterr()
     assert main(["convert", "from-diffusers", "--diffusers", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    assert main(["convert", "from-diffusers", "--diffusers", str(broken), "--out", str(tmp_path / "y")]) == 2
+    assert "could not read a DiTTransformer2DModel" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

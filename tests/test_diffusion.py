@@ -102,38 +102,36 @@ def test_loss_is_mse_to_the_added_noise(process):
         def forward(self, x_t, t_model, y, generator=None):
             return noise
 
-    loss = diffusion_loss(Cheat(), process, x0, torch.zeros(256, dtype=torch.long), generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(
+        Cheat(), process, x0, torch.zeros(256, dtype=torch.long), generator=torch.Generator().manual_seed(3)
+    )
     assert loss.item() < 1e-10
 
     class Zero(torch.nn.Module):
         def forward(self, x_t, t_model, y, generator=None):
             return torch.zeros_like(x_t)
 
-    loss = diffusion_loss(Zero(), process, x0, torch.zeros(256, dtype=torch.long), generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(
+        Zero(), process, x0, torch.zeros(256, dtype=torch.long), generator=torch.Generator().manual_seed(3)
+    )
     assert abs(loss.item() - 1.0) < 0.05
 
 
 def test_loss_decreases_when_training_tiny_model(process):
+    from conftest import toy_training_losses
+
     torch.manual_seed(0)
-    model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                            num_classes=2, learn_sigma=False))
-    x0 = torch.zeros(16, 1, 8, 8)
-    x0[:8, :, :4] = 1.0  # class 0: top half bright
-    x0[8:, :, 4:] = 1.0
-    y = torch.tensor([0] * 8 + [1] * 8)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-
-    def eval_loss():
-        return diffusion_loss(model, process, x0.repeat(8, 1, 1, 1), y.repeat(8), generator=torch.Generator().manual_seed(9)).item()
-
-    before = eval_loss()
-    for _ in range(60):
-        loss = diffusion_loss(model, process, x0, y, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = eval_loss()
+    config = ModelConfig(
+        input_size=8,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=2,
+        learn_sigma=False,
+    )
+    before, after = toy_training_losses(DiT(config), process)
     assert after < 0.6 * before, (before, after)
 
 
@@ -155,7 +153,9 @@ def test_v_prediction_target_and_conversion_round_trip(process):
     a4, s4 = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
     assert torch.allclose(v, a4 * noise - s4 * x0, atol=1e-6)
     assert torch.allclose(prediction_to_x0("v", v, x_t, alpha, sigma), x0, atol=1e-4)
-    assert torch.allclose(prediction_to_x0("eps", noise, x_t, alpha, sigma), x0, atol=1e-2)  # eps / alpha blows up at t=999
+    assert torch.allclose(
+        prediction_to_x0("eps", noise, x_t, alpha, sigma), x0, atol=1e-2
+    )  # eps / alpha blows up at t=999
     with pytest.raises(ValueError, match="unknown prediction"):
         prediction_target("x", x0, noise, alpha, sigma)
 
@@ -173,8 +173,14 @@ def test_v_loss_is_zero_for_an_oracle(process):
         def forward(self, x_t, t_model, y, generator=None):
             return v
 
-    loss = diffusion_loss(Oracle(), process, x0, torch.zeros(64, dtype=torch.long),
-                          generator=torch.Generator().manual_seed(3), prediction="v")
+    loss = diffusion_loss(
+        Oracle(),
+        process,
+        x0,
+        torch.zeros(64, dtype=torch.long),
+        generator=torch.Generator().manual_seed(3),
+        prediction="v",
+    )
     assert loss.item() < 1e-10
 
 

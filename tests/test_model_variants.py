@@ -4,13 +4,21 @@ import pytest
 import torch
 
 from ditkit.config import ConfigError, DiffusionConfig, ModelConfig, load_config
-from ditkit.diffusion import build_process, diffusion_loss
+from ditkit.diffusion import build_process
 from ditkit.models import DiT, count_macs
 
 
 def _config(**kw) -> ModelConfig:
-    base = dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=2,
-                learn_sigma=False)
+    base = dict(
+        input_size=8,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=2,
+        learn_sigma=False,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -33,27 +41,11 @@ VARIANTS = [
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) or "default")
 def test_every_variant_trains(variant):
     """Each option builds, runs forward/backward, and learns a two-class toy problem."""
+    from conftest import toy_training_losses
+
     torch.manual_seed(0)
-    model = DiT(_config(**variant))
-    process = build_process(DiffusionConfig())
-    x0 = torch.full((16, 1, 8, 8), -1.0)
-    x0[:8, :, :4] = 1.0
-    x0[8:, :, 4:] = 1.0
-    y = torch.tensor([0] * 8 + [1] * 8)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-
-    def eval_loss():
-        return diffusion_loss(model, process, x0.repeat(8, 1, 1, 1), y.repeat(8),
-                              generator=torch.Generator().manual_seed(9)).item()
-
-    before = eval_loss()
-    for _ in range(60):
-        loss = diffusion_loss(model, process, x0, y, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert eval_loss() < 0.6 * before
+    before, after = toy_training_losses(DiT(_config(**variant)), build_process(DiffusionConfig()))
+    assert after < 0.6 * before, (before, after)
 
 
 def test_adaln_without_zero_is_not_the_identity_at_init_and_has_no_gates():
@@ -128,7 +120,6 @@ def test_unconditional_model_has_no_label_embedding_and_ignores_labels():
 
 def test_unconditional_training_and_sampling_end_to_end(tmp_path):
     from conftest import make_tiny_config, make_tiny_dataset
-
     from ditkit.cli import main
     from ditkit.sampling import generate
     from ditkit.train import load_model, train
@@ -142,10 +133,39 @@ def test_unconditional_training_and_sampling_end_to_end(tmp_path):
     assert torch.equal(images, generate(model, saved, 5, steps=2))
     with pytest.raises(ValueError, match="cannot be guided"):
         generate(model, saved, 5, cfg_scale=3.0)
-    assert main(["sample", "--checkpoint", str(result.checkpoint), "--per-class", "4", "--steps", "2",
-                 "--no-progress", "--out", str(tmp_path / "u.png")]) == 0
-    assert main(["sample", "--checkpoint", str(result.checkpoint), "--classes", "1", "--steps", "2",
-                 "--out", str(tmp_path / "v.png")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(result.checkpoint),
+                "--per-class",
+                "4",
+                "--steps",
+                "2",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "u.png"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(result.checkpoint),
+                "--classes",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "v.png"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_resize_pos_embed_recomputes_sincos_and_interpolates_learned():
@@ -155,7 +175,9 @@ def test_resize_pos_embed_recomputes_sincos_and_interpolates_learned():
     assert torch.equal(resize_pos_embed(fixed, 8, learned=False), sincos_pos_embed_2d(32, 8, 8)[None])
     assert resize_pos_embed(fixed, 4, learned=True) is fixed
     constant = torch.ones(1, 16, 32) * torch.arange(32.0)  # each channel constant over the grid
-    assert torch.allclose(resize_pos_embed(constant, 6, learned=True), torch.ones(1, 36, 32) * torch.arange(32.0), atol=1e-5)
+    assert torch.allclose(
+        resize_pos_embed(constant, 6, learned=True), torch.ones(1, 36, 32) * torch.arange(32.0), atol=1e-5
+    )
     # A smooth learned embedding survives up- and down-sampling closely.
     up = resize_pos_embed(fixed, 8, learned=True)
     assert up.shape == (1, 64, 32)
@@ -165,7 +187,6 @@ def test_resize_pos_embed_recomputes_sincos_and_interpolates_learned():
 
 def test_init_from_a_lower_resolution_checkpoint(tmp_path):
     from conftest import make_tiny_config, make_tiny_dataset
-
     from ditkit.checkpoint import load_weights
     from ditkit.config import Config, DataConfig, TrainConfig
     from ditkit.train import build_model, init_from_checkpoint, train
@@ -174,31 +195,48 @@ def test_init_from_a_lower_resolution_checkpoint(tmp_path):
     low.model.pos_embed = "learned"
     source = train(low, progress=False, dataset=make_tiny_dataset(size=8)).checkpoint
     high_model = ModelConfig(**{**low.model.__dict__, "input_size": None})
-    high = Config(model=high_model, data=DataConfig(image_size=16, channels=1),
-                  train=TrainConfig(out_dir=str(tmp_path / "high"), steps=1, batch_size=8, init_from=str(source),
-                                    device="cpu"))
+    high = Config(
+        model=high_model,
+        data=DataConfig(image_size=16, channels=1),
+        train=TrainConfig(out_dir=str(tmp_path / "high"), steps=1, batch_size=8, init_from=str(source), device="cpu"),
+    )
     model = build_model(high, seed=0)
     init_from_checkpoint(model, source)
     weights = load_weights(source, "ema")
+    from ditkit.models.dit import resize_pos_embed, sincos_pos_embed_2d
+
     for key, value in model.state_dict().items():
         if key == "pos_embed":
-            assert value.shape == (1, 64, 32)
+            assert torch.equal(value, resize_pos_embed(weights["pos_embed"], 8, learned=True))
         else:
             assert torch.equal(value, weights[key]), key
+    # A fixed sin-cos model keeps its own table even when the source learned one.
+    fixed_model = build_model(Config(model=ModelConfig(**{**high_model.__dict__, "pos_embed": "sincos"}),
+                                     data=high.data))  # fmt: skip
+    init_from_checkpoint(fixed_model, source)
+    assert torch.equal(fixed_model.pos_embed[0], sincos_pos_embed_2d(32, 8, 8))
+    deeper = Config(model=ModelConfig(**{**high_model.__dict__, "depth": 3}), data=high.data)
+    with pytest.raises(ConfigError, match="weights do not fit"):
+        init_from_checkpoint(build_model(deeper), source)
     result = train(high, progress=False, dataset=make_tiny_dataset(size=16))
     assert result.step == 1
-    other_patch = Config(model=ModelConfig(**{**high_model.__dict__, "patch_size": 4, "input_size": None}),
-                         data=DataConfig(image_size=16, channels=1), train=high.train)
+    other_patch = Config(
+        model=ModelConfig(**{**high_model.__dict__, "patch_size": 4, "input_size": None}),
+        data=DataConfig(image_size=16, channels=1),
+        train=high.train,
+    )
     with pytest.raises(ConfigError, match="patch size"):
         init_from_checkpoint(build_model(other_patch), source)
 
 
-@pytest.mark.parametrize("block_type,gmacs", [("adaLN-Zero", 118.6), ("adaLN", 118.6), ("cross-attn", 137.6),
-                                               ("in-context", 119.4)])
+@pytest.mark.parametrize(
+    "block_type,gmacs", [("adaLN-Zero", 118.6), ("adaLN", 118.6), ("cross-attn", 137.6), ("in-context", 119.4)]
+)
 def test_conditioning_variants_cost_what_the_paper_reports(block_type, gmacs):
     """DiT paper, Figure 5: XL/2 Gflops of the four conditioning strategies."""
-    cfg = ModelConfig(input_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
-                      block_type=block_type)
+    cfg = ModelConfig(
+        input_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16, block_type=block_type
+    )
     assert abs(count_macs(cfg) / 1e9 - gmacs) < 0.1
 
 
@@ -219,8 +257,12 @@ def test_count_macs_matches_hooks_for_token_conditioned_variants():
     """Brute force: hook every Linear/Conv2d, add the attention products, compare with count_macs."""
     from torch import nn
 
-    for block_type, mlp_type in (("cross-attn", "linear"), ("in-context", "linear"), ("in-context", "dwconv"),
-                                 ("adaLN-Zero", "dwconv")):
+    for block_type, mlp_type in (
+        ("cross-attn", "linear"),
+        ("in-context", "linear"),
+        ("in-context", "dwconv"),
+        ("adaLN-Zero", "dwconv"),
+    ):
         cfg = _config(block_type=block_type, num_classes=3, hidden_size=32, depth=2, mlp_type=mlp_type)
         model = DiT(cfg).eval()
         macs = []
@@ -291,8 +333,10 @@ def test_non_square_patches_land_where_they_came_from():
     x = torch.randn(1, 1, 8, 12)
     y = x.clone()
     y[..., 4:8, 8:12] += 1.0  # patch at row 1, column 2
-    diff = (model(y, torch.zeros(1), torch.zeros(1, dtype=torch.long))
-            - model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))).abs()
+    diff = (
+        model(y, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        - model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    ).abs()
     assert diff[..., 4:8, 8:12].sum() > 0
     diff[..., 4:8, 8:12] = 0
     assert diff.sum() == 0
@@ -302,8 +346,9 @@ def test_non_square_config_round_trip_and_conflicts(tmp_path):
     from ditkit.config import Config, DataConfig, config_from_dict, config_to_dict, save_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("model: {input_size: [16, 8], in_channels: 1, patch_size: 4, hidden_size: 32, depth: 1, "
-                    "num_heads: 2}\n")
+    path.write_text(
+        "model: {input_size: [16, 8], in_channels: 1, patch_size: 4, hidden_size: 32, depth: 1, num_heads: 2}\n"
+    )
     with pytest.raises(ConfigError, match="conflicts with data.image_size"):
         load_config(path)  # the data pipeline is square (data.image_size defaults to 28)
     model = _config(input_size=(16, 8), patch_size=4)
@@ -320,7 +365,9 @@ def test_learned_pos_embed_resizes_between_non_square_grids():
     from ditkit.models.dit import resize_pos_embed, sincos_pos_embed_2d
 
     fixed = sincos_pos_embed_2d(32, 4, 2)[None]
-    assert torch.equal(resize_pos_embed(fixed, (2, 4), learned=False, old_grid=(4, 2)), sincos_pos_embed_2d(32, 2, 4)[None])
+    assert torch.equal(
+        resize_pos_embed(fixed, (2, 4), learned=False, old_grid=(4, 2)), sincos_pos_embed_2d(32, 2, 4)[None]
+    )
     assert resize_pos_embed(fixed, (8, 4), learned=True, old_grid=(4, 2)).shape == (1, 32, 32)
     with pytest.raises(ValueError, match="not a square grid"):
         resize_pos_embed(fixed, 4, learned=True)

@@ -24,8 +24,15 @@ from ditkit.models.dit import (
 
 def small_model_config(**overrides) -> ModelConfig:
     fields = dict(
-        input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2,
-        num_classes=10, class_dropout_prob=0.1, learn_sigma=False,
+        input_size=8,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        class_dropout_prob=0.1,
+        learn_sigma=False,
     )
     fields.update(overrides)
     return ModelConfig(**fields)
@@ -58,7 +65,9 @@ def perturb_(module: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
 )
 def test_dit_output_shape_and_dtype(input_size, patch, channels, learn_sigma, out_channels):
     torch.manual_seed(0)
-    cfg = small_model_config(input_size=input_size, patch_size=patch, in_channels=channels, learn_sigma=learn_sigma, depth=1)
+    cfg = small_model_config(
+        input_size=input_size, patch_size=patch, in_channels=channels, learn_sigma=learn_sigma, depth=1
+    )
     model = DiT(cfg).eval()
     perturb_(model)
     x, t, y = model_inputs(cfg, n=2)
@@ -185,8 +194,10 @@ def sincos_closed_form(dim: int, h: int, w: int) -> torch.Tensor:
     for i in range(h):
         for j in range(w):
             rows.append(
-                [math.sin(j * o) for o in omega] + [math.cos(j * o) for o in omega]
-                + [math.sin(i * o) for o in omega] + [math.cos(i * o) for o in omega]
+                [math.sin(j * o) for o in omega]
+                + [math.cos(j * o) for o in omega]
+                + [math.sin(i * o) for o in omega]
+                + [math.cos(i * o) for o in omega]
             )
     return torch.tensor(rows, dtype=torch.float64)
 
@@ -316,13 +327,18 @@ def test_state_dict_keys_follow_official_dit_layout():
     cfg = small_model_config(depth=2)
     model = DiT(cfg)
     expected = {
-        "x_embedder.proj.weight", "x_embedder.proj.bias",
-        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
-        "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
         "y_embedder.embedding_table.weight",
         "pos_embed",
-        "final_layer.linear.weight", "final_layer.linear.bias",
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
     }
     for i in range(2):
         for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
@@ -331,7 +347,9 @@ def test_state_dict_keys_follow_official_dit_layout():
 
 
 def test_state_dict_shapes_follow_official_dit_layout():
-    cfg = small_model_config(input_size=8, patch_size=2, in_channels=4, hidden_size=32, learn_sigma=True, num_classes=10)
+    cfg = small_model_config(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, learn_sigma=True, num_classes=10
+    )
     sd = DiT(cfg).state_dict()
     assert sd["x_embedder.proj.weight"].shape == (32, 4, 2, 2)
     assert sd["t_embedder.mlp.0.weight"].shape == (32, 256)

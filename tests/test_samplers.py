@@ -78,8 +78,18 @@ def test_ddim_callback_sees_every_step_and_final_step_returns_denoised(process):
 
 def _tiny_denoiser(seed=0):
     torch.manual_seed(seed)
-    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                            num_classes=3, learn_sigma=True))
+    model = DiT(
+        ModelConfig(
+            input_size=8,
+            in_channels=4,
+            patch_size=2,
+            hidden_size=32,
+            depth=1,
+            num_heads=2,
+            num_classes=3,
+            learn_sigma=True,
+        )
+    )
     with torch.no_grad():  # adaLN-Zero starts at zero output: give every layer weights so outputs differ by class
         for p in model.parameters():
             if p.requires_grad:

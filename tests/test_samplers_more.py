@@ -5,14 +5,14 @@ from typing import get_args
 
 import pytest
 import torch
-from conftest import make_tiny_config
-from test_samplers import GaussianDenoiser
 
+from conftest import make_tiny_config
 from ditkit.config import ConfigError, DiffusionConfig, SamplerName, load_config
 from ditkit.diffusion import Denoiser, NoiseProcess, build_process
 from ditkit.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_heun
 from ditkit.sampling import generate
 from ditkit.train import build_model
+from test_samplers import GaussianDenoiser
 
 MU, S = 0.5, 0.3
 ODE_SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
@@ -316,9 +316,8 @@ def test_an_explicit_grid_equals_the_step_count_and_bad_grids_are_refused():
 
 
 def test_guidance_interval_guides_inside_and_is_conditional_outside():
-    from test_samplers import _tiny_denoiser
-
     from ditkit.samplers import ClassifierFreeGuidance
+    from test_samplers import _tiny_denoiser
 
     den = _tiny_denoiser()
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_config, make_tiny_dataset
 from safetensors.torch import load_file
 
 import ditkit.checkpoint as ckpt_mod
 import ditkit.train as train_mod
+from conftest import make_tiny_config, make_tiny_dataset
 from ditkit.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
@@ -63,8 +63,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny_config, tiny_dataset
         assert torch.equal(model(x, t, y), reference(x, t, y))
         assert not model.pos_embed.requires_grad
     # Model and EMA weights differ after training (the EMA lags).
-    assert not torch.equal(_weights(result.checkpoint, "model")["final_layer.linear.weight"],
-                           _weights(result.checkpoint, "ema")["final_layer.linear.weight"])
+    assert not torch.equal(
+        _weights(result.checkpoint, "model")["final_layer.linear.weight"],
+        _weights(result.checkpoint, "ema")["final_layer.linear.weight"],
+    )
     # The safetensors file describes itself.
     from safetensors import safe_open
 
@@ -77,8 +79,9 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path):
     straight = train(make_tiny_config(tmp_path / "a", steps=7, ckpt_every=100), progress=False, dataset=data)
     first = train(make_tiny_config(tmp_path / "b", steps=3, ckpt_every=100), progress=False, dataset=data)
     assert first.step == 3
-    resumed = train(make_tiny_config(tmp_path / "b", steps=7, ckpt_every=100), resume=tmp_path / "b",
-                    progress=False, dataset=data)
+    resumed = train(
+        make_tiny_config(tmp_path / "b", steps=7, ckpt_every=100), resume=tmp_path / "b", progress=False, dataset=data
+    )
     assert resumed.step == 7
     for which in ("model", "ema"):
         a, b = _weights(straight.checkpoint, which), _weights(resumed.checkpoint, which)
@@ -198,12 +201,14 @@ def test_training_on_an_image_folder_with_workers_and_flips(tmp_path):
         for i in range(6):
             size = (20 + 3 * i, 14 + 2 * i)
             Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
-                tmp_path / "images" / name / f"{i}.png")
+                tmp_path / "images" / name / f"{i}.png"
+            )
     config = Config(
         model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2, learn_sigma=True),
         data=DataConfig(dataset="folder", root=str(tmp_path / "images"), image_size=8, channels=3, hflip=True),
-        train=TrainConfig(out_dir=str(tmp_path / "run"), steps=3, batch_size=4, log_every=1, ckpt_every=3,
-                          num_workers=1, device="cpu"),
+        train=TrainConfig(
+            out_dir=str(tmp_path / "run"), steps=3, batch_size=4, log_every=1, ckpt_every=3, num_workers=1, device="cpu"
+        ),
     )
     result = train(config, progress=False)
     assert result.step == 3 and math.isfinite(result.final_loss)

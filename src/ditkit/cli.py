@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import sys
+from typing import get_args
 
 import torch
 
 from .checkpoint import CheckpointError
-from .config import MODEL_PRESETS, ConfigError, ModelConfig, load_config
+from .config import MODEL_PRESETS, ConfigError, ModelConfig, Spacing, load_config
 from .data import DataError
 from .samplers import SAMPLERS
 
@@ -45,8 +46,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError("this model is unconditional (model.num_classes=0): drop --classes")
         labels, nrow = args.per_class, min(args.per_class, 8)
     images = generate(
-        model, config, labels, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
-        sampler=args.sampler, spacing=args.spacing,
+        model,
+        config,
+        labels,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        eta=args.eta,
+        seed=args.seed,
+        sampler=args.sampler,
+        spacing=args.spacing,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
@@ -77,8 +85,13 @@ def _describe(model_cfg: ModelConfig) -> dict[str, object]:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.target in MODEL_PRESETS:
-        fields = dict(MODEL_PRESETS[args.target], input_size=args.input_size, in_channels=args.in_channels,
-                      num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma)
+        fields = dict(
+            MODEL_PRESETS[args.target],
+            input_size=args.input_size,
+            in_channels=args.in_channels,
+            num_classes=args.num_classes,
+            learn_sigma=not args.no_learn_sigma,
+        )
         model_cfg = ModelConfig(**fields)
         name = args.target
     else:
@@ -148,7 +161,10 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
         from diffusers import DiTTransformer2DModel
     except ImportError as err:
         raise ValueError("converting from diffusers needs diffusers: pip install 'ditkit[diffusers]'") from err
-    model = from_diffusers(DiTTransformer2DModel.from_pretrained(source))
+    try:
+        model = from_diffusers(DiTTransformer2DModel.from_pretrained(source))
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise ValueError(f"--diffusers {source}: could not read a DiTTransformer2DModel ({err})") from err
     m = model.config
     if m.in_channels not in (1, 3):
         raise ValueError(
@@ -157,7 +173,11 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
         )
     config = Config(model=m, data=DataConfig(image_size=m.input_hw[0], channels=m.in_channels))
     save_checkpoint(out, config=config, model=model, ema=model)
-    print(f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights)")
+    print(
+        f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights). Note: ditkit "
+        "uses the paper's timestep features; diffusers' DiT uses downscale_freq_shift=1, so outputs differ "
+        "slightly from the diffusers model's unless it ran with the shift set to 0"
+    )
     return 0
 
 
@@ -176,17 +196,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--classes", type=int, nargs="*", help="class labels, one grid row each (default: 0..9)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class; for an unconditional model, the number of samples (default 8)")
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=8,
+        help="samples per class; for an unconditional model, the number of samples (default 8)",
+    )
     p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's sample.cfg_scale)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)")
+    p.add_argument(
+        "--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)"
+    )
     p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guide only for LO <= t <= HI (default: the checkpoint's sample.guidance_interval)")
-    p.add_argument("--spacing", choices=["linear", "logsnr"], help="time grid (default: the checkpoint's sample.spacing)")
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="guide only for LO <= t <= HI (default: the checkpoint's sample.guidance_interval)",
+    )
+    p.add_argument(
+        "--spacing", choices=list(get_args(Spacing)), help="time grid (default: the checkpoint's sample.spacing)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
-                   help="clamp x0 estimates to [-1, 1] while sampling (default: the checkpoint's sample.clip_denoised)")
+    p.add_argument(
+        "--clip-denoised",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clamp x0 estimates to [-1, 1] while sampling (default: the checkpoint's sample.clip_denoised)",
+    )
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the written grid")

@@ -107,13 +107,9 @@ class ModelConfig:
         if self.num_classes < 0:
             raise ConfigError(f"model.num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         if self.input_size is not None and any(side % self.patch_size for side in self.input_hw):
-            raise ConfigError(
-                f"model.patch_size={self.patch_size} must divide model.input_size={self.input_size}"
-            )
+            raise ConfigError(f"model.patch_size={self.patch_size} must divide model.input_size={self.input_size}")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}"
-            )
+            raise ConfigError(f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}")
         if (self.hidden_size // self.num_heads) % 2:
             raise ConfigError("model.hidden_size / model.num_heads must be even")
         if self.hidden_size % 4:
@@ -173,9 +169,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     for size, (d, w, h) in _DIT_SIZES.items()
     for patch in (2, 4, 8)
 }
+"""Name -> ModelConfig fields of the paper's models (256 px latents, 1000 classes by default)."""
 # Beyond the paper: 30 blocks of width 2048 with 16 heads and a 4x (8192) MLP.
 MODEL_PRESETS["DiT-2B/2"] = {"depth": 30, "hidden_size": 2048, "num_heads": 16, "patch_size": 2}
-"""Name -> ModelConfig fields of the paper's models (256 px latents, 1000 classes by default)."""
 
 
 @dataclass
@@ -342,12 +338,15 @@ class Config:
 
     def __post_init__(self) -> None:
         # The model's input shape follows from the data; a second, conflicting setting is an error.
-        for model_key, data_key in (("in_channels", "channels"), ("input_size", "image_size")):
-            wanted = getattr(self.data, data_key)
+        side = self.data.image_size
+        for model_key, data_key, wanted, matches in (
+            ("in_channels", "channels", self.data.channels, lambda: self.model.in_channels == self.data.channels),
+            ("input_size", "image_size", side, lambda: self.model.input_hw == (side, side)),
+        ):
             have = getattr(self.model, model_key)
             if have is None:
                 setattr(self.model, model_key, wanted)
-            elif (self.model.input_hw != (wanted, wanted)) if model_key == "input_size" else have != wanted:
+            elif not matches():
                 raise ConfigError(
                     f"model.{model_key}={have} conflicts with data.{data_key}={wanted} "
                     f"(pixel-space model: leave model.{model_key} unset to follow the data)"

@@ -32,7 +32,12 @@ __all__ = ["demo_config", "run_demo"]
 def demo_config(out_dir: str | Path, smoke: bool = False) -> Config:
     """The demo's job config; `smoke` shrinks it to seconds for tests."""
     model = ModelConfig(
-        patch_size=4, hidden_size=256, depth=6, num_heads=4, num_classes=10, class_dropout_prob=0.1,
+        patch_size=4,
+        hidden_size=256,
+        depth=6,
+        num_heads=4,
+        num_classes=10,
+        class_dropout_prob=0.1,
         learn_sigma=False,
     )
     # Measured on 2 CPU cores (docs/demo.md): v-prediction with batch 64 at lr 1e-3 reaches >= 95%
@@ -40,9 +45,19 @@ def demo_config(out_dir: str | Path, smoke: bool = False) -> Config:
     # below 25% after 10 minutes. Batch 64 gives twice the optimizer steps for the same images.
     diffusion = DiffusionConfig(prediction="v")
     train_cfg = TrainConfig(
-        out_dir=str(Path(out_dir) / "run"), steps=2000, max_minutes=10.0, batch_size=64, lr=1e-3,
-        warmup_steps=100, ema_decay=0.999, grad_clip=1.0, precision="bf16", log_every=25, ckpt_every=250,
-        keep_last=2, device="cpu",
+        out_dir=str(Path(out_dir) / "run"),
+        steps=2000,
+        max_minutes=10.0,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=100,
+        ema_decay=0.999,
+        grad_clip=1.0,
+        precision="bf16",
+        log_every=25,
+        ckpt_every=250,
+        keep_last=2,
+        device="cpu",
     )
     sample = SampleConfig(steps=25, eta=0.0, cfg_scale=4.0, seed=0)
     if smoke:
@@ -87,7 +102,9 @@ def run_demo(
     model, saved = load_model(result.checkpoint, "ema")
     labels = torch.arange(10).repeat_interleave(samples_per_class)
     t0 = time.perf_counter()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if saved.train.precision == "bf16" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if saved.train.precision == "bf16" else contextlib.nullcontext()
+    )
     with autocast:
         images = generate(model, saved, labels, progress=progress, batch_size=500)
     sample_seconds = time.perf_counter() - t0

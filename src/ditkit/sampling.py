@@ -35,8 +35,9 @@ def generate(
     """Sample one image per label; returns (N, C, H, W) in [-1, 1] on the model's device.
 
     For an unconditional model pass the number of images as `labels`. Unset arguments take
-    `config.sample`'s values (guidance defaults to off for unconditional models). The initial noise of the whole request is drawn
-    from one generator seeded with `seed`, so a request is reproducible whatever `batch_size` is.
+    `config.sample`'s values (guidance defaults to off for unconditional models). The initial noise
+    of the whole request is drawn from one generator seeded with `seed`, so a request is reproducible
+    whatever `batch_size` is.
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
@@ -80,8 +81,14 @@ def generate(
     for start in range(0, len(labels), batch_size):
         x = noise[start : start + batch_size]
         x = sampler_fn(
-            denoiser, x, grid, cond=labels[start : start + batch_size],
-            generator=generator, callback=callback, progress=progress, **options,
+            denoiser,
+            x,
+            grid,
+            cond=labels[start : start + batch_size] if conditional else None,
+            generator=generator,
+            callback=callback,
+            progress=progress,
+            **options,
         )
         out.append(x.clamp(-1, 1))
     return torch.cat(out) if out else noise

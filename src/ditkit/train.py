@@ -135,8 +135,9 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def _make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int) -> Iterator:
     collate = (lambda batch: batch) if hasattr(dataset, "__getitems__") else default_collate
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                        persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0
+    )
     return iter(loader)
 
 
@@ -167,7 +168,8 @@ def train(
             raise ConfigError(f"cannot resume from {resume_path}: its model config differs from this run's")
     elif ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
         raise ConfigError(
-            f"{ckpt_dir} already holds checkpoints; pass --resume {out_dir} to continue, or choose another train.out_dir"
+            f"{ckpt_dir} already holds checkpoints; pass --resume {out_dir} to continue, "
+            "or choose another train.out_dir"
         )
 
     dataset = dataset if dataset is not None else build_dataset(config.data, "train")
@@ -234,7 +236,9 @@ def train(
             if config.data.hflip:
                 x0 = random_hflip(x0, generator)
             with _autocast(device, tc.precision):
-                loss = diffusion_loss(model, process, x0, y, generator=generator, prediction=config.diffusion.prediction)
+                loss = diffusion_loss(
+                    model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -304,9 +308,13 @@ def init_from_checkpoint(model: DiT, path: str | Path) -> None:
     state = load_weights(path, "ema")
     mine = model.config
     if source.patch_size != mine.patch_size:
-        raise ConfigError(f"train.init_from={path}: patch size {source.patch_size} differs from model.patch_size={mine.patch_size}")
-    learned = mine.pos_embed == "learned"
-    state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.grid_hw, learned, old_grid=source.grid_hw)
+        raise ConfigError(
+            f"train.init_from={path}: patch size {source.patch_size} differs from model.patch_size={mine.patch_size}"
+        )
+    if mine.pos_embed == "learned":
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.grid_hw, True, old_grid=source.grid_hw)
+    else:  # fixed sin-cos: this model's own table, whatever the source used
+        state["pos_embed"] = model.pos_embed.detach().clone()
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -324,5 +332,3 @@ def load_model(path: str | Path, which: str = "ema", device: str | torch.device 
     except RuntimeError as err:  # missing/unexpected keys or wrong shapes
         raise CheckpointError(f"{path / (which + '.safetensors')} does not match its config.json: {err}") from err
     return model.to(device).eval(), config
-
-

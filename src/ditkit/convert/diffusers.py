@@ -44,13 +44,20 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
     """`DiTTransformer2DModel` keyword arguments for a ditkit model config."""
     config.require_resolved()
     if config.input_hw[0] != config.input_hw[1]:
-        raise ValueError(f"diffusers' DiTTransformer2DModel takes square inputs only; this model's is {config.input_size}")
+        raise ValueError(
+            f"diffusers' DiTTransformer2DModel takes square inputs only; this model's is {config.input_size}"
+        )
     if not config.conditional:
         raise ValueError("diffusers' DiTTransformer2DModel is class-conditional only; this model is unconditional")
     if config.class_dropout_prob == 0:
         raise ValueError("diffusers' DiT always has a null class: convert a model trained with class dropout")
-    paper = {"block_type": "adaLN-Zero", "pos_embed": "sincos", "mlp_act": "gelu_tanh", "mlp_type": "linear",
-             "qk_norm": False}
+    paper = {
+        "block_type": "adaLN-Zero",
+        "pos_embed": "sincos",
+        "mlp_act": "gelu_tanh",
+        "mlp_type": "linear",
+        "qk_norm": False,
+    }
     other = {k: getattr(config, k) for k, v in paper.items() if getattr(config, k) != v}
     if other:
         raise ValueError(f"diffusers' DiTTransformer2DModel has no equivalent of model options {other}")
@@ -125,7 +132,9 @@ def to_diffusers(model: DiT, *, match_timestep_features: bool = True) -> Any:
     from diffusers import DiTTransformer2DModel
 
     out = DiTTransformer2DModel(**diffusers_config(model.config))
-    missing, unexpected = out.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config.depth), strict=False)
+    missing, unexpected = out.load_state_dict(
+        to_diffusers_state_dict(model.state_dict(), model.config.depth), strict=False
+    )
     missing = [k for k in missing if not k.endswith("pos_embed.pos_embed")]
     if missing or unexpected:
         raise ValueError(f"diffusers layout mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -144,9 +153,15 @@ def from_diffusers(diffusers_model: Any, num_classes: int | None = None) -> DiT:
     if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
         raise ValueError(f"out_channels={out_channels} is neither in_channels nor twice it")
     config = ModelConfig(
-        input_size=cfg.sample_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size, hidden_size=hidden,
-        depth=cfg.num_layers, num_heads=cfg.num_attention_heads, num_classes=num_classes or cfg.num_embeds_ada_norm,
-        class_dropout_prob=0.1, learn_sigma=out_channels == 2 * cfg.in_channels,
+        input_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        patch_size=cfg.patch_size,
+        hidden_size=hidden,
+        depth=cfg.num_layers,
+        num_heads=cfg.num_attention_heads,
+        num_classes=num_classes or cfg.num_embeds_ada_norm,
+        class_dropout_prob=0.1,
+        learn_sigma=out_channels == 2 * cfg.in_channels,
     )
     model = DiT(config)
     state = from_diffusers_state_dict(diffusers_model.state_dict(), config.depth)

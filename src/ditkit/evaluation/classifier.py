@@ -57,7 +57,9 @@ def train_classifier(
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitClassifier(ClassifierConfig(in_channels=train_set.images.shape[1], num_classes=train_set.num_classes))
+        model = DigitClassifier(
+            ClassifierConfig(in_channels=train_set.images.shape[1], num_classes=train_set.num_classes)
+        )
     images, labels = train_set.__getitems__(list(range(len(train_set))))
     steps_per_epoch = len(images) // batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

@@ -31,8 +31,12 @@ class ClassifierConfig:
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -44,9 +48,13 @@ class DigitClassifier(nn.Module):
         self.config = config or ClassifierConfig()
         w = self.config.width
         self.body = nn.Sequential(
-            _stage(self.config.in_channels, w), nn.MaxPool2d(2),
-            _stage(w, 2 * w), nn.MaxPool2d(2),
-            _stage(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            _stage(self.config.in_channels, w),
+            nn.MaxPool2d(2),
+            _stage(w, 2 * w),
+            nn.MaxPool2d(2),
+            _stage(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(4 * w, self.config.num_classes)

@@ -31,7 +31,15 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     timestep_embedding,
 )
 
-__all__ = ["DiT", "DiTBlock", "TokenConditionedBlock", "sincos_pos_embed_2d", "timestep_embedding", "count_macs", "resize_pos_embed"]
+__all__ = [
+    "DiT",
+    "DiTBlock",
+    "TokenConditionedBlock",
+    "sincos_pos_embed_2d",
+    "timestep_embedding",
+    "count_macs",
+    "resize_pos_embed",
+]
 
 
 def _mlp_grid(config: ModelConfig) -> tuple[int, int] | None:
@@ -123,7 +131,9 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(p, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         # An unconditional model has no label embedding at all (not a one-class table).
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob) if config.conditional else None
+        self.y_embedder = (
+            LabelEmbedder(config.num_classes, d, config.class_dropout_prob) if config.conditional else None
+        )
         # Fixed sin-cos is kept as a frozen parameter so it sits in the state dict as in official checkpoints.
         learned = config.pos_embed == "learned"
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=learned)
@@ -179,7 +189,12 @@ class DiT(nn.Module):
         return x.reshape(n, c, rows * p, cols * p)  # (N, C, H, W)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Predict from noisy input x (N, C, H, W), timesteps t (N,) and labels y (N,) (null class allowed).
 
@@ -187,7 +202,9 @@ class DiT(nn.Module):
         """
         h, w = self.config.input_hw
         if x.shape[1:] != (self.config.in_channels, h, w):
-            raise ValueError(f"DiT expects input of shape (N, {self.config.in_channels}, {h}, {w}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"DiT expects input of shape (N, {self.config.in_channels}, {h}, {w}), got {tuple(x.shape)}"
+            )
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         cond = [self.t_embedder(t)]  # [(N, D)]
         if self.y_embedder is not None:

@@ -117,8 +117,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
 
     'sdpa' calls `F.scaled_dot_product_attention`; 'math' spells out the two matmuls. 'auto' takes SDPA
     except for reduced-precision tensors on CPU, where PyTorch's fused CPU kernel is slower in training:
-    measured on a 2-core AMX CPU (bf16 autocast, forward+backward, 49 tokens) 57 ms vs 10 ms, and at
-    196 tokens 212 ms vs 118 ms. In fp32 the fused kernel wins (22 vs 24 ms, 162 vs 342 ms).
+    `benchmarks/cpu_training.py` measures the demo model at 267 img/s with the matmul form against
+    182 img/s fused (bf16, 2-core AMX CPU). In fp32 the fused kernel is the faster one.
     """
     if impl == "math" or (impl == "auto" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)

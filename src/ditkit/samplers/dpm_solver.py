@@ -43,7 +43,7 @@ def sample_dpmpp_2m(
     steps = len(grid) - 1
     alphas = process.alpha(grid).to("cpu", torch.float64)
     sigmas = process.sigma(grid).to("cpu", torch.float64)
-    lambdas = torch.log(alphas) - torch.log(sigmas)  # +inf at the data end
+    lambdas = process.log_snr(grid).cpu()  # +inf at the data end
     # Scalars live on the CPU in float64 (one transfer, no per-step device sync); x stays in its dtype.
     n = x.shape[0]
     denoised_prev: torch.Tensor | None = None

@@ -32,9 +32,9 @@ class ClassifierFreeGuidance(Denoiser):
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
         if interval is not None and not interval[0] <= interval[1]:
             raise ValueError(f"guidance interval must satisfy lo <= hi, got {interval}")
-        self.interval = interval
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be >= 1 or None, got {channels}")
+        self.interval = interval
         self.denoiser = denoiser
         self.process = denoiser.process
         self.scale = scale
