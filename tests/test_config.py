@@ -271,9 +271,9 @@ def test_default_config_round_trips_through_file(tmp_path):
 def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
     d = {
         "model": {
-            "input_size": 16,
-            "in_channels": 3,
-            "patch_size": 4,
+            "input_size": 4,
+            "in_channels": 4,
+            "patch_size": 2,
             "hidden_size": 64,
             "depth": 2,
             "num_heads": 2,
@@ -304,6 +304,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "holdout": 10,
             "split_seed": 4,
             "skip_bad_files": True,
+            "cache": "cache/x",
         },
         "train": {
             "out_dir": "runs/a",
@@ -334,6 +335,16 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "guidance_interval": [0.0, 600.0],
             "spacing": "logsnr",
             "clip_denoised": False,
+        },
+        "autoencoder": {
+            "kind": "kl",
+            "path": "vae/folder",
+            "subfolder": "vae",
+            "scale": [0.5, 0.25, 1.0, 2.0],
+            "shift": 0.1,
+            "stats": "data",
+            "latent_channels": 4,
+            "downsample": 4,
         },
     }
     assert config_to_dict(config_from_dict(d)) == d

@@ -260,12 +260,21 @@ def test_missing_root_raises_naming_it(tmp_path):
     assert str(root) in str(err.value)
 
 
-def test_root_without_class_folders_raises_naming_it(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+def test_flat_folder_is_an_unconditional_dataset(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "loose.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "other.png")
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert ds.num_classes == 0 and len(ds) == 2
+    image, label = ds[0]
+    assert label == 0 and image.shape == (3, 8, 8)
+    assert image[0].eq(1).all() and image[2].eq(-1).all()  # loose.png (sorted first) is red
+
+
+def test_empty_folder_raises_naming_it(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError) as err:
         ImageFolderDataset(tmp_path, image_size=8)
     assert str(tmp_path) in str(err.value)
-    assert "class" in str(err.value)
 
 
 def test_class_folders_without_images_raise_naming_root(tmp_path):

@@ -35,6 +35,8 @@ VARIANTS = [
     {"mlp_act": "gelu"},
     {"qk_norm": True},
     {"block_type": "adaLN", "pos_embed": "learned", "mlp_act": "gelu", "qk_norm": True},
+    {"unpatchify": "deconv"},
+    {"block_type": "in-context", "unpatchify": "deconv"},
 ]
 
 
@@ -371,3 +373,27 @@ def test_learned_pos_embed_resizes_between_non_square_grids():
     assert resize_pos_embed(fixed, (8, 4), learned=True, old_grid=(4, 2)).shape == (1, 32, 32)
     with pytest.raises(ValueError, match="not a square grid"):
         resize_pos_embed(fixed, 4, learned=True)
+
+
+def test_deconv_head_is_the_linear_head_with_shared_biases():
+    """ConvTranspose2d(kernel = stride = p) == per-token linear + unpatchify when biases repeat per pixel."""
+    torch.manual_seed(0)
+    cfg = _config(input_size=[8, 12], in_channels=3, learn_sigma=True)
+    linear, deconv = DiT(cfg).eval(), DiT(ModelConfig(**{**cfg.__dict__, "unpatchify": "deconv"})).eval()
+    with torch.no_grad():
+        for p in linear.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        c_out, p_size, d = cfg.out_channels, cfg.patch_size, cfg.hidden_size
+        bias = torch.randn(c_out)
+        linear.final_layer.linear.bias.copy_(bias.repeat(p_size * p_size))  # output index order (p, q, c)
+        state = {k: v for k, v in linear.state_dict().items() if not k.startswith("final_layer.linear")}
+        w = linear.final_layer.linear.weight.reshape(p_size, p_size, c_out, d)  # (p, q, C, D)
+        state["final_layer.deconv.weight"] = w.permute(3, 2, 0, 1)  # (D, C, p, q)
+        state["final_layer.deconv.bias"] = bias
+        deconv.load_state_dict(state)
+    x, t, y = torch.randn(2, 3, 8, 12), torch.tensor([5.0, 700.0]), torch.tensor([0, 1])
+    torch.testing.assert_close(deconv(x, t, y), linear(x, t, y), atol=1e-5, rtol=1e-5)
+    assert count_macs(deconv.config) == count_macs(cfg)
+    n_linear = sum(p.numel() for p in linear.final_layer.parameters())
+    n_deconv = sum(p.numel() for p in deconv.final_layer.parameters())
+    assert n_linear - n_deconv == (p_size * p_size - 1) * c_out  # only the biases are shared

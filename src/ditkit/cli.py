@@ -1,12 +1,13 @@
-"""The `ditkit` command: train, sample, info, convert, demo."""
+"""The `ditkit` command: train, cache, sample, info, convert, demo."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import os
 import sys
+from pathlib import Path
 from typing import get_args
 
 import torch
@@ -28,6 +29,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .data.cache import build_cache
+    from .train import resolve_device
+
+    config = load_config(args.config, args.overrides)
+    report = build_cache(
+        config,
+        args.out,
+        dtype=args.dtype,
+        shard_items=args.shard_items,
+        shard_mb=args.shard_mb,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+    m = report.manifest
+    print(
+        f"cache {report.path}: {report.num_items} images in {report.num_shards} shards "
+        f"({report.shards_written} written now), latents {'x'.join(map(str, report.latent_shape))}, "
+        f"{report.bytes_per_image / 1024:.1f} KiB per image ({args.dtype}, both flips, mean + logvar)"
+    )
+    print("storage error vs fp32: " + json.dumps(m["storage_error"]))
+    print(f"latent mean per channel: {[round(v, 4) for v in m['latent_mean']]}")
+    print(f"latent std per channel:  {[round(v, 4) for v in m['latent_std']]}")
+    print(f"train from it with: data.cache={report.path}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import generate
     from .train import load_model, resolve_device
@@ -37,6 +66,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, args.weights, device)
+    if args.vae is not None:
+        if config.autoencoder.kind == "pixel":
+            raise ValueError("--vae: this checkpoint is a pixel-space model; it has no autoencoder")
+        config = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, path=args.vae))
     if config.model.conditional:
         classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))
         labels: torch.Tensor | int = torch.tensor(classes).repeat_interleave(args.per_class)
@@ -117,14 +150,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    out = Path(args.out)
+    if args.format == "official":  # ditkit convert official FILE.pt OUT_DIR
+        if len(args.paths) + (args.out is not None) != 2 or (args.out is not None and len(args.paths) != 1):
+            raise ValueError("usage: ditkit convert official FILE.pt OUT_DIR")
+        source, out = args.paths[0], Path(args.out or args.paths[1])
+    elif args.paths or args.out is None:
+        flag = "--checkpoint" if args.format == "to-diffusers" else "--diffusers"
+        raise ValueError(f"usage: ditkit convert {args.format} {flag} SRC --out DIR")
+    else:
+        out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder (nothing was written)")
+    if args.format == "official":
+        return _from_official(source, out, args)
     if args.format == "to-diffusers":
         return _to_diffusers(args, out)
     return _from_diffusers(args, out)
+
+
+def _from_official(source: str, out, args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .convert.official import DEFAULT_VAE, from_official
+
+    model, config = from_official(source, num_heads=args.num_heads, vae=args.vae or DEFAULT_VAE)
+    save_checkpoint(out, config=config, model=model, ema=model)
+    m = config.model
+    print(
+        f"wrote a ditkit checkpoint to {out}: {m.depth} blocks, width {m.hidden_size}, patch {m.patch_size}, "
+        f"{m.input_hw[0]}x{m.input_hw[1]}x{m.in_channels} latents ({config.data.image_size} px), "
+        f"{m.num_classes} classes, learned sigma {m.learn_sigma}; autoencoder {config.autoencoder.path}"
+    )
+    return 0
 
 
 def _to_diffusers(args: argparse.Namespace, out) -> int:
@@ -151,7 +207,7 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
     from pathlib import Path
 
     from .checkpoint import save_checkpoint
-    from .config import Config, DataConfig
+    from .config import AutoencoderConfig, Config, DataConfig
     from .convert.diffusers import from_diffusers
 
     source = Path(args.diffusers or "")
@@ -166,12 +222,23 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise ValueError(f"--diffusers {source}: could not read a DiTTransformer2DModel ({err})") from err
     m = model.config
-    if m.in_channels not in (1, 3):
-        raise ValueError(
-            f"{source}: a {m.in_channels}-channel (latent) model needs an autoencoder config, which ditkit "
-            "checkpoints cannot describe yet; pixel models (1 or 3 channels) convert"
-        )
-    config = Config(model=m, data=DataConfig(image_size=m.input_hw[0], channels=m.in_channels))
+    vae = args.vae
+    if vae is None and (source.parent / "vae" / "config.json").is_file():  # a whole DiTPipeline folder
+        vae = str(source.parent / "vae")
+    if vae is None:
+        if m.in_channels not in (1, 3):
+            raise ValueError(
+                f"{source}: a {m.in_channels}-channel model works in an autoencoder's latent space: pass "
+                "--vae FOLDER_OR_HUB_ID (e.g. stabilityai/sd-vae-ft-ema)"
+            )
+        config = Config(model=m, data=DataConfig(image_size=m.input_hw[0], channels=m.in_channels))
+    else:
+        from .autoencoders import autoencoder_shape, resolve_autoencoder
+
+        ae = AutoencoderConfig(kind="kl", path=vae)
+        image_channels, _, factor = autoencoder_shape(ae)  # the image side follows from the downsampling
+        data = DataConfig(image_size=m.input_hw[0] * factor, channels=image_channels)
+        config = resolve_autoencoder(Config(model=m, data=data, autoencoder=ae))
     save_checkpoint(out, config=config, model=model, ema=model)
     print(
         f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights). Note: ditkit "
@@ -192,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=500")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("cache", help="encode a dataset once into a sharded, resumable latent cache")
+    p.add_argument("--config", help="YAML or JSON config: its data.* and autoencoder.* sections are used")
+    p.add_argument("--out", required=True, help="cache folder (re-run the same command to resume it)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "uint8"], default="fp32", help="storage precision")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB (default 256)")
+    p.add_argument("--shard-items", type=int, help="images per shard (overrides --shard-mb)")
+    p.add_argument("--batch-size", type=int, default=32, help="encoder batch size")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
@@ -226,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="clamp x0 estimates to [-1, 1] while sampling (default: the checkpoint's sample.clip_denoised)",
     )
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
+    p.add_argument(
+        "--vae", help="latent models: where the checkpoint's autoencoder is now (folder or hub id; default: as saved)"
+    )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the written grid")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
@@ -241,12 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("convert", help="move weights between ditkit and diffusers")
-    p.add_argument("format", choices=["to-diffusers", "from-diffusers"], help="direction")
+    p = sub.add_parser("convert", help="move weights between ditkit, diffusers and the official DiT release")
+    p.add_argument("format", choices=["to-diffusers", "from-diffusers", "official"], help="direction")
+    p.add_argument("paths", nargs="*", help="official: FILE.pt OUT_DIR")
+    p.add_argument("--num-heads", type=int, help="official: heads, if the file is not a paper preset")
+    p.add_argument(
+        "--vae",
+        help="latent models: the autoencoder folder or hub id to record (official default: stabilityai/sd-vae-ft-ema)",
+    )
     p.add_argument("--checkpoint", help="to-diffusers: checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--diffusers", help="from-diffusers: a DiTTransformer2DModel folder (config.json + weights)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to export")
-    p.add_argument("--out", required=True, help="new folder to write (refused if it exists and is not empty)")
+    p.add_argument("--out", help="new folder to write (refused if it exists and is not empty)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="train a DiT on the bundled digits and judge its samples")
@@ -261,7 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ditkit` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, DataError, ValueError) as err:

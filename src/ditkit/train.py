@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
+from .autoencoders import build_autoencoder, resolve_autoencoder
 from .checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -34,7 +36,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_to_dict, save_config
-from .data import build_dataset, random_hflip
+from .data import build_dataset
+from .data.cache import CacheDataset, CacheError
+from .data.sources import make_batch_source, measure_latent_stats
 from .diffusion import build_process, diffusion_loss
 from .models import DiT
 from .models.dit import resize_pos_embed
@@ -153,12 +157,23 @@ def train(
     Writes into `config.train.out_dir`: config.json, metrics.jsonl (one JSON object per logged step)
     and checkpoints/step_*/ (the newest `keep_last` kept).
     """
+    config = resolve_autoencoder(config)  # the model's input shape follows from the autoencoder
     tc = config.train
     out_dir = Path(tc.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     device = resolve_device(tc.device)
     if tc.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+    if dataset is None:
+        dataset = _training_dataset(config)
+    autoencoder = build_autoencoder(config, device=device)
+    if config.autoencoder.stats == "data" and config.autoencoder.scale is None and config.autoencoder.shift is None:
+        mean, std = measure_latent_stats(autoencoder, dataset, device=device)
+        measured = dataclasses.replace(config.autoencoder, shift=mean, scale=[1.0 / s for s in std])
+        config = dataclasses.replace(config, autoencoder=measured, model=dataclasses.replace(config.model))
+        autoencoder.set_normalization(measured)
+        log.info("latent statistics measured from the data: shift=%s scale=%s", measured.shift, measured.scale)
+    source = make_batch_source(config, autoencoder)
 
     resume_path = None
     if resume is not None:
@@ -172,10 +187,11 @@ def train(
             "or choose another train.out_dir"
         )
 
-    dataset = dataset if dataset is not None else build_dataset(config.data, "train")
     num_classes = getattr(dataset, "num_classes", None)
     if config.model.conditional and num_classes is not None and num_classes > config.model.num_classes:
         raise ConfigError(f"the dataset has {num_classes} classes but model.num_classes={config.model.num_classes}")
+    if config.model.conditional and num_classes == 0:
+        raise ConfigError("the dataset has no class labels (a flat folder?): set model.num_classes=0 (unconditional)")
 
     process = build_process(config.diffusion)
     model = build_model(config, seed=tc.seed)
@@ -231,10 +247,7 @@ def train(
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
-            x0, y = next(batches)
-            x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if config.data.hflip:
-                x0 = random_hflip(x0, generator)
+            x0, y = source(next(batches), generator, device)
             with _autocast(device, tc.precision):
                 loss = diffusion_loss(
                     model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
@@ -298,6 +311,26 @@ def train(
     return TrainResult(out_dir, last_path, step, last_loss, train_seconds)
 
 
+def _training_dataset(config: Config) -> Dataset:
+    """Images as data.* describes, or the latent cache data.cache names (checked against this config)."""
+    if not config.data.cache:
+        return build_dataset(config.data, "train")
+    cache = CacheDataset(config.data.cache)
+    built = cache.manifest["autoencoder"]
+    for key, value in built.items():
+        if config_to_dict(config.autoencoder)[key] != value:
+            raise CacheError(
+                f"data.cache={config.data.cache} was encoded with autoencoder.{key}={value!r}, "
+                f"but this run has {getattr(config.autoencoder, key)!r}"
+            )
+    if cache.manifest["data"]["image_size"] != config.data.image_size:
+        raise CacheError(
+            f"data.cache={config.data.cache} holds {cache.manifest['data']['image_size']} px images, "
+            f"but data.image_size={config.data.image_size}"
+        )
+    return cache
+
+
 def init_from_checkpoint(model: DiT, path: str | Path) -> None:
     """Copy a checkpoint's EMA weights into `model`, resizing the positional embedding to its grid.
 
@@ -322,7 +355,12 @@ def init_from_checkpoint(model: DiT, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[DiT, Config]:
-    """A DiT and its Config from a checkpoint (or run) folder, in eval mode."""
+    """A DiT and its Config from a checkpoint (or run) folder, or an official DiT .pt file, in eval mode."""
+    if Path(path).suffix in (".pt", ".pth") and Path(path).is_file():
+        from .convert.official import from_official
+
+        model, config = from_official(path)
+        return model.to(device), config
     path = resolve_checkpoint(path)
     config = load_config_from_checkpoint(path)
     with torch.device("meta"):

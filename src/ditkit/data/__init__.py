@@ -1,4 +1,4 @@
-"""Datasets yielding (image in [-1, 1], label), and batch-level augmentation."""
+"""Datasets yielding (image in [-1, 1], label), the latent cache, and loader batch -> model input."""
 
 from .datasets import (
     DataError,
@@ -6,16 +6,20 @@ from .datasets import (
     TensorImageDataset,
     build_dataset,
     center_crop_resize,
+    image_to_tensor,
     load_mnist,
     random_hflip,
 )
+from .tar import TarShardDataset
 
 __all__ = [
     "DataError",
     "ImageFolderDataset",
+    "TarShardDataset",
     "TensorImageDataset",
     "build_dataset",
     "center_crop_resize",
+    "image_to_tensor",
     "load_mnist",
     "random_hflip",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "build_dataset",
     "random_hflip",
     "center_crop_resize",
+    "image_to_tensor",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -121,9 +122,10 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _open_image(path: Path, mode: str) -> Image.Image:
+def _open_image(path: Path | str, mode: str, source: object = None) -> Image.Image:
+    """Decode an image file (or file object `source`, named `path` in errors) into `mode`."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path if source is None else source) as img:
             img.load()
             return img.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
@@ -132,6 +134,9 @@ def _open_image(path: Path, mode: str) -> Image.Image:
 
 class ImageFolderDataset(Dataset):
     """root/<class name>/<image files>; classes are the sorted sub-folder names.
+
+    A flat folder (images directly in root, no sub-folders) is an unconditional dataset: no classes,
+    every label 0.
 
     A file with an image extension that cannot be decoded raises DataError naming it, unless
     `skip_bad_files` is set: then every file is checked up front and bad ones are skipped and counted
@@ -143,13 +148,12 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder")
         self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not self.class_names:
-            raise DataError(f"image folder {self.root} has no class sub-folders (expected root/<class>/<image>)")
         self.image_size = image_size
         self.mode = "L" if channels == 1 else "RGB"
         samples = []
-        for label, name in enumerate(self.class_names):
-            for path in sorted((self.root / name).rglob("*")):
+        folders = [(label, self.root / name) for label, name in enumerate(self.class_names)]
+        for label, folder in folders or [(0, self.root)]:
+            for path in sorted(folder.rglob("*")):
                 if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
                     samples.append((path, label))
         if not samples:
@@ -190,17 +194,25 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = center_crop_resize(_open_image(path, self.mode), self.image_size)
-        array = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, -1)
-        return _to_unit_range(torch.from_numpy(array.copy()).permute(2, 0, 1)), label  # (C, H, W)
+        return image_to_tensor(_open_image(path, self.mode), self.image_size), label
 
 
-def build_dataset(config: DataConfig, split: str = "train") -> TensorImageDataset | ImageFolderDataset:
-    """The dataset a data config describes (`split` applies to the bundled digits)."""
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image (already in the wanted mode) -> ADM-style center crop -> (C, size, size) in [-1, 1]."""
+    array = np.asarray(center_crop_resize(image, size), dtype=np.uint8).reshape(size, size, -1)
+    return _to_unit_range(torch.from_numpy(array.copy()).permute(2, 0, 1))  # (H, W, C) -> (C, H, W)
+
+
+def build_dataset(config: DataConfig, split: str = "train") -> Dataset:
+    """The image dataset a data config describes (`split` applies to the bundled digits)."""
     if config.dataset == "mnist":
         if config.channels != 1:
             raise DataError("the bundled MNIST digits are grayscale: set data.channels=1")
         return load_mnist(config.image_size, split, config.holdout, config.split_seed)
+    if config.dataset == "tar":
+        from .tar import TarShardDataset
+
+        return TarShardDataset(config.root, config.image_size, config.channels, config.skip_bad_files)
     return ImageFolderDataset(config.root, config.image_size, config.channels, config.skip_bad_files)
 
 

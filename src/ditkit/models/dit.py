@@ -101,19 +101,33 @@ class TokenConditionedBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm (adaLN-modulated in the adaLN variants) and a linear map from tokens to patch pixels."""
+    """LayerNorm (adaLN-modulated in the adaLN variants), then tokens -> patch pixels.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True) -> None:
+    The paper maps each token to its p*p*C_out patch values with a linear layer and unpatchifies;
+    `deconv=True` does the same map as a ConvTranspose2d with kernel = stride = p over the token grid
+    (as Cerebras' DiT does), which shares one bias per output channel instead of one per patch pixel.
+    """
+
+    def __init__(
+        self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True, deconv: bool = False
+    ) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if deconv:
+            self.linear = None
+            self.deconv = nn.ConvTranspose2d(hidden_size, out_channels, kernel_size=patch_size, stride=patch_size)
+        else:
+            self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+            self.deconv = None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaptive else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.adaLN_modulation is None:
-            return self.linear(self.norm_final(x))  # (N, T, p*p*C_out)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+        """(N, T, D) -> (N, T, p*p*C_out) with the linear head, (N, T, D) normalised tokens with deconv."""
+        x = self.norm_final(x)
+        if self.adaLN_modulation is not None:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return x if self.linear is None else self.linear(x)
 
 
 class DiT(nn.Module):
@@ -140,7 +154,8 @@ class DiT(nn.Module):
         self.adaptive = config.block_type in ("adaLN-Zero", "adaLN")
         block = DiTBlock if self.adaptive else TokenConditionedBlock
         self.blocks = nn.ModuleList(block(config) for _ in range(config.depth))
-        self.final_layer = FinalLayer(d, p, config.out_channels, adaptive=self.adaptive)
+        deconv = config.unpatchify == "deconv"
+        self.final_layer = FinalLayer(d, p, config.out_channels, adaptive=self.adaptive, deconv=deconv)
         self.initialize_weights()
 
     @property
@@ -177,8 +192,9 @@ class DiT(nn.Module):
         if self.final_layer.adaLN_modulation is not None:
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        head = self.final_layer.linear if self.final_layer.linear is not None else self.final_layer.deconv
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) tokens -> (N, C, H, W) image."""
@@ -223,7 +239,11 @@ class DiT(nn.Module):
             for block in self.blocks:
                 x = block(x, c)
             x = x[:, :tokens]  # (N, T, D): conditioning tokens removed before the final layer
-        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
+        x = self.final_layer(x, c)  # (N, T, p*p*C_out), or (N, T, D) for the deconv head
+        if self.final_layer.deconv is not None:
+            rows, cols = self.grid_hw
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, rows, cols)  # (N, D, h, w)
+            return self.final_layer.deconv(x)  # (N, C_out, H, W)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
 

@@ -1,0 +1,142 @@
+"""Checkpoints of the official DiT release (Peebles & Xie 2023) <-> ditkit.
+
+The published files (`DiT-XL-2-256x256.pt`, `DiT-XL-2-512x512.pt`) are plain state dicts of the
+paper's model: class-conditional (1000 classes plus the null class of classifier-free guidance),
+learned sigma, fixed sin-cos positions, in SD-VAE latent space (8x downsampling, 4 channels). ditkit's
+DiT uses the same parameter names and shapes, so conversion is reading the tensors, inferring the
+architecture from their shapes, and writing a self-describing ditkit checkpoint whose config also
+names the autoencoder and the diffusion settings the release was trained with. Training checkpoints
+of the official code (a dict with "model", "ema", "opt", "args") load too; "ema" is used.
+
+Only `torch.load(..., weights_only=True)` is used; the argparse Namespace those training checkpoints
+pickle is allow-listed for that call (it holds plain values), nothing else is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import (
+    MODEL_PRESETS,
+    AutoencoderConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    SampleConfig,
+)
+from ..models import DiT
+
+__all__ = [
+    "OfficialFormatError",
+    "load_official_state_dict",
+    "official_model_config",
+    "official_config",
+    "from_official",
+    "to_official_state_dict",
+    "SD_VAE_DOWNSAMPLE",
+]
+
+SD_VAE_DOWNSAMPLE = 8
+"""The published models work on Stable Diffusion VAE latents: 4 channels at 1/8 of the image side."""
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+"""The VAE the release's sampling script uses by default (its 'ema' choice)."""
+
+
+class OfficialFormatError(ConfigError):
+    """A file is not an official-format DiT state dict; the message names the file and the problem."""
+
+
+def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of an official DiT .pt file (a plain state dict, or a training checkpoint's 'ema')."""
+    path = Path(path)
+    if not path.is_file():
+        raise OfficialFormatError(f"{path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise OfficialFormatError(f"{path}: not a weights-only PyTorch file ({type(err).__name__}: {err})") from err
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]
+    if not isinstance(obj, dict) or "x_embedder.proj.weight" not in obj:
+        raise OfficialFormatError(f"{path}: not a DiT state dict (no 'x_embedder.proj.weight' tensor)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def official_model_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> ModelConfig:
+    """The ModelConfig whose DiT has exactly these tensors (heads from the paper's presets if not given)."""
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    tokens = state["pos_embed"].shape[1]
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise OfficialFormatError(f"pos_embed has {tokens} tokens, not a square grid")
+    out = state["final_layer.linear.weight"].shape[0]
+    learn_sigma = out == patch * patch * in_channels * 2
+    if num_heads is None:
+        matches = [p["num_heads"] for p in MODEL_PRESETS.values() if (p["depth"], p["hidden_size"]) == (depth, hidden)]
+        if not matches:
+            raise OfficialFormatError(
+                f"depth {depth} / width {hidden} is not a paper preset, so the head count cannot be inferred: "
+                "pass num_heads"
+            )
+        num_heads = matches[0]
+    table = state.get("y_embedder.embedding_table.weight")
+    return ModelConfig(
+        input_size=grid * patch,
+        in_channels=in_channels,
+        patch_size=patch,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        num_classes=0 if table is None else table.shape[0] - 1,  # the last row is the null class
+        learn_sigma=learn_sigma,
+    )
+
+
+def official_config(model: ModelConfig, vae: str = DEFAULT_VAE) -> Config:
+    """A full ditkit Config for a released model: SD-VAE latents, linear-beta eps diffusion, DDPM sampling."""
+    side = model.input_hw[0] * SD_VAE_DOWNSAMPLE
+    return Config(
+        model=model,
+        diffusion=DiffusionConfig(schedule="linear", num_timesteps=1000, prediction="eps"),
+        data=DataConfig(dataset="folder", root="imagenet/train", image_size=side, channels=3, hflip=True),
+        autoencoder=AutoencoderConfig(
+            kind="kl", path=vae, scale=0.18215, shift=0.0, latent_channels=model.in_channels, downsample=8
+        ),
+        sample=SampleConfig(sampler="ddpm", steps=250, cfg_scale=4.0),
+    )
+
+
+def from_official(path: str | Path, *, num_heads: int | None = None, vae: str = DEFAULT_VAE) -> tuple[DiT, Config]:
+    """A ditkit DiT (eval mode) and its Config from an official DiT .pt file."""
+    state = load_official_state_dict(path)
+    config = official_config(official_model_config(state, num_heads), vae)
+    with torch.device("meta"):
+        model = DiT(config.model)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    except RuntimeError as err:
+        raise OfficialFormatError(f"{path}: tensors do not fit the inferred {config.model}: {err}") from err
+    return model.eval(), config
+
+
+def to_official_state_dict(model: DiT) -> dict[str, torch.Tensor]:
+    """The official layout of a ditkit DiT (same names), for the paper-style adaLN-Zero sin-cos model only."""
+    c = model.config
+    paper = ("adaLN-Zero", "sincos", "linear", "gelu_tanh", False, "linear")
+    if (c.block_type, c.pos_embed, c.mlp_type, c.mlp_act, c.qk_norm, c.unpatchify) != paper:
+        raise ConfigError(
+            "only the paper's architecture (adaLN-Zero blocks, sin-cos positions, linear tanh-GELU MLP, "
+            "no QK-norm, linear output head) has an official layout"
+        )
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

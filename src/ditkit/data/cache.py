@@ -1,0 +1,374 @@
+"""A latent cache: encode a dataset once, keep the whole posterior of each image and of its mirror image.
+
+Training a latent DiT re-encodes every image at every step unless latents are cached; but caching one
+posterior draw of one (randomly flipped) view, as is common, freezes the augmentation and the VAE's
+sampling noise for the whole run. This cache stores, per image, the posterior mean and log-variance
+of the image *and* of its horizontal flip, so training draws a flip and a posterior sample on the fly
+(`ditkit.data.sources.CachedBatches`) exactly as if it were encoding images.
+
+Layout of a cache folder:
+- `cache.json`: settings (autoencoder, data, dtype, shard size), `complete`, and when complete the
+  per-channel latent statistics and the measured storage error;
+- `shard_00000.safetensors`, ...: `shard_items` images each, a few hundred MB (not one file per image):
+  `mean`, `logvar` (N, 2, C, h, w) (index 1 of dim 1 = flipped image) and `label` (N,); with uint8
+  storage, `mean`/`logvar` are uint8 codes with per-(image, flip, channel) `*_lo` and `*_step`.
+
+Interruption-safe: each shard is written to a temporary file and renamed into place, so a shard
+either exists complete or not at all; a re-run skips finished shards and encodes the rest with the same
+batch boundaries, so the files equal those of an uninterrupted run byte for byte. Readers refuse a
+cache whose `cache.json` does not say `complete`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..autoencoders import Autoencoder, build_autoencoder, resolve_autoencoder
+from ..config import Config, config_to_dict
+from .datasets import DataError, build_dataset
+
+__all__ = ["CacheError", "CacheDataset", "CacheReport", "build_cache", "read_manifest", "MANIFEST", "BYTES_PER_VALUE"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "cache.json"
+CACHE_VERSION = 1
+BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "uint8": 1}
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64}
+_DATA_KEYS = ("dataset", "root", "image_size", "channels", "holdout", "split_seed", "skip_bad_files")
+_AE_KEYS = ("kind", "path", "subfolder", "latent_channels", "downsample")
+
+
+class CacheError(DataError):
+    """A cache folder is missing, incomplete or was built with other settings; the message says which."""
+
+
+def _settings(config: Config, dtype: str, shard_items: int) -> dict:
+    data, ae = config_to_dict(config.data), config_to_dict(config.autoencoder)
+    return {
+        "version": CACHE_VERSION,
+        "autoencoder": {k: ae[k] for k in _AE_KEYS},
+        "data": {k: data[k] for k in _DATA_KEYS},
+        "dtype": dtype,
+        "shard_items": shard_items,
+    }
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The cache.json of a cache folder (ConfigError-style CacheError when absent or unreadable)."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise CacheError(f"{path} is not a ditkit latent cache (no {MANIFEST}); build one with `ditkit cache`")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CacheError(f"{file} is not valid JSON: {err}") from err
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes of (N, 2, C, h, w) with an affine map per (N, 2, C): x ~ lo + code * step."""
+    flat = x.flatten(3)
+    lo, hi = flat.amin(-1), flat.amax(-1)
+    step = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(lo))
+    codes = ((flat - lo[..., None]) / step[..., None]).round().clamp(0, 255).to(torch.uint8)
+    return codes.reshape(x.shape), lo, step
+
+
+def _dequantize(codes: np.ndarray, lo: np.ndarray, step: np.ndarray) -> np.ndarray:
+    return lo[..., None, None] + codes.astype(np.float32) * step[..., None, None]
+
+
+def _store(name: str, x: torch.Tensor, dtype: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Add `x` to the shard's tensors in the storage dtype; returns what a reader will get back."""
+    if dtype == "fp32":
+        out[name] = x.contiguous()
+        return x
+    if dtype == "fp16":
+        out[name] = x.half().contiguous()
+        return out[name].float()
+    codes, lo, step = _quantize(x)
+    out[name], out[name + "_lo"], out[name + "_step"] = codes.contiguous(), lo.contiguous(), step.contiguous()
+    return torch.from_numpy(_dequantize(codes.numpy(), lo.numpy(), step.numpy()))
+
+
+@dataclass
+class CacheReport:
+    """What `build_cache` did and what the cache holds."""
+
+    path: Path
+    num_items: int
+    num_shards: int
+    shards_written: int
+    bytes_per_image: float
+    latent_shape: tuple[int, int, int]
+    manifest: dict
+
+
+def _shard_path(root: Path, k: int) -> Path:
+    return root / f"shard_{k:05d}.safetensors"
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return 8 + length, json.loads(f.read(length))
+
+
+def _shard_is_complete(path: Path, count: int) -> bool:
+    try:
+        _, header = _safetensors_header(path)
+        return int(json.loads(header["__metadata__"]["ditkit_cache"])["count"]) == count
+    except (OSError, ValueError, KeyError, struct.error):
+        return False
+
+
+@torch.no_grad()
+def _encode_shard(
+    ae: Autoencoder, dataset: Dataset, start: int, stop: int, batch_size: int, dtype: str, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    means, logvars, labels = [], [], []
+    for b in range(start, stop, batch_size):
+        items = [dataset[i] for i in range(b, min(b + batch_size, stop))]
+        images = torch.stack([img for img, _ in items]).to(device)
+        labels += [int(label) for _, label in items]
+        both = torch.cat([images, images.flip(-1)])  # one encoder call for the images and their mirrors
+        dist = ae.encode_distribution(both)
+        n = len(items)
+        means.append(torch.stack([dist.mean[:n], dist.mean[n:]], 1).float().cpu())  # (n, 2, C, h, w)
+        if dist.logvar is not None:
+            logvars.append(torch.stack([dist.logvar[:n], dist.logvar[n:]], 1).float().cpu())
+    tensors: dict[str, torch.Tensor] = {"label": torch.tensor(labels, dtype=torch.int64)}
+    mean = torch.cat(means)
+    stored_mean = _store("mean", mean, dtype, tensors)
+    err = (stored_mean - mean).double()
+    stats = {
+        "sum_mean": mean.double().sum((0, 1, 3, 4)).tolist(),
+        "sum_mean_sq": mean.double().pow(2).sum((0, 1, 3, 4)).tolist(),
+        "max_err_mean": float(err.abs().max()),
+        "sq_err_mean": float(err.pow(2).sum()),
+    }
+    if logvars:
+        logvar = torch.cat(logvars)
+        stored_logvar = _store("logvar", logvar, dtype, tensors)
+        std = torch.exp(0.5 * logvar.double())
+        err_std = torch.exp(0.5 * stored_logvar.double()) - std
+        stats.update(
+            sum_var=torch.exp(logvar.double()).sum((0, 1, 3, 4)).tolist(),
+            max_err_logvar=float((stored_logvar - logvar).abs().max()),
+            sq_err_std=float(err_std.pow(2).sum()),
+            sum_std=float(std.sum()),
+            sq_err_mean_over_std=float((err / std).pow(2).sum()),
+        )
+    return tensors, stats
+
+
+def build_cache(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    shard_items: int | None = None,
+    shard_mb: float = 256.0,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    autoencoder: Autoencoder | None = None,
+    progress: bool = True,
+) -> CacheReport:
+    """Encode `config.data` through `config.autoencoder` into a sharded cache at `out_dir` (resumable).
+
+    Re-running on a partly written cache continues it; a cache built with other settings is never
+    touched (CacheError names the differing setting).
+    """
+    if dtype not in BYTES_PER_VALUE:
+        raise ValueError(f"cache dtype must be one of {', '.join(BYTES_PER_VALUE)}, got {dtype!r}")
+    if config.autoencoder.kind == "pixel":
+        raise CacheError("autoencoder.kind='pixel' trains on images directly; a latent cache needs 'kl' or 'tiny'")
+    config = resolve_autoencoder(config)
+    device = torch.device(device)
+    ae = autoencoder if autoencoder is not None else build_autoencoder(config, device=device)
+    dataset = build_dataset(config.data, "train")
+    c, side = ae.latent_channels, config.data.image_size // ae.downsample
+    has_logvar = config.autoencoder.kind == "kl"
+    per_value = BYTES_PER_VALUE[dtype]
+    bytes_per_image = 2 * c * side * side * per_value * (2 if has_logvar else 1)
+    if dtype == "uint8":
+        bytes_per_image += 2 * c * 8 * (2 if has_logvar else 1)  # lo and step, float32 each
+    bytes_per_image += 8  # the label
+    if shard_items is None:
+        shard_items = max(1, int(shard_mb * 2**20 // bytes_per_image))
+    out = Path(out_dir)
+    settings = _settings(config, dtype, shard_items)
+    num_items = len(dataset)
+    settings.update(num_items=num_items, latent_shape=[c, side, side], has_logvar=has_logvar)
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        for key, value in settings.items():
+            if manifest.get(key) != value:
+                raise CacheError(
+                    f"{out} holds a cache built with {key}={manifest.get(key)!r}, not {value!r}; "
+                    "choose another folder (the existing cache is left untouched)"
+                )
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise CacheError(f"{out} exists and is not a ditkit cache; choose an empty or new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {**settings, "complete": False}
+        _write_json_atomic(out / MANIFEST, manifest)
+    for stale in out.glob("*.tmp"):  # left by a killed run; never read
+        stale.unlink()
+    num_shards = math.ceil(num_items / shard_items)
+    written = 0
+    bar = tqdm(total=num_items, desc="caching latents", unit="img", disable=not progress, dynamic_ncols=True)
+    for k in range(num_shards):
+        start, stop = k * shard_items, min((k + 1) * shard_items, num_items)
+        path = _shard_path(out, k)
+        if path.exists() and _shard_is_complete(path, stop - start):
+            bar.update(stop - start)
+            continue
+        tensors, stats = _encode_shard(ae, dataset, start, stop, batch_size, dtype, device)
+        # One metadata key: safetensors does not keep the order of several, and shards must be byte-stable.
+        metadata = {"ditkit_cache": json.dumps({"first": start, "count": stop - start, "stats": stats})}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        written += 1
+        bar.update(stop - start)
+        if os.environ.get("DITKIT_TEST_CACHE_SHARD_DELAY"):  # lets tests kill a run between shards
+            import time
+
+            time.sleep(float(os.environ["DITKIT_TEST_CACHE_SHARD_DELAY"]))
+    bar.close()
+    if not manifest.get("complete"):
+        manifest = {**settings, "complete": True, "num_shards": num_shards, **_summarize(out, num_shards, c)}
+        _write_json_atomic(out / MANIFEST, manifest)
+        log.info("latent cache %s complete: %d images in %d shards", out, num_items, num_shards)
+    return CacheReport(out, num_items, num_shards, written, bytes_per_image, (c, side, side), manifest)
+
+
+def _summarize(out: Path, num_shards: int, channels: int) -> dict:
+    """Per-channel latent statistics and the storage error, aggregated from every shard's metadata."""
+    totals: dict[str, np.ndarray | float] = {}
+    values = 0
+    for k in range(num_shards):
+        _, header = _safetensors_header(_shard_path(out, k))
+        meta = json.loads(header["__metadata__"]["ditkit_cache"])
+        stats = meta["stats"]
+        values += int(meta["count"]) * 2 * int(np.prod(header["mean"]["shape"][2:]))
+        for key, value in stats.items():
+            value = np.asarray(value, dtype=np.float64)
+            if key.startswith("max_"):
+                totals[key] = max(float(totals.get(key, 0.0)), float(value))
+            else:
+                totals[key] = totals.get(key, 0.0) + value
+    per_channel = values / channels
+    mean = totals["sum_mean"] / per_channel
+    second = totals["sum_mean_sq"] / per_channel + (totals["sum_var"] / per_channel if "sum_var" in totals else 0.0)
+    std = np.sqrt(np.maximum(second - mean**2, 1e-12))
+    error = {"max_abs_mean": totals["max_err_mean"], "rms_mean": math.sqrt(totals["sq_err_mean"] / values)}
+    if "sum_var" in totals:
+        error.update(
+            max_abs_logvar=totals["max_err_logvar"],
+            rms_std=math.sqrt(totals["sq_err_std"] / values),
+            mean_posterior_std=float(totals["sum_std"] / values),
+            rms_mean_over_posterior_std=math.sqrt(totals["sq_err_mean_over_std"] / values),
+        )
+    return {"latent_mean": mean.tolist(), "latent_std": std.tolist(), "storage_error": error}
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only numpy memmap (no copy into memory)."""
+    start, header = _safetensors_header(path)
+    arrays = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, _ = info["data_offsets"]
+        arrays[name] = np.memmap(path, _NP_DTYPES[info["dtype"]], "r", offset=start + begin, shape=tuple(info["shape"]))
+    return arrays
+
+
+class CacheDataset(Dataset):
+    """A complete latent cache as a dataset; a batch is ((mean, logvar or None) (N, 2, C, h, w), labels).
+
+    Shards are memory-mapped, so a cache larger than RAM reads only the rows a batch asks for.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest.get("complete"):
+            raise CacheError(f"{self.path} is an incomplete cache (interrupted?): run `ditkit cache` again to finish")
+        self.shard_items = int(self.manifest["shard_items"])
+        self.num_items = int(self.manifest["num_items"])
+        self.dtype = self.manifest["dtype"]
+        self._shards: list[dict[str, np.ndarray]] | None = None
+        labels = np.concatenate([self._arrays(k)["label"] for k in range(self.manifest["num_shards"])])
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def _arrays(self, k: int) -> dict[str, np.ndarray]:
+        if self._shards is None:
+            self._shards = [{} for _ in range(self.manifest["num_shards"])]
+        if not self._shards[k]:
+            path = _shard_path(self.path, k)
+            if not path.is_file():
+                raise CacheError(f"{path} is missing from the cache")
+            self._shards[k] = _memmap_safetensors(path)
+        return self._shards[k]
+
+    def __getstate__(self) -> dict:  # memmaps are reopened in worker processes
+        return {**self.__dict__, "_shards": None}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["latent_shape"])
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def _read(self, name: str, shard: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+        if self.dtype == "uint8":
+            return _dequantize(shard[name][rows], shard[name + "_lo"][rows], shard[name + "_step"][rows])
+        return shard[name][rows].astype(np.float32)
+
+    def __getitems__(self, indices: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        c, h, w = self.latent_shape
+        mean = np.empty((len(idx), 2, c, h, w), np.float32)
+        logvar = np.empty_like(mean) if self.manifest["has_logvar"] else None
+        shard_of = idx // self.shard_items
+        for k in np.unique(shard_of):
+            where = np.nonzero(shard_of == k)[0]
+            rows = idx[where] - k * self.shard_items
+            order = np.argsort(rows)  # memmap reads are fastest in file order
+            shard = self._arrays(int(k))
+            mean[where[order]] = self._read("mean", shard, rows[order])
+            if logvar is not None:
+                logvar[where[order]] = self._read("logvar", shard, rows[order])
+        moments = (torch.from_numpy(mean), None if logvar is None else torch.from_numpy(logvar))
+        return moments, self.labels[torch.from_numpy(idx)]
+
+    def __getitem__(self, index: int):
+        (mean, logvar), labels = self.__getitems__([index])
+        return (mean[0], None if logvar is None else logvar[0]), int(labels[0])

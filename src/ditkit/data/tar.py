@@ -1,0 +1,129 @@
+"""WebDataset-style .tar shards as a random-access dataset.
+
+A shard is a plain (uncompressed) tar whose members are grouped by key, the member path without its
+extension (https://github.com/webdataset/webdataset#the-webdataset-format): `0001.jpg`, `0001.cls`,
+`0001.txt`, ... A sample is one image (any of IMAGE_EXTENSIONS) plus an optional `.cls` holding an
+integer class label. Collections too large for a folder of files stay in a few big files; the
+member offsets are indexed once, so any sample is one seek + read (what shuffled training needs),
+not a sequential stream.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .datasets import IMAGE_EXTENSIONS, DataError, _open_image, image_to_tensor
+
+__all__ = ["TarShardDataset", "find_shards"]
+
+log = logging.getLogger(__name__)
+
+
+def find_shards(root: str | Path) -> list[Path]:
+    """`root` itself if it is a .tar file, else the sorted .tar files in the folder `root`."""
+    root = Path(root)
+    if root.is_file():
+        if root.suffix != ".tar":
+            raise DataError(f"{root} is not a .tar shard")
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"tar shard path {root} does not exist")
+    shards = sorted(p for p in root.iterdir() if p.suffix == ".tar" and p.is_file())
+    if not shards:
+        raise DataError(f"{root} holds no .tar shards")
+    return shards
+
+
+class TarShardDataset(Dataset):
+    """Samples of WebDataset-style shards: (image in [-1, 1] (C, size, size), label).
+
+    Labels come from `.cls` members; when no sample has one the dataset is unconditional (num_classes
+    0, every label 0); a mix is an error. With `skip_bad_files`, images that do not decode are checked
+    up front, skipped and counted instead of raising an error naming shard and member.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int = 3, skip_bad_files: bool = False) -> None:
+        self.shards = find_shards(root)
+        self.image_size, self.mode = image_size, ("L" if channels == 1 else "RGB")
+        # (shard index, image member offset, size, name, label or None)
+        index: list[tuple[int, int, int, str, int | None]] = []
+        for shard_id, shard in enumerate(self.shards):
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            try:
+                with tarfile.open(shard, "r:") as tar:
+                    for member in tar:
+                        if member.isfile():
+                            key, _, ext = member.name.rpartition(".")
+                            groups.setdefault(key, {})["." + ext.lower()] = member
+                    labels = {}
+                    for key, members in groups.items():
+                        if ".cls" in members:
+                            raw = tar.extractfile(members[".cls"]).read().decode().strip()
+                            try:
+                                labels[key] = int(raw)
+                            except ValueError as err:
+                                raise DataError(f"{shard}: {key}.cls holds {raw!r}, expected an integer") from err
+            except tarfile.TarError as err:
+                raise DataError(f"{shard}: not a readable tar file ({err})") from err
+            for key in sorted(groups):
+                images = [m for ext, m in groups[key].items() if ext in IMAGE_EXTENSIONS]
+                if len(images) > 1:
+                    raise DataError(f"{shard}: sample {key!r} has {len(images)} images, expected one")
+                if images:
+                    index.append((shard_id, images[0].offset_data, images[0].size, images[0].name, labels.get(key)))
+        if not index:
+            raise DataError(f"no images found in the tar shards under {root}")
+        with_label = sum(entry[4] is not None for entry in index)
+        if 0 < with_label < len(index):
+            raise DataError(f"{root}: {with_label} of {len(index)} samples have a .cls label; expected all or none")
+        self.labeled = with_label > 0
+        self._num_classes = max(entry[4] for entry in index) + 1 if self.labeled else 0
+        self._files: dict[int, io.BufferedReader] = {}
+        self.skipped_files: list[str] = []
+        if skip_bad_files:
+            good = []
+            for i, entry in enumerate(index):
+                try:
+                    self._decode(entry)
+                    good.append(entry)
+                except DataError:
+                    self.skipped_files.append(f"{self.shards[entry[0]]}:{entry[3]}")
+            if self.skipped_files:
+                log.warning("skipped %d unreadable image(s), first: %s", len(self.skipped_files), self.skipped_files[0])
+            index = good
+            if not index:
+                raise DataError(f"{root}: every image was unreadable")
+        self.index = index
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _decode(self, entry: tuple[int, int, int, str, int | None]):
+        shard_id, offset, size, name, _ = entry
+        handle = self._files.get(shard_id)
+        if handle is None:  # opened lazily, so each DataLoader worker gets its own handles
+            handle = self._files[shard_id] = open(self.shards[shard_id], "rb")
+        handle.seek(offset)
+        return _open_image(f"{self.shards[shard_id]}:{name}", self.mode, io.BytesIO(handle.read(size)))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        entry = self.index[i]
+        label = entry[4] if entry[4] is not None else 0
+        return image_to_tensor(self._decode(entry), self.image_size), label
+
+    def __getstate__(self) -> dict:  # open file handles do not cross process boundaries
+        return {**self.__dict__, "_files": {}}

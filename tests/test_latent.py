@@ -1,0 +1,320 @@
+"""Autoencoders, the latent cache, tar shards and latent training, with tiny random-weight diffusers VAEs."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditkit.autoencoders import AutoencoderError, build_autoencoder, resolve_autoencoder
+from ditkit.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from ditkit.data import DataError, TarShardDataset, build_dataset
+from ditkit.data.cache import CacheDataset, CacheError, build_cache
+from ditkit.data.sources import CachedBatches, ImageBatches
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def kl_path(tmp_path_factory) -> Path:
+    """A tiny AutoencoderKL (RGB, 4 latent channels, downsampling 2) saved like a hub folder."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    path = tmp_path_factory.mktemp("vae") / "tiny-kl"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """12 random 16x16 RGB images in 3 class folders."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        folder = root / f"class{k % 3}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k:02d}.png")
+    return root
+
+
+def latent_config(kl_path, root, **data) -> Config:
+    return Config(
+        model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False),
+        data=DataConfig(dataset="folder", root=str(root), image_size=16, channels=3, holdout=0, **data),
+        autoencoder=AutoencoderConfig(kind="kl", path=str(kl_path)),
+        train=TrainConfig(batch_size=4, steps=3, log_every=1, ckpt_every=3, device="cpu", out_dir="unused"),
+    )
+
+
+def test_model_shape_and_scale_follow_the_autoencoder(kl_path, image_folder):
+    config = latent_config(kl_path, image_folder)
+    assert config.model.in_channels is None  # open until the autoencoder's config is read
+    config = resolve_autoencoder(config)
+    ae = config.autoencoder
+    assert (ae.latent_channels, ae.downsample, ae.scale, ae.shift) == (4, 2, 0.18215, 0.0)
+    assert config.model.in_channels == 4 and config.model.input_hw == (8, 8)
+    with pytest.raises(ConfigError, match="model.in_channels=3 conflicts with autoencoder.latent_channels=4"):
+        Config(model=ModelConfig(in_channels=3), data=config.data, autoencoder=config.autoencoder)
+
+
+def test_encode_decode_shapes_and_posterior(kl_path):
+    ae = build_autoencoder(AutoencoderConfig(kind="kl", path=str(kl_path)))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    dist = ae.encode_distribution(images)
+    assert dist.mean.shape == dist.logvar.shape == (2, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    z = ae.encode(images, g)
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, (dist.mean + (0.5 * dist.logvar).exp() * noise) * 0.18215)
+    assert ae.decode(z).shape == (2, 3, 16, 16)
+
+
+def test_scale_and_shift_are_applied_exactly_once(kl_path):
+    cfg = AutoencoderConfig(kind="kl", path=str(kl_path), scale=[0.5, 2.0, 1.0, 4.0], shift=0.25)
+    ae = build_autoencoder(cfg)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    raw = z / torch.tensor([0.5, 2.0, 1.0, 4.0]).reshape(1, 4, 1, 1) + 0.25
+    torch.testing.assert_close(ae.decode(z), ae.module.decode(raw).sample)
+    torch.testing.assert_close(ae.normalize(ae.denormalize(z)), z)
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    mean = ae.module.encode(images).latent_dist.mean
+    torch.testing.assert_close(ae.normalize(ae.encode_distribution(images).mean), (mean - 0.25) * ae.scale)
+
+
+def test_tiny_autoencoder_is_deterministic(tmp_path):
+    tiny = diffusers.AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )
+    tiny.save_pretrained(tmp_path / "taesd")
+    ae = build_autoencoder(AutoencoderConfig(kind="tiny", path=str(tmp_path / "taesd")))
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert ae.encode_distribution(images).logvar is None
+    torch.testing.assert_close(ae.encode(images), ae.encode(images))
+    assert ae.encode(images).shape == (2, 4, 4, 4) and ae.decode(ae.encode(images)).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_missing_autoencoder_error_names_it(tmp_path, where):
+    path = str(tmp_path / "no-vae") if where == "local" else "nobody-here/no-such-vae"
+    with pytest.raises(AutoencoderError) as err:
+        build_autoencoder(AutoencoderConfig(kind="kl", path=path))
+    assert path in str(err.value)
+
+
+def test_cache_contents_equal_direct_encoding(kl_path, image_folder, tmp_path):
+    config = resolve_autoencoder(latent_config(kl_path, image_folder))
+    report = build_cache(config, tmp_path / "cache", shard_items=5, batch_size=3, progress=False)
+    assert (report.num_items, report.num_shards) == (12, 3)
+    cache = CacheDataset(tmp_path / "cache")
+    ae = build_autoencoder(config)
+    images = build_dataset(config.data)
+    x = torch.stack([images[i][0] for i in range(12)])
+    (mean, logvar), labels = cache.__getitems__(list(range(12)))
+    for view, batch in ((0, x), (1, x.flip(-1))):
+        dist = ae.encode_distribution(batch)
+        torch.testing.assert_close(mean[:, view], dist.mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logvar[:, view], dist.logvar, atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == [images[i][1] for i in range(12)]
+    # latent statistics of the manifest: per-channel mean of the posterior means of both views
+    both = torch.cat([ae.encode_distribution(x).mean, ae.encode_distribution(x.flip(-1)).mean])
+    np.testing.assert_allclose(report.manifest["latent_mean"], both.mean((0, 2, 3)).double().numpy(), rtol=1e-4)
+
+
+def test_cache_and_image_batches_are_the_same_batch(kl_path, image_folder, tmp_path):
+    config = resolve_autoencoder(latent_config(kl_path, image_folder, hflip=True))
+    build_cache(config, tmp_path / "cache", shard_items=4, progress=False)
+    ae = build_autoencoder(config)
+    indices = [3, 0, 7, 11, 5]
+    images = build_dataset(config.data)
+    raw_batch = (torch.stack([images[i][0] for i in indices]), torch.tensor([images[i][1] for i in indices]))
+    from_images = ImageBatches(ae, hflip=True)(raw_batch, torch.Generator().manual_seed(3), torch.device("cpu"))
+    cached = CacheDataset(tmp_path / "cache").__getitems__(indices)
+    from_cache = CachedBatches(ae, hflip=True)(cached, torch.Generator().manual_seed(3), torch.device("cpu"))
+    torch.testing.assert_close(from_cache[0], from_images[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(from_cache[1], from_images[1])
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "uint8"])
+def test_storage_error_is_within_the_reported_bound(kl_path, image_folder, tmp_path, dtype):
+    config = resolve_autoencoder(latent_config(kl_path, image_folder))
+    build_cache(config, tmp_path / "fp32", shard_items=6, progress=False)
+    report = build_cache(config, tmp_path / dtype, dtype=dtype, shard_items=6, progress=False)
+    (exact, exact_lv), _ = CacheDataset(tmp_path / "fp32").__getitems__(list(range(12)))
+    (stored, stored_lv), _ = CacheDataset(tmp_path / dtype).__getitems__(list(range(12)))
+    err = report.manifest["storage_error"]
+    measured = (stored - exact).abs().max().item()
+    assert measured == pytest.approx(err["max_abs_mean"], rel=1e-5)
+    assert (stored_lv - exact_lv).abs().max().item() == pytest.approx(err["max_abs_logvar"], rel=1e-5)
+    if dtype == "uint8":  # half a code step of each (image, view, channel) range
+        flat = exact.flatten(3)
+        bound = ((flat.amax(-1) - flat.amin(-1)) / 255 / 2)[..., None]
+        assert ((stored - exact).flatten(3).abs() <= bound + 1e-6).all()
+    else:  # fp16 rounding: relative 2^-11
+        assert measured <= exact.abs().max().item() * 2**-11
+    assert 0 < measured
+    values = 2 * 2 * 4 * 8 * 8  # (image, mirror) x (mean, logvar) x C x h x w
+    per_range = 2 * 2 * 4 * 8  # uint8: a float32 lo and step per (image, mirror) x (mean, logvar) x channel
+    assert report.bytes_per_image == {"fp16": 2 * values, "uint8": values + per_range}[dtype] + 8  # + the label
+
+
+def test_cache_refuses_other_settings_and_incomplete_reads(kl_path, image_folder, tmp_path):
+    config = resolve_autoencoder(latent_config(kl_path, image_folder))
+    build_cache(config, tmp_path / "cache", shard_items=6, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    with pytest.raises(CacheError, match="dtype"):
+        build_cache(config, tmp_path / "cache", dtype="fp16", shard_items=6, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
+    manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheDataset(tmp_path / "cache")
+
+
+def _cache_cmd(kl_path, root, out) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "ditkit",
+        "cache",
+        "--out",
+        str(out),
+        "--shard-items",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "data.dataset=folder",
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.channels=3",
+        "autoencoder.kind=kl",
+        f"autoencoder.path={kl_path}",
+    ]
+
+
+def test_killed_cache_run_resumes_to_identical_files(kl_path, image_folder, tmp_path):
+    env = {**os.environ, "DITKIT_TEST_CACHE_SHARD_DELAY": "1.0", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cache_cmd(kl_path, image_folder, out), env=env)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("shard_*.safetensors"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards_at_kill = sorted(p.name for p in out.glob("shard_*.safetensors"))
+    assert 2 <= len(shards_at_kill) < 6, "the run should have been killed part-way"
+    assert not json.loads((out / "cache.json").read_text())["complete"]
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheDataset(out)
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in shards_at_kill}
+    env.pop("DITKIT_TEST_CACHE_SHARD_DELAY")
+    subprocess.run(_cache_cmd(kl_path, image_folder, out), env=env, check=True, capture_output=True)
+    assert {name: (out / name).stat().st_mtime_ns for name in shards_at_kill} == mtimes  # not redone
+    subprocess.run(_cache_cmd(kl_path, image_folder, tmp_path / "whole"), env=env, check=True, capture_output=True)
+    resumed = {p.name: p.read_bytes() for p in out.iterdir()}
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert resumed == whole
+    assert len(CacheDataset(out)) == 12
+
+
+def _write_tar(path: Path, items: list[tuple[str, bytes, int | None]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, data, label in items:
+            for name, payload in ((f"{key}.png", data), (f"{key}.cls", None if label is None else str(label).encode())):
+                if payload is None:
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tar_shards_dataset(tmp_path):
+    _write_tar(tmp_path / "a.tar", [("s/0", _png((255, 0, 0)), 2), ("s/1", _png((0, 255, 0)), 0)])
+    _write_tar(tmp_path / "b.tar", [("s/2", _png((0, 0, 255)), 1)])
+    ds = TarShardDataset(tmp_path, image_size=8)
+    assert len(ds) == 3 and ds.num_classes == 3
+    labels = [ds[i][1] for i in range(3)]
+    assert labels == [2, 0, 1]
+    image = ds[2][0]
+    assert image.shape == (3, 8, 8) and image[2].eq(1).all() and image[0].eq(-1).all()
+    assert len(build_dataset(DataConfig(dataset="tar", root=str(tmp_path / "b.tar"), image_size=8, channels=3))) == 1
+
+
+def test_unreadable_tar_member_is_named_or_skipped(tmp_path):
+    _write_tar(tmp_path / "a.tar", [("x/0", _png((1, 2, 3)), None), ("x/1", b"not a png", None)])
+    ds = TarShardDataset(tmp_path, image_size=8)
+    assert ds.num_classes == 0
+    with pytest.raises(DataError) as err:
+        ds[1]
+    assert "a.tar:x/1.png" in str(err.value)
+    skipping = TarShardDataset(tmp_path, image_size=8, skip_bad_files=True)
+    assert len(skipping) == 1 and skipping.num_skipped == 1
+
+
+def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_folder, tmp_path):
+    from ditkit.sampling import generate
+    from ditkit.train import load_model, train
+
+    config = resolve_autoencoder(latent_config(kl_path, image_folder, hflip=True))
+    build_cache(config, tmp_path / "cache", shard_items=5, progress=False)
+    config.data.cache = str(tmp_path / "cache")
+    config.autoencoder.stats, config.autoencoder.scale, config.autoencoder.shift = "data", None, None
+    config.train.out_dir = str(tmp_path / "run")
+    result = train(config, progress=False)
+    assert np.isfinite(result.final_loss)
+    model, saved = load_model(result.checkpoint)
+    manifest = CacheDataset(tmp_path / "cache").manifest
+    np.testing.assert_allclose(saved.autoencoder.shift, manifest["latent_mean"], rtol=1e-6)
+    np.testing.assert_allclose(saved.autoencoder.scale, 1 / np.asarray(manifest["latent_std"]), rtol=1e-6)
+    images = generate(model, saved, [0, 2], steps=2, cfg_scale=1.0)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    latents = generate(model, saved, [0, 2], steps=2, cfg_scale=1.0, decode=False)
+    assert latents.shape == (2, 4, 8, 8)
+
+
+def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, tmp_path, capsys):
+    from ditkit.cli import main
+    from ditkit.convert.diffusers import to_diffusers
+    from ditkit.models import DiT
+    from ditkit.train import load_model
+
+    model = DiT(ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2))
+    to_diffusers(model).save_pretrained(tmp_path / "dit")
+    assert main(["convert", "from-diffusers", "--diffusers", str(tmp_path / "dit"), "--out", str(tmp_path / "a")]) == 2
+    assert "--vae" in capsys.readouterr().err
+    args = ["convert", "from-diffusers", "--diffusers", str(tmp_path / "dit"), "--vae", str(kl_path)]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    _, config = load_model(tmp_path / "b")
+    assert config.autoencoder.path == str(kl_path) and config.autoencoder.scale == 0.18215
+    assert config.data.image_size == 16 and config.model.in_channels == 4
