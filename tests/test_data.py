@@ -333,3 +333,18 @@ def test_center_crop_resize_keeps_the_centre():
     portrait = image.rotate(90, expand=True)  # 30x90, thirds stacked vertically
     out = np.asarray(center_crop_resize(portrait, 10)).astype(int)
     assert np.abs(out[2:8, 2:8] - np.array([0, 255, 0])).max() <= 2
+
+
+def test_non_square_images_flow_from_data_to_the_model(tmp_path):
+    """data.image_size=[H, W]: cover-resize + center crop to H x W; the model's input follows."""
+    from ditkit.config import Config, DataConfig
+
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(tmp_path / "square.png")
+    ds = ImageFolderDataset(tmp_path, image_size=(8, 16))
+    assert ds[0][0].shape == (3, 8, 16) and ds[0][0][1].eq(1).all()
+    config = Config(data=DataConfig(dataset="folder", root=str(tmp_path), image_size=[8, 16], channels=3))
+    assert config.model.input_hw == (8, 16) and config.model.in_channels == 3
+    wide = Image.new("L", (30, 10))
+    wide.paste(255, (0, 0, 15, 10))  # left half white
+    cropped = np.asarray(center_crop_resize(wide, (10, 20)))
+    assert cropped.shape == (10, 20) and cropped[:, :8].min() > 200 and cropped[:, 12:].max() < 50

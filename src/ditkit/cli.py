@@ -231,13 +231,14 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
                 f"{source}: a {m.in_channels}-channel model works in an autoencoder's latent space: pass "
                 "--vae FOLDER_OR_HUB_ID (e.g. stabilityai/sd-vae-ft-ema)"
             )
-        config = Config(model=m, data=DataConfig(image_size=m.input_hw[0], channels=m.in_channels))
+        config = Config(model=m, data=DataConfig(image_size=m.input_size, channels=m.in_channels))
     else:
         from .autoencoders import autoencoder_shape, resolve_autoencoder
 
         ae = AutoencoderConfig(kind="kl", path=vae)
         image_channels, _, factor = autoencoder_shape(ae)  # the image side follows from the downsampling
-        data = DataConfig(image_size=m.input_hw[0] * factor, channels=image_channels)
+        height, width = (side * factor for side in m.input_hw)
+        data = DataConfig(image_size=height if height == width else (height, width), channels=image_channels)
         config = resolve_autoencoder(Config(model=m, data=data, autoencoder=ae))
     save_checkpoint(out, config=config, model=model, ema=model)
     print(

@@ -220,8 +220,9 @@ class DataConfig:
     per key)."""
     root: str | None = None
     """Image folder (dataset='folder'), or a .tar file / folder of .tar shards (dataset='tar')."""
-    image_size: int = 28
-    """Images are resized (shorter side) and center-cropped to this size."""
+    image_size: int | tuple[int, int] = 28
+    """Side of the square training images, or [height, width]: images are resized to cover it, then
+    center-cropped."""
     channels: int = 1
     """1 (grayscale) or 3 (RGB)."""
     hflip: bool = False
@@ -240,8 +241,17 @@ class DataConfig:
             raise ConfigError(f"data.root is required when data.dataset={self.dataset!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
-        if self.image_size < 1:
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)
+        if min(self.image_hw) < 1:
             raise ConfigError(f"data.image_size must be >= 1, got {self.image_size}")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the training images."""
+        if isinstance(self.image_size, int):
+            return self.image_size, self.image_size
+        return tuple(self.image_size)
         if self.holdout < 0:
             raise ConfigError(f"data.holdout must be >= 0, got {self.holdout}")
 
@@ -408,18 +418,19 @@ class Config:
         if ae.latent_channels is None or ae.downsample is None:
             self.model.__post_init__()
             return
-        if self.data.image_size % ae.downsample:
+        if any(side % ae.downsample for side in self.data.image_hw):
             raise ConfigError(
                 f"data.image_size={self.data.image_size} is not divisible by the autoencoder's downsampling "
                 f"factor {ae.downsample}"
             )
-        side = self.data.image_size // ae.downsample
+        hw = tuple(side // ae.downsample for side in self.data.image_hw)
+        side = hw[0] if hw[0] == hw[1] else hw
         pixel = ae.kind == "pixel"
         channel_key = "data.channels" if pixel else "autoencoder.latent_channels"
         size_key = "data.image_size" if pixel else f"data.image_size / autoencoder.downsample={ae.downsample}"
         for model_key, wanted, source_key, matches in (
             ("in_channels", ae.latent_channels, channel_key, lambda: self.model.in_channels == ae.latent_channels),
-            ("input_size", side, size_key, lambda: self.model.input_hw == (side, side)),
+            ("input_size", side, size_key, lambda: self.model.input_hw == hw),
         ):
             have = getattr(self.model, model_key)
             if have is None:

