@@ -57,6 +57,29 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench, write_json
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = BenchSettings(
+        preset=args.preset,
+        input_size=args.input_size,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        batch=args.batch,
+        precisions=tuple(args.precision),
+        repeats=args.repeats,
+        sample_steps=args.steps,
+        what=tuple(args.what),
+        gemm_size=args.gemm_size,
+        device=device,
+    )
+    results = run_bench(settings)
+    if args.json:
+        print(f"wrote {write_json(results, args.json)}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import generate
     from .train import load_model, resolve_device
@@ -91,6 +114,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
+        feature_cache_interval=args.feature_cache,
     )
     out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {len(images)} samples to {out}")
@@ -307,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
     p.add_argument(
+        "--feature-cache",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the transformer blocks on every K-th step only, reusing their residuals between (faster, "
+        "approximate; default 1: off)",
+    )
+    p.add_argument(
         "--vae", help="latent models: where the checkpoint's autoencoder is now (folder or hub id; default: as saved)"
     )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -314,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("bench", help="time ditkit's DiT against diffusers' at identical settings and weights")
+    p.add_argument("--preset", default="DiT-S/2", choices=list(MODEL_PRESETS), help="model preset")
+    p.add_argument("--input-size", type=int, default=32, help="input side (32 = 256 px SD-VAE latents)")
+    p.add_argument("--in-channels", type=int, default=4, help="input channels")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes")
+    p.add_argument("--batch", type=int, default=16, help="batch size")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
+    p.add_argument("--what", nargs="+", choices=["train", "sample"], default=["train", "sample"])
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps when timing sampling")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (medians reported)")
+    p.add_argument("--gemm-size", type=int, default=2048, help="side of the reference GEMM")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="parameters, tokens and GMACs of a preset or checkpoint")
     p.add_argument("target", help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint folder")

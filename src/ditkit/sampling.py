@@ -10,6 +10,7 @@ from torch import nn
 from .autoencoders import Autoencoder, build_autoencoder
 from .config import Config
 from .diffusion import ClampDenoised, ModelDenoiser, build_process
+from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
 __all__ = ["generate"]
@@ -34,6 +35,7 @@ def generate(
     progress: bool = False,
     autoencoder: Autoencoder | None = None,
     decode: bool = True,
+    feature_cache_interval: int = 1,
 ) -> torch.Tensor:
     """Sample one image per label; returns (N, C, H, W) images in [-1, 1] on the model's device.
 
@@ -42,6 +44,8 @@ def generate(
     of the whole request is drawn from one generator seeded with `seed`, so a request is reproducible
     whatever `batch_size` is. Latent models' samples are decoded with `autoencoder` (built from
     `config.autoencoder` when not given); `decode=False` returns the latents instead.
+    `feature_cache_interval=k > 1` runs the transformer blocks on every k-th denoiser call only and reuses
+    their residuals in between (`ditkit.models.feature_cache`): faster, approximate.
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
@@ -86,17 +90,18 @@ def generate(
     grid = process.timesteps(steps, device=device, spacing=sc.spacing if spacing is None else spacing)
     out = []
     for start in range(0, len(labels), batch_size):
-        x = noise[start : start + batch_size]
-        x = sampler_fn(
-            denoiser,
-            x,
-            grid,
-            cond=labels[start : start + batch_size] if conditional else None,
-            generator=generator,
-            callback=callback,
-            progress=progress,
-            **options,
-        )
+        with feature_cache(model, feature_cache_interval):
+            x = noise[start : start + batch_size]
+            x = sampler_fn(
+                denoiser,
+                x,
+                grid,
+                cond=labels[start : start + batch_size] if conditional else None,
+                generator=generator,
+                callback=callback,
+                progress=progress,
+                **options,
+            )
         out.append(x)
     samples = torch.cat(out) if out else noise
     if decode and not (pixel_space and autoencoder is None):

@@ -1,0 +1,269 @@
+"""`ditkit bench`: ditkit's DiT against diffusers' `DiTTransformer2DModel`, side by side in one process.
+
+Both models hold the same weights (ditkit's, exported through `ditkit.convert.diffusers`) and run at the
+same batch, precision and settings. Timings are interleaved (A, B, A, B, ...) after a warm-up, and
+medians are reported, so drift of the machine's speed hits both sides alike. Next to them the run
+measures this machine's bf16 and fp32 GEMM rate, so achieved GFLOP/s can be read as a fraction of
+what matmuls alone reach (on CUDA that fraction is the MFU against the measured, not the datasheet,
+peak). FLOPs are 2 x the multiply-adds of `count_macs` (the paper's count), x3 for a training step
+(forward + backward), x2 per sampling step with classifier-free guidance (the batched cond + uncond pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
+from .diffusion import build_process, diffusion_loss
+from .models import DiT, count_macs
+
+__all__ = ["BenchSettings", "run_bench", "gemm_gflops", "saved_activation_bytes"]
+
+
+@dataclass
+class BenchSettings:
+    """What `ditkit bench` measures."""
+
+    preset: str = "DiT-S/2"
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    batch: int = 16
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    repeats: int = 5
+    sample_steps: int = 50
+    cfg_scale: float = 4.0
+    what: tuple[str, ...] = ("train", "sample")
+    gemm_size: int = 2048
+    device: str = "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_gflops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Median GFLOP/s of a (size x size) @ (size x size) matmul in `dtype` on `device`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward during `step()` (the activation memory)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return total
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    for fn in fns.values():  # warm-up (allocations, kernel selection)
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _models(settings: BenchSettings, device: torch.device) -> tuple[DiT, torch.nn.Module, ModelConfig]:
+    from .convert.diffusers import to_diffusers
+
+    if settings.preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {settings.preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+    config = ModelConfig(
+        input_size=settings.input_size,
+        in_channels=settings.in_channels,
+        num_classes=settings.num_classes,
+        **MODEL_PRESETS[settings.preset],
+    )
+    torch.manual_seed(0)
+    ours = DiT(config)
+    with torch.no_grad():  # leave adaLN-Zero's identity init so every layer does real work
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    theirs = to_diffusers(ours)
+    return ours.to(device), theirs.to(device), config
+
+
+def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, precision: str, device: torch.device):
+    """One full training step (eps loss, backward, AdamW) for each implementation, same data and noise."""
+    process = build_process(DiffusionConfig())
+    c = ours.config
+    g = torch.Generator(device).manual_seed(0)
+    x0 = torch.randn(settings.batch, c.in_channels, *c.input_hw, generator=g, device=device)
+    y = torch.randint(0, c.num_classes, (settings.batch,), generator=g, device=device)
+    optimizers = {
+        "ditkit": torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4),
+        "diffusers": torch.optim.AdamW(theirs.parameters(), lr=1e-4),
+    }
+
+    def diffusers_forward(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        return theirs(x_t, timestep=t, class_labels=labels).sample
+
+    forwards = {"ditkit": ours, "diffusers": diffusers_forward}
+
+    def loss_of(name: str) -> torch.Tensor:
+        with _autocast(device, precision):
+            return diffusion_loss(forwards[name], process, x0, y, generator=torch.Generator(device).manual_seed(1))
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            loss = loss_of(name)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+
+        return run
+
+    ours.train()
+    theirs.train()
+    memory = {name: saved_activation_bytes(lambda n=name: loss_of(n)) for name in forwards}
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    return {name: step(name) for name in forwards}, memory
+
+
+def _sample_runs(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, precision: str, device: torch.device):
+    """DDIM with classifier-free guidance: ditkit's generate vs diffusers' model + DDIMScheduler."""
+    from diffusers import DDIMScheduler
+
+    c = ours.config
+    labels = torch.arange(settings.batch, device=device) % c.num_classes
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    ours.eval()
+    theirs.eval()
+
+    @torch.no_grad()
+    def run_ours() -> None:
+        with _autocast(device, precision):
+            _ditkit_ddim(ours, labels, settings, device)
+
+    @torch.no_grad()
+    def run_theirs() -> None:
+        scheduler.set_timesteps(settings.sample_steps)
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(settings.batch, c.in_channels, *c.input_hw, generator=g, device=device)
+        class_in = torch.cat([labels, torch.full_like(labels, c.num_classes)])
+        with _autocast(device, precision):
+            for t in scheduler.timesteps:
+                out = theirs(torch.cat([x, x]), timestep=t.expand(2 * len(x)).to(device), class_labels=class_in).sample
+                eps_c, eps_u = out[:, : c.in_channels].float().chunk(2)
+                eps = eps_u + settings.cfg_scale * (eps_c - eps_u)
+                x = scheduler.step(eps, t, x).prev_sample
+
+    return {"ditkit": run_ours, "diffusers": run_theirs}
+
+
+def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, device: torch.device) -> None:
+    """What `ditkit.sampling.generate` runs (guided DDIM, batched cond + uncond pass), minus decoding."""
+    from .diffusion import ModelDenoiser
+    from .samplers import ClassifierFreeGuidance, sample_ddim
+
+    process = build_process(DiffusionConfig())
+    denoiser = ClassifierFreeGuidance(ModelDenoiser(model, process), settings.cfg_scale)
+    c = model.config
+    g = torch.Generator(device).manual_seed(0)
+    x = process.prior((len(labels), c.in_channels, *c.input_hw), generator=g, device=device)
+    sample_ddim(denoiser, x, settings.sample_steps, cond=labels, generator=g)
+
+
+def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) -> dict:
+    """Measure everything `settings` asks for; returns the JSON-able results."""
+    device = torch.device(settings.device)
+    ours, theirs, config = _models(settings, device)
+    macs = count_macs(config)
+    results: dict = {
+        "settings": {**settings.__dict__, "precisions": list(settings.precisions), "what": list(settings.what)},
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "gmacs_per_forward": macs / 1e9,
+        "gemm_gflops": {},
+        "runs": [],
+    }
+    for precision in ("fp32", "bf16"):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        results["gemm_gflops"][precision] = gemm_gflops(settings.gemm_size, dtype, device)
+        progress(f"GEMM {settings.gemm_size}^3 {precision}: {results['gemm_gflops'][precision]:.0f} GFLOP/s")
+    for precision in settings.precisions:
+        if "train" in settings.what:
+            fns, memory = _train_steps(ours, theirs, settings, precision, device)
+            med = _interleaved(fns, settings.repeats, device)
+            flops = 3 * 2 * macs * settings.batch
+            results["runs"].append(_record("train", precision, med, flops, settings.batch, results, memory))
+            progress(_line(results["runs"][-1]))
+        if "sample" in settings.what:
+            fns = _sample_runs(ours, theirs, settings, precision, device)
+            med = _interleaved(fns, settings.repeats, device)
+            flops = 2 * 2 * macs * settings.batch * settings.sample_steps
+            results["runs"].append(_record("sample", precision, med, flops, settings.batch, results, None))
+            progress(_line(results["runs"][-1]))
+    return results
+
+
+def _record(kind, precision, med, flops, batch, results, memory) -> dict:
+    gemm = results["gemm_gflops"]["bf16" if precision != "fp32" else "fp32"]
+    record = {"kind": kind, "precision": precision, "seconds": med, "speedup": med["diffusers"] / med["ditkit"]}
+    record["img_per_s"] = {name: batch / s for name, s in med.items()}
+    record["gflops"] = {name: flops / s / 1e9 for name, s in med.items()}
+    record["fraction_of_gemm"] = {name: v / gemm for name, v in record["gflops"].items()}
+    if memory is not None:
+        record["saved_activation_mib"] = {name: b / 2**20 for name, b in memory.items()}
+    return record
+
+
+def _line(r: dict) -> str:
+    mem = ""
+    if "saved_activation_mib" in r:
+        mem = " | activations MiB " + " vs ".join(f"{v:.0f}" for v in r["saved_activation_mib"].values())
+    return (
+        f"{r['kind']:6s} {r['precision']:4s} ditkit {r['img_per_s']['ditkit']:7.2f} img/s "
+        f"({r['fraction_of_gemm']['ditkit']:.0%} of GEMM) | diffusers {r['img_per_s']['diffusers']:7.2f} img/s "
+        f"({r['fraction_of_gemm']['diffusers']:.0%}) | ditkit/diffusers {r['speedup']:.2f}x{mem}"
+    )
+
+
+def write_json(results: dict, path: str | Path) -> Path:
+    """Write the results of `run_bench` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path

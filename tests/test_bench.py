@@ -1,0 +1,82 @@
+"""`ditkit bench` output and the feature cache (speed numbers are never asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from ditkit.config import Config, DataConfig, ModelConfig, SampleConfig
+from ditkit.models import DiT
+from ditkit.models.feature_cache import feature_cache
+from ditkit.sampling import generate
+
+
+def test_bench_command_writes_well_formed_json(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from ditkit.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "DiT-S/8", "--input-size", "8", "--num-classes", "10", "--batch", "2"]
+    argv += ["--steps", "2", "--repeats", "1", "--gemm-size", "64", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert set(results["gemm_gflops"]) == {"fp32", "bf16"}
+    kinds = {(r["kind"], r["precision"]) for r in results["runs"]}
+    assert kinds == {("train", "fp32"), ("train", "bf16"), ("sample", "fp32"), ("sample", "bf16")}
+    for run in results["runs"]:
+        assert set(run["seconds"]) == {"ditkit", "diffusers"} and all(v > 0 for v in run["seconds"].values())
+        assert run["speedup"] == pytest.approx(run["seconds"]["diffusers"] / run["seconds"]["ditkit"])
+    assert results["gmacs_per_forward"] > 0
+    assert "ditkit/diffusers" in capsys.readouterr().out
+
+
+def _model() -> DiT:
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=3, num_heads=2,
+                            num_classes=4, learn_sigma=False)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@torch.no_grad()
+def test_feature_cache_reuses_block_residuals_and_restores_the_model():
+    model = _model()
+    x1, x2 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t1, t2, y = torch.tensor([900.0, 900.0]), torch.tensor([880.0, 880.0]), torch.tensor([0, 3])
+    blocks = model.blocks
+    with feature_cache(model, interval=2) as clock:
+        first = model(x1, t1, y)
+        second = model(x2, t2, y)
+        third = model(x2, t2, y)
+    assert model.blocks is blocks and (clock.computed, clock.reused) == (2, 1)
+    torch.testing.assert_close(first, model(x1, t1, y))
+    torch.testing.assert_close(third, model(x2, t2, y))
+    # The reused pass = the embeddings of the new input + the blocks' residuals from the first pass.
+    h = model.x_embedder(x1) + model.pos_embed
+    c = model.t_embedder(t1) + model.y_embedder(y, None)
+    residual = torch.zeros_like(h)
+    for block in model.blocks:
+        out = block(h + residual, c)
+        residual = out - h
+    h2 = model.x_embedder(x2) + model.pos_embed
+    c2 = model.t_embedder(t2) + model.y_embedder(y, None)
+    torch.testing.assert_close(second, model.unpatchify(model.final_layer(h2 + residual, c2)), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(second, model(x2, t2, y), atol=1e-3)
+
+
+@torch.no_grad()
+def test_feature_cache_interval_one_is_exact_and_sampling_runs_fewer_block_passes():
+    model = _model()
+    config = Config(model=model.config, data=DataConfig(image_size=8, channels=1), sample=SampleConfig(cfg_scale=2.0))
+    plain = generate(model, config, [0, 1, 2], steps=6)
+    assert torch.equal(generate(model, config, [0, 1, 2], steps=6, feature_cache_interval=1), plain)
+    calls = []
+    handle = model.blocks[1].register_forward_hook(lambda *_: calls.append(1))
+    cached = generate(model, config, [0, 1, 2], steps=6, feature_cache_interval=3)
+    handle.remove()
+    assert len(calls) == 2  # 6 denoiser calls, blocks run on calls 0 and 3
+    assert cached.shape == plain.shape and torch.isfinite(cached).all()
+    assert (cached - plain).abs().mean() < 0.5
