@@ -94,6 +94,10 @@ class ModelConfig:
     attn_impl: AttnImpl = "auto"
     """Attention kernel, same math either way: 'sdpa' (fused), 'math' (two matmuls), 'auto' (SDPA except
     bf16/fp16 on CPU, where the matmul form trains faster)."""
+    inpaint: bool = False
+    """Mask-conditioned inpainting model: the patch embedding also takes a known-pixel mask (1 channel)
+    and the masked image (`in_channels`), 2 * in_channels + 1 input channels in all. The extra weights
+    start at zero, so a checkpoint fine-tuned into it (`train.init_from`) starts with unchanged outputs."""
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -138,6 +142,12 @@ class ModelConfig:
         """Channels the network outputs: the input's, doubled when a variance is learned."""
         self.require_resolved()
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def embed_channels(self) -> int:
+        """Channels the patch embedding takes: the input's, plus mask and masked image when `inpaint`."""
+        self.require_resolved()
+        return 2 * self.in_channels + 1 if self.inpaint else self.in_channels
 
     @property
     def input_hw(self) -> tuple[int, int]:

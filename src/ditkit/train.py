@@ -36,6 +36,7 @@ from .checkpoint import (
 from .config import Config, ConfigError, config_to_dict, save_config
 from .data import build_dataset, random_hflip
 from .diffusion import build_process, diffusion_loss
+from .inpainting import inpaint_loss
 from .models import DiT
 from .models.dit import resize_pos_embed
 
@@ -236,7 +237,7 @@ def train(
             if config.data.hflip:
                 x0 = random_hflip(x0, generator)
             with _autocast(device, tc.precision):
-                loss = diffusion_loss(
+                loss = (inpaint_loss if config.model.inpaint else diffusion_loss)(
                     model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -301,7 +302,8 @@ def train(
 def init_from_checkpoint(model: DiT, path: str | Path) -> None:
     """Copy a checkpoint's EMA weights into `model`, resizing the positional embedding to its grid.
 
-    Every other tensor must match in shape: this changes resolution, not architecture.
+    Every other tensor must match in shape: this changes resolution (or adds `model.inpaint`'s input
+    channels, zero-initialised), not architecture.
     """
     path = resolve_checkpoint(path)
     source = load_config_from_checkpoint(path).model
@@ -315,6 +317,9 @@ def init_from_checkpoint(model: DiT, path: str | Path) -> None:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.grid_hw, True, old_grid=source.grid_hw)
     else:  # fixed sin-cos: this model's own table, whatever the source used
         state["pos_embed"] = model.pos_embed.detach().clone()
+    w, extra = state["x_embedder.proj.weight"], mine.embed_channels - source.embed_channels
+    if extra > 0:  # into an inpainting model: the mask and masked-image channels start at zero
+        state["x_embedder.proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

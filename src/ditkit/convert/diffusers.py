@@ -57,6 +57,7 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
         "mlp_act": "gelu_tanh",
         "mlp_type": "linear",
         "qk_norm": False,
+        "inpaint": False,
     }
     other = {k: getattr(config, k) for k, v in paper.items() if getattr(config, k) != v}
     if other:
