@@ -287,6 +287,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "qk_norm": True,
             "mlp_type": "dwconv",
             "attn_impl": "sdpa",
+            "inpaint": True,
         },
         "diffusion": {
             "schedule": "cosine",
