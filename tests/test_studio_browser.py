@@ -20,7 +20,10 @@ import pytest
 
 from test_studio import tiny_studio
 
-INSTALL = "install Debian's chromium (apt-get install chromium) and websocket-client (pip install websocket-client)"
+INSTALL = (
+    "install Chromium (Debian: apt-get install chromium, or `make browser`) "
+    "and websocket-client (pip install websocket-client)"
+)
 ARTIFACTS = Path(os.environ.get("DITKIT_ARTIFACTS", Path(__file__).parent / "artifacts" / "studio"))
 
 
