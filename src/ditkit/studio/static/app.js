@@ -81,7 +81,7 @@ function readSettings(slot) {
   if (state.info.conditioning === "class") {
     const repeat = Math.max(1, num("repeat") || 1);
     body.labels = parseLabels(get("labels").value, repeat);
-    body.nrow = repeat > 1 ? repeat : Math.min(body.labels.length, 8) || 1;
+    body.nrow = repeat > 1 ? repeat : Math.min(body.labels.length, 10) || 1;
   } else if (state.info.conditioning === "text") {
     body.prompts = get("prompts").value.split("\n").filter((p) => p.trim());
   } else {
