@@ -39,18 +39,18 @@ class Client:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def request(self, path: str, body=None, raw: bytes | None = None):
+    def request(self, path: str, body=None, raw: bytes | None = None, content_type: str = "application/json"):
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.base + path, data=data, method="POST" if data is not None else "GET")
-        req.add_header("Content-Type", "application/json")
+        req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, resp.headers.get("Content-Type"), resp.read()
         except urllib.error.HTTPError as err:
             return err.code, err.headers.get("Content-Type"), err.read()
 
-    def json(self, path: str, body=None, raw=None):
-        status, ctype, payload = self.request(path, body, raw)
+    def json(self, path: str, body=None, raw=None, content_type: str = "application/json"):
+        status, ctype, payload = self.request(path, body, raw, content_type)
         assert ctype == "application/json", (status, ctype, payload[:200])
         return status, json.loads(payload)
 
@@ -137,6 +137,17 @@ def test_malformed_bodies_and_unknown_jobs(client):
     assert status == 400 and "the mask is empty" in reply["error"]
     status, reply = client.json("/api/jobs", {"labels": [0], "kind": "inpaint", "image": img, "method": "trained"})
     assert status == 400 and "model.inpaint=true" in reply["error"]
+
+
+def test_cross_site_requests_are_refused(client):
+    status, reply = client.json("/api/jobs", raw=b'{"labels": [0]}', content_type="text/plain")
+    assert status == 415 and "Content-Type: application/json" in reply["error"]
+    req = urllib.request.Request(client.base + "/api/info", headers={"Host": "attacker.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 403 and "attacker.example" in json.loads(err.value.read())["error"]
+    with pytest.raises(ValueError, match="max_queue"):
+        Limits(max_queue=0)
 
 
 def test_sample_job_reports_progress_and_serves_pngs(client):

@@ -62,6 +62,13 @@ class Limits:
     keep_jobs: int = 64
     """Finished jobs kept for download; older ones are forgotten."""
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "max_batch", "max_queue", "max_resample", "max_times", "max_work", "keep_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"studio limit {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_cfg < 1:
+            raise ValueError(f"studio limit max_cfg must be >= 1, got {self.max_cfg}")
+
 
 class StudioError(Exception):
     """A request the studio refuses; `status` is the HTTP status, the message is shown to the user."""

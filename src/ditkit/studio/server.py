@@ -80,7 +80,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._guard(self._post)
 
+    def _check_host(self) -> None:
+        """On a loopback address, answer only requests addressed to it: a web page elsewhere that makes
+        its name resolve to 127.0.0.1 (DNS rebinding) could otherwise read the studio."""
+        if not self.server.loopback:
+            return
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise StudioError(f"requests must be addressed to this machine, not {host!r}", 403)
+
     def _get(self) -> None:
+        self._check_host()
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             return self._send(200, _static("index.html"), STATIC_FILES["index.html"])
@@ -103,8 +113,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, job.png("image", int(match.group(3))), "image/png", cache=True)
 
     def _post(self) -> None:
+        self._check_host()
         if self.path.split("?", 1)[0] != "/api/jobs":
             raise StudioError(f"cannot POST to {self.path}", 404)
+        # JSON only: a cross-site form cannot send this content type without a CORS preflight,
+        # which the studio never grants.
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            raise StudioError("send the request as JSON (Content-Type: application/json)", 415)
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -125,6 +140,7 @@ def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> Th
     handler = type("StudioHandler", (_Handler,), {"studio": studio})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
+    server.loopback = host in ("127.0.0.1", "localhost", "::1")
     return server
 
 
