@@ -175,25 +175,17 @@ def test_page_samples_compares_inpaints_and_shows_errors(browser, studio_url):
     assert "euler, 3 steps" in browser.js("document.querySelector('#result-B .settings-summary').textContent")
     browser.screenshot("02_compare.png")
 
-    # A bad request: the server's message shows in the page.
-    click(browser, "#compare")
-    set_value(browser, "#A-steps", 5000)
-    click(browser, "#run")
-    message = browser.wait_for(
-        "(() => { const e = document.querySelector('#error'); return !e.hidden && e.textContent; })()"
-    )
-    assert "steps must be between 1 and 1000, got 5000" in message
-    assert "Traceback" not in browser.js("document.body.innerText")
-    browser.screenshot("03_error.png")
-
     # Inpaint a result: edit it, mask the centre, fill it.
+    click(browser, "#compare")
     set_value(browser, "#A-steps", 4)
     set_value(browser, "#A-labels", "1, 2")
     browser.js("document.querySelector('#result-A .downloads figure button').click()")
     browser.wait_for("!document.querySelector('#source').hidden && document.querySelector('#editor').width === 8")
     click(browser, "#mask-center")
     click(browser, "#run")
+    assert browser.js("document.querySelector('#result-A .status').dataset.status") != "done"  # old result cleared
     browser.wait_for("document.querySelector('#result-A .status')?.dataset.status === 'done'")
+    assert "inpaint" in browser.js("document.querySelector('#result-A .settings-summary').textContent")
     browser.wait_for("document.querySelectorAll('#result-A .downloads figure').length === 2")
     assert browser.js("document.querySelector('#error').hidden")
     browser.screenshot("04_inpaint.png")
@@ -206,3 +198,14 @@ def test_page_samples_compares_inpaints_and_shows_errors(browser, studio_url):
     browser.wait_for("document.querySelector('#result-A .status')?.dataset.status === 'done'")
     browser.wait_for("document.querySelector('#result-A .downloads figure img')?.naturalWidth === 16")
     browser.screenshot("05_outpaint.png")
+
+    # A bad request: the server's message shows in the page.
+    click(browser, "#tab-sample")
+    set_value(browser, "#A-steps", 5000)
+    click(browser, "#run")
+    message = browser.wait_for(
+        "(() => { const e = document.querySelector('#error'); return !e.hidden && e.textContent; })()"
+    )
+    assert "steps must be between 1 and 1000, got 5000" in message
+    assert "Traceback" not in browser.js("document.body.innerText")
+    browser.screenshot("06_error.png")

@@ -197,7 +197,7 @@ function renderStatus(node, s) {
   let line = s.status;
   if (s.status === "queued") line = `queued (${s.position} ahead)`;
   if (s.status === "running") {
-    line = `step ${s.step} of ${s.num_steps}`;
+    line = s.num_steps ? `step ${s.step} of ${s.num_steps}` : "starting…";
     if (s.rounds > 1) line += `, round ${s.round + 1} of ${s.rounds}`;
   }
   if (s.status === "done") line = `done in ${s.seconds}s: ${s.images} image${s.images === 1 ? "" : "s"}`;
@@ -284,11 +284,20 @@ async function run() {
     return showError(err.message);
   }
   $("#run").disabled = true;
-  let started = 0;
-  for (const [slot, body] of bodies) {
+  for (const [slot, body] of bodies) {  // clear old results at once, before any request is answered
     const node = resultPanel(slot);
     $("h2", node).textContent = slots.length > 1 ? `Settings ${slot}` : "Result";
     $(".settings-summary", node).textContent = summary(body);
+    $(".status", node).textContent = "submitting…";
+    $(".status", node).dataset.status = "submitting";
+    $("progress", node).value = 0;
+    $("img.grid", node).hidden = true;
+    $("img.preview", node).hidden = true;
+    $(".downloads", node).textContent = "";
+  }
+  let started = 0;
+  for (const [slot, body] of bodies) {
+    const node = resultPanel(slot);
     try {
       const job = await api("/api/jobs", {
         method: "POST",
@@ -297,8 +306,6 @@ async function run() {
       });
       $(".status", node).textContent = `queued (${job.position} ahead)`;
       $(".status", node).dataset.status = "queued";
-      $("img.grid", node).hidden = true;
-      $(".downloads", node).textContent = "";
       started++;
       poll(slot, job.id);
     } catch (err) {
