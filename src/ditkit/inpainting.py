@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from .config import Config, ConfigError
-from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, build_process, prediction_target
+from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, prediction_target
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
 
@@ -100,7 +100,7 @@ def random_known_masks(
 
 def inpaint_loss(
     model: nn.Module,
-    process,
+    process: NoiseProcess,
     x0: torch.Tensor,
     cond: torch.Tensor,
     *,
