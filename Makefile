@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ditkit-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow browser clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The studio's browser test needs Chromium; without it that test skips (Debian: root or sudo).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

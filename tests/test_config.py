@@ -287,6 +287,8 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "qk_norm": True,
             "mlp_type": "dwconv",
             "attn_impl": "sdpa",
+            "unpatchify": "deconv",
+            "inpaint": True,
         },
         "diffusion": {
             "schedule": "cosine",

@@ -1,4 +1,4 @@
-"""The `ditkit` command: train, cache, sample, info, convert, demo."""
+"""The `ditkit` command: train, cache, sample, bench, info, convert, demo, serve, inpaint, outpaint."""
 
 from __future__ import annotations
 
@@ -273,6 +273,148 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .studio import Limits, serve
+
+    limits = Limits(max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue)
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, weights=args.weights, limits=limits)
+    return 0
+
+
+def _paint_setup(args: argparse.Namespace):
+    """Model, config, labels and the output path shared by `inpaint` and `outpaint`."""
+    from pathlib import Path
+
+    from .train import load_model, resolve_device
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new file (nothing was written)")
+    model, config = load_model(args.checkpoint, args.weights, resolve_device(args.device))
+    if config.model.conditional:
+        labels: list[int] | int = list(args.classes) if args.classes else [0]
+    else:
+        if args.classes:
+            raise ValueError("this model is unconditional (model.num_classes=0): drop --classes")
+        labels = args.num
+    return model, config, labels, out
+
+
+def _paint_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "method": args.method,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "cfg_scale": args.cfg_scale,
+        "seed": args.seed,
+        "resample": args.resample,
+        "jump": args.jump,
+        "progress": not args.no_progress,
+    }
+
+
+def _save_results(images: torch.Tensor, out, nrow: int, scale: int) -> None:
+    """One image as itself, several as a padded grid."""
+    from PIL import Image
+
+    from .utils.images import save_grid, to_uint8
+
+    if len(images) > 1:
+        save_grid(images, out, nrow=nrow, scale=scale)
+        return
+    arr = to_uint8(images)[0]
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from .inpainting import inpaint, load_image, load_mask
+
+    model, config, labels, out = _paint_setup(args)
+    image = load_image(args.image, config)
+    known = load_mask(args.mask, config.model.input_hw)
+    images = inpaint(model, config, image, known, labels, **_paint_options(args))
+    _save_results(images, out, nrow=min(len(images), 8), scale=args.scale)
+    print(f"wrote {len(images)} inpainted image(s) to {out}")
+    return 0
+
+
+def _cmd_outpaint(args: argparse.Namespace) -> int:
+    from .inpainting import load_image, outpaint
+
+    model, config, labels, out = _paint_setup(args)
+    image = load_image(args.image, config, resize=False)
+    h, w = config.model.input_hw
+    across = h if args.direction in ("left", "right") else w
+    ih, iw = image.shape[2:]
+    if (ih if args.direction in ("left", "right") else iw) != across:
+        raise ValueError(
+            f"--image {args.image} is {iw}x{ih} px; outpainting {args.direction} needs it {across} px "
+            f"{'high' if args.direction in ('left', 'right') else 'wide'} (the model's input is {w}x{h})"
+        )
+    images = outpaint(
+        model,
+        config,
+        image,
+        labels,
+        direction=args.direction,
+        times=args.times,
+        overlap=args.overlap,
+        **_paint_options(args),
+    )
+    _save_results(images, out, nrow=1, scale=args.scale)
+    print(f"wrote {len(images)} outpainted image(s) of {images.shape[3]}x{images.shape[2]} px to {out}")
+    return 0
+
+
+def _add_studio_parsers(sub) -> None:
+    """`serve`, `inpaint` and `outpaint`."""
+    p = sub.add_parser("serve", help="the studio: a local web page to sample, compare and inpaint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--max-steps", type=int, default=1000, help="largest steps a request may ask for")
+    p.add_argument("--max-batch", type=int, default=64, help="most images per request")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more get HTTP 429")
+    p.set_defaults(func=_cmd_serve)
+
+    for name, helptext in (
+        ("inpaint", "fill the white region of --mask in --image"),
+        ("outpaint", "extend --image towards --direction"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder")
+        p.add_argument("--image", required=True, help="PNG/JPEG input (pixel values; resized for inpaint)")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="PNG mask, white = generate here, black = keep")
+        else:
+            p.add_argument("--direction", choices=["left", "right", "up", "down"], default="right")
+            p.add_argument("--times", type=int, default=1, help="inpainting rounds; each adds (1 - overlap) of a side")
+            p.add_argument("--overlap", type=float, default=0.5, help="fraction of each window kept from the image")
+        p.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
+        p.add_argument("--classes", type=int, nargs="*", help="class labels, one result each (default: 0)")
+        p.add_argument("--num", type=int, default=1, help="results, for an unconditional model")
+        p.add_argument(
+            "--method", choices=["auto", "repaint", "trained"], default="auto", help="auto: trained if the model has it"
+        )
+        p.add_argument("--resample", type=int, default=5, help="RePaint resampling count (default 5)")
+        p.add_argument("--jump", type=int, default=1, help="RePaint jump length")
+        p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+        p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler of the 'trained' method")
+        p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+        p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
+        p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+        p.add_argument("--scale", type=int, default=1, help="integer upscaling of the written PNG")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=_cmd_inpaint if name == "inpaint" else _cmd_outpaint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Train, sample and inspect Diffusion Transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -390,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+    _add_studio_parsers(sub)
     return parser
 
 

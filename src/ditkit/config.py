@@ -102,6 +102,10 @@ class ModelConfig:
     unpatchify: Unpatchify = "linear"
     """Output head: 'linear' (the paper: a linear map per token, then unpatchify) or 'deconv' (a
     ConvTranspose2d with kernel = stride = patch over the token grid, one bias per channel; Cerebras)."""
+    inpaint: bool = False
+    """Mask-conditioned inpainting model: the patch embedding also takes a known-pixel mask (1 channel)
+    and the masked image (`in_channels`), 2 * in_channels + 1 input channels in all. The extra weights
+    start at zero, so a checkpoint fine-tuned into it (`train.init_from`) starts with unchanged outputs."""
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -146,6 +150,12 @@ class ModelConfig:
         """Channels the network outputs: the input's, doubled when a variance is learned."""
         self.require_resolved()
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def embed_channels(self) -> int:
+        """Channels the patch embedding takes: the input's, plus mask and masked image when `inpaint`."""
+        self.require_resolved()
+        return 2 * self.in_channels + 1 if self.inpaint else self.in_channels
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -245,6 +255,8 @@ class DataConfig:
             self.image_size = tuple(self.image_size)
         if min(self.image_hw) < 1:
             raise ConfigError(f"data.image_size must be >= 1, got {self.image_size}")
+        if self.holdout < 0:
+            raise ConfigError(f"data.holdout must be >= 0, got {self.holdout}")
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -252,8 +264,6 @@ class DataConfig:
         if isinstance(self.image_size, int):
             return self.image_size, self.image_size
         return tuple(self.image_size)
-        if self.holdout < 0:
-            raise ConfigError(f"data.holdout must be >= 0, got {self.holdout}")
 
 
 @dataclass

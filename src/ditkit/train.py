@@ -40,6 +40,7 @@ from .data import build_dataset
 from .data.cache import CacheDataset, CacheError
 from .data.sources import make_batch_source, measure_latent_stats
 from .diffusion import build_process, diffusion_loss
+from .inpainting import inpaint_loss
 from .models import DiT
 from .models.dit import resize_pos_embed
 
@@ -249,7 +250,7 @@ def train(
             t0 = time.perf_counter()
             x0, y = source(next(batches), generator, device)
             with _autocast(device, tc.precision):
-                loss = diffusion_loss(
+                loss = (inpaint_loss if config.model.inpaint else diffusion_loss)(
                     model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -334,7 +335,8 @@ def _training_dataset(config: Config) -> Dataset:
 def init_from_checkpoint(model: DiT, path: str | Path) -> None:
     """Copy a checkpoint's EMA weights into `model`, resizing the positional embedding to its grid.
 
-    Every other tensor must match in shape: this changes resolution, not architecture.
+    Every other tensor must match in shape: this changes resolution (or adds `model.inpaint`'s input
+    channels, zero-initialised), not architecture.
     """
     path = resolve_checkpoint(path)
     source = load_config_from_checkpoint(path).model
@@ -348,6 +350,9 @@ def init_from_checkpoint(model: DiT, path: str | Path) -> None:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], mine.grid_hw, True, old_grid=source.grid_hw)
     else:  # fixed sin-cos: this model's own table, whatever the source used
         state["pos_embed"] = model.pos_embed.detach().clone()
+    w, extra = state["x_embedder.proj.weight"], mine.embed_channels - source.embed_channels
+    if extra > 0:  # into an inpainting model: the mask and masked-image channels start at zero
+        state["x_embedder.proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -58,6 +58,7 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
         "mlp_type": "linear",
         "qk_norm": False,
         "unpatchify": "linear",
+        "inpaint": False,
     }
     other = {k: getattr(config, k) for k, v in paper.items() if getattr(config, k) != v}
     if other:

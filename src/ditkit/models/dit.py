@@ -142,7 +142,7 @@ class DiT(nn.Module):
         self.config = config
         d, p = config.hidden_size, config.patch_size
         self.grid_hw = config.grid_hw  # (rows, columns) of tokens; H != W is fine
-        self.x_embedder = PatchEmbed(p, config.in_channels, d)
+        self.x_embedder = PatchEmbed(p, config.embed_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         # An unconditional model has no label embedding at all (not a one-class table).
         self.y_embedder = (
@@ -179,6 +179,7 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.zeros_(w[:, self.config.in_channels :])  # inpaint: mask channels start switched off
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -214,13 +215,17 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """Predict from noisy input x (N, C, H, W), timesteps t (N,) and labels y (N,) (null class allowed).
 
+        An `inpaint` model takes x as (N, 2C + 1, H, W): x_t, the known mask and the masked image;
+        given only x_t it treats every pixel as unknown.
+
         `generator` drives label dropout in training mode. An unconditional model ignores `y`.
         """
         h, w = self.config.input_hw
-        if x.shape[1:] != (self.config.in_channels, h, w):
-            raise ValueError(
-                f"DiT expects input of shape (N, {self.config.in_channels}, {h}, {w}), got {tuple(x.shape)}"
-            )
+        c_in, c_embed = self.config.in_channels, self.config.embed_channels
+        if x.shape[1:] == (c_in, h, w) and c_embed > c_in:  # inpaint model without a mask: nothing known
+            x = torch.cat([x, x.new_zeros(x.shape[0], c_embed - c_in, h, w)], dim=1)  # (N, 2C + 1, H, W)
+        if x.shape[1:] != (c_embed, h, w):
+            raise ValueError(f"DiT expects input of shape (N, {c_embed}, {h}, {w}), got {tuple(x.shape)}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         cond = [self.t_embedder(t)]  # [(N, D)]
         if self.y_embedder is not None:
@@ -287,7 +292,7 @@ def count_macs(config: ModelConfig) -> int:
     d, p, tokens = config.hidden_size, config.patch_size, config.num_tokens
     hidden = int(d * config.mlp_ratio)
     cond_tokens = 2 if config.conditional else 1
-    patch_embed = tokens * config.in_channels * p * p * d
+    patch_embed = tokens * config.embed_channels * p * p * d
     t_embed = 256 * d + d * d
     seq = tokens + cond_tokens if config.block_type == "in-context" else tokens
     per_block = (

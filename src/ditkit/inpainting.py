@@ -1,0 +1,332 @@
+"""Inpainting and outpainting from a checkpoint, and the random masks that train mask-conditioned models.
+
+Two ways to inpaint (`method`):
+
+- 'repaint': any model, no training. RePaint (Lugmayr et al. 2022, https://arxiv.org/abs/2201.09865)
+  keeps the known region on the noised trajectory at every step, with optional resampling
+  (`ditkit.samplers.inpaint.sample_repaint`).
+- 'trained': a model with `ModelConfig.inpaint` sees the mask and the masked image as extra input
+  channels (as Stable Diffusion's inpainting model does, Rombach et al. 2022,
+  https://arxiv.org/abs/2112.10752), so any sampler works; the known pixels are pasted back at the end.
+
+Outpainting grows an image towards one side by repeated inpainting of a window that overlaps the
+image and reaches past it (the way seed 002 grew its "cyberpunk marketplace" scenery).
+`known_mask` is 1 where a pixel is known and 0 where it is to be generated, everywhere in ditkit; mask
+PNGs (the CLI, the studio page) are the other way round, white = paint here, as in image editors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import Config, ConfigError
+from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, prediction_target
+from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
+from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
+
+__all__ = [
+    "Direction",
+    "InpaintMethod",
+    "random_known_masks",
+    "inpaint_loss",
+    "inpaint",
+    "outpaint",
+    "load_image",
+    "load_mask",
+]
+
+InpaintMethod = Literal["auto", "repaint", "trained"]
+Direction = Literal["left", "right", "up", "down"]
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+
+MASK_KINDS = ("none", "rectangle", "brush", "side")
+"""Training masks: nothing known (keeps plain sampling working), a rectangular hole, brush strokes, or
+only one side known (outpainting)."""
+MASK_PROBS = (0.1, 0.35, 0.25, 0.3)
+
+
+def _uniform(generator: torch.Generator | None, device: torch.device, *shape: int) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def random_known_masks(
+    n: int, height: int, width: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n, 1, H, W) float masks, 1 = known: a mix of rectangles, brush strokes, sides and empty masks."""
+    device = torch.device(device)
+    rows = torch.arange(height, device=device).view(1, height, 1).float()  # (1, H, 1)
+    cols = torch.arange(width, device=device).view(1, 1, width).float()  # (1, 1, W)
+    kind = torch.multinomial(torch.tensor(MASK_PROBS, device=device), n, replacement=True, generator=generator)
+    u = _uniform(generator, device, n, 8)  # per-image shape parameters, all drawn at once
+    # Rectangle hole: 20-70 % of each side, anywhere.
+    rh, rw = (0.2 + 0.5 * u[:, 0]) * height, (0.2 + 0.5 * u[:, 1]) * width
+    top, left = u[:, 2] * (height - rh), u[:, 3] * (width - rw)
+    hole = (rows >= top.view(-1, 1, 1)) & (rows < (top + rh).view(-1, 1, 1))
+    hole = hole & (cols >= left.view(-1, 1, 1)) & (cols < (left + rw).view(-1, 1, 1))  # (n, H, W)
+    # Brush: 3 straight strokes between random points, radius 6-15 % of the shorter side.
+    points = _uniform(generator, device, n, 3, 2, 2) * torch.tensor([height, width], device=device)  # (n, S, 2, 2)
+    radius = (0.06 + 0.09 * u[:, 4]).view(-1, 1, 1, 1) * min(height, width)
+    pix = torch.stack(torch.broadcast_tensors(rows, cols), dim=-1).view(1, 1, height, width, 2)  # (1, 1, H, W, 2)
+    a, b = points[:, :, 0].view(n, 3, 1, 1, 2), points[:, :, 1].view(n, 3, 1, 1, 2)
+    ab = b - a
+    frac = (((pix - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp(min=1e-6)).clamp(0, 1)  # (n, S, H, W)
+    dist = (pix - (a + frac.unsqueeze(-1) * ab)).norm(dim=-1)
+    brush = (dist <= radius).any(dim=1)  # (n, H, W)
+    # Side: a band of 25-75 % on one side is unknown.
+    side = torch.floor(u[:, 5] * 4).long()
+    frac_unknown = 0.25 + 0.5 * u[:, 6]
+    band = torch.stack(
+        [
+            cols < (frac_unknown * width).view(-1, 1, 1) + 0 * rows,  # left unknown
+            cols >= ((1 - frac_unknown) * width).view(-1, 1, 1) + 0 * rows,  # right unknown
+            rows < (frac_unknown * height).view(-1, 1, 1) + 0 * cols,  # top unknown
+            rows >= ((1 - frac_unknown) * height).view(-1, 1, 1) + 0 * cols,  # bottom unknown
+        ],
+        dim=1,
+    )[torch.arange(n, device=device), side]  # (n, H, W)
+    unknown = torch.ones(n, height, width, dtype=torch.bool, device=device)
+    unknown = torch.where((kind == 1).view(-1, 1, 1), hole, unknown)
+    unknown = torch.where((kind == 2).view(-1, 1, 1), brush, unknown)
+    unknown = torch.where((kind == 3).view(-1, 1, 1), band, unknown)
+    return (~unknown).float().unsqueeze(1)  # (n, 1, H, W)
+
+
+def inpaint_loss(
+    model: nn.Module,
+    process: NoiseProcess,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    prediction: str = "eps",
+) -> torch.Tensor:
+    """`diffusion_loss` for a mask-conditioned model: the input carries a random mask and the masked x0."""
+    n, channels, height, width = x0.shape
+    t = process.sample_t(n, generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = process.add_noise(x0, noise, t)
+    known_mask = random_known_masks(n, height, width, generator=generator, device=x0.device).to(x0.dtype)
+    x_in = torch.cat([x_t, mask_channels(x0, known_mask)], dim=1)  # (N, 2C + 1, H, W)
+    out = model(x_in, process.model_time(t), cond, generator=generator)
+    target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t))
+    return (out[:, :channels].float() - target).pow(2).mean()
+
+
+def _labels(config: Config, labels: torch.Tensor | list[int] | int, device: torch.device) -> torch.Tensor:
+    m = config.model
+    if isinstance(labels, int):
+        if m.conditional:
+            raise ValueError("a class-conditional model needs one label per image, not a count")
+        return torch.zeros(labels, dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if m.conditional and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= m.num_classes):
+        raise ValueError(f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}")
+    return labels
+
+
+@torch.no_grad()
+def inpaint(
+    model: nn.Module,
+    config: Config,
+    image: torch.Tensor,
+    known_mask: torch.Tensor,
+    labels: torch.Tensor | list[int] | int,
+    *,
+    method: InpaintMethod = "auto",
+    steps: int | None = None,
+    sampler: str | None = None,
+    cfg_scale: float | None = None,
+    seed: int | None = None,
+    jump: int = 1,
+    resample: int = 1,
+    eta: float | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Fill the unknown region (known_mask 0) of `image` (1 or N, C, H, W) in [-1, 1]; one result per label.
+
+    'auto' takes 'trained' for a model with `model.inpaint`, else 'repaint'. `jump`, `resample` and
+    `eta` (default 1: DDPM steps) belong to 'repaint'; `sampler` to 'trained'. The known pixels of the
+    result equal `image` exactly.
+    """
+    m, sc = config.model, config.sample
+    if method == "auto":
+        method = "trained" if m.inpaint else "repaint"
+    if method not in ("repaint", "trained"):
+        raise ValueError(f"unknown inpainting method {method!r}; choose auto, repaint or trained")
+    if method == "trained" and not m.inpaint:
+        raise ValueError("method 'trained' needs a model trained with model.inpaint=true; use 'repaint'")
+    device = next(model.parameters()).device
+    labels = _labels(config, labels, device)
+    n = len(labels)
+    shape = (m.in_channels, *m.input_hw)
+    if image.dim() != 4 or tuple(image.shape[1:]) != shape or image.shape[0] not in (1, n):
+        raise ValueError(f"image must be (1 or {n}, {', '.join(map(str, shape))}), got {tuple(image.shape)}")
+    if known_mask.dim() != 4 or known_mask.shape[1] != 1 or tuple(known_mask.shape[2:]) != m.input_hw:
+        hw = f"{m.input_hw[0]}, {m.input_hw[1]}"
+        raise ValueError(f"known_mask must be (1 or {n}, 1, {hw}), got {tuple(known_mask.shape)}")
+    image = image.to(device).float().expand(n, *shape)
+    known_mask = known_mask.to(device).float().expand(n, 1, *m.input_hw)
+    process = build_process(config.diffusion)
+    base: Denoiser
+    if m.inpaint:
+        base = MaskConditionedDenoiser(model, process, config.diffusion.prediction, image, known_mask)
+    else:
+        base = ModelDenoiser(model, process, config.diffusion.prediction)
+    scale = (sc.cfg_scale if m.conditional else 1.0) if cfg_scale is None else cfg_scale
+    if scale != 1.0:
+        if not m.conditional or m.class_dropout_prob == 0:
+            raise ValueError("this model has no null class, so it cannot be guided: use cfg_scale=1")
+        base = ClassifierFreeGuidance(base, scale, interval=sc.guidance_interval)
+    denoiser = ClampDenoised(base, -1.0, 1.0) if sc.clip_denoised else base
+    generator = torch.Generator(device).manual_seed(sc.seed if seed is None else seed)
+    steps = sc.steps if steps is None else steps
+    grid = process.timesteps(steps, device=device, spacing=sc.spacing)
+    x = process.prior((n, *shape), generator=generator, device=device)
+    cond = labels if m.conditional else None
+    if method == "repaint":
+        out = sample_repaint(
+            denoiser,
+            x,
+            grid,
+            known=image,
+            known_mask=known_mask,
+            cond=cond,
+            jump=jump,
+            resample=resample,
+            eta=1.0 if eta is None else eta,
+            generator=generator,
+            callback=callback,
+            progress=progress,
+        )
+    else:
+        name = sc.sampler if sampler is None else sampler
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+        takes_eta = "eta" in inspect.signature(SAMPLERS[name]).parameters
+        options = {"eta": sc.eta if eta is None else eta} if takes_eta else {}
+        out = SAMPLERS[name](
+            denoiser, x, grid, cond=cond, generator=generator, callback=callback, progress=progress, **options
+        )
+    out = out.clamp(-1, 1)
+    return known_mask * image + (1 - known_mask) * out
+
+
+def _to_rows_last(x: torch.Tensor, direction: str) -> torch.Tensor:
+    """Rotate (N, C, H, W) so that growing towards `direction` becomes growing to the right."""
+    turns = {"right": 0, "down": 1, "left": 2, "up": 3}[direction]  # counter-clockwise: bottom -> right
+    return torch.rot90(x, turns, dims=(2, 3))
+
+
+def _from_rows_last(x: torch.Tensor, direction: str) -> torch.Tensor:
+    turns = {"right": 0, "down": 1, "left": 2, "up": 3}[direction]
+    return torch.rot90(x, -turns, dims=(2, 3))
+
+
+@torch.no_grad()
+def outpaint(
+    model: nn.Module,
+    config: Config,
+    image: torch.Tensor,
+    labels: torch.Tensor | list[int] | int,
+    *,
+    direction: Direction = "right",
+    times: int = 1,
+    overlap: float = 0.5,
+    seed: int | None = None,
+    callback: StepCallback | None = None,
+    **inpaint_options,
+) -> torch.Tensor:
+    """Extend `image` (1 or N, C, H, W) towards `direction` by `times` inpainting rounds of a model-size window.
+
+    Each round the window keeps `overlap` of its extent from the current picture and generates the rest,
+    so the picture grows by round((1 - overlap) * side) pixels per round. The side across the direction
+    must be the model's; along it the picture may have any length >= the overlap. Returns (N, C, H', W').
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    if times < 1:
+        raise ValueError(f"times must be >= 1, got {times}")
+    if not 0.0 < overlap < 1.0:
+        raise ValueError(f"overlap must be in (0, 1), got {overlap}")
+    m = config.model
+    h, w = m.input_hw
+    across, along = (h, w) if direction in ("left", "right") else (w, h)
+    keep = max(1, round(overlap * along))
+    canvas = _to_rows_last(image.float(), direction)  # (N, C, across, length): grow to the right
+    if canvas.shape[2] != across or canvas.shape[3] < keep:
+        raise ValueError(
+            f"to outpaint {direction}, the image must be {across} px across the direction and >= {keep} px "
+            f"along it (model input {h}x{w}); got {image.shape[2]}x{image.shape[3]}"
+        )
+    base_seed = config.sample.seed if seed is None else seed
+    for k in range(times):
+        window = torch.zeros(canvas.shape[0], canvas.shape[1], across, along, device=canvas.device)
+        window[..., :keep] = canvas[..., -keep:]
+        known = torch.zeros(1, 1, across, along, device=canvas.device)
+        known[..., :keep] = 1
+        round_callback = None
+        if callback is not None:
+            round_callback = _round_callback(callback, k, times)
+        filled = inpaint(
+            model,
+            config,
+            _from_rows_last(window, direction),
+            _from_rows_last(known, direction),
+            labels,
+            seed=base_seed + k,
+            callback=round_callback,
+            **inpaint_options,
+        )
+        filled = _to_rows_last(filled.to(canvas.device), direction)
+        canvas = canvas.expand(filled.shape[0], *canvas.shape[1:])
+        canvas = torch.cat([canvas, filled[..., keep:]], dim=3)  # (N, C, across, length + along - keep)
+    return _from_rows_last(canvas, direction)
+
+
+def _round_callback(callback: StepCallback, k: int, rounds: int) -> StepCallback:
+    def wrapped(info: dict) -> None:
+        callback({**info, "round": k, "rounds": rounds})
+
+    return wrapped
+
+
+def load_image(path: str | Path, config: Config, *, resize: bool = True) -> torch.Tensor:
+    """A PNG/JPEG as (1, C, H, W) in [-1, 1] with the model's channels, resized to its input unless not `resize`."""
+    path = Path(path)
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+    img = img.convert("L" if config.model.in_channels == 1 else "RGB")
+    if config.model.in_channels not in (1, 3):
+        raise ConfigError(f"{path}: images need a 1- or 3-channel model, this one has {config.model.in_channels}")
+    if resize:
+        h, w = config.model.input_hw
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    x = torch.from_numpy(arr)
+    return (x[None, None] if x.dim() == 2 else x.permute(2, 0, 1)[None]).contiguous()  # (1, C, H, W)
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """A mask PNG (white = to generate) as a (1, 1, H, W) known mask (1 = keep), resized to `size`."""
+    path = Path(path)
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable mask image ({err})") from err
+    if img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255:
+        img = img.getchannel("A")  # a painted layer over transparency: the strokes mark the region
+    img = img.convert("L").resize((size[1], size[0]), Image.Resampling.NEAREST)
+    paint = torch.from_numpy(np.asarray(img) > 127)
+    return (~paint).float()[None, None]

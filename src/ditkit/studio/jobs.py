@@ -1,0 +1,471 @@
+"""The studio's sampling queue: validated requests run one at a time on a worker thread.
+
+A request is checked against `Limits` before it is queued (steps, batch, resampling, outpainting
+rounds, guidance, image sizes and a total work budget), so one request cannot exhaust the machine.
+The queue is bounded: a full queue refuses new work (HTTP 429) instead of growing. Only the worker
+thread touches the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..config import Config
+from ..inpainting import DIRECTIONS, inpaint, outpaint
+from ..samplers import SAMPLERS
+from ..sampling import generate
+from ..utils.images import make_grid, to_uint8
+
+__all__ = ["Limits", "StudioError", "Job", "Studio", "conditioning_kind"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("sample", "inpaint", "outpaint")
+METHODS = ("auto", "repaint", "trained")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request and on the queue."""
+
+    max_steps: int = 1000
+    """Sampling steps per request."""
+    max_batch: int = 64
+    """Images per request."""
+    max_queue: int = 8
+    """Requests waiting (not counting the running one); more are refused with HTTP 429."""
+    max_resample: int = 20
+    """RePaint resampling count."""
+    max_times: int = 8
+    """Outpainting rounds."""
+    max_cfg: float = 20.0
+    """Largest guidance scale."""
+    max_work: int = 64_000
+    """Budget of images x denoiser steps (x resampling x rounds) per request."""
+    max_image_side: int = 4096
+    """Largest side of an uploaded image, in pixels."""
+    keep_jobs: int = 64
+    """Finished jobs kept for download; older ones are forgotten."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "max_batch", "max_queue", "max_resample", "max_times", "max_work", "keep_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"studio limit {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_cfg < 1:
+            raise ValueError(f"studio limit max_cfg must be >= 1, got {self.max_cfg}")
+
+
+class StudioError(Exception):
+    """A request the studio refuses; `status` is the HTTP status, the message is shown to the user."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Job:
+    """One request and what it produced."""
+
+    id: str
+    params: dict[str, Any]
+    status: str = "queued"
+    step: int = 0
+    num_steps: int = 0
+    round: int = 0
+    rounds: int = 1
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    seconds: float | None = None
+    preview: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    nrow: int = 8
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def progress(self) -> float:
+        """Fraction done in [0, 1]."""
+        if self.status == "done":
+            return 1.0
+        if not self.num_steps:
+            return 0.0
+        return min(1.0, (self.round + self.step / self.num_steps) / self.rounds)
+
+    def png(self, which: str, index: int | None = None) -> bytes:
+        """'grid', 'image' (with index) or 'preview' as PNG bytes."""
+        with self.lock:
+            images, preview = self.images, self.preview
+        if which == "preview":
+            if preview is None:
+                raise StudioError("no preview yet", 404)
+            return _png(make_grid(preview, self.nrow))
+        if images is None:
+            raise StudioError(f"job {self.id} has no images yet (status: {self.status})", 404)
+        if which == "grid":
+            return _png(make_grid(images, self.nrow))
+        if index is None or not 0 <= index < len(images):
+            raise StudioError(f"job {self.id} has images 0..{len(images) - 1}, not {index}", 404)
+        return _png(to_uint8(images[index : index + 1])[0])
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def conditioning_kind(config: Config) -> str:
+    """'text' (prompts), 'class' (labels) or 'none' (unconditional), as the page shows controls for."""
+    m = config.model
+    # Text-conditioned models are another issue's work; whichever of these fields it adds marks one.
+    if any(getattr(m, name, None) for name in ("text_encoder", "text_conditioned", "text_dim")):
+        return "text"
+    return "class" if m.conditional else "none"
+
+
+def _int(payload: dict, key: str, default: int, lo: int, hi: int) -> int:
+    value = payload.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value.strip())
+        else:
+            raise StudioError(f"{key} must be a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise StudioError(f"{key} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(payload: dict, key: str, default: float, lo: float, hi: float) -> float:
+    value = payload.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise StudioError(f"{key} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise StudioError(f"{key} must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise StudioError(f"{key} must be between {lo:g} and {hi:g}, got {value:g}")
+    return float(value)
+
+
+def _choice(payload: dict, key: str, default: str, choices: tuple[str, ...] | list[str]) -> str:
+    value = payload.get(key, default)
+    if value is None:
+        value = default
+    if value not in choices:
+        raise StudioError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def decode_image(data: Any, key: str, max_side: int, mode: str) -> Image.Image:
+    """A PNG/JPEG given as a data URL or bare base64 string -> PIL image in `mode`."""
+    if not isinstance(data, str) or not data:
+        raise StudioError(f"{key} must be an image (a PNG data URL)")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+        img = Image.open(io.BytesIO(raw))
+        if max(img.size) > max_side:
+            raise StudioError(f"{key} is {img.size[0]}x{img.size[1]} px; the largest side allowed is {max_side}")
+        img.load()
+    except StudioError:
+        raise
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise StudioError(f"{key} is not a readable image ({err})") from None
+    if mode == "mask" and img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255:
+        return img.getchannel("A")  # painted strokes over transparency
+    return img.convert("L" if mode in ("L", "mask") else "RGB")
+
+
+def _image_tensor(img: Image.Image) -> torch.Tensor:
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return (arr[None, None] if arr.dim() == 2 else arr.permute(2, 0, 1)[None]).contiguous()  # (1, C, H, W)
+
+
+class Studio:
+    """A loaded model, the request validation and the job queue with its worker thread."""
+
+    def __init__(self, model: nn.Module, config: Config, *, name: str = "", limits: Limits | None = None) -> None:
+        self.model, self.config, self.name = model, config, name
+        self.limits = limits or Limits()
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.jobs_lock = threading.Lock()
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=self.limits.max_queue)
+        self.ids = itertools.count(1)
+        self.worker = threading.Thread(target=self._work, name="ditkit-studio-worker", daemon=True)
+        self.worker.start()
+
+    # ----- what the page needs to know -------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Model facts, defaults and limits for the page."""
+        m, sc, lim = self.config.model, self.config.sample, self.limits
+        kind = conditioning_kind(self.config)
+        guidable = kind != "none" and m.class_dropout_prob > 0
+        return {
+            "checkpoint": self.name,
+            "conditioning": kind,
+            "num_classes": m.num_classes,
+            "channels": m.in_channels,
+            "height": m.input_hw[0],
+            "width": m.input_hw[1],
+            "inpaint_model": m.inpaint,
+            "guidance": guidable,
+            "samplers": list(SAMPLERS),
+            "methods": list(METHODS),
+            "directions": list(DIRECTIONS),
+            "defaults": {
+                "sampler": sc.sampler,
+                "steps": sc.steps,
+                "cfg_scale": sc.cfg_scale if guidable else 1.0,
+                "eta": sc.eta,
+                "seed": sc.seed,
+            },
+            "limits": {
+                "max_steps": lim.max_steps,
+                "max_batch": lim.max_batch,
+                "max_queue": lim.max_queue,
+                "max_resample": lim.max_resample,
+                "max_times": lim.max_times,
+                "max_cfg": lim.max_cfg if guidable else 1.0,
+                "max_work": lim.max_work,
+            },
+        }
+
+    # ----- validation ------------------------------------------------------------------------
+
+    def validate(self, payload: Any) -> dict[str, Any]:
+        """Check a request against the model and the limits; return the parameters a job runs with."""
+        if not isinstance(payload, dict):
+            raise StudioError("the request body must be a JSON object")
+        known = {"kind", "labels", "batch", "prompts", "sampler", "steps", "cfg_scale", "seed", "eta", "preview"}
+        known |= {"image", "mask", "method", "resample", "jump", "direction", "times", "overlap", "nrow"}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise StudioError(f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        m, sc, lim = self.config.model, self.config.sample, self.limits
+        p: dict[str, Any] = {"kind": _choice(payload, "kind", "sample", KINDS)}
+        kind = conditioning_kind(self.config)
+        if kind == "text":
+            raise StudioError("prompts are not supported yet: this ditkit samples class-conditional models only")
+        if payload.get("prompts"):
+            raise StudioError("this model takes no prompts (it is not text-conditioned)")
+        if kind == "class":
+            labels = payload.get("labels")
+            if not isinstance(labels, list) or not labels:
+                raise StudioError(f"labels must be a non-empty list of class labels in 0..{m.num_classes - 1}")
+            if len(labels) > lim.max_batch:
+                raise StudioError(f"at most {lim.max_batch} images per request, got {len(labels)} labels")
+            for value in labels:
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < m.num_classes:
+                    raise StudioError(f"class labels must be whole numbers in 0..{m.num_classes - 1}, got {value!r}")
+            p["labels"] = labels
+            n = len(labels)
+        else:
+            if payload.get("labels"):
+                raise StudioError("this model is unconditional: it takes a batch size, not labels")
+            n = _int(payload, "batch", 8, 1, lim.max_batch)
+            p["labels"] = n
+        guidable = kind == "class" and m.class_dropout_prob > 0
+        default_cfg = sc.cfg_scale if guidable else 1.0
+        p["cfg_scale"] = _float(payload, "cfg_scale", default_cfg, 0.0, lim.max_cfg if guidable else 1.0)
+        if not guidable and p["cfg_scale"] != 1.0:
+            raise StudioError("this model cannot be guided (no null class): cfg_scale must be 1")
+        p["sampler"] = _choice(payload, "sampler", sc.sampler, list(SAMPLERS))
+        p["steps"] = _int(payload, "steps", sc.steps, 1, lim.max_steps)
+        p["seed"] = _int(payload, "seed", sc.seed, 0, 2**63 - 1)
+        p["eta"] = _float(payload, "eta", sc.eta, 0.0, 1.0) if p["sampler"] == "ddim" else None
+        p["preview"] = bool(payload.get("preview", True))
+        p["nrow"] = _int(payload, "nrow", min(n, 8), 1, lim.max_batch)
+        work = n * p["steps"] * (2 if p["sampler"] == "heun" else 1)
+        if p["kind"] != "sample":
+            method = _choice(payload, "method", "auto", METHODS)
+            p["method"] = ("trained" if m.inpaint else "repaint") if method == "auto" else method
+            if p["method"] == "trained" and not m.inpaint:
+                raise StudioError("method 'trained' needs a model fine-tuned with model.inpaint=true; use repaint")
+            p["resample"] = _int(payload, "resample", 1, 1, lim.max_resample)
+            p["jump"] = _int(payload, "jump", 1, 1, p["steps"])
+            work *= p["resample"] if p["method"] == "repaint" else 1
+            if m.in_channels not in (1, 3):
+                raise StudioError(f"inpainting from images needs a 1- or 3-channel model, not {m.in_channels}")
+            mode = "L" if m.in_channels == 1 else "RGB"
+            image = decode_image(payload.get("image"), "image", lim.max_image_side, mode)
+        h, w = m.input_hw
+        if p["kind"] == "inpaint":
+            mask = decode_image(payload.get("mask"), "mask", lim.max_image_side, "mask")
+            if mask.size != image.size:
+                sizes = f"{mask.size[0]}x{mask.size[1]} px but the image is {image.size[0]}x{image.size[1]}"
+                raise StudioError(f"the mask is {sizes}: paint it over the image")
+            image = image.resize((w, h), Image.Resampling.LANCZOS) if image.size != (w, h) else image
+            mask = mask.resize((w, h), Image.Resampling.NEAREST) if mask.size != (w, h) else mask
+            p["image"] = _image_tensor(image)
+            p["known_mask"] = (~torch.from_numpy(np.asarray(mask) > 127)).float()[None, None]  # white = paint
+            if p["known_mask"].all():
+                raise StudioError("the mask is empty: paint the region to fill (white) first")
+        elif p["kind"] == "outpaint":
+            p["direction"] = _choice(payload, "direction", "right", DIRECTIONS)
+            p["times"] = _int(payload, "times", 1, 1, lim.max_times)
+            p["overlap"] = _float(payload, "overlap", 0.5, 0.1, 0.9)
+            work *= p["times"]
+            across = h if p["direction"] in ("left", "right") else w
+            iw, ih = image.size
+            if p["direction"] in ("left", "right"):
+                image = image.resize((max(1, round(iw * across / ih)), across), Image.Resampling.LANCZOS)
+            else:
+                image = image.resize((across, max(1, round(ih * across / iw))), Image.Resampling.LANCZOS)
+            p["image"] = _image_tensor(image)
+            along = p["image"].shape[3] if p["direction"] in ("left", "right") else p["image"].shape[2]
+            if along < round(p["overlap"] * (w if p["direction"] in ("left", "right") else h)):
+                raise StudioError("the image is too short along the direction for this overlap")
+        if work > lim.max_work:
+            raise StudioError(
+                f"this request needs {work:,} image-steps; the limit is {lim.max_work:,} "
+                "(fewer images, steps, resampling or rounds)"
+            )
+        return p
+
+    # ----- queue -----------------------------------------------------------------------------
+
+    def submit(self, payload: Any) -> Job:
+        """Validate and queue a request; StudioError(429) when the queue is full."""
+        params = self.validate(payload)
+        job = Job(id=str(next(self.ids)), params=params, nrow=params["nrow"])
+        with self.jobs_lock:
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                raise StudioError(
+                    f"the studio is busy ({self.limits.max_queue} requests waiting); try again shortly", 429
+                ) from None
+            self.jobs[job.id] = job
+            self._forget_old()
+        return job
+
+    def _forget_old(self) -> None:
+        finished = [k for k, j in self.jobs.items() if j.status in ("done", "error")]
+        for key in finished[: max(0, len(self.jobs) - self.limits.keep_jobs)]:
+            del self.jobs[key]
+
+    def get(self, job_id: str) -> Job:
+        """The job with this id, or StudioError(404)."""
+        with self.jobs_lock:
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise StudioError(f"no job {job_id!r} (finished jobs are kept for a while only)", 404)
+        return job
+
+    def position(self, job: Job) -> int:
+        """How many queued jobs are ahead of this one (0 when running or finished)."""
+        if job.status != "queued":
+            return 0
+        with self.jobs_lock:
+            queued = [j for j in self.jobs.values() if j.status == "queued"]
+        return next((i for i, j in enumerate(queued) if j is job), 0)
+
+    def status(self, job: Job) -> dict[str, Any]:
+        """What the page polls."""
+        p = job.params
+        count = len(job.images) if job.images is not None else 0
+        return {
+            "id": job.id,
+            "kind": p["kind"],
+            "status": job.status,
+            "position": self.position(job),
+            "step": job.step,
+            "num_steps": job.num_steps,
+            "round": job.round,
+            "rounds": job.rounds,
+            "progress": round(job.progress(), 4),
+            "error": job.error,
+            "seconds": job.seconds,
+            "has_preview": job.preview is not None,
+            "images": count,
+            "grid_url": f"/api/jobs/{job.id}/grid.png" if count else None,
+            "image_urls": [f"/api/jobs/{job.id}/images/{k}.png" for k in range(count)],
+        }
+
+    def wait(self, job: Job, timeout: float = 60.0) -> Job:
+        """Block until the job finishes (for tests and scripts)."""
+        deadline = time.time() + timeout
+        while job.status in ("queued", "running"):
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job.id} still {job.status} after {timeout} s")
+            time.sleep(0.01)
+        return job
+
+    # ----- the worker ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self.queue.get()
+            job.status = "running"
+            start = time.perf_counter()
+            try:
+                images = self._run(job)
+                with job.lock:
+                    job.images = images.detach().float().cpu()
+                job.status = "done"
+            except ValueError as err:  # a request the model refuses: its message is for the user
+                job.error, job.status = str(err), "error"
+            except Exception:  # a bug: the details go to the log, not to the page
+                log.exception("studio job %s failed", job.id)
+                job.error, job.status = "internal error while sampling (details are in the server log)", "error"
+            finally:
+                job.seconds = round(time.perf_counter() - start, 3)
+                self.queue.task_done()
+
+    def _callback(self, job: Job):
+        def callback(info: dict[str, Any]) -> None:
+            job.step, job.num_steps = int(info["i"]) + 1, int(info["num_steps"])
+            job.round, job.rounds = int(info.get("round", 0)), int(info.get("rounds", 1))
+            if job.params["preview"]:
+                with job.lock:
+                    job.preview = info["denoised"].detach().float().cpu().clamp(-1, 1)
+
+        return callback
+
+    def _run(self, job: Job) -> torch.Tensor:
+        p = job.params
+        common = {"steps": p["steps"], "cfg_scale": p["cfg_scale"], "seed": p["seed"], "callback": self._callback(job)}
+        if p["kind"] == "sample":
+            return generate(
+                self.model, self.config, p["labels"], sampler=p["sampler"], eta=p["eta"], batch_size=64, **common
+            )
+        options = {"method": p["method"], "sampler": p["sampler"], "resample": p["resample"], "jump": p["jump"]}
+        if p["eta"] is not None and p["method"] == "trained":
+            options["eta"] = p["eta"]
+        if p["kind"] == "inpaint":
+            return inpaint(self.model, self.config, p["image"], p["known_mask"], p["labels"], **options, **common)
+        return outpaint(
+            self.model,
+            self.config,
+            p["image"],
+            p["labels"],
+            direction=p["direction"],
+            times=p["times"],
+            overlap=p["overlap"],
+            **options,
+            **common,
+        )

@@ -1,0 +1,173 @@
+"""The studio's HTTP server (standard library only): one static page and a small JSON API.
+
+    GET  /                              the page (static/index.html, static/app.js; no CDN)
+    GET  /api/info                      model facts, defaults and limits
+    POST /api/jobs                      queue a request -> 202 {"id", "position"}; 400 bad input, 429 busy
+    GET  /api/jobs/ID                   status: queued/running/done/error, step i of n, progress, URLs
+    GET  /api/jobs/ID/preview.png       the latest denoised estimate while sampling
+    GET  /api/jobs/ID/grid.png          the result grid
+    GET  /api/jobs/ID/images/K.png      one result image
+
+Every error is a JSON object {"error": message} with a 4xx status (5xx only for bugs, whose details
+go to the server log, never to the page).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .jobs import Limits, Studio, StudioError
+
+__all__ = ["make_server", "serve", "STATIC_FILES"]
+
+log = logging.getLogger(__name__)
+
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
+MAX_BODY = 16 * 1024 * 1024
+"""Largest request body accepted (an uploaded image travels as base64 inside the JSON)."""
+
+_JOB = re.compile(r"^/api/jobs/(\d+)(?:/(preview\.png|grid\.png|images/(\d+)\.png))?$")
+
+
+def _static(name: str) -> bytes:
+    return resources.files("ditkit.studio").joinpath("static", name).read_bytes()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    studio: Studio  # set on the subclass made by make_server
+    server_version = "ditkit-studio"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, data: Any) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _guard(self, action) -> None:
+        try:
+            action()
+        except StudioError as err:
+            self._error(err.status, str(err))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:
+            log.exception("studio request %s %s failed", self.command, self.path)
+            self._error(500, "internal server error (details are in the server log)")
+
+    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        self._guard(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guard(self._post)
+
+    def _check_host(self) -> None:
+        """On a loopback address, answer only requests addressed to it: a web page elsewhere that makes
+        its name resolve to 127.0.0.1 (DNS rebinding) could otherwise read the studio."""
+        if not self.server.loopback:
+            return
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise StudioError(f"requests must be addressed to this machine, not {host!r}", 403)
+
+    def _get(self) -> None:
+        self._check_host()
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            return self._send(200, _static("index.html"), STATIC_FILES["index.html"])
+        if path.startswith("/static/") and path[len("/static/") :] in STATIC_FILES:
+            name = path[len("/static/") :]
+            return self._send(200, _static(name), STATIC_FILES[name])
+        if path == "/api/info":
+            return self._json(200, self.studio.info())
+        match = _JOB.match(path)
+        if match is None:
+            raise StudioError(f"no such page: {path}", 404)
+        job = self.studio.get(match.group(1))
+        what = match.group(2)
+        if what is None:
+            return self._json(200, self.studio.status(job))
+        if what == "preview.png":
+            return self._send(200, job.png("preview"), "image/png")
+        if what == "grid.png":
+            return self._send(200, job.png("grid"), "image/png", cache=True)
+        return self._send(200, job.png("image", int(match.group(3))), "image/png", cache=True)
+
+    def _post(self) -> None:
+        self._check_host()
+        if self.path.split("?", 1)[0] != "/api/jobs":
+            raise StudioError(f"cannot POST to {self.path}", 404)
+        # JSON only: a cross-site form cannot send this content type without a CORS preflight,
+        # which the studio never grants.
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            raise StudioError("send the request as JSON (Content-Type: application/json)", 415)
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise StudioError("bad Content-Length header") from None
+        if length > MAX_BODY:
+            raise StudioError(f"request body too large ({length} bytes; the limit is {MAX_BODY})", 413)
+        body = self.rfile.read(length) if length > 0 else b""
+        try:
+            payload = json.loads(body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StudioError(f"the request body is not valid JSON ({err})") from None
+        job = self.studio.submit(payload)
+        self._json(HTTPStatus.ACCEPTED, {"id": job.id, "position": self.studio.position(job)})
+
+
+def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server for `studio` (port 0 picks a free port: see `server.server_address`)."""
+    handler = type("StudioHandler", (_Handler,), {"studio": studio})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    server.loopback = host in ("127.0.0.1", "localhost", "::1")
+    return server
+
+
+def serve(
+    checkpoint: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    weights: str = "ema",
+    limits: Limits | None = None,
+    ready: threading.Event | None = None,
+) -> None:
+    """Load a checkpoint and serve the studio until interrupted."""
+    from ..train import load_model, resolve_device
+
+    model, config = load_model(checkpoint, weights, resolve_device(device))
+    server = make_server(Studio(model, config, name=str(checkpoint), limits=limits), host, port)
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"ditkit studio: serving {checkpoint} at http://{url_host}:{server.server_address[1]}/ (Ctrl+C stops)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the studio")
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,251 @@
+"""Inpainting: RePaint with an exact denoiser, mask-conditioned models, training masks, outpainting."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_config
+from ditkit.config import DiffusionConfig
+from ditkit.diffusion import Denoiser, ModelDenoiser, build_process, diffusion_loss
+from ditkit.inpainting import inpaint, inpaint_loss, load_image, load_mask, outpaint, random_known_masks
+from ditkit.models import DiT
+from ditkit.samplers.inpaint import MaskConditionedDenoiser, repaint_schedule, sample_repaint
+from ditkit.train import build_model, init_from_checkpoint, train
+
+
+class CorrelatedGaussianDenoiser(Denoiser):
+    """E[x0 | x_t] for x0 ~ N(mu, cov) over the flattened image: mu + a cov (a^2 cov + s^2 I)^-1 (x_t - a mu)."""
+
+    def __init__(self, process, mu: torch.Tensor, cov: torch.Tensor) -> None:
+        self.process, self.mu, self.cov = process, mu, cov
+
+    def __call__(self, x_t, t, cond):
+        assert bool((t == t[0]).all())  # one time per call: one gain matrix for the batch
+        a, s = float(self.process.alpha(t[:1])), float(self.process.sigma(t[:1]))
+        gain = a * self.cov @ torch.linalg.inv(a**2 * self.cov + s**2 * torch.eye(len(self.mu), dtype=torch.float64))
+        resid = x_t.reshape(x_t.shape[0], -1).double() - a * self.mu  # (N, d)
+        return (self.mu + resid @ gain.T).reshape(x_t.shape).to(x_t.dtype)
+
+
+# x0 in R^4 (a 2x2 image), strongly correlated; pixels 0 and 3 are known, 1 and 2 are inpainted.
+MU = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64)
+_L = 0.5 * torch.tensor(
+    [[1, 0, 0, 0], [0.8, 0.5, 0, 0], [0.6, 0.3, 0.4, 0], [-0.5, 0.2, 0.1, 0.3]], dtype=torch.float64
+)
+COV = _L @ _L.T
+KNOWN, UNKNOWN = [0, 3], [1, 2]
+X_KNOWN = torch.tensor([0.8, 0.2], dtype=torch.float64)
+
+
+def _true_conditional():
+    s_kk, s_uk = COV[KNOWN][:, KNOWN], COV[UNKNOWN][:, KNOWN]
+    mean = MU[UNKNOWN] + s_uk @ torch.linalg.solve(s_kk, X_KNOWN - MU[KNOWN])
+    cov = COV[UNKNOWN][:, UNKNOWN] - s_uk @ torch.linalg.solve(s_kk, s_uk.T)
+    return mean, cov
+
+
+def _repaint_gaussian(resample: int, n: int = 4000):
+    process = build_process(DiffusionConfig())
+    known = torch.zeros(1, 1, 2, 2)
+    known.view(-1)[KNOWN] = X_KNOWN.float()
+    mask = torch.zeros(1, 1, 2, 2)
+    mask.view(-1)[KNOWN] = 1
+    g = torch.Generator().manual_seed(0)
+    x = process.prior((n, 1, 2, 2), generator=g)
+    grid = process.timesteps(100, spacing="logsnr")
+    den = CorrelatedGaussianDenoiser(process, MU, COV)
+    out = sample_repaint(den, x, grid, known=known, known_mask=mask, resample=resample, generator=g)
+    return out.reshape(n, 4)
+
+
+def test_repaint_schedule_walks_down_with_resampling_jumps():
+    assert repaint_schedule(3) == [0, 1, 2, 3]
+    assert repaint_schedule(3, jump=1, resample=2) == [0, 1, 0, 1, 2, 1, 2, 3]
+    path = repaint_schedule(10, jump=2, resample=3)
+    assert path[0] == 0 and path[-1] == 10 and all(abs(b - a) == 1 for a, b in zip(path, path[1:]))
+    downs = sum(b > a for a, b in zip(path, path[1:]))
+    assert downs == 10 + 4 * 2 * 2  # jump points 2, 4, 6, 8: two extra trips of 2 steps each
+    with pytest.raises(ValueError, match="resample"):
+        repaint_schedule(5, resample=0)
+
+
+def test_repaint_keeps_known_region_and_samples_the_gaussian_conditional():
+    """With resampling, the unknown pixels follow N(mean, cov) of x_u | x_k (the closed form)."""
+    out = _repaint_gaussian(resample=10)
+    assert torch.equal(out[:, KNOWN], X_KNOWN.float().expand(len(out), 2))  # kept exactly
+    mean, cov = _true_conditional()
+    got_mean, got_cov = out[:, UNKNOWN].double().mean(0), torch.cov(out[:, UNKNOWN].double().T)
+    # Measured: mean off by <= 0.015, covariance entries by <= 0.004 (conditional variances 0.045).
+    assert torch.allclose(got_mean, mean, atol=0.03), (got_mean, mean)
+    assert torch.allclose(got_cov, cov, atol=0.01), (got_cov, cov)
+    # The conditional is far from the unconditional law, so these checks can tell them apart.
+    assert (mean - MU[UNKNOWN]).abs().min() > 0.25 and COV[UNKNOWN][:, UNKNOWN].diagonal().min() > 0.15
+
+
+def test_repaint_without_resampling_misses_the_conditional():
+    """Replacement alone conditions only through the noisy known pixels (RePaint's motivation)."""
+    out = _repaint_gaussian(resample=1, n=2000)
+    mean, cov = _true_conditional()
+    assert (out[:, UNKNOWN].double().mean(0) - mean).abs().max() > 0.05
+    assert (torch.cov(out[:, UNKNOWN].double().T) - cov).abs().max() > 0.02
+
+
+def _tiny_model(inpaint: bool = False, seed: int = 0):
+    cfg = make_tiny_config("unused")
+    cfg.model.inpaint = inpaint
+    model = build_model(cfg, seed=seed).eval()
+    # Non-zero output layers, so equal outputs are not trivially zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.abs().sum():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return model, cfg
+
+
+def test_zero_initialised_mask_channels_leave_the_model_unchanged(tmp_path):
+    """A base checkpoint loaded into an inpaint model (init_from) gives the base model's output for any mask."""
+    from ditkit.checkpoint import save_checkpoint
+
+    base, cfg = _tiny_model()
+    save_checkpoint(tmp_path / "ckpt", config=cfg, model=base, ema=base)
+    cfg_inpaint = make_tiny_config("unused")
+    cfg_inpaint.model.inpaint = True
+    model = build_model(cfg_inpaint, seed=3).eval()
+    assert model.x_embedder.proj.weight.shape[1] == 3  # x_t, mask, masked image
+    init_from_checkpoint(model, tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0.0, 10.0, 500.0, 999.0]), torch.tensor([0, 1, 2, 3])
+    extra = torch.randn(4, 2, 8, 8, generator=g)
+    expected = base(x, t, y)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(model(torch.cat([x, extra], 1), t, y), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x, t, y), expected, rtol=0, atol=1e-6)  # no mask: everything unknown
+    # A freshly built inpaint model's mask weights are zero too.
+    fresh, _ = DiT(cfg_inpaint.model), None
+    assert not fresh.x_embedder.proj.weight[:, 1:].abs().sum()
+
+
+def test_mask_weights_matter_once_nonzero():
+    """The check above can fail: with non-zero mask weights the mask changes the output."""
+    model, _ = _tiny_model(inpaint=True)
+    with torch.no_grad():
+        model.x_embedder.proj.weight[:, 1:].normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 50.0]), torch.tensor([0, 1])
+    assert not torch.allclose(model(torch.cat([x, torch.ones(2, 2, 8, 8)], 1), t, y), model(x, t, y), atol=1e-4)
+
+
+def test_random_known_masks_cover_every_kind_and_are_reproducible():
+    g = torch.Generator().manual_seed(0)
+    masks = random_known_masks(400, 16, 12, generator=g)
+    assert masks.shape == (400, 1, 16, 12) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    again = random_known_masks(400, 16, 12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+    known = masks.mean(dim=(1, 2, 3))
+    assert (known == 0).float().mean().item() == pytest.approx(0.1, abs=0.05)  # 'none': nothing known
+    assert ((known > 0) & (known < 1)).float().mean() > 0.8  # every other kind leaves something to paint
+    # Side masks: one full side of known pixels with the unknown band along another.
+    cols_known = masks.amin(dim=2).squeeze(1)  # (N, W): column fully known
+    assert (cols_known[:, 0] == 1).any() and (cols_known[:, -1] == 1).any()
+
+
+def test_inpaint_loss_trains_a_mask_model_and_matches_plain_loss_for_base_shapes():
+    model, _ = _tiny_model(inpaint=True)
+    process = build_process(DiffusionConfig())
+    x0, y = torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 4
+    loss = inpaint_loss(model, process, x0, y, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.x_embedder.proj.weight.grad[:, 1:].abs().sum() > 0
+    # Zero mask weights: the same t and noise draws give the same loss as the plain objective.
+    zero, _ = _tiny_model(inpaint=True)
+    with torch.no_grad():
+        zero.x_embedder.proj.weight[:, 1:] = 0
+    a = inpaint_loss(zero, process, x0, y, generator=torch.Generator().manual_seed(0))
+    b = diffusion_loss(zero, process, x0, y, generator=torch.Generator().manual_seed(0))
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_train_fine_tunes_a_checkpoint_into_an_inpaint_model(tmp_path, tiny_dataset):
+    base = train(make_tiny_config(tmp_path / "base", steps=2), progress=False, dataset=tiny_dataset)
+    cfg = make_tiny_config(tmp_path / "inpaint", steps=3, init_from=str(base.checkpoint))
+    cfg.model.inpaint = True
+    result = train(cfg, progress=False, dataset=tiny_dataset)
+    from ditkit.train import load_model
+
+    model, loaded = load_model(result.checkpoint, "model")
+    assert loaded.model.inpaint and model.x_embedder.proj.weight[:, 1:].abs().sum() > 0  # mask weights learned
+
+
+@pytest.mark.parametrize("method", ["repaint", "trained"])
+def test_inpaint_keeps_known_pixels_and_fills_the_rest(method):
+    model, cfg = _tiny_model(inpaint=method == "trained")
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    seen = []
+    out = inpaint(
+        model, cfg, image, known, [0, 1, 2], method=method, steps=4, resample=2, callback=lambda i: seen.append(i["i"])
+    )
+    assert out.shape == (3, 1, 8, 8)
+    assert torch.equal(out * known, image.expand(3, -1, -1, -1) * known)
+    assert not torch.allclose(out[..., 2:6, 2:6], image[..., 2:6, 2:6].expand(3, -1, -1, -1))
+    assert seen == list(range(len(seen))) and len(seen) == (4 if method == "trained" else 7)
+
+
+def test_mask_conditioned_denoiser_feeds_mask_and_masked_image():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, y):
+            calls.append(x.clone())
+            return torch.zeros(x.shape[0], 1, *x.shape[2:])
+
+    process = build_process(DiffusionConfig())
+    image, known = torch.full((2, 1, 4, 4), 0.5), torch.zeros(2, 1, 4, 4)
+    known[..., :2] = 1
+    den = MaskConditionedDenoiser(Recorder(), process, "eps", image, known)
+    x_t = torch.randn(2, 1, 4, 4)
+    den(x_t, torch.tensor([10.0]), None)
+    got = calls[0]
+    assert torch.equal(got[:, 0:1], x_t) and torch.equal(got[:, 1:2], known) and torch.equal(got[:, 2:], image * known)
+    # ModelDenoiser on the same network sees only x_t.
+    ModelDenoiser(Recorder(), process, "eps")(x_t, torch.tensor([10.0]), None)
+    assert calls[1].shape[1] == 1
+
+
+@pytest.mark.parametrize(
+    "direction, shape", [("right", (8, 16)), ("left", (8, 16)), ("down", (16, 8)), ("up", (16, 8))]
+)
+def test_outpaint_grows_the_picture_and_keeps_the_original(direction, shape):
+    model, cfg = _tiny_model()
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    rounds = []
+    out = outpaint(
+        model, cfg, image, [1], direction=direction, times=2, steps=3, callback=lambda i: rounds.append(i["round"])
+    )
+    assert out.shape == (1, 1, *shape)  # 8 + 2 rounds * 4 new pixels
+    where = {
+        "right": out[..., :, :8],
+        "left": out[..., :, -8:],
+        "down": out[..., :8, :],
+        "up": out[..., -8:, :],
+    }[direction]
+    assert torch.equal(where, image)
+    assert sorted(set(rounds)) == [0, 1]
+    with pytest.raises(ValueError, match="direction"):
+        outpaint(model, cfg, image, [1], direction="sideways")
+
+
+def test_load_image_and_mask(tmp_path):
+    cfg = make_tiny_config("unused")
+    Image.fromarray(np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))).save(tmp_path / "img.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255  # right half: paint here
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    img = load_image(tmp_path / "img.png", cfg)
+    assert img.shape == (1, 1, 8, 8) and -1 <= img.min() < img.max() <= 1
+    known = load_mask(tmp_path / "mask.png", (8, 8))
+    assert known.shape == (1, 1, 8, 8) and known[..., :4].eq(1).all() and known[..., 4:].eq(0).all()
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        load_image(tmp_path / "bad.png", cfg)

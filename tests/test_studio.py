@@ -1,0 +1,287 @@
+"""The studio server: validation (4xx with a message), the bounded queue, jobs and downloads, CLI."""
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_config
+from ditkit.checkpoint import save_checkpoint
+from ditkit.cli import build_parser, main
+from ditkit.studio import Limits, Studio, make_server
+from ditkit.train import build_model
+
+
+def tiny_studio(num_classes: int = 4, limits: Limits | None = None) -> Studio:
+    cfg = make_tiny_config("unused")
+    cfg.model.num_classes = num_classes
+    model = build_model(cfg, seed=0).eval()
+    with torch.no_grad():  # non-zero output so the pictures are not flat
+        model.final_layer.linear.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    return Studio(model, cfg, name="tiny", limits=limits)
+
+
+class Client:
+    """Talks JSON to a studio server running on a thread."""
+
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self.server = make_server(studio, "127.0.0.1", 0)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def request(self, path: str, body=None, raw: bytes | None = None, content_type: str = "application/json"):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method="POST" if data is not None else "GET")
+        req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.headers.get("Content-Type"), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("Content-Type"), err.read()
+
+    def json(self, path: str, body=None, raw=None, content_type: str = "application/json"):
+        status, ctype, payload = self.request(path, body, raw, content_type)
+        assert ctype == "application/json", (status, ctype, payload[:200])
+        return status, json.loads(payload)
+
+    def run(self, body) -> dict:
+        status, job = self.json("/api/jobs", body)
+        assert status == 202, job
+        self.studio.wait(self.studio.get(job["id"]), timeout=120)
+        return self.json(f"/api/jobs/{job['id']}")[1]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = Client(tiny_studio())
+    yield c
+    c.close()
+
+
+def png_data_url(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_page_and_info(client):
+    status, ctype, page = client.request("/")
+    assert status == 200 and ctype.startswith("text/html") and b"/static/app.js" in page
+    status, ctype, js = client.request("/static/app.js")
+    assert status == 200 and b"/api/jobs" in js
+    assert b"http" not in js.replace(b"https://", b"").replace(b"http://", b"")  # no CDN
+    status, info = client.json("/api/info")
+    assert status == 200 and info["conditioning"] == "class" and info["num_classes"] == 4
+    assert info["samplers"] == ["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
+    assert (info["height"], info["width"], info["channels"]) == (8, 8, 1)
+    assert client.json("/api/nope")[0] == 404 and client.json("/static/../server.py")[0] == 404
+
+
+BAD_REQUESTS = [
+    ({"labels": [0], "steps": 5000}, "steps must be between 1 and 1000"),
+    ({"labels": [0], "steps": 0}, "steps must be between 1 and 1000"),
+    ({"labels": [0], "steps": True}, "steps must be a whole number"),
+    ({"labels": [0] * 65}, "at most 64 images"),
+    ({"labels": [4]}, "class labels must be whole numbers in 0..3"),
+    ({"labels": ["cat"]}, "class labels must be whole numbers in 0..3"),
+    ({"labels": []}, "labels must be a non-empty list"),
+    ({"labels": [0], "sampler": "magic"}, "sampler must be one of ddim, ddpm, euler, heun, dpmpp_2m"),
+    ({"labels": [0], "cfg_scale": 100}, "cfg_scale must be between 0 and 20"),
+    ({"labels": [0], "cfg_scale": "strong"}, "cfg_scale must be a number"),
+    ({"labels": [0], "seed": -1}, "seed must be between 0"),
+    ({"labels": [0], "seed": "abc"}, "seed must be a whole number"),
+    ({"labels": [0], "eta": 3}, "eta must be between 0 and 1"),
+    ({"labels": [0], "colour": "red"}, "unknown field(s) colour"),
+    ({"labels": [0], "prompts": ["a cat"]}, "takes no prompts"),
+    ({"labels": [0], "kind": "upscale"}, "kind must be one of sample, inpaint, outpaint"),
+    ({"labels": [0], "kind": "inpaint"}, "image must be an image"),
+    ({"labels": [0], "kind": "inpaint", "image": "data:image/png;base64,!!!"}, "image is not a readable image"),
+    ({"labels": [0], "kind": "outpaint", "image": "aGVsbG8="}, "image is not a readable image"),
+    ({"labels": [0] * 64, "steps": 1000, "sampler": "heun"}, "image-steps; the limit is 64,000"),
+    ([1, 2], "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS)
+def test_bad_requests_get_400_with_a_message(client, body, message):
+    status, reply = client.json("/api/jobs", body)
+    assert status == 400 and message in reply["error"], reply
+    assert "Traceback" not in reply["error"]
+
+
+def test_malformed_bodies_and_unknown_jobs(client):
+    status, reply = client.json("/api/jobs", raw=b"{not json")
+    assert status == 400 and "not valid JSON" in reply["error"]
+    status, reply = client.json("/api/jobs/999999")
+    assert status == 404 and "no job" in reply["error"]
+    img = png_data_url(np.zeros((8, 8), np.uint8))
+    mask = png_data_url(np.zeros((4, 4), np.uint8))
+    status, reply = client.json("/api/jobs", {"labels": [0], "kind": "inpaint", "image": img, "mask": mask})
+    assert status == 400 and "the mask is 4x4 px but the image is 8x8" in reply["error"]
+    empty = png_data_url(np.zeros((8, 8), np.uint8))
+    status, reply = client.json("/api/jobs", {"labels": [0], "kind": "inpaint", "image": img, "mask": empty})
+    assert status == 400 and "the mask is empty" in reply["error"]
+    status, reply = client.json("/api/jobs", {"labels": [0], "kind": "inpaint", "image": img, "method": "trained"})
+    assert status == 400 and "model.inpaint=true" in reply["error"]
+
+
+def test_cross_site_requests_are_refused(client):
+    status, reply = client.json("/api/jobs", raw=b'{"labels": [0]}', content_type="text/plain")
+    assert status == 415 and "Content-Type: application/json" in reply["error"]
+    req = urllib.request.Request(client.base + "/api/info", headers={"Host": "attacker.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 403 and "attacker.example" in json.loads(err.value.read())["error"]
+    with pytest.raises(ValueError, match="max_queue"):
+        Limits(max_queue=0)
+
+
+def test_sample_job_reports_progress_and_serves_pngs(client):
+    s = client.run({"labels": [0, 1, 2, 3, 1, 2], "steps": 5, "seed": 3, "nrow": 3, "sampler": "ddpm"})
+    assert s["status"] == "done" and s["images"] == 6 and (s["step"], s["num_steps"]) == (5, 5)
+    assert s["progress"] == 1.0 and s["has_preview"]
+    status, ctype, grid = client.request(s["grid_url"])
+    assert status == 200 and ctype == "image/png"
+    assert Image.open(io.BytesIO(grid)).size == (3 * 10 + 2, 2 * 10 + 2)  # 3 x 2 tiles of 8 px, 2 px padding
+    status, _, one = client.request(s["image_urls"][4])
+    img = np.asarray(Image.open(io.BytesIO(one)))
+    assert status == 200 and img.shape == (8, 8)
+    # The served image is the sample: same seed, same request -> the same pixels.
+    again = client.run({"labels": [0, 1, 2, 3, 1, 2], "steps": 5, "seed": 3, "nrow": 3, "sampler": "ddpm"})
+    assert client.request(again["image_urls"][4])[2] == one
+    assert client.request(f"/api/jobs/{s['id']}/images/6.png")[0] == 404
+
+
+def test_concurrent_submissions_are_queued_and_all_complete(client):
+    bodies = [{"labels": [k % 4, (k + 1) % 4], "steps": 3, "seed": k} for k in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda b: client.json("/api/jobs", b), bodies))
+    assert all(status == 202 for status, _ in replies)
+    jobs = [client.studio.get(reply["id"]) for _, reply in replies]
+    for job in jobs:
+        client.studio.wait(job, timeout=120)
+    assert [j.status for j in jobs] == ["done"] * 6 and all(len(j.images) == 2 for j in jobs)
+    assert len({j.id for j in jobs}) == 6
+
+
+def test_full_queue_answers_429_and_recovers():
+    studio = tiny_studio(limits=Limits(max_queue=2))
+    gate, started = threading.Event(), threading.Event()
+    real_run = studio._run
+
+    def blocked_run(job):
+        started.set()
+        gate.wait(30)
+        return real_run(job)
+
+    studio._run = blocked_run
+    c = Client(studio)
+    try:
+        body = {"labels": [0], "steps": 2}
+        assert c.json("/api/jobs", body)[0] == 202
+        assert started.wait(30)  # the first job is running, so the queue is empty again
+        statuses = [c.json("/api/jobs", body)[0] for _ in range(3)]
+        assert statuses == [202, 202, 429]
+        status, reply = c.json("/api/jobs", body)
+        assert status == 429 and "busy" in reply["error"]
+        queued = [j for j in studio.jobs.values() if j.status == "queued"]
+        assert [studio.position(j) for j in queued] == [0, 1]
+        gate.set()
+        for job in list(studio.jobs.values()):
+            studio.wait(job, timeout=60)
+        assert c.json("/api/jobs", body)[0] == 202  # room again
+    finally:
+        gate.set()
+        c.close()
+
+
+def test_a_failing_job_reports_an_error_without_internals(client, monkeypatch):
+    def boom(job):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(client.studio, "_run", boom)
+    s = client.run({"labels": [0], "steps": 2})
+    assert s["status"] == "error" and "internal error" in s["error"] and "secret" not in s["error"]
+    monkeypatch.setattr(client.studio, "_run", lambda job: (_ for _ in ()).throw(ValueError("steps too odd")))
+    s = client.run({"labels": [0], "steps": 2})
+    assert s["error"] == "steps too odd"  # a ValueError from the model is the user's to read
+
+
+def test_inpaint_and_outpaint_jobs_keep_the_source(client):
+    src = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    s = client.run(
+        {
+            "labels": [1, 2],
+            "kind": "inpaint",
+            "image": png_data_url(src),
+            "mask": png_data_url(mask),
+            "steps": 3,
+            "resample": 2,
+        }
+    )
+    assert s["status"] == "done" and s["images"] == 2 and s["num_steps"] == 5  # 3 steps + 2 resampling
+    out = np.asarray(Image.open(io.BytesIO(client.request(s["image_urls"][0])[2])))
+    keep = mask == 0
+    assert np.array_equal(out[keep], src[keep]) and not np.array_equal(out[~keep], src[~keep])
+    s = client.run(
+        {"labels": [3], "kind": "outpaint", "image": png_data_url(src), "direction": "left", "times": 3, "steps": 2}
+    )
+    assert s["status"] == "done" and s["rounds"] == 3
+    out = np.asarray(Image.open(io.BytesIO(client.request(s["image_urls"][0])[2])))
+    assert out.shape == (8, 8 + 3 * 4) and np.array_equal(out[:, -8:], src)
+
+
+def test_unconditional_model_takes_a_batch_not_labels():
+    c = Client(tiny_studio(num_classes=0))
+    try:
+        info = c.json("/api/info")[1]
+        assert info["conditioning"] == "none" and not info["guidance"] and info["limits"]["max_cfg"] == 1.0
+        assert "batch size, not labels" in c.json("/api/jobs", {"labels": [1]})[1]["error"]
+        assert "cannot be guided" in c.json("/api/jobs", {"batch": 2, "cfg_scale": 0.5})[1]["error"]
+        status, reply = c.json("/api/jobs", {"batch": 2, "cfg_scale": 3})
+        assert status == 400 and "cfg_scale must be between 0 and 1" in reply["error"]
+        assert c.json("/api/jobs", {"batch": 65})[1]["error"] == "batch must be between 1 and 64, got 65"
+        s = c.run({"batch": 3, "steps": 2})
+        assert s["status"] == "done" and s["images"] == 3
+    finally:
+        c.close()
+
+
+def test_cli_serve_defaults_to_localhost_and_inpaint_outpaint_write_pngs(tmp_path):
+    args = build_parser().parse_args(["serve", "--checkpoint", "x"])
+    assert args.host == "127.0.0.1" and args.port == 8000
+    studio = tiny_studio()
+    save_checkpoint(tmp_path / "ckpt", config=studio.config, model=studio.model, ema=studio.model)
+    src = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    Image.fromarray(src).save(tmp_path / "in.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, 4:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "in.png"), "--steps", "2"]
+    common += ["--device", "cpu", "--no-progress"]
+    assert main(["inpaint", *common, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "o.png")]) == 0
+    out = np.asarray(Image.open(tmp_path / "o.png"))
+    assert out.shape == (8, 8) and np.array_equal(out[:, :4], src[:, :4])
+    # Never overwrites: the same --out again is refused.
+    assert main(["inpaint", *common, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "o.png")]) == 2
+    argv = ["outpaint", *common, "--direction", "down", "--times", "3", "--classes", "1", "2"]
+    assert main([*argv, "--out", str(tmp_path / "tall.png")]) == 0
+    tall = np.asarray(Image.open(tmp_path / "tall.png"))
+    assert tall.shape == (2 * (20 + 2) + 2, 8 + 4)  # two 20x8 results stacked in a padded grid
+    assert np.array_equal(tall[2:10, 2:10], src)
