@@ -237,7 +237,13 @@ def train(
                 x0 = random_hflip(x0, generator)
             with _autocast(device, tc.precision):
                 loss = diffusion_loss(
-                    model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
+                    model,
+                    process,
+                    x0,
+                    y,
+                    generator=generator,
+                    prediction=config.diffusion.prediction,
+                    vlb_weight=config.diffusion.vlb_weight,
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
