@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from .ddim import StepCallback, sample_ddim
 from .ddpm import sample_ddpm
+from .diffusers_adapter import sample_with_scheduler
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
 from .guidance import ClassifierFreeGuidance
 from .ode import sample_euler, sample_heun
@@ -31,4 +32,5 @@ __all__ = [
     "sample_euler_maruyama",
     "sample_euler",
     "sample_heun",
+    "sample_with_scheduler",
 ]
