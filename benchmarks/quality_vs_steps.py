@@ -38,31 +38,36 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def plot(results: list[dict], samplers: list[str], steps: list[int], path: Path, title: str) -> None:
-    """Two panels (accuracy, FD) against steps on a log axis, one line per sampler."""
-    panel_w, h = 420, 340
+    """Two panels (accuracy; FD on a log axis) against steps on a log axis, one line per sampler."""
+    panel_w, h = 440, 360
     img = Image.new("RGB", (2 * panel_w + 150, h), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 6), title, fill="black")
+    draw.text((10, 4), title, fill="black")
     xs_log = np.log(np.array(steps, dtype=float))
     x_lo, x_hi = xs_log.min(), max(xs_log.max(), xs_log.min() + 1e-6)
-    for p, (key, label) in enumerate((("accuracy", "classifier accuracy"), ("fd", "classifier-feature FD"))):
-        left, right, top, bottom = 50 + p * panel_w, (p + 1) * panel_w - 10, 30, h - 40
+    for p, (key, label) in enumerate((("accuracy", "classifier accuracy"), ("fd", "classifier-feature FD (log)"))):
+        left, right, top, bottom = 55 + p * panel_w, (p + 1) * panel_w - 10, 40, h - 40
         draw.rectangle([left, top, right, bottom], outline="black")
         draw.text((left, top - 14), f"{label} vs steps", fill="black")
         values = [r[key] for r in results]
         if not values:
             continue
-        lo, hi = min(values), max(values)
+
+        def scale(v: float, log: bool = key == "fd") -> float:
+            return float(np.log10(max(v, 1e-3))) if log else v
+
+        lo, hi = min(scale(v) for v in values), max(scale(v) for v in values)
         if key == "accuracy":
             lo, hi = min(lo, 0.0), 1.0
         hi = hi if hi > lo else lo + 1e-6
-        draw.text((left - 45, top), f"{hi:.3g}", fill="black")
-        draw.text((left - 45, bottom - 10), f"{lo:.3g}", fill="black")
+        shown = (lambda v: 10**v) if key == "fd" else (lambda v: v)  # noqa: E731
+        draw.text((left - 50, top), f"{shown(hi):.3g}", fill="black")
+        draw.text((left - 50, bottom - 10), f"{shown(lo):.3g}", fill="black")
         for s in steps:
             x = left + (np.log(s) - x_lo) / (x_hi - x_lo or 1) * (right - left)
             draw.text((x - 6, bottom + 6), str(s), fill="black")
         for c, sampler in enumerate(samplers):
-            pts = sorted((r["steps"], r[key]) for r in results if r["sampler"] == sampler)
+            pts = sorted((r["steps"], scale(r[key])) for r in results if r["sampler"] == sampler)
             xy = [
                 (
                     left + (np.log(s) - x_lo) / (x_hi - x_lo or 1) * (right - left),
