@@ -296,6 +296,11 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "beta_start": 0.001,
             "beta_end": 0.05,
             "prediction": "x0",
+            "process": "vp",
+            "t_sampling": "logit_normal",
+            "t_mean": -0.5,
+            "t_std": 1.5,
+            "vlb_weight": 0.01,
         },
         "data": {
             "dataset": "folder",

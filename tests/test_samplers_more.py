@@ -290,7 +290,7 @@ def test_logsnr_grid_is_even_in_log_snr_and_spans_the_process():
     gaps = lam[1:] - lam[:-1]
     assert (gaps > 0).all() and (gaps.max() - gaps.min()) / gaps.mean() < 0.05
     with pytest.raises(ValueError, match="spacing"):
-        process.timesteps(5, spacing="karras")
+        process.timesteps(5, spacing="cubic")
 
 
 def test_logsnr_grid_makes_dpmpp_2m_accurate_in_few_steps():

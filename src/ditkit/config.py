@@ -42,10 +42,12 @@ AutoencoderKind = Literal["pixel", "kl", "tiny"]
 LatentStats = Literal["autoencoder", "data"]
 CacheDtype = Literal["fp32", "fp16", "uint8"]
 ScheduleName = Literal["linear", "cosine"]
-PredictionName = Literal["eps", "v", "x0"]
-SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m"]
+PredictionName = Literal["eps", "v", "x0", "flow"]
+SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "euler_maruyama"]
 AttnImpl = Literal["auto", "sdpa", "math"]
-Spacing = Literal["linear", "logsnr"]
+Spacing = Literal["linear", "logsnr", "karras"]
+ProcessName = Literal["vp", "flow"]
+TimeSampling = Literal["uniform", "logit_normal"]
 BlockType = Literal["adaLN-Zero", "adaLN", "cross-attn", "in-context"]
 PosEmbed = Literal["sincos", "learned"]
 MlpAct = Literal["gelu_tanh", "gelu"]
@@ -208,7 +210,22 @@ class DiffusionConfig:
     prediction: PredictionName = "eps"
     """What the network predicts: 'eps' (the added noise, DDPM/DiT), 'v' = alpha * eps - sigma * x0
     (Salimans & Ho 2022), which weighs errors at high noise more and converges faster on small models,
-    or 'x0' (the clean data itself)."""
+    or 'x0' (the clean data itself), or 'flow': the velocity d x_t / dt = alpha'(t) x0 + sigma'(t) eps
+    (SiT, rectified flow; with `process: flow` it is eps - x0)."""
+    process: ProcessName = "vp"
+    """Noise process: 'vp' (discrete variance-preserving DDPM process over `num_timesteps` steps with
+    `schedule`) or 'flow' (the linear interpolant / rectified flow of SiT: x_t = (1 - t) x0 + t eps,
+    continuous t in [0, 1], fed to the network as `num_timesteps * t`)."""
+    t_sampling: TimeSampling = "uniform"
+    """Training timestep distribution: 'uniform', or 'logit_normal' (t = sigmoid(n), n ~ N(t_mean,
+    t_std^2), Esser et al. 2024), which concentrates training on intermediate noise levels."""
+    t_mean: float = 0.0
+    """Mean of the normal draw behind logit-normal timestep sampling."""
+    t_std: float = 1.0
+    """Standard deviation of the normal draw behind logit-normal timestep sampling."""
+    vlb_weight: float = 0.001
+    """lambda of the hybrid loss L_simple + lambda * L_vlb (Nichol & Dhariwal 2021) that trains the
+    learned variance channels (`model.learn_sigma`); L_vlb = T * E_t[L_t] in bits/dim. 0 leaves them untrained."""
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 2:
@@ -218,6 +235,10 @@ class DiffusionConfig:
                 f"diffusion betas must satisfy 0 < beta_start < beta_end < 1, "
                 f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
+        if self.t_std <= 0:
+            raise ConfigError(f"diffusion.t_std must be > 0, got {self.t_std}")
+        if self.vlb_weight < 0:
+            raise ConfigError(f"diffusion.vlb_weight must be >= 0, got {self.vlb_weight}")
 
 
 @dataclass
@@ -331,8 +352,9 @@ class SampleConfig:
 
     sampler: SamplerName = "ddim"
     """Sampling algorithm: 'ddim' (eta sets its noise), 'ddpm' (ancestral, stochastic), 'euler' and 'heun'
-    (probability-flow ODE, 1st/2nd order; heun makes 2 * steps - 1 denoiser calls) or 'dpmpp_2m'
-    (DPM-Solver++(2M), 2nd order at one call per step). `eta` applies to 'ddim' only."""
+    (probability-flow ODE, 1st/2nd order; heun makes 2 * steps - 1 denoiser calls), 'dpmpp_2m' /
+    'dpmpp_3m' (DPM-Solver++ 2M / 3M, 2nd / 3rd order at one call per step) or 'euler_maruyama'
+    (the reverse SDE, stochastic). `eta` applies to 'ddim' only."""
     steps: int = 50
     """Number of denoiser evaluations (timesteps respaced evenly over the process)."""
     eta: float = 0.0
@@ -345,7 +367,8 @@ class SampleConfig:
     """Apply guidance only for lo <= t <= hi (process time, e.g. [0, 600] of 999); null: every step."""
     spacing: Spacing = "linear"
     """Time grid: 'linear' (even integer steps, DiT's "250 of 1000" respacing) or 'logsnr' (even in
-    log(alpha/sigma); better for dpmpp_2m and heun at few steps)."""
+    log(alpha/sigma); better for dpmpp_2m and heun at few steps) or 'karras' (Karras et al. 2022's
+    rho = 7 spacing of sigma / alpha)."""
     clip_denoised: bool | None = None
     """Clamp every x0 estimate to the data range [-1, 1] while sampling; null: on for pixel-space models,
     off for latent models (a latent space has no such bound)."""
@@ -452,6 +475,11 @@ class Config:
                     f"({'pixel-space' if pixel else 'latent'} model: leave model.{model_key} unset to follow {follow})"
                 )
         self.model.__post_init__()
+        if self.model.learn_sigma and self.diffusion.process != "vp" and self.diffusion.vlb_weight > 0:
+            raise ConfigError(
+                "model.learn_sigma=true trains a DDPM posterior variance, which only diffusion.process='vp' "
+                "has; set model.learn_sigma=false (or diffusion.vlb_weight=0 to leave the channels untrained)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

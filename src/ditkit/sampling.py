@@ -74,7 +74,9 @@ def generate(
     if cfg_scale != 1.0 and config.model.class_dropout_prob == 0:
         raise ValueError("this model was trained without label dropout, so it has no null class: use cfg_scale=1")
     process = build_process(config.diffusion)
-    denoiser = ModelDenoiser(model, process, config.diffusion.prediction)
+    # The variance channels are only meaningful when the hybrid loss trained them.
+    learned_variance = config.model.learn_sigma and config.diffusion.vlb_weight > 0
+    denoiser = ModelDenoiser(model, process, config.diffusion.prediction, learned_variance=learned_variance)
     if cfg_scale != 1.0:
         interval = sc.guidance_interval if guidance_interval is None else guidance_interval
         denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval)

@@ -250,9 +250,20 @@ def train(
             t0 = time.perf_counter()
             x0, y = source(next(batches), generator, device)
             with _autocast(device, tc.precision):
-                loss = (inpaint_loss if config.model.inpaint else diffusion_loss)(
-                    model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
-                )
+                if config.model.inpaint:  # L_simple only: the mask-conditioned variant does not train a variance
+                    loss = inpaint_loss(
+                        model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
+                    )
+                else:
+                    loss = diffusion_loss(
+                        model,
+                        process,
+                        x0,
+                        y,
+                        generator=generator,
+                        prediction=config.diffusion.prediction,
+                        vlb_weight=config.diffusion.vlb_weight,
+                    )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

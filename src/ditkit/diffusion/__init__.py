@@ -4,6 +4,7 @@ from .denoiser import ClampDenoised, Denoiser, ModelDenoiser
 from .loss import diffusion_loss
 from .process import (
     DiscreteVP,
+    LinearFlow,
     NoiseProcess,
     build_process,
     eps_to_x0,
@@ -11,7 +12,9 @@ from .process import (
     prediction_target,
     prediction_to_x0,
     v_to_x0,
+    velocity_to_x0,
     x0_to_eps,
+    x0_to_prediction,
 )
 
 __all__ = [
@@ -28,4 +31,7 @@ __all__ = [
     "v_to_x0",
     "prediction_target",
     "prediction_to_x0",
+    "LinearFlow",
+    "velocity_to_x0",
+    "x0_to_prediction",
 ]

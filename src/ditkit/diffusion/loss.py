@@ -1,12 +1,13 @@
-"""Training objective: MSE to the prediction target (noise, as L_simple of Ho et al. 2020, or v) at
-uniformly drawn timesteps."""
+"""Training objective: MSE to the prediction target (noise, as L_simple of Ho et al. 2020, v, x0 or the flow
+velocity) at timesteps drawn by the process, plus Improved DDPM's lambda L_vlb for a learned variance."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .process import NoiseProcess, prediction_target
+from .process import NoiseProcess, prediction_target, prediction_to_x0
+from .vlb import vlb_term
 
 __all__ = ["diffusion_loss"]
 
@@ -19,16 +20,30 @@ def diffusion_loss(
     *,
     generator: torch.Generator | None = None,
     prediction: str = "eps",
+    vlb_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Mean squared error between the network's output and its target ('eps': the added noise; 'v').
+    """Mean squared error between the network's output and its target ('eps': the added noise; 'v'; 'x0'; 'flow').
 
     Draws t and the noise from `generator`; the network is called as `model(x_t, t, cond, generator=...)`
-    so label dropout uses the same stream. Extra output channels (a learned variance) are ignored here.
+    so label dropout uses the same stream. When the network outputs twice the input's channels and
+    `vlb_weight` > 0, adds vlb_weight * T * mean_t(L_t) (the hybrid loss of Nichol & Dhariwal 2021) on the
+    extra (variance) channels, with the predicted mean detached; otherwise the extra channels are ignored.
     """
     n, channels = x0.shape[:2]
     t = process.sample_t(n, generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
     out = model(x_t, process.model_time(t), cond, generator=generator)
-    target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t))
-    return (out[:, :channels].float() - target).pow(2).mean()
+    alpha, sigma = process.alpha(t), process.sigma(t)
+    derivatives = {}
+    if prediction == "flow":
+        derivatives = dict(alpha_dot=process.alpha_dot(t), sigma_dot=process.sigma_dot(t))
+    target = prediction_target(prediction, x0.float(), noise.float(), alpha, sigma, **derivatives)
+    pred = out[:, :channels].float()
+    loss = (pred - target).pow(2).mean()
+    if vlb_weight > 0 and out.shape[1] == 2 * channels:
+        x0_pred = prediction_to_x0(prediction, pred.detach(), x_t.float(), alpha, sigma, **derivatives)
+        frac = (out[:, channels:].float() + 1) / 2
+        vlb = vlb_term(process, x0.float(), x_t.float(), t, x0_pred, frac)
+        loss = loss + vlb_weight * process.num_timesteps * vlb.mean()
+    return loss

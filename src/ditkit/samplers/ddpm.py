@@ -8,8 +8,13 @@ beta' = 1 - abar_t / abar_s, as in Nichol & Dhariwal 2021, https://arxiv.org/abs
     var  = (1 - abar_s) / (1 - abar_t) beta'   ('small': the true posterior variance)
          = beta'                                ('large': the paper's other choice, sigma^2 = beta)
 
+         = exp(frac log beta' + (1 - frac) log var_small)   ('learned': Improved DDPM's interpolation)
+
 The last step (into the data end, abar_s = 1) has mean x0 and adds no noise. The 'small' variance
-makes this exactly DDIM with eta = 1. Only defined for variance-preserving processes.
+makes this exactly DDIM with eta = 1. 'learned' asks the denoiser for frac (`denoise_with_variance`)
+and interpolates between the bounds of the *respaced* step, as DiT's 250-step evaluation does; it is
+the default when the denoiser has a learned variance, 'small' otherwise. Only defined for
+variance-preserving processes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .grid import sampling_grid
 
 __all__ = ["sample_ddpm"]
 
-Variance = Literal["small", "large"]
+Variance = Literal["small", "large", "learned"]
 
 
 @torch.no_grad()
@@ -38,11 +43,19 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
-    variance: Variance = "small",
+    variance: Variance | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling from `x` (a draw of the prior at t_max) to data in `steps` denoiser calls."""
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    """Ancestral sampling from `x` (a draw of the prior at t_max) to data in `steps` denoiser calls.
+
+    `variance` None picks 'learned' when the denoiser has a learned variance, else 'small'.
+    """
+    learned = bool(getattr(denoiser, "learned_variance", False))
+    if variance is None:
+        variance = "learned" if learned else "small"
+    if variance not in ("small", "large", "learned"):
+        raise ValueError(f"variance must be 'small', 'large' or 'learned', got {variance!r}")
+    if variance == "learned" and not learned:
+        raise ValueError("variance='learned' needs a denoiser with a learned variance (model.learn_sigma=true)")
     process = denoiser.process
     grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
     steps = len(grid) - 1
@@ -60,7 +73,10 @@ def sample_ddpm(
     bar = tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False)
     for i in bar:
         t = grid[i].expand(n)
-        denoised = denoiser(x, t, cond)
+        if variance == "learned":
+            denoised, frac = denoiser.denoise_with_variance(x, t, cond)
+        else:
+            denoised = denoiser(x, t, cond)
         abar_t, abar_s, rest_t, rest_s = abar[i], abar[i + 1], one_minus_abar[i], one_minus_abar[i + 1]
         gap = abar_s - abar_t if abar_t < rest_t else rest_t - rest_s
         beta = gap / abar_s  # beta' = 1 - abar_t / abar_s
@@ -68,9 +84,13 @@ def sample_ddpm(
         coef_xt = float((abar_t / abar_s).sqrt() * rest_s / rest_t)
         x = coef_x0 * denoised + coef_xt * x
         if sigmas[i + 1] > 0:  # no noise on the step into data
-            var = rest_s / rest_t * beta if variance == "small" else beta
+            small = (rest_s / rest_t * beta).clamp(min=0)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + float(var.clamp(min=0).sqrt()) * noise
+            if variance == "learned":
+                log_var = frac * float(beta.log()) + (1 - frac) * float(small.log())
+                x = x + torch.exp(0.5 * log_var) * noise
+            else:
+                x = x + float((small if variance == "small" else beta).clamp(min=0).sqrt()) * noise
         if callback is not None:
             callback({"i": i, "num_steps": steps, "t": grid[i], "x": x, "denoised": denoised})
     return x

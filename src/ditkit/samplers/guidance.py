@@ -5,7 +5,8 @@ denoised estimate; since x0 and eps are affine in each other at a fixed (x_t, t)
 guiding eps. All channels are guided by default; `channels=3` reproduces the official DiT release,
 which guides only the first three of four latent channels. `interval=(lo, hi)` applies guidance
 only at times lo <= t <= hi and the conditional prediction elsewhere (Kynkaanniemi et al. 2024,
-https://arxiv.org/abs/2404.07724, as used by LightningDiT and REPA).
+https://arxiv.org/abs/2404.07724, as used by LightningDiT and REPA). A learned variance is passed
+through unguided, taken from the conditional half (as the DiT release samples).
 """
 
 from __future__ import annotations
@@ -39,20 +40,41 @@ class ClassifierFreeGuidance(Denoiser):
         self.process = denoiser.process
         self.scale = scale
         self.channels = channels
+        self.learned_variance = getattr(denoiser, "learned_variance", False)
 
     def null_cond(self, cond: torch.Tensor) -> torch.Tensor:
         return self.denoiser.null_cond(cond)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self._guide(x_t, t, cond, with_variance=False)[0]
+
+    def denoise_with_variance(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, frac = self._guide(x_t, t, cond, with_variance=True)
+        return x0, frac
+
+    def _guide(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, *, with_variance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(guided x0, the conditional half's variance fraction or None)."""
+
+        def call(
+            x: torch.Tensor, times: torch.Tensor, c: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if with_variance:
+                return self.denoiser.denoise_with_variance(x, times, c)
+            return self.denoiser(x, times, c), None
+
         if self.scale == 1.0 or cond is None:
-            return self.denoiser(x_t, t, cond)
+            return call(x_t, t, cond)
         n = x_t.shape[0]
         inside = None
         if self.interval is not None:
             inside = (t.expand(n) >= self.interval[0]) & (t.expand(n) <= self.interval[1])
             if not bool(inside.any()):
-                return self.denoiser(x_t, t, cond)
-        both = self.denoiser(
+                return call(x_t, t, cond)
+        both, frac = call(
             torch.cat([x_t, x_t]), torch.cat([t.expand(n), t.expand(n)]), torch.cat([cond, self.null_cond(cond)])
         )
         conditional, unconditional = both[:n], both[n:]
@@ -62,4 +84,4 @@ class ClassifierFreeGuidance(Denoiser):
             guided = torch.cat([guided[:, : self.channels], conditional[:, self.channels :]], dim=1)
         if inside is not None:
             guided = torch.where(inside.reshape(-1, *([1] * (guided.dim() - 1))), guided, conditional)
-        return guided
+        return guided, (frac[:n] if frac is not None else None)

@@ -8,6 +8,10 @@ variance-exploding one, whose probability-flow ODE is (Karras et al. eq. 4 with 
 Euler on this ODE is algebraically DDIM with eta = 0. Heun (the paper's Algorithm 1) adds a
 trapezoidal correction from a second denoiser call at the step's end, except on the final step into
 s = 0, where the slope is undefined and the step is plain Euler (which lands on the denoised estimate).
+
+A step out of alpha = 0 (the linear interpolant's t = 1) has s = inf. Euler is taken in the form
+x_next = alpha_next D + (sigma_next / sigma) (x - alpha D), finite there; Heun takes that one step in
+the reciprocal coordinates z = x / sigma, r = alpha / sigma, where the same ODE reads dz/dr = D.
 """
 
 from __future__ import annotations
@@ -67,23 +71,25 @@ def _solve(
     grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
     steps = len(grid) - 1
     alphas = process.alpha(grid).to("cpu", torch.float64)
-    scaled_sigmas = process.sigma(grid).to("cpu", torch.float64) / alphas  # s = sigma / alpha, 0 at the data end
+    sigmas = process.sigma(grid).to("cpu", torch.float64)
     n = x.shape[0]
-    y = x / float(alphas[0])
     bar = tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False)
     for i in bar:
-        s_cur, s_next = scaled_sigmas[i], scaled_sigmas[i + 1]
-        denoised = denoiser(float(alphas[i]) * y, grid[i].expand(n), cond)
-        # Euler, y + (s_next - s_cur) (y - D) / s_cur, written so the step into s = 0 gives D exactly
-        # (the other form cancels two numbers of size y ~ 1 / alpha_max ~ 150 in float32).
-        y_next = denoised + float(s_next / s_cur) * (y - denoised)
-        if heun and s_next > 0:
-            slope = (y - denoised) / float(s_cur)
-            denoised_next = denoiser(float(alphas[i + 1]) * y_next, grid[i + 1].expand(n), cond)
-            slope_next = (y_next - denoised_next) / float(s_next)
-            y_next = y + float(s_next - s_cur) * 0.5 * (slope + slope_next)
-        y = y_next
-        x = float(alphas[i + 1]) * y
+        a_cur, a_next, sig_cur, sig_next = (float(v) for v in (alphas[i], alphas[i + 1], sigmas[i], sigmas[i + 1]))
+        denoised = denoiser(x, grid[i].expand(n), cond)
+        # Euler, written so the step into sigma = 0 gives D exactly (and a step out of alpha = 0 is finite).
+        x_next = a_next * denoised + (sig_next / sig_cur) * (x - a_cur * denoised)
+        if heun and sig_next > 0:
+            denoised_next = denoiser(x_next, grid[i + 1].expand(n), cond)
+            if a_cur > 0:  # trapezoid in y = x / alpha, s = sigma / alpha: dy/ds = (y - D) / s
+                s_cur, s_next = sig_cur / a_cur, sig_next / a_next
+                y, y_euler = x / a_cur, x_next / a_next
+                slope, slope_next = (y - denoised) / s_cur, (y_euler - denoised_next) / s_next
+                x_next = a_next * (y + (s_next - s_cur) * 0.5 * (slope + slope_next))
+            else:  # trapezoid in z = x / sigma, r = alpha / sigma: dz/dr = D
+                dr = a_next / sig_next - a_cur / sig_cur
+                x_next = sig_next * (x / sig_cur + dr * 0.5 * (denoised + denoised_next))
+        x = x_next
         if callback is not None:
             callback({"i": i, "num_steps": steps, "t": grid[i], "x": x, "denoised": denoised})
     return x
