@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..diffusion.denoiser import Denoiser
 from .ddim import StepCallback
 from .grid import sampling_grid
+from .noise import Generators, randn_like
 
 __all__ = ["sample_ddpm"]
 
@@ -35,7 +36,7 @@ def sample_ddpm(
     steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: StepCallback | None = None,
     progress: bool = False,
     variance: Variance = "small",
@@ -69,7 +70,7 @@ def sample_ddpm(
         x = coef_x0 * denoised + coef_xt * x
         if sigmas[i + 1] > 0:  # no noise on the step into data
             var = rest_s / rest_t * beta if variance == "small" else beta
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_like(x, generator)
             x = x + float(var.clamp(min=0).sqrt()) * noise
         if callback is not None:
             callback({"i": i, "num_steps": steps, "t": grid[i], "x": x, "denoised": denoised})
