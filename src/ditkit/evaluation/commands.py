@@ -176,7 +176,9 @@ def _net(args: argparse.Namespace, size_from: str):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_npz
+    from .features import iter_npz_images
 
+    next(iter_npz_images(args.samples, 1))  # refuse a bad sample file before loading or training a network
     net = _net(args, args.samples)
     result = evaluate_npz(
         args.samples, args.ref, net, batch_size=args.batch_size, progress=not args.no_progress, json_out=args.json

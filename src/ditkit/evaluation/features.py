@@ -127,7 +127,7 @@ def iter_npz_images(path: str | Path, batch_size: int, key: str = "arr_0") -> It
             buf = f.read(n * per_image)
             if len(buf) != n * per_image:
                 raise DataError(f"{path}: {key} is truncated at image {start}")
-            yield np.frombuffer(buf, np.uint8).reshape(n, *shape[1:])
+            yield np.frombuffer(bytearray(buf), np.uint8).reshape(n, *shape[1:])  # writable, for torch
 
 
 def read_npz_array(path: str | Path, key: str) -> np.ndarray:
