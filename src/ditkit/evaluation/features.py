@@ -33,6 +33,7 @@ __all__ = [
     "read_npz_array",
     "iter_folder_images",
     "compute_features",
+    "reference_from_features",
     "reference_from_source",
     "save_reference",
     "REFERENCE_KIND_KEY",
@@ -183,7 +184,8 @@ def compute_features(
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def _stats_dict(features: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+def reference_from_features(features: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """Reference statistics (mu/sigma, spatial mu_s/sigma_s, pool features) of computed features."""
     ref = {REFERENCE_KIND_KEY: np.array(kind), "pool": features["pool"].astype(np.float32)}
     stats = FeatureStats.from_features(features["pool"])
     ref["mu"], ref["sigma"] = stats.mu, stats.sigma
@@ -208,7 +210,7 @@ def reference_from_source(
         channels = channels.in_channels if channels is not None else 3
         n = sum(1 for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         feats = compute_features(net, iter_folder_images(source, batch_size, channels), n, progress)
-        return _stats_dict(feats, kind)
+        return reference_from_features(feats, kind)
     if not source.is_file():
         raise DataError(f"reference {source}: no such file or folder")
     keys = npz_keys(source)
@@ -218,7 +220,9 @@ def reference_from_source(
     ref: dict[str, np.ndarray] = {}
     if "arr_0" in keys and not ("pool" in keys and "mu" in keys):
         shape, _ = npz_array_info(source, "arr_0")
-        ref = _stats_dict(compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind)
+        ref = reference_from_features(
+            compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind
+        )
     for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         if key in keys:
             ref[key] = read_npz_array(source, key)
