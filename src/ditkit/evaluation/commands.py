@@ -65,6 +65,7 @@ def _check_autoencoder(config: object, protocol: Protocol | None) -> None:
 
 def cmd_sample_npz(args: argparse.Namespace) -> int:
     """`ditkit sample --npz OUT`: mass sampling, one process or one per torchrun rank."""
+    from ..checkpoint import resolve_checkpoint
     from ..train import load_model, resolve_device
     from .mass_sampling import MassSamplingJob, run_mass_sampling
 
@@ -83,7 +84,7 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
     _check_autoencoder(config, protocol)
     sampling = {
         "steps": _pick(args.steps, protocol, "steps"),
-        "cfg_scale": _pick(args.cfg_scale, protocol, "cfg_scale") if config.model.conditional else None,
+        "cfg_scale": _pick(args.cfg_scale, protocol if config.model.conditional else None, "cfg_scale"),
         "sampler": _pick(args.sampler, protocol, "sampler"),
         "eta": args.eta,
         "spacing": args.spacing if args.spacing is not None else ("linear" if protocol else None),
@@ -97,7 +98,7 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         part_size=args.batch_size,
         balanced_classes=bool(_pick(args.balanced_classes, protocol, "balanced_classes", False)),
         sampling={k: v for k, v in sampling.items() if v is not None},
-        source=f"{Path(args.checkpoint).resolve()}:{args.weights}",
+        source=f"{resolve_checkpoint(args.checkpoint).resolve()}:{args.weights}",  # a run folder's newest, pinned
     )
     barrier = lambda: None  # noqa: E731
     if world > 1:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..sampling import generate
 from ..utils.images import to_uint8
+from .features import npz_array_info
 
 __all__ = ["MassSamplingJob", "sample_seed", "sample_labels", "run_mass_sampling", "write_npz_stream"]
 
@@ -101,12 +102,8 @@ def _npy_header(f, shape: tuple[int, ...], dtype: np.dtype) -> None:
 def write_npz_stream(path: str | Path, parts: list[Path], with_labels: bool) -> Path:
     """Concatenate part files (arr_0 images, arr_1 labels) into one uncompressed .npz, streaming, atomically."""
     path = Path(path)
-    shapes, total = [], 0
-    for part in parts:
-        with np.load(part) as data:
-            shapes.append(data["arr_0"].shape)
-        total += shapes[-1][0]
-    image_shape = shapes[0][1:]
+    shapes = [npz_array_info(part, "arr_0")[0] for part in parts]  # headers only
+    total, image_shape = sum(shape[0] for shape in shapes), shapes[0][1:]
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open(zipfile.ZipInfo("arr_0.npy", date_time=_ZIP_DATE), "w", force_zip64=True) as f:
@@ -136,8 +133,7 @@ def _save_part(path: Path, images: np.ndarray, labels: np.ndarray | None) -> Non
 
 def _part_ok(path: Path, expected: int) -> bool:
     try:
-        with np.load(path) as data:
-            return data["arr_0"].shape[0] == expected
+        return npz_array_info(path, "arr_0")[0][0] == expected
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return False
 
