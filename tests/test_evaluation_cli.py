@@ -78,6 +78,9 @@ def test_classifier_fid_is_small_for_real_digits_and_large_for_noise(digits, cap
     assert real["class_accuracy"] > 0.6 and real["class_accuracy"] == pytest.approx(judge.holdout_accuracy, abs=1e-6)
     assert real["precision"] > 0.5 and real["recall"] > 0.5 and noise["precision"] < 0.05
     assert "sfid" not in real and "inception_score" not in real  # Inception-only metrics
+    # --ref mnist: the bundled training digits, at the samples' size, without writing a reference first
+    assert main(["eval", "--samples", str(root / "holdout.npz"), "--ref", "mnist", *opts]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(real["fid"], rel=1e-6)
 
 
 def test_folder_and_precomputed_references_agree(digits, tmp_path):

@@ -123,7 +123,11 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     """Register `ditkit eval` and `ditkit ref-stats`."""
     p = sub.add_parser("eval", help="FID, sFID, IS, precision/recall of a sample .npz against a reference")
     p.add_argument("--samples", required=True, help="ADM-format .npz of samples (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--ref", required=True, help="reference: image folder, ADM reference .npz, or ref-stats .npz")
+    p.add_argument(
+        "--ref",
+        required=True,
+        help="reference: image folder, ADM reference .npz, ref-stats .npz, or 'mnist' (the bundled digits)",
+    )
     _feature_options(p)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_eval)

@@ -20,12 +20,16 @@ from .features import (
     npz_array_info,
     npz_keys,
     read_npz_array,
+    reference_from_features,
     reference_from_source,
 )
 from .inception import cache_dir, load_inception
 from .metrics import FeatureStats, frechet_distance, inception_score, precision_recall
 
-__all__ = ["build_feature_net", "digit_classifier", "score_features", "evaluate_npz"]
+__all__ = ["build_feature_net", "digit_classifier", "score_features", "evaluate_npz", "bundled_digits_reference"]
+
+BUNDLED_DIGITS = "mnist"
+"""`--ref mnist`: the bundled digits' training split as the reference."""
 
 
 def digit_classifier(
@@ -70,6 +74,15 @@ def build_feature_net(
     raise ValueError(f"unknown feature network {kind!r}; choose 'inception' or 'classifier'")
 
 
+def bundled_digits_reference(
+    net: FeatureNet, image_size: int, batch_size: int = 500, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Reference statistics of the bundled digits' training split (4,500 images) at `image_size`."""
+    images = load_mnist(image_size, "train").images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 1)
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    return reference_from_features(compute_features(net, batches, len(images), progress), net.kind)
+
+
 def score_features(
     features: dict[str, np.ndarray],
     ref: dict[str, np.ndarray],
@@ -106,6 +119,8 @@ def evaluate_npz(
 ) -> dict[str, float | int | str]:
     """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference."""
     kind = getattr(net, "kind", "inception")
+    if isinstance(ref, str) and ref == BUNDLED_DIGITS and not Path(ref).exists():
+        ref = bundled_digits_reference(net, npz_array_info(samples, "arr_0")[0][1], progress=progress)
     if not isinstance(ref, dict):
         ref = reference_from_source(ref, net, batch_size, progress)
     elif str(ref.get(REFERENCE_KIND_KEY, kind)) != kind:
