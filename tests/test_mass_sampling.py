@@ -115,6 +115,7 @@ def test_protocol_presets_apply_and_refuse_a_checkpoint_without_their_autoencode
 
     p = get_protocol("dit-xl2-256")
     assert (p.steps, p.cfg_scale, p.guidance_channels, p.num_samples, p.balanced_classes) == (250, 1.5, 3, 50_000, True)
+    assert p.sampler == "ddpm" and p.clip_denoised is False  # latents are not clamped to [-1, 1]
     assert p.autoencoder == "stabilityai/sd-vae-ft-ema" and p.published["fid"] == 2.27
     assert PROTOCOLS["dit-xl2-512"].published["fid"] == 3.04
     code = main(

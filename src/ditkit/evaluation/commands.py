@@ -72,6 +72,8 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
     protocol = get_protocol(args.protocol) if args.protocol else None
     if not args.npz:
         raise ValueError("--protocol needs --npz OUT.npz (protocols describe mass sampling for metrics)")
+    if args.classes:
+        raise ValueError("--classes picks grid rows; with --npz use --balanced-classes (or seeded uniform labels)")
     num = _pick(args.num, protocol, "num_samples")
     if num is None:
         raise ValueError("--npz needs --num N (or a --protocol)")
@@ -89,7 +91,7 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         "eta": args.eta,
         "spacing": args.spacing if args.spacing is not None else ("linear" if protocol else None),
         "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
-        "clip_denoised": args.clip_denoised,
+        "clip_denoised": _pick(args.clip_denoised, protocol, "clip_denoised"),
         "guidance_channels": _pick(args.guidance_channels, protocol, "guidance_channels"),
     }
     job = MassSamplingJob(

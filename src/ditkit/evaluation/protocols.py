@@ -33,6 +33,8 @@ class Protocol:
     """Classifier-free guidance scale."""
     guidance_channels: int | None
     """Guide only this many leading channels (3: the official DiT release); None guides all."""
+    clip_denoised: bool
+    """Clamp x0 estimates to [-1, 1] while sampling (False for latents, whose range is not [-1, 1])."""
     autoencoder: str | None
     """Hugging Face id of the VAE that decodes the latents (None: a pixel-space model)."""
     num_samples: int
@@ -63,6 +65,7 @@ PROTOCOLS: dict[str, Protocol] = {
             steps=250,
             cfg_scale=1.5,
             guidance_channels=3,
+            clip_denoised=False,
             autoencoder="stabilityai/sd-vae-ft-ema",
             num_samples=50_000,
             balanced_classes=True,
@@ -78,6 +81,7 @@ PROTOCOLS: dict[str, Protocol] = {
             steps=250,
             cfg_scale=1.0,
             guidance_channels=None,
+            clip_denoised=False,
             autoencoder="stabilityai/sd-vae-ft-ema",
             num_samples=50_000,
             balanced_classes=True,
@@ -93,6 +97,7 @@ PROTOCOLS: dict[str, Protocol] = {
             steps=250,
             cfg_scale=1.5,
             guidance_channels=3,
+            clip_denoised=False,
             autoencoder="stabilityai/sd-vae-ft-ema",
             num_samples=50_000,
             balanced_classes=True,
