@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ditkit.data import build_dataset
-from ditkit.evaluation import classifier_features, classify, feature_statistics, frechet_distance, load_classifier
+from ditkit.evaluation import FeatureStats, classifier_features, classify, frechet_distance, load_classifier
 from ditkit.samplers import SAMPLERS
 from ditkit.sampling import generate
 from ditkit.train import load_model
@@ -132,12 +132,12 @@ def main() -> None:
     spacing = args.spacing or config.sample.spacing
     holdout = build_dataset(config.data, "holdout")
     real, _ = holdout.__getitems__(list(range(len(holdout))))  # (N, C, H, W) in [-1, 1]
-    real_stats = feature_statistics(classifier_features(judge, real))
+    real_stats = FeatureStats.from_features(classifier_features(judge, real))
     labels = torch.arange(config.model.num_classes).repeat_interleave(args.per_class)
     train_set = build_dataset(config.data, "train")
     pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[: len(labels)].tolist()
     floor = frechet_distance(
-        *feature_statistics(classifier_features(judge, train_set.__getitems__(pick)[0])), *real_stats
+        FeatureStats.from_features(classifier_features(judge, train_set.__getitems__(pick)[0])), real_stats
     )
     meta = {"run": str(args.run), "per_class": args.per_class, "samples_per_cell": len(labels),
             "cfg_scale": config.sample.cfg_scale, "spacing": spacing, "seed": args.seed, "bf16": args.bf16,
@@ -151,7 +151,7 @@ def main() -> None:
             images = generate(model, config, labels, sampler=sampler, steps=steps, spacing=spacing, seed=args.seed)
         images = images.float()
         accuracy = (classify(judge, images) == labels).float().mean().item()
-        fd = frechet_distance(*feature_statistics(classifier_features(judge, images)), *real_stats)
+        fd = frechet_distance(FeatureStats.from_features(classifier_features(judge, images)), real_stats)
         results.append({"sampler": sampler, "steps": steps, "accuracy": accuracy, "fd": fd,
                         "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
         tqdm.write(f"{sampler:15s} {steps:3d} steps: accuracy {accuracy:6.1%}  FD {fd:8.2f}")

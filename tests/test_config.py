@@ -332,6 +332,8 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "keep_last": 1,
             "num_workers": 1,
             "device": "cpu",
+            "eval_every": 3,
+            "eval_num": 16,
         },
         "sample": {
             "sampler": "ddim",

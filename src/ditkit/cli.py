@@ -1,4 +1,4 @@
-"""The `ditkit` command: train, cache, sample, bench, info, convert, demo, serve, inpaint, outpaint."""
+"""The `ditkit` command: train, cache, sample, eval, ref-stats, bench, info, convert, demo, serve, inpaint, outpaint."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import MODEL_PRESETS, ConfigError, ModelConfig, Spacing, load_config
 from .data import DataError
+from .evaluation.commands import add_eval_commands, add_npz_sampling_options, cmd_sample_npz
 from .samplers import SAMPLERS
 
 __all__ = ["main"]
@@ -85,6 +86,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .train import load_model, resolve_device
     from .utils.images import save_grid
 
+    if args.npz or args.protocol:
+        return cmd_sample_npz(args)
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     device = resolve_device(args.device)
@@ -487,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2, help="integer upscaling of the written grid")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_npz_sampling_options(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("bench", help="time ditkit's DiT against diffusers' at identical settings and weights")
@@ -532,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+    add_eval_commands(sub)
     _add_studio_parsers(sub)
     return parser
 

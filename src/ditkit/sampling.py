@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -36,6 +37,8 @@ def generate(
     autoencoder: Autoencoder | None = None,
     decode: bool = True,
     feature_cache_interval: int = 1,
+    sample_seeds: Sequence[int] | None = None,
+    guidance_channels: int | None = None,
 ) -> torch.Tensor:
     """Sample one image per label; returns (N, C, H, W) images in [-1, 1] on the model's device.
 
@@ -46,6 +49,10 @@ def generate(
     `config.autoencoder` when not given); `decode=False` returns the latents instead.
     `feature_cache_interval=k > 1` runs the transformer blocks on every k-th denoiser call only and reuses
     their residuals in between (`ditkit.models.feature_cache`): faster, approximate.
+    With `sample_seeds` (one per image) image i's initial noise and every
+    per-step noise come from its own generator seeded with `sample_seeds[i]` instead, so an image is
+    the same whatever request or batch it is part of (mass sampling across processes relies on it).
+    `guidance_channels=3` guides only the first three channels (the official DiT release's legacy).
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
@@ -79,7 +86,7 @@ def generate(
     denoiser = ModelDenoiser(model, process, config.diffusion.prediction, learned_variance=learned_variance)
     if cfg_scale != 1.0:
         interval = sc.guidance_interval if guidance_interval is None else guidance_interval
-        denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval)
+        denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval, channels=guidance_channels)
     clip = sc.clip_denoised if clip_denoised is None else clip_denoised
     pixel_space = config.autoencoder.kind == "pixel"
     if clip is None:  # the data range bounds x0 only in pixel space
@@ -88,7 +95,16 @@ def generate(
         denoiser = ClampDenoised(denoiser, -1.0, 1.0)
     generator = torch.Generator(device).manual_seed(seed)
     m = config.model
-    noise = process.prior((len(labels), m.in_channels, *m.input_hw), generator=generator, device=device)
+    per_sample: list[torch.Generator] | None = None
+    if sample_seeds is not None:
+        if len(sample_seeds) != len(labels):
+            raise ValueError(f"got {len(sample_seeds)} sample_seeds for {len(labels)} images")
+        per_sample = [torch.Generator(device).manual_seed(int(s)) for s in sample_seeds]
+        shape = (1, m.in_channels, *m.input_hw)
+        draws = [process.prior(shape, generator=g, device=device) for g in per_sample]
+        noise = torch.cat(draws) if draws else torch.zeros(0, *shape[1:], device=device)
+    else:
+        noise = process.prior((len(labels), m.in_channels, *m.input_hw), generator=generator, device=device)
     grid = process.timesteps(steps, device=device, spacing=sc.spacing if spacing is None else spacing)
     out = []
     for start in range(0, len(labels), batch_size):
@@ -99,7 +115,7 @@ def generate(
                 x,
                 grid,
                 cond=labels[start : start + batch_size] if conditional else None,
-                generator=generator,
+                generator=generator if per_sample is None else per_sample[start : start + batch_size],
                 callback=callback,
                 progress=progress,
                 **options,

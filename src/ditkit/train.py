@@ -240,6 +240,11 @@ def train(
         prune_checkpoints(ckpt_dir, tc.keep_last)
         return path
 
+    evaluator = None
+    if tc.eval_every:
+        from .evaluation.in_training import InTrainingEvaluator
+
+        evaluator = InTrainingEvaluator(config, dataset, device)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     model.train()
@@ -309,6 +314,9 @@ def train(
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+            if evaluator is not None and step % tc.eval_every == 0:
+                metrics_file.write(json.dumps({"step": step, **evaluator(ema)}) + "\n")
+                metrics_file.flush()
             out_of_time = tc.max_minutes is not None and train_seconds >= tc.max_minutes * 60
             if step % tc.ckpt_every == 0 or step == tc.steps or out_of_time:
                 last_path = checkpoint()

@@ -15,7 +15,15 @@ from ..checkpoint import CheckpointError
 from ..data import TensorImageDataset
 from ..models.classifier import ClassifierConfig, DigitClassifier
 
-__all__ = ["ClassifierResult", "train_classifier", "classify", "save_classifier", "load_classifier", "random_shift"]
+__all__ = [
+    "ClassifierResult",
+    "train_classifier",
+    "classify",
+    "classifier_features",
+    "save_classifier",
+    "load_classifier",
+    "random_shift",
+]
 
 
 @dataclass
@@ -108,3 +116,14 @@ def load_classifier(folder: str | Path) -> ClassifierResult:
     model = DigitClassifier(ClassifierConfig(**meta["config"]))
     model.load_state_dict(load_file(weights))
     return ClassifierResult(model.eval(), float(meta["holdout_accuracy"]))
+
+
+@torch.no_grad()
+def classifier_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, D) penultimate features of (N, C, H, W) images in [-1, 1] from a model with a `features` method."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = [
+        model.features(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)

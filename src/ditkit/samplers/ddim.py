@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.process import x0_to_eps
 from .grid import sampling_grid
+from .noise import Generators, randn_like
 
 __all__ = ["sample_ddim", "StepCallback"]
 
@@ -33,7 +34,7 @@ def sample_ddim(
     *,
     cond: torch.Tensor | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -58,7 +59,7 @@ def sample_ddim(
             c = torch.zeros((), device=x.device)
         x = a_s * denoised + torch.sqrt((s_s**2 - c**2).clamp(min=0)) * eps
         if c > 0:
-            x = x + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + c * randn_like(x, generator)
         if callback is not None:
             callback({"i": i, "num_steps": steps, "t": grid[i], "x": x, "denoised": denoised})
     return x

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..diffusion.denoiser import Denoiser
 from .ddim import StepCallback
 from .grid import sampling_grid
+from .noise import Generators, randn_like
 
 __all__ = ["sample_ddpm"]
 
@@ -40,7 +41,7 @@ def sample_ddpm(
     steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: StepCallback | None = None,
     progress: bool = False,
     variance: Variance | None = None,
@@ -85,7 +86,7 @@ def sample_ddpm(
         x = coef_x0 * denoised + coef_xt * x
         if sigmas[i + 1] > 0:  # no noise on the step into data
             small = (rest_s / rest_t * beta).clamp(min=0)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_like(x, generator)
             if variance == "learned":
                 log_var = frac * float(beta.log()) + (1 - frac) * float(small.log())
                 x = x + torch.exp(0.5 * log_var) * noise

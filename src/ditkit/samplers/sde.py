@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..diffusion.denoiser import Denoiser
 from .ddim import StepCallback
 from .grid import sampling_grid
+from .noise import Generators, randn_like
 
 __all__ = ["sample_euler_maruyama"]
 
@@ -35,7 +36,7 @@ def sample_euler_maruyama(
     steps: int | torch.Tensor,
     *,
     cond: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -56,7 +57,7 @@ def sample_euler_maruyama(
         if sig_next == 0:
             x = denoised
         else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_like(x, generator)
             if a == 0:
                 x = a_next * denoised + sig_next * noise
             else:

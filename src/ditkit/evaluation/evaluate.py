@@ -1,0 +1,137 @@
+"""Score a set of samples against reference statistics: FID, sFID, IS, precision/recall, class accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import DataError, load_mnist
+from .classifier import ClassifierResult, load_classifier, save_classifier, train_classifier
+from .features import (
+    REFERENCE_KIND_KEY,
+    ClassifierFeatures,
+    FeatureNet,
+    InceptionFeatures,
+    compute_features,
+    iter_npz_images,
+    npz_array_info,
+    npz_keys,
+    read_npz_array,
+    reference_from_features,
+    reference_from_source,
+)
+from .inception import cache_dir, load_inception
+from .metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+
+__all__ = ["build_feature_net", "digit_classifier", "score_features", "evaluate_npz", "bundled_digits_reference"]
+
+BUNDLED_DIGITS = "mnist"
+"""`--ref mnist`: the bundled digits' training split as the reference."""
+
+
+def digit_classifier(
+    folder: str | Path | None = None, image_size: int = 28, *, epochs: int = 10, progress: bool = True
+) -> ClassifierResult:
+    """A digit classifier: loaded from `folder`, else from the cache, else trained on the bundled digits and cached.
+
+    The cached judge lives in `$DITKIT_CACHE/digit_classifier_{image_size}px_e{epochs}` and is trained
+    on the bundled digits' training split (the default 500-image hold-out is left out), seed 0.
+    """
+    if folder is not None:
+        return load_classifier(folder)
+    cached = cache_dir() / f"digit_classifier_{image_size}px_e{epochs}"
+    if (cached / "classifier.json").is_file():
+        return load_classifier(cached)
+    train_set = load_mnist(image_size, "train")
+    holdout = load_mnist(image_size, "holdout")
+    result = train_classifier(train_set, holdout, epochs=epochs, progress=progress)
+    save_classifier(result, cached)
+    return result
+
+
+def build_feature_net(
+    kind: str,
+    *,
+    inception_weights: str | Path | None = None,
+    classifier: str | Path | ClassifierResult | None = None,
+    image_size: int = 28,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FeatureNet:
+    """'inception' (needs the weights file) or 'classifier' (the digit judge; offline)."""
+    if kind == "inception":
+        return InceptionFeatures(load_inception(inception_weights, device), device)
+    if kind == "classifier":
+        judge = (
+            classifier
+            if isinstance(classifier, ClassifierResult)
+            else digit_classifier(classifier, image_size, progress=progress)
+        )
+        return ClassifierFeatures(judge.model, device)
+    raise ValueError(f"unknown feature network {kind!r}; choose 'inception' or 'classifier'")
+
+
+def bundled_digits_reference(
+    net: FeatureNet, image_size: int, batch_size: int = 500, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Reference statistics of the bundled digits' training split (4,500 images) at `image_size`."""
+    images = load_mnist(image_size, "train").images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 1)
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    return reference_from_features(compute_features(net, batches, len(images), progress), net.kind)
+
+
+def score_features(
+    features: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    labels: np.ndarray | None = None,
+    kind: str = "inception",
+) -> dict[str, float | int | str]:
+    """Metrics of sample features against a reference from `reference_from_source`."""
+    result: dict[str, float | int | str] = {"features": kind, "num_samples": int(len(features["pool"]))}
+    stats = FeatureStats.from_features(features["pool"])
+    result["fid"] = frechet_distance(stats, FeatureStats(ref["mu"], ref["sigma"]))
+    if "spatial" in features and "mu_s" in ref:
+        result["sfid"] = frechet_distance(
+            FeatureStats.from_features(features["spatial"]), FeatureStats(ref["mu_s"], ref["sigma_s"])
+        )
+    if "logits" in features and kind == "inception":
+        result["inception_score"] = inception_score(features["logits"])
+    if "pool" in ref and len(ref["pool"]) > 3 and len(features["pool"]) > 3:
+        result["precision"], result["recall"] = precision_recall(ref["pool"], features["pool"])
+        result["num_reference"] = int(len(ref["pool"]))
+    if labels is not None and "logits" in features and kind == "classifier":
+        predicted = features["logits"].argmax(1)
+        result["class_accuracy"] = float((predicted == labels).mean())
+    return result
+
+
+def evaluate_npz(
+    samples: str | Path,
+    ref: str | Path | dict[str, np.ndarray],
+    net: FeatureNet,
+    *,
+    batch_size: int = 100,
+    progress: bool = True,
+    json_out: str | Path | None = None,
+) -> dict[str, float | int | str]:
+    """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference."""
+    kind = getattr(net, "kind", "inception")
+    if isinstance(ref, str) and ref == BUNDLED_DIGITS and not Path(ref).exists():
+        ref = bundled_digits_reference(net, npz_array_info(samples, "arr_0")[0][1], progress=progress)
+    if not isinstance(ref, dict):
+        ref = reference_from_source(ref, net, batch_size, progress)
+    elif str(ref.get(REFERENCE_KIND_KEY, kind)) != kind:
+        raise DataError(f"the reference holds {ref[REFERENCE_KIND_KEY]} statistics, not {kind}")
+    shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
+    if not shape[0]:
+        raise DataError(f"{samples}: no sample images (arr_0)")
+    features = compute_features(net, iter_npz_images(samples, batch_size), shape[0], progress)
+    labels = read_npz_array(samples, "arr_1") if "arr_1" in npz_keys(samples) else None
+    result = score_features(features, ref, labels, kind)
+    result["samples"] = str(samples)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result

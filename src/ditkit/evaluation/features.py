@@ -1,0 +1,244 @@
+"""Images in (ADM-format .npz files, image folders, tensors) -> feature sets and reference statistics out.
+
+A feature network maps a uint8 (N, C, H, W) batch to named features: 'pool' (FID and precision/
+recall), optionally 'spatial' (sFID) and 'logits' (Inception Score, class accuracy). Two are built in:
+the FID Inception-v3 (`ditkit.evaluation.inception`) and the digit classifier, which needs no download
+and judges the bundled digits (classifier-feature FID, as in e.g. the MNIST experiments of the FID paper).
+
+Image files are read in batches: an .npz is streamed member by member from its zip archive, so a
+50,000-image 256 px file (~10 GB) never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..data import DataError
+from .metrics import FeatureStats
+
+__all__ = [
+    "FeatureNet",
+    "InceptionFeatures",
+    "ClassifierFeatures",
+    "npz_keys",
+    "npz_array_info",
+    "iter_npz_images",
+    "read_npz_array",
+    "iter_folder_images",
+    "compute_features",
+    "reference_from_features",
+    "reference_from_source",
+    "save_reference",
+    "REFERENCE_KIND_KEY",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+REFERENCE_KIND_KEY = "ditkit_features"
+"""Key of a reference .npz that names the feature network its statistics came from."""
+
+FeatureNet = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+"""uint8 (N, C, H, W) images -> {'pool': (N, D), optionally 'spatial' and 'logits'}; has `.kind`."""
+
+
+class InceptionFeatures:
+    """The FID Inception-v3 as a FeatureNet (grayscale images are repeated to RGB)."""
+
+    kind = "inception"
+
+    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        self.network, self.device = network.to(device).eval(), torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(self.device)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.network(x)
+
+
+class ClassifierFeatures:
+    """A DigitClassifier as a FeatureNet: 'pool' = its pooled features, 'logits' = its class logits."""
+
+    kind = "classifier"
+
+    def __init__(self, classifier: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        self.classifier, self.device = classifier.to(device).eval(), torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        want = self.classifier.config.in_channels
+        if images.shape[1] != want:
+            if want == 1 and images.shape[1] == 3:
+                images = images.float().mean(1, keepdim=True)
+            else:
+                raise ValueError(f"the classifier takes {want}-channel images, got {images.shape[1]} channels")
+        x = images.to(self.device).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1], as the classifier trained
+        feats = self.classifier.features(x)
+        return {"pool": feats, "logits": self.classifier.head(feats)}
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    """Array names stored in an .npz file ('arr_0', 'mu', ...)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+
+
+def npz_array_info(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an .npz, read from its header only."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, _, dtype = _read_npy_header(f, path, key)
+    return shape, dtype
+
+
+def _read_npy_header(f, path: str | Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise DataError(f"{path}: array {key!r} has unsupported .npy version {version}")
+    return shape, fortran, dtype
+
+
+def iter_npz_images(path: str | Path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
+    """Yield (b, H, W, C) uint8 batches of an ADM-style .npz array without loading it whole."""
+    if key not in npz_keys(path):
+        raise DataError(f"{path}: no array {key!r} (has {', '.join(npz_keys(path)) or 'none'})")
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, fortran, dtype = _read_npy_header(f, path, key)
+        if dtype != np.uint8 or len(shape) != 4 or fortran or shape[-1] not in (1, 3):
+            raise DataError(
+                f"{path}: {key} must be uint8 images (N, H, W, C) with C = 1 or 3 in C order, "
+                f"got {dtype} {shape}{' (Fortran order)' if fortran else ''}"
+            )
+        per_image = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            buf = f.read(n * per_image)
+            if len(buf) != n * per_image:
+                raise DataError(f"{path}: {key} is truncated at image {start}")
+            yield np.frombuffer(bytearray(buf), np.uint8).reshape(n, *shape[1:])  # writable, for torch
+
+
+def read_npz_array(path: str | Path, key: str) -> np.ndarray:
+    """One array of an .npz file (not pickled objects)."""
+    with np.load(path, allow_pickle=False) as data:
+        if key not in data:
+            raise DataError(f"{path}: no array {key!r} (has {', '.join(data.files)})")
+        return data[key]
+
+
+def iter_folder_images(folder: str | Path, batch_size: int, channels: int = 3) -> Iterator[np.ndarray]:
+    """Yield (b, H, W, C) uint8 batches of the images under `folder` (recursively, sorted by path)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    mode = "RGB" if channels == 3 else "L"
+    size = None
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start : start + batch_size]:
+            try:
+                with Image.open(path) as img:
+                    arr = np.asarray(img.convert(mode), dtype=np.uint8)
+            except OSError as err:
+                raise DataError(f"{path}: not a readable image ({err})") from err
+            size = size or arr.shape[:2]
+            if arr.shape[:2] != size:
+                raise DataError(
+                    f"{path}: is {arr.shape[1]}x{arr.shape[0]}, the folder's first image {size[1]}x{size[0]}"
+                )
+            batch.append(arr.reshape(*arr.shape[:2], channels))
+        yield np.stack(batch)
+
+
+def compute_features(
+    net: FeatureNet,
+    batches: Iterator[np.ndarray],
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run `net` over (b, H, W, C) uint8 batches; returns each feature concatenated, float64 (N, D)."""
+    out: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=total, desc=f"{getattr(net, 'kind', 'features')} features", unit="img", disable=not progress)
+    for batch in batches:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)  # (b, C, H, W)
+        for name, value in net(x).items():
+            out.setdefault(name, []).append(value.detach().double().cpu().numpy())
+        bar.update(len(batch))
+    bar.close()
+    if not out:
+        raise DataError("no images to compute features of")
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def reference_from_features(features: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """Reference statistics (mu/sigma, spatial mu_s/sigma_s, pool features) of computed features."""
+    ref = {REFERENCE_KIND_KEY: np.array(kind), "pool": features["pool"].astype(np.float32)}
+    stats = FeatureStats.from_features(features["pool"])
+    ref["mu"], ref["sigma"] = stats.mu, stats.sigma
+    if "spatial" in features:
+        spatial = FeatureStats.from_features(features["spatial"])
+        ref["mu_s"], ref["sigma_s"] = spatial.mu, spatial.sigma
+    return ref
+
+
+def reference_from_source(
+    source: str | Path, net: FeatureNet, batch_size: int = 100, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Reference statistics from an image folder, an ADM .npz (arr_0 images and/or mu/sigma), or a saved file.
+
+    Returns {'mu', 'sigma', optionally 'mu_s', 'sigma_s', 'pool' (features for precision/recall)}.
+    Stored mu/sigma win over recomputing them from stored images, as in the ADM evaluator.
+    """
+    source = Path(source)
+    kind = getattr(net, "kind", "inception")
+    if source.is_dir():
+        channels = getattr(getattr(net, "classifier", None), "config", None)
+        channels = channels.in_channels if channels is not None else 3
+        n = sum(1 for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        feats = compute_features(net, iter_folder_images(source, batch_size, channels), n, progress)
+        return reference_from_features(feats, kind)
+    if not source.is_file():
+        raise DataError(f"reference {source}: no such file or folder")
+    keys = npz_keys(source)
+    stored_kind = str(read_npz_array(source, REFERENCE_KIND_KEY)) if REFERENCE_KIND_KEY in keys else "inception"
+    if stored_kind != kind and ("mu" in keys or "pool" in keys):
+        raise DataError(f"{source}: holds {stored_kind} statistics, but {kind} features were asked for")
+    ref: dict[str, np.ndarray] = {}
+    if "arr_0" in keys and not ("pool" in keys and "mu" in keys):
+        shape, _ = npz_array_info(source, "arr_0")
+        ref = reference_from_features(
+            compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind
+        )
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        if key in keys:
+            ref[key] = read_npz_array(source, key)
+    if "mu" not in ref or "sigma" not in ref:
+        raise DataError(f"{source}: a reference needs images (arr_0) or statistics (mu, sigma); has {keys}")
+    ref[REFERENCE_KIND_KEY] = np.array(kind)
+    return ref
+
+
+def save_reference(ref: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Write reference statistics as an .npz (refuses to overwrite)."""
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"{path} exists; choose a new file (nothing was written)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **ref)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,111 @@
+"""FID, sFID's Frechet distance, Inception Score and improved precision/recall (`ditkit.evaluation.metrics`)."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from ditkit.evaluation.metrics import (
+    FeatureStats,
+    frechet_distance,
+    inception_score,
+    manifold_radii,
+    precision_recall,
+    sqrtm_psd,
+    trace_sqrt_product,
+)
+
+
+def _random_spd(rng, d, rank=None, jitter=0.0):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / d + jitter * np.eye(d)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
+    stats = FeatureStats.from_features(feats)
+    assert frechet_distance(stats, stats) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_fid_of_gaussian_samples_matches_the_closed_form():
+    rng = np.random.default_rng(1)
+    d = 4
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = _random_spd(rng, d, jitter=0.1), _random_spd(rng, d, jitter=0.1)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    exact = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root)
+    # The statistics of the exact Gaussians give the closed form exactly ...
+    assert frechet_distance(FeatureStats(mu1, s1), FeatureStats(mu2, s2)) == pytest.approx(exact, rel=1e-10)
+    # ... and samples converge to it (200k draws: sampling error ~1e-2 on values ~ exact).
+    x = rng.multivariate_normal(mu1, s1, 200_000)
+    y = rng.multivariate_normal(mu2, s2, 200_000)
+    fid = frechet_distance(FeatureStats.from_features(x), FeatureStats.from_features(y))
+    assert fid == pytest.approx(exact, rel=0.03, abs=0.02)
+    assert exact > 0.5  # the test would notice a broken distance
+
+
+@pytest.mark.parametrize("case", ["spd", "nearly_singular", "singular"])
+def test_matrix_square_root_agrees_with_scipy(case):
+    rng = np.random.default_rng({"spd": 2, "nearly_singular": 3, "singular": 4}[case])
+    d = 32
+    rank = {"spd": None, "nearly_singular": 8, "singular": 8}[case]
+    jitter = {"spd": 0.0, "nearly_singular": 1e-9, "singular": 0.0}[case]
+    s1, s2 = _random_spd(rng, d, rank, jitter), _random_spd(rng, d, rank, jitter)
+    root = sqrtm_psd(s1)
+    np.testing.assert_allclose(root @ root, s1, atol=1e-10)
+    if case == "spd":
+        np.testing.assert_allclose(root, scipy.linalg.sqrtm(s1).real, atol=1e-8)
+    reference = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    assert trace_sqrt_product(s1, s2) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+def test_fid_is_finite_and_small_for_rank_deficient_covariances():
+    # 20 samples in 64 dims: both covariances are singular (rank 19), as with small-N in-training FID.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((20, 64))
+    a = FeatureStats.from_features(x)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    b = FeatureStats.from_features(x + 0.5)
+    assert frechet_distance(a, b) == pytest.approx(64 * 0.25, rel=1e-6)  # a pure mean shift
+
+
+def test_inception_score_of_uniform_and_confident_logits():
+    assert inception_score(np.zeros((100, 10))) == pytest.approx(1.0)
+    # Confident predictions spread evenly over K classes: IS = K.
+    logits = np.full((100, 10), -1e4)
+    logits[np.arange(100), np.arange(100) % 10] = 0
+    assert inception_score(logits, split_size=50) == pytest.approx(10.0, rel=1e-6)
+    # All samples confidently in one class: no diversity, IS = 1.
+    assert inception_score(np.eye(10)[[3] * 40] * 50) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_precision_recall_identical_disjoint_and_partial_sets():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((200, 8))
+    assert precision_recall(x, x) == (1.0, 1.0)
+    assert precision_recall(x, x + 100.0) == (0.0, 0.0)
+    # Samples covering only half of the reference: precision stays ~1, recall drops to ~1/2.
+    ref = np.concatenate([rng.standard_normal((200, 2)), rng.standard_normal((200, 2)) + 50])
+    sam = rng.standard_normal((400, 2))
+    precision, recall = precision_recall(ref, sam, batch_size=64)
+    assert precision > 0.9 and 0.4 < recall < 0.55
+
+
+def test_manifold_radii_are_kth_neighbour_distances_and_batch_independent():
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    radii = manifold_radii(x, k=2, batch_size=2)
+    # squared distance to the 2nd nearest other point
+    np.testing.assert_allclose(radii.numpy(), [9.0, 4.0, 9.0, 16.0, 49.0])
+    np.testing.assert_allclose(manifold_radii(x, k=2, batch_size=100).numpy(), radii.numpy())
+
+
+def test_classifier_features_batches_the_penultimate_layer():
+    from ditkit.evaluation import classifier_features
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    model = DigitClassifier(ClassifierConfig(width=8)).eval()
+    images = torch.rand(10, 1, 8, 8) * 2 - 1
+    feats = classifier_features(model, images, batch_size=4)
+    assert feats.shape == (10, model.feature_dim)
+    torch.testing.assert_close(feats, model.features(images), atol=1e-5, rtol=1e-5)

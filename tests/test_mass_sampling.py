@@ -1,0 +1,126 @@
+"""Mass sampling into ADM-format .npz (`ditkit.evaluation.mass_sampling`, `ditkit sample --npz`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ditkit.evaluation.mass_sampling as mass
+from ditkit.checkpoint import save_checkpoint
+from ditkit.cli import main
+from ditkit.evaluation.mass_sampling import MassSamplingJob, run_mass_sampling, sample_seed
+from ditkit.sampling import generate
+from ditkit.train import build_model, load_model
+from ditkit.utils.images import to_uint8
+
+SAMPLING = {"sampler": "ddpm", "steps": 3, "cfg_scale": 2.0}  # stochastic: per-step noise matters
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_config):
+    """A tiny class-conditional DiT whose weights are all perturbed (adaLN-Zero's init predicts zeros)."""
+    model = build_model(tiny_config, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_checkpoint(tmp_path / "ckpt", config=tiny_config, model=model, ema=model)
+
+
+def test_npz_layout_matches_adm_and_samples_do_not_depend_on_batching(tmp_path, checkpoint):
+    model, config = load_model(checkpoint)
+    job = MassSamplingJob(num=7, seed=3, part_size=3, balanced_classes=True, sampling=SAMPLING)
+    out = run_mass_sampling(model, config, tmp_path / "s.npz", job, progress=False)
+    with np.load(out, allow_pickle=False) as data:
+        assert data.files == ["arr_0", "arr_1"]
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (7, 8, 8, 1)  # (N, H, W, C)
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3][:7]
+    assert not (tmp_path / "s.npz.parts").exists() and images.std() > 5
+    # Sample 5 alone, from its own seed, is the same image.
+    alone = generate(model, config, [int(labels[5])], sample_seeds=[sample_seed(3, 5)], **SAMPLING)
+    assert np.abs(to_uint8(alone)[0].astype(int) - images[5].astype(int)).max() <= 1
+    # One batch of all 7 instead of parts of 3: the same samples.
+    whole = run_mass_sampling(
+        model, config, tmp_path / "w.npz", MassSamplingJob(**{**job.__dict__, "part_size": 7}), progress=False
+    )
+    with np.load(whole) as data:
+        assert np.abs(data["arr_0"].astype(int) - images.astype(int)).max() <= 1
+    # Another seed: other samples. An existing output is never overwritten.
+    with pytest.raises(ValueError, match="exists"):
+        run_mass_sampling(model, config, out, job, progress=False)
+
+
+def test_interrupted_run_resumes_without_redoing_parts(tmp_path, checkpoint, monkeypatch):
+    model, config = load_model(checkpoint)
+    job = MassSamplingJob(num=8, seed=0, part_size=2, sampling=SAMPLING)
+    reference = run_mass_sampling(model, config, tmp_path / "ref.npz", job, progress=False)
+
+    calls = []
+    real_generate = mass.generate
+
+    def failing(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(mass, "generate", failing)
+    out = tmp_path / "out.npz"
+    with pytest.raises(KeyboardInterrupt):
+        run_mass_sampling(model, config, out, job, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out.npz.parts").glob("part_*.npz")) == [
+        "part_000000.npz",
+        "part_000001.npz",
+    ]
+    assert not out.exists()
+
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        run_mass_sampling(model, config, out, MassSamplingJob(**{**job.__dict__, "seed": 1}), progress=False)
+
+    calls.clear()
+    monkeypatch.setattr(mass, "generate", lambda *a, **k: (calls.append(1), real_generate(*a, **k))[1])
+    run_mass_sampling(model, config, out, job, progress=False)
+    assert len(calls) == 2  # only the two unfinished parts were sampled
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_one_and_two_processes_write_byte_identical_npz(tmp_path, checkpoint):
+    # --num-samples: torchrun's parser would read --num as an abbreviation of its --numa-binding
+    args = ["sample", "--checkpoint", str(checkpoint), "--num-samples", "7", "--batch-size", "2", "--sampler", "ddpm"]
+    args += ["--steps", "3", "--cfg-scale", "2", "--seed", "5", "--device", "cpu", "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker runs (OMP_NUM_THREADS=1)
+    try:
+        assert main(args + ["--npz", str(tmp_path / "one.npz")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ditkit"]
+    proc = subprocess.run(
+        cmd + args + ["--npz", str(tmp_path / "two.npz")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    with np.load(tmp_path / "two.npz") as data:
+        assert data["arr_0"].shape == (7, 8, 8, 1) and data["arr_1"].shape == (7,)
+
+
+def test_protocol_presets_apply_and_refuse_a_checkpoint_without_their_autoencoder(tmp_path, checkpoint, capsys):
+    from ditkit.evaluation.protocols import PROTOCOLS, get_protocol
+
+    p = get_protocol("dit-xl2-256")
+    assert (p.steps, p.cfg_scale, p.guidance_channels, p.num_samples, p.balanced_classes) == (250, 1.5, 3, 50_000, True)
+    assert p.sampler == "ddpm" and p.clip_denoised is False  # latents are not clamped to [-1, 1]
+    assert p.autoencoder == "stabilityai/sd-vae-ft-ema" and p.published["fid"] == 2.27
+    assert PROTOCOLS["dit-xl2-512"].published["fid"] == 3.04
+    code = main(
+        ["sample", "--checkpoint", str(checkpoint), "--protocol", "dit-xl2-256", "--npz", str(tmp_path / "p.npz")]
+    )
+    assert code == 2 and "sd-vae-ft-ema" in capsys.readouterr().err and not (tmp_path / "p.npz").exists()
+    with pytest.raises(ValueError, match="unknown evaluation protocol"):
+        get_protocol("dit-xl2-1024")
