@@ -19,15 +19,20 @@ def diffusion_loss(
     *,
     generator: torch.Generator | None = None,
     prediction: str = "eps",
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the network's output and its target ('eps': the added noise; 'v').
 
     Draws t and the noise from `generator`; the network is called as `model(x_t, t, cond, generator=...)`
     so label dropout uses the same stream. Extra output channels (a learned variance) are ignored here.
+    `t` (N,) and `noise` (shape of x0) may be given instead, e.g. drawn per sample by the training loop.
     """
     n, channels = x0.shape[:2]
-    t = process.sample_t(n, generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = process.sample_t(n, generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
     out = model(x_t, process.model_time(t), cond, generator=generator)
     target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t))
