@@ -285,6 +285,16 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    data = make_tiny_dataset(DATA)
+    train(make_tiny_config(tmp_path / "eager", steps=2), progress=False, dataset=data)
+    train(make_tiny_config(tmp_path / "compiled", steps=2, compile=True), progress=False, dataset=data)
+    for which in ("model", "ema"):
+        assert _max_diff(_weights(tmp_path / "eager", 2, which), _weights(tmp_path / "compiled", 2, which)) < 1e-5
+    assert "_orig_mod" not in "".join(_weights(tmp_path / "compiled", 2))  # saved unwrapped
+
+
+@pytest.mark.slow
 def test_compiled_model_matches_eager(tiny_config):
     model = build_model(tiny_config, seed=0)
     compiled = torch.compile(model)
