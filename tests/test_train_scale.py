@@ -180,7 +180,7 @@ def test_kill_9_mid_training_then_resume_is_bitwise_exact(tmp_path):
     run = tmp_path / "killed"
     proc = _worker(run, "--pause-at-step", "5", "train.steps=8", "train.ckpt_every=3", "train.keep_last=2")
     deadline = time.monotonic() + 600
-    while not (run / "paused").is_file():  # the worker stops after step 5's update, before any checkpoint
+    while not (run / "paused-0").is_file():  # the worker stops after step 5's update, before any checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -308,3 +308,27 @@ def test_compiled_model_matches_eager(tiny_config):
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
     for a, p in zip(eager_grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_kill_9_then_resume_on_two_processes_is_bitwise_exact(tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
+    cmd += [str(run), "--pause-at-step", "4", "train.steps=6", "train.ckpt_every=3"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not ((run / "paused-0").is_file() and (run / "paused-1").is_file()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    for rank in (0, 1):  # torchrun starts each rank in its own session: kill them one by one, then the agent
+        os.kill(int((run / f"paused-{rank}").read_text()), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert find_latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_0000003"
+    _torchrun(
+        [str(tmp_path / "straight"), "train.steps=6", "train.ckpt_every=3"],
+        [str(run), "--resume", str(run), "train.steps=6", "train.ckpt_every=3"],
+    )
+    for which in ("model", "ema"):
+        _assert_bitwise(_weights(tmp_path / "straight", 6, which), _weights(run, 6, which))
+    assert _metric_steps(run) == list(range(1, 7))

@@ -8,8 +8,8 @@ on top. Several `--phase RUN_DIR ...` groups may follow to run jobs one after an
 (the process group is created once, here, and reused by every train() call).
 
 Test-only instruments (patched in here, not in the library):
---pause-at-step K  after the optimizer update of step K (before its checkpoint), write RUN_DIR/paused
-                   and sleep, so a test can kill -9 the process at a known point mid-training.
+--pause-at-step K  after the optimizer update of step K (before its checkpoint), write this process's
+                   id to RUN_DIR/paused-RANK and sleep, so a test can kill -9 it at a known point.
 --nan-calls K      the last rank's loss is NaN for its first K loss calls (non-finite guard under DDP).
 """
 
@@ -46,7 +46,9 @@ def run(argv: list[str]) -> None:
         real_ema(*a, **k)
         calls["ema"] += 1
         if calls["ema"] == args.pause_at_step:
-            Path(args.out_dir, "paused").write_text(str(calls["ema"]))
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            Path(args.out_dir, f"paused-{rank}.tmp").write_text(str(os.getpid()))
+            os.replace(Path(args.out_dir, f"paused-{rank}.tmp"), Path(args.out_dir, f"paused-{rank}"))
             time.sleep(600)
 
     def diffusion_loss(*a, **k):
