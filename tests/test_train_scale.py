@@ -332,3 +332,47 @@ def test_ddp_kill_9_then_resume_on_two_processes_is_bitwise_exact(tmp_path):
     for which in ("model", "ema"):
         _assert_bitwise(_weights(tmp_path / "straight", 6, which), _weights(run, 6, which))
     assert _metric_steps(run) == list(range(1, 7))
+
+
+def test_fused_adamw_matches_the_default_kernel(tmp_path):
+    data = make_tiny_dataset(DATA)
+    train(make_tiny_config(tmp_path / "plain", steps=2), progress=False, dataset=data)
+    train(make_tiny_config(tmp_path / "fused", steps=2, fused_adamw=True), progress=False, dataset=data)
+    assert _max_diff(_weights(tmp_path / "plain", 2), _weights(tmp_path / "fused", 2)) < 1e-6
+
+
+def test_metrics_reach_tensorboard_and_wandb_when_asked(tmp_path, monkeypatch):
+    import types
+
+    seen = {"tb": [], "wandb": [], "closed": []}
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            seen["log_dir"] = log_dir
+
+        def add_scalar(self, tag, value, step):
+            seen["tb"].append((tag, value, step))
+
+        def close(self):
+            seen["closed"].append("tb")
+
+    class FakeRun:
+        def log(self, scalars, step):
+            seen["wandb"].append((step, scalars))
+
+        def finish(self):
+            seen["closed"].append("wandb")
+
+    def init(project, dir, config):
+        seen["project"] = project
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    config = make_tiny_config(tmp_path / "run", steps=2, tensorboard=True, wandb_project="ditkit-test")
+    train(config, progress=False, dataset=make_tiny_dataset(DATA))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert ("train/loss", records[1]["loss"], 2) in seen["tb"]
+    assert seen["wandb"][0][0] == 1 and seen["wandb"][0][1]["loss"] == records[0]["loss"]
+    assert seen["log_dir"] == str(tmp_path / "run" / "tensorboard") and seen["project"] == "ditkit-test"
+    assert sorted(seen["closed"]) == ["tb", "wandb"]
