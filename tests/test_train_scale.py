@@ -376,3 +376,17 @@ def test_metrics_reach_tensorboard_and_wandb_when_asked(tmp_path, monkeypatch):
     assert seen["wandb"][0][0] == 1 and seen["wandb"][0][1]["loss"] == records[0]["loss"]
     assert seen["log_dir"] == str(tmp_path / "run" / "tensorboard") and seen["project"] == "ditkit-test"
     assert sorted(seen["closed"]) == ["tb", "wandb"]
+
+
+def test_new_train_keys_are_validated(tmp_path):
+    from ditkit.config import config_from_dict
+
+    for bad, key in (
+        ({"parallel": "zero"}, "train.parallel"),
+        ({"grad_accum_steps": 0}, "train.grad_accum_steps"),
+        ({"grad_checkpoint_every": -1}, "train.grad_checkpoint_every"),
+        ({"sample_every": -2}, "train.sample_every"),
+        ({"compile": "yes"}, "train.compile"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            config_from_dict({"train": bad})
