@@ -87,8 +87,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     generator = torch.Generator().manual_seed(0)
     sources = {
-        "encode on the fly": (ImageBatches(ae, True), lambda idx: _stack([images[i] for i in idx])),
-        "latent cache": (CachedBatches(ae, True), cache.__getitems__),
+        "encode on the fly": (ImageBatches(ae), lambda idx: _stack([images[i] for i in idx])),
+        "latent cache": (CachedBatches(ae), cache.__getitems__),
     }
 
     def step(name: str) -> float:
@@ -96,7 +96,9 @@ def main() -> None:
         idx = torch.randperm(n_images, generator=generator)[: args.batch_size].tolist()
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            x0, y = source(read(idx), generator, torch.device("cpu"))
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            noise = torch.randn(len(idx), 4, args.image_size // 8, args.image_size // 8, generator=generator)
+            x0, y = source(read(idx), torch.device("cpu"), flip=flip, posterior_noise=noise)
             loss = diffusion_loss(model, process, x0.float(), y, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -150,11 +150,16 @@ def test_cache_and_image_batches_are_the_same_batch(kl_path, image_folder, tmp_p
     indices = [3, 0, 7, 11, 5]
     images = build_dataset(config.data)
     raw_batch = (torch.stack([images[i][0] for i in indices]), torch.tensor([images[i][1] for i in indices]))
-    from_images = ImageBatches(ae, hflip=True)(raw_batch, torch.Generator().manual_seed(3), torch.device("cpu"))
+    flip = torch.tensor([True, False, True, True, False])
+    noise = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cpu = torch.device("cpu")
+    from_images = ImageBatches(ae)(raw_batch, cpu, flip=flip, posterior_noise=noise)
     cached = CacheDataset(tmp_path / "cache").__getitems__(indices)
-    from_cache = CachedBatches(ae, hflip=True)(cached, torch.Generator().manual_seed(3), torch.device("cpu"))
+    from_cache = CachedBatches(ae)(cached, cpu, flip=flip, posterior_noise=noise)
     torch.testing.assert_close(from_cache[0], from_images[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(from_cache[1], from_images[1])
+    unflipped = ImageBatches(ae)(raw_batch, cpu, posterior_noise=noise)[0]
+    assert not torch.allclose(unflipped, from_images[0], atol=1e-3)  # the flip mattered
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "uint8"])

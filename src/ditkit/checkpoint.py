@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +67,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _state_dict_for_save(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+KILL_HOOK_ENV = "DITKIT_TEST_KILL_DURING_SAVE"
+"""Test hook: "step_0000004/ema.safetensors" makes the process SIGKILL itself right after writing that
+file of that checkpoint (any other value, or unset: nothing happens). Used by the crash tests."""
+
+
+def _kill_point(name: str, file: str) -> None:
+    if os.environ.get(KILL_HOOK_ENV) == f"{name}/{file}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(
     path: str | Path,
     *,
     config: Config,
-    model: nn.Module,
-    ema: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
+    ema: nn.Module | dict[str, torch.Tensor],
     state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at `path` atomically (replacing an older one of the same name)."""
+    """Write a checkpoint folder at `path` atomically (replacing an older one of the same name).
+
+    `model` and `ema` are modules or (unwrapped, full) state dicts.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -88,9 +103,12 @@ def save_checkpoint(
     config_json = json.dumps(config_to_dict(config), indent=2)
     metadata = {"format": "ditkit", "ditkit_version": __version__, "config": config_json}
     save_file(_state_dict_for_save(model), tmp / "model.safetensors", metadata=metadata)
+    _kill_point(path.name, "model.safetensors")
     save_file(_state_dict_for_save(ema), tmp / "ema.safetensors", metadata=metadata)
+    _kill_point(path.name, "ema.safetensors")
     if state is not None:
         torch.save(state, tmp / "state.pt")
+        _kill_point(path.name, "state.pt")
     (tmp / "config.json").write_text(config_json + "\n")
     for file in tmp.iterdir():
         with open(file, "rb") as fh:
@@ -188,7 +206,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
-    """Delete all but the `keep_last` newest step_* checkpoints under `folder`."""
+    """Delete all but the `keep_last` newest step_* checkpoints under `folder`, and the temporary
+    folders of writes that a crash interrupted (call it from the only process that writes there)."""
     dirs = _step_dirs(Path(folder))
     for _, path in dirs[: max(0, len(dirs) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)
+    for stale in Path(folder).glob(".step_*.tmp-*"):
+        if stale.is_dir() and not stale.name.endswith(f".tmp-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)

@@ -53,6 +53,7 @@ PosEmbed = Literal["sincos", "learned"]
 MlpAct = Literal["gelu_tanh", "gelu"]
 MlpType = Literal["linear", "dwconv"]
 Unpatchify = Literal["linear", "deconv"]
+ParallelName = Literal["ddp", "fsdp"]
 
 
 class ConfigError(ValueError):
@@ -333,9 +334,28 @@ class TrainConfig:
     Digit-classifier FID and class accuracy for dataset 'mnist'; Inception FID otherwise (needs its weights)."""
     eval_num: int = 200
     """Samples per in-training evaluation (small-N FID: compare it across steps, not with papers)."""
+    parallel: ParallelName = "ddp"
+    """Under torchrun: 'ddp' (replicated weights, all-reduced gradients) or 'fsdp' (FSDP2 `fully_shard`
+    of every block: weights, gradients and optimizer state sharded). Ignored on a single process."""
+    grad_accum_steps: int = 1
+    """Split each rank's share of `batch_size` into this many micro-batches, summing gradients."""
+    grad_checkpoint_every: int = 0
+    """Activation checkpointing: recompute every k-th transformer block in the backward pass (0: off)."""
+    compile: bool = False
+    """Run the model through `torch.compile` (the first steps are slow while it compiles)."""
+    tf32: bool = False
+    """Allow TF32 tensor-core matmuls and convolutions (CUDA only; no effect on CPU)."""
+    fused_adamw: bool = False
+    """Use PyTorch's fused AdamW kernel (CUDA and CPU float parameters)."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events under out_dir/tensorboard (needs `tensorboard`)."""
+    wandb_project: str | None = None
+    """Also log the metrics to this Weights & Biases project (needs `wandb`); null: off."""
+    sample_every: int = 0
+    """Save a grid of EMA samples as out_dir/samples/step_NNNNNNN.png every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "log_every", "ckpt_every", "keep_last")
+        positive = ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -353,6 +373,12 @@ class TrainConfig:
             raise ConfigError(f"train.eval_every must be >= 0 (0: off), got {self.eval_every}")
         if self.eval_num < 4:
             raise ConfigError(f"train.eval_num must be >= 4 (precision/recall use 3 neighbours), got {self.eval_num}")
+        if self.grad_checkpoint_every < 0 or self.sample_every < 0:
+            raise ConfigError("train.grad_checkpoint_every and train.sample_every must be >= 0")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum_steps={self.grad_accum_steps}"
+            )
 
 
 @dataclass

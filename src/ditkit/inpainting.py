@@ -106,11 +106,18 @@ def inpaint_loss(
     *,
     generator: torch.Generator | None = None,
     prediction: str = "eps",
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`diffusion_loss` for a mask-conditioned model: the input carries a random mask and the masked x0."""
+    """`diffusion_loss` for a mask-conditioned model: the input carries a random mask and the masked x0.
+
+    `t` and `noise` may be given (drawn per sample by the training loop); the masks come from `generator`.
+    """
     n, channels, height, width = x0.shape
-    t = process.sample_t(n, generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = process.sample_t(n, generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
     known_mask = random_known_masks(n, height, width, generator=generator, device=x0.device).to(x0.dtype)
     x_in = torch.cat([x_t, mask_channels(x0, known_mask)], dim=1)  # (N, 2C + 1, H, W)

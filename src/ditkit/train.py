@@ -1,8 +1,10 @@
-"""Single-process training loop: AdamW, EMA, gradient clipping, autocast, checkpoints and exact resume.
+"""Training loop for 1 process or a torchrun job (DDP / FSDP2): AdamW, EMA, gradient clipping and
+accumulation, autocast, activation checkpointing, torch.compile, checkpoints and exact resume.
 
-Every random draw (initialisation, data order, flips, timesteps, noise, label dropout) comes from
-seeded generators whose states are saved in each checkpoint together with the data position, so a
-resumed run continues the interrupted one step for step.
+Every random draw comes from seeded generators: initialisation from the seed, the data order from
+(seed, epoch), and the per-sample timesteps, noise, flips and label dropout from streams keyed by the
+data position (ditkit.distributed), so a resumed run continues the interrupted one step for step and
+the world size does not change what a step computes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
@@ -40,9 +42,30 @@ from .data import build_dataset
 from .data.cache import CacheDataset, CacheError
 from .data.sources import make_batch_source, measure_latent_stats
 from .diffusion import build_process, diffusion_loss
+from .distributed import (
+    DistEnv,
+    all_sum,
+    barrier,
+    draw_normal,
+    draw_streams,
+    full_optimizer_state,
+    full_state_dict,
+    full_tensor,
+    grad_sync,
+    init_distributed,
+    load_full_optimizer_state,
+    local_tensor,
+    set_tf32,
+    shard_blocks,
+    shutdown_distributed,
+    stream_seed,
+    wrap_model,
+)
 from .inpainting import inpaint_loss
 from .models import DiT
 from .models.dit import resize_pos_embed
+from .monitor import RunLog, save_sample_grid, truncate_metrics
+from .utils.images import plot_loss_curve
 
 __all__ = [
     "train",
@@ -81,14 +104,28 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled batches, a fresh permutation per epoch from (seed, epoch); drops the last partial batch.
 
     Iteration starts at (start_epoch, start_batch), which is how a resumed run picks up the data
-    position where the checkpoint left it. Iterates forever.
+    position where the checkpoint left it. Iterates forever. With `world_size` > 1, rank `rank` gets
+    its contiguous slice of each global batch (batch_size / world_size indices): every rank walks the
+    same permutation, so the global batch does not depend on the number of ranks.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if num_items < batch_size:
             raise ConfigError(f"train.batch_size={batch_size} is larger than the dataset ({num_items} images)")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ConfigError(f"train.batch_size={batch_size} cannot be split over {world_size} ranks (rank {rank})")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.rank, self.world_size = rank, world_size
 
     @property
     def batches_per_epoch(self) -> int:
@@ -102,16 +139,18 @@ class EpochBatchSampler(Sampler[list[int]]):
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.num_items, generator=g).tolist()
+            share = self.batch_size // self.world_size
             for b in range(start, self.batches_per_epoch):
-                yield perm[b * self.batch_size : (b + 1) * self.batch_size]
+                first = b * self.batch_size + self.rank * share
+                yield perm[first : first + share]
             epoch, start = epoch + 1, 0
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over trainable parameters; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
+    ema_params = [local_tensor(p) for p in ema.parameters()]  # FSDP: both sharded alike, update the shards
+    params = [local_tensor(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
@@ -155,14 +194,27 @@ def train(
 ) -> TrainResult:
     """Train a DiT as `config` says; `resume` is a checkpoint (or run) folder to continue from.
 
-    Writes into `config.train.out_dir`: config.json, metrics.jsonl (one JSON object per logged step)
-    and checkpoints/step_*/ (the newest `keep_last` kept).
+    Writes into `config.train.out_dir`: config.json, metrics.jsonl (one JSON object per logged step),
+    checkpoints/step_*/ (the newest `keep_last` kept), samples/ (with `sample_every`) and, at the end,
+    loss_curve.png. Under `torchrun` every rank runs this same function (DDP or FSDP, see
+    ditkit.distributed); only rank 0 writes files.
     """
     config = resolve_autoencoder(config)  # the model's input shape follows from the autoencoder
+    owns_group = not dist.is_initialized()
+    env = init_distributed(config.train.device)
+    try:
+        return _train(config, env, resume, progress, dataset)
+    finally:
+        shutdown_distributed(owns_group)
+
+
+def _train(
+    config: Config, env: DistEnv, resume: str | Path | None, progress: bool, dataset: Dataset | None
+) -> TrainResult:
     tc = config.train
     out_dir = Path(tc.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    device = resolve_device(tc.device)
+    device = env.device
     if tc.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
     if dataset is None:
@@ -174,7 +226,15 @@ def train(
         config = dataclasses.replace(config, autoencoder=measured, model=dataclasses.replace(config.model))
         autoencoder.set_normalization(measured)
         log.info("latent statistics measured from the data: shift=%s scale=%s", measured.shift, measured.scale)
-    source = make_batch_source(config, autoencoder)
+    source = make_batch_source(config, autoencoder, dataset)
+    world, accum = env.world_size, tc.grad_accum_steps
+    if tc.batch_size % (world * accum):
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world}) "
+            f"times train.grad_accum_steps={accum}"
+        )
+    local_batch = tc.batch_size // world  # this rank's share of the global batch
+    micro = local_batch // accum  # images per forward/backward pass
 
     resume_path = None
     if resume is not None:
@@ -200,90 +260,165 @@ def train(
         init_from_checkpoint(model, tc.init_from)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    warmup = tc.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    generator = torch.Generator(device).manual_seed(tc.seed + 1)
-
-    step, epoch, batch_in_epoch, train_seconds = 0, 0, 0, 0.0
-    if resume_path is not None:
+    state: dict = {}
+    if resume_path is not None:  # full weights go into the plain modules, before any wrapping or sharding
         model.load_state_dict(load_weights(resume_path, "model", device))
         ema.load_state_dict(load_weights(resume_path, "ema", device))
         state = load_state(resume_path)
-        optimizer.load_state_dict(state["optimizer"])
+    model.grad_checkpoint_every = tc.grad_checkpoint_every
+    if tc.tf32:
+        set_tf32(device)
+    fsdp = env.distributed and tc.parallel == "fsdp"
+    wrapped = wrap_model(model, env, tc.parallel)
+    if fsdp:
+        shard_blocks(ema)  # same shards as the model, so the EMA update is local
+    forward = torch.compile(wrapped) if tc.compile else wrapped
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps in DTensors
+    try:
+        optimizer = torch.optim.AdamW(
+            trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True if tc.fused_adamw else None
+        )
+    except RuntimeError as err:
+        raise ConfigError(f"train.fused_adamw=true is not available here: {err}") from err
+    warmup = tc.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+
+    step, epoch, batch_in_epoch, train_seconds = 0, 0, 0, 0.0
+    if resume_path is not None:
+        _load_optimizer(model, optimizer, state["optimizer"], env, resume_path)
+        for group in optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
+            group["fused"] = True if tc.fused_adamw else None
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
+        rng = state.get("rng", [])
+        if len(rng) == world:
+            _set_rng_state(rng[env.rank], device)
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         train_seconds = float(state["train_seconds"])
         log.info("resumed from %s at step %d", resume_path, step)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.json")
-    sampler = EpochBatchSampler(len(dataset), tc.batch_size, tc.seed, epoch, batch_in_epoch)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.json")
+        if resume_path is not None:
+            truncate_metrics(out_dir / "metrics.jsonl", step)
+    sampler = EpochBatchSampler(
+        len(dataset), tc.batch_size, tc.seed, epoch, batch_in_epoch, rank=env.rank, world_size=world
+    )
     batches = _make_loader(dataset, sampler, tc.num_workers)
+    null_class = config.model.num_classes
+    drop_prob = config.model.class_dropout_prob if config.model.conditional else 0.0
+    input_shape = (config.model.in_channels, *config.model.input_hw)  # model-space x0 (latents or pixels)
+    prediction, vlb_weight = config.diffusion.prediction, config.diffusion.vlb_weight
 
     def checkpoint() -> Path:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "generator": generator.get_state(),
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "train_seconds": train_seconds,
-        }
-        path = save_checkpoint(ckpt_dir / checkpoint_name(step), config=config, model=model, ema=ema, state=state)
-        prune_checkpoints(ckpt_dir, tc.keep_last)
+        # Collectives first (every rank), then rank 0 writes while the others wait at the barrier.
+        model_state, ema_state = full_state_dict(model), full_state_dict(ema)
+        optimizer_state = full_optimizer_state(model, optimizer)
+        rng = _gather_rng_states(env, device)
+        path = ckpt_dir / checkpoint_name(step)
+        if env.is_main:
+            ckpt_state = {
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng,
+                "world_size": world,
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "train_seconds": train_seconds,
+            }
+            save_checkpoint(path, config=config, model=model_state, ema=ema_state, state=ckpt_state)
+            prune_checkpoints(ckpt_dir, tc.keep_last)
+        barrier(env)
         return path
 
     evaluator = None
-    if tc.eval_every:
+    if tc.eval_every and env.is_main:
         from .evaluation.in_training import InTrainingEvaluator
 
         evaluator = InTrainingEvaluator(config, dataset, device)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def sample_grid() -> None:
+        full = ema
+        if fsdp:  # the grid needs the whole EMA model, on rank 0
+            weights = full_state_dict(ema)
+            if env.is_main:
+                full = DiT(config.model).to(device)
+                full.load_state_dict(weights)
+        if env.is_main:
+            save_sample_grid(full, config, out_dir / "samples" / f"{checkpoint_name(step)}.png")
+        barrier(env)
+
+    run_log = RunLog(config, out_dir) if env.is_main else None
+    bar = tqdm(
+        total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and env.is_main),
+        dynamic_ncols=True,
+    )  # fmt: skip
     model.train()
+    if model.y_embedder is not None:
+        model.y_embedder.eval()  # label dropout is drawn per sample below, not by the embedder
     last_path, window_loss, window_n, last_loss, nonfinite_run, skipped = None, 0.0, 0, float("nan"), 0, 0
     window_start = time.perf_counter()
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
-            x0, y = source(next(batches), generator, device)
-            with _autocast(device, tc.precision):
-                if config.model.inpaint:  # L_simple only: the mask-conditioned variant does not train a variance
-                    loss = inpaint_loss(
-                        model, process, x0, y, generator=generator, prediction=config.diffusion.prediction
-                    )
-                else:
-                    loss = diffusion_loss(
-                        model,
-                        process,
-                        x0,
-                        y,
-                        generator=generator,
-                        prediction=config.diffusion.prediction,
-                        vlb_weight=config.diffusion.vlb_weight,
-                    )
+            batch_local = next(batches)  # this rank's share of the global batch
+            batch_index = epoch * sampler.batches_per_epoch + batch_in_epoch  # keys the per-sample streams
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss_sum = torch.zeros((), device=device)
+            for m in range(accum):
+                piece = _slice_batch(batch_local, slice(m * micro, (m + 1) * micro))
+                first = env.rank * local_batch + m * micro  # position of the piece's first image in the global batch
+                positions = range(first, first + micro)
+                t, noise, u_flip, u_drop = draw_streams(
+                    process, input_shape, positions, seed=tc.seed, batch_index=batch_index, device=device
+                )
+                flip = (u_flip < 0.5) if config.data.hflip else None
+                posterior = None
+                if source.stochastic:  # a posterior draw per image (VAE latents), from its own stream
+                    posterior = draw_normal(
+                        input_shape, positions, seed=tc.seed, batch_index=batch_index, device=device, salt=1
+                    )
+                x0, y = source(piece, device, flip=flip, posterior_noise=posterior)
+                if drop_prob > 0:
+                    y = torch.where(u_drop < drop_prob, torch.full_like(y, null_class), y)
+                with grad_sync(wrapped, env, enabled=m == accum - 1):  # all-reduce on the last piece only
+                    with _autocast(device, tc.precision):
+                        if config.model.inpaint:  # L_simple only; the random masks come from a per-piece stream
+                            masks = torch.Generator(device).manual_seed(stream_seed(tc.seed + 2, batch_index, first))
+                            loss = inpaint_loss(
+                                forward, process, x0, y, generator=masks, prediction=prediction, t=t, noise=noise
+                            )
+                        else:
+                            loss = diffusion_loss(
+                                forward, process, x0, y, prediction=prediction, t=t, noise=noise, vlb_weight=vlb_weight
+                            )
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach().float()
             scaler.unscale_(optimizer)
             max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
             batch_in_epoch += 1
             if batch_in_epoch == sampler.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # One all-reduce per step: mean loss, and whether any rank saw a non-finite value, so that
+            # every rank takes the same branch (skip or step, stop or go on).
+            local_loss = loss_sum / accum
+            bad = ~(torch.isfinite(local_loss) & torch.isfinite(grad_norm))
+            over = tc.max_minutes is not None and train_seconds + time.perf_counter() - t0 >= tc.max_minutes * 60
+            totals = all_sum(env, torch.stack([local_loss, bad.float(), torch.tensor(float(over), device=device)]))
+            if totals[1] > 0:
                 # Skip the update; fp16's scaler handles its own overflow, this guards everything else.
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
                 nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
-                log.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step + 1, skipped)
                 if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+                    if run_log is not None:
+                        run_log.write({"step": step, "skipped_steps": skipped, "stopped": "non-finite"})
                     raise FloatingPointError(
                         f"{nonfinite_run} consecutive non-finite steps ending at step {step + 1}; "
                         f"stopping without saving (last good checkpoint: {last_path or 'none'})"
@@ -296,10 +431,10 @@ def train(
             update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
             step += 1
             train_seconds += time.perf_counter() - t0
-            last_loss = loss.item()
+            last_loss = float(totals[0]) / world
             window_loss, window_n = window_loss + last_loss, window_n + 1
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if run_log is not None and (step % tc.log_every == 0 or step == tc.steps):
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
@@ -310,14 +445,16 @@ def train(
                     "train_seconds": round(train_seconds, 3),
                     "skipped_steps": skipped,
                 }
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                run_log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
-            if evaluator is not None and step % tc.eval_every == 0:
-                metrics_file.write(json.dumps({"step": step, **evaluator(ema)}) + "\n")
-                metrics_file.flush()
-            out_of_time = tc.max_minutes is not None and train_seconds >= tc.max_minutes * 60
+            if tc.eval_every and step % tc.eval_every == 0:
+                if evaluator is not None:  # rank 0 samples and scores; the others wait
+                    run_log.write({"step": step, **evaluator(ema)})
+                barrier(env)
+            out_of_time = bool(totals[2] > 0)
+            if tc.sample_every and step % tc.sample_every == 0:
+                sample_grid()
             if step % tc.ckpt_every == 0 or step == tc.steps or out_of_time:
                 last_path = checkpoint()
             if out_of_time:
@@ -325,10 +462,22 @@ def train(
                 break
     finally:
         bar.close()
-        metrics_file.close()
+        if run_log is not None:
+            run_log.close()
     if last_path is None:  # resumed at or past the final step
         last_path = checkpoint()
+    if env.is_main and (out_dir / "metrics.jsonl").is_file():
+        plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
     return TrainResult(out_dir, last_path, step, last_loss, train_seconds)
+
+
+def _slice_batch(batch: object, part: slice) -> object:
+    """Rows `part` of a loader batch: a tensor, or (nested) tuples of tensors / None."""
+    if isinstance(batch, torch.Tensor):
+        return batch[part]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice_batch(b, part) for b in batch)
+    return batch
 
 
 def _training_dataset(config: Config) -> Dataset:
@@ -349,6 +498,43 @@ def _training_dataset(config: Config) -> Dataset:
             f"but data.image_size={config.data.image_size}"
         )
     return cache
+
+
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, env: DistEnv, path: Path) -> None:
+    """Optimizer state from a checkpoint: name-keyed (any topology) or, from older checkpoints, index-keyed."""
+    if all(isinstance(k, str) for k in saved.get("state", {})) and saved.get("param_groups"):
+        names = saved["param_groups"][0]["params"]
+        if all(isinstance(n, str) for n in names):
+            load_full_optimizer_state(model, optimizer, saved)
+            return
+    if env.distributed:
+        raise CheckpointError(
+            f"{path / 'state.pt'} holds an index-keyed optimizer state from an older ditkit; resume it on one "
+            "process once (its next checkpoint is topology-independent)"
+        )
+    optimizer.load_state_dict(saved)
+
+
+def _gather_rng_states(env: DistEnv, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The global RNG states (CPU, and CUDA when used) of every rank, in rank order.
+
+    Training draws do not use them (see ditkit.distributed); they are kept so that anything else drawing
+    from the global generators (a user's module with dropout, say) also resumes exactly.
+    """
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if not env.distributed:
+        return [mine]
+    states: list = [None] * env.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _set_rng_state(saved: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"], device)
 
 
 def init_from_checkpoint(model: DiT, path: str | Path) -> None:

@@ -1,69 +1,83 @@
 """Loader batches -> model inputs x0, with augmentation and the autoencoder applied on the fly.
 
-Three sources, one rule for their random draws (all from the training generator, in this order):
-first the per-image flip decision (`flip_mask`, only when data.hflip), then the posterior noise of a
-latent draw. Encoding images on the fly and reading the same images' cached posteriors therefore give
-the same batch, up to the encoder's floating-point noise, and resumed runs replay both exactly.
+The training loop draws every random number per sample (ditkit.distributed: streams keyed by the
+image's position in the global batch) and hands a source the flip decisions and, for a stochastic
+encoder, the standard-normal noise of the posterior draw. Encoding images on the fly and reading the
+same images' cached posteriors therefore give the same batch, up to the encoder's floating-point
+noise, and resumed or differently sharded runs replay both exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-from ..autoencoders import Autoencoder, LatentDistribution
+from ..autoencoders import Autoencoder
 from ..config import Config, ConfigError
 
-__all__ = ["flip_mask", "ImageBatches", "CachedBatches", "make_batch_source", "measure_latent_stats"]
-
-Batch = tuple[object, torch.Tensor]
-BatchSource = Callable[[Batch, torch.Generator, torch.device], tuple[torch.Tensor, torch.Tensor]]
+__all__ = ["ImageBatches", "CachedBatches", "make_batch_source", "measure_latent_stats"]
 
 
-def flip_mask(n: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
-    """Which of n images to mirror: (n,) bool, each True with probability 1/2."""
-    return torch.rand(n, generator=generator, device=device) < 0.5
+def _posterior(mean: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    if logvar is None:
+        return mean
+    if noise is None:
+        raise ValueError("a stochastic encoder needs posterior_noise (one standard normal draw per latent)")
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean)
 
 
 class ImageBatches:
-    """(images in [-1, 1], labels) -> flipped (if asked), encoded and posterior-sampled model latents."""
+    """(images in [-1, 1], labels) -> flipped where `flip`, encoded, posterior-sampled model latents."""
 
-    def __init__(self, autoencoder: Autoencoder, hflip: bool) -> None:
-        self.autoencoder, self.hflip = autoencoder, hflip
+    def __init__(self, autoencoder: Autoencoder) -> None:
+        self.autoencoder = autoencoder
+        self.stochastic = autoencoder.config.kind == "kl"
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def __call__(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        device: torch.device,
+        flip: torch.Tensor | None = None,
+        posterior_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if self.hflip:
-            flip = flip_mask(images.shape[0], generator, device)
+        if flip is not None:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return self.autoencoder.encode(images, generator), labels
+        dist = self.autoencoder.encode_distribution(images)
+        return self.autoencoder.normalize(_posterior(dist.mean, dist.logvar, posterior_noise)), labels
 
 
 class CachedBatches:
     """((mean, logvar) of image and mirror (N, 2, C, h, w), labels) from a latent cache -> model latents."""
 
-    def __init__(self, autoencoder: Autoencoder, hflip: bool) -> None:
-        self.autoencoder, self.hflip = autoencoder, hflip
+    def __init__(self, autoencoder: Autoencoder, stochastic: bool = True) -> None:
+        self.autoencoder, self.stochastic = autoencoder, stochastic
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def __call__(
+        self,
+        batch: tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor],
+        device: torch.device,
+        flip: torch.Tensor | None = None,
+        posterior_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         (mean, logvar), labels = batch
         n = mean.shape[0]
         mean, labels = mean.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         rows = torch.arange(n, device=device)
-        view = flip_mask(n, generator, device).long() if self.hflip else torch.zeros(n, dtype=torch.long, device=device)
-        dist = LatentDistribution(mean[rows, view], None if logvar is None else logvar.to(device)[rows, view])
-        return self.autoencoder.normalize(dist.sample(generator)), labels
+        view = flip.long() if flip is not None else torch.zeros(n, dtype=torch.long, device=device)
+        logvar = None if logvar is None else logvar.to(device)[rows, view]
+        return self.autoencoder.normalize(_posterior(mean[rows, view], logvar, posterior_noise)), labels
 
 
-def make_batch_source(config: Config, autoencoder: Autoencoder) -> BatchSource:
+def make_batch_source(config: Config, autoencoder: Autoencoder, dataset: object = None) -> ImageBatches | CachedBatches:
     """The source for this run: a latent cache when data.cache is set, else images (+ autoencoder)."""
-    cls = CachedBatches if config.data.cache else ImageBatches
-    return cls(autoencoder, config.data.hflip)
+    if config.data.cache:
+        manifest = getattr(dataset, "manifest", {})
+        return CachedBatches(autoencoder, stochastic=bool(manifest.get("has_logvar", True)))
+    return ImageBatches(autoencoder)
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     prediction: str = "eps",
     vlb_weight: float = 0.0,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the network's output and its target ('eps': the added noise; 'v'; 'x0'; 'flow').
 
@@ -28,10 +30,13 @@ def diffusion_loss(
     so label dropout uses the same stream. When the network outputs twice the input's channels and
     `vlb_weight` > 0, adds vlb_weight * T * mean_t(L_t) (the hybrid loss of Nichol & Dhariwal 2021) on the
     extra (variance) channels, with the predicted mean detached; otherwise the extra channels are ignored.
+    `t` (N,) and `noise` (shape of x0) may be given instead, e.g. drawn per sample by the training loop.
     """
     n, channels = x0.shape[:2]
-    t = process.sample_t(n, generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = process.sample_t(n, generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
     out = model(x_t, process.model_time(t), cond, generator=generator)
     alpha, sigma = process.alpha(t), process.sigma(t)

@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import ModelConfig
@@ -156,6 +157,10 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(block(config) for _ in range(config.depth))
         deconv = config.unpatchify == "deconv"
         self.final_layer = FinalLayer(d, p, config.out_channels, adaptive=self.adaptive, deconv=deconv)
+        # Activation checkpointing: recompute every k-th block (blocks 0, k, 2k, ...) in the backward
+        # pass instead of storing its activations; 0 = off. A speed/memory switch, not architecture, so
+        # it is a plain attribute the trainer sets (train.grad_checkpoint_every), not a config field.
+        self.grad_checkpoint_every = 0
         self.initialize_weights()
 
     @property
@@ -234,15 +239,15 @@ class DiT(nn.Module):
             cond.append(self.y_embedder(y, generator))
         if self.adaptive:
             c = torch.stack(cond).sum(0)  # (N, D): t and y embeddings added
-            for block in self.blocks:
-                x = block(x, c)  # (N, T, D)
+            for i, block in enumerate(self.blocks):
+                x = self._run_block(i, block, x, c)  # (N, T, D)
         else:
             c = torch.stack(cond, dim=1)  # (N, S, D): conditioning tokens, S = 2 (1 if unconditional)
             tokens = x.shape[1]
             if self.config.block_type == "in-context":
                 x = torch.cat([x, c.to(x.dtype)], dim=1)  # (N, T + S, D)
-            for block in self.blocks:
-                x = block(x, c)
+            for i, block in enumerate(self.blocks):
+                x = self._run_block(i, block, x, c)
             x = x[:, :tokens]  # (N, T, D): conditioning tokens removed before the final layer
         x = self.final_layer(x, c)  # (N, T, p*p*C_out), or (N, T, D) for the deconv head
         if self.final_layer.deconv is not None:
@@ -250,6 +255,13 @@ class DiT(nn.Module):
             x = x.transpose(1, 2).reshape(x.shape[0], -1, rows, cols)  # (N, D, h, w)
             return self.final_layer.deconv(x)  # (N, C_out, H, W)
         return self.unpatchify(x)  # (N, C_out, H, W)
+
+    def _run_block(self, i: int, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Block i on (x, c), through torch.utils.checkpoint when it is one of the checkpointed blocks."""
+        k = self.grad_checkpoint_every
+        if k and i % k == 0 and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+        return block(x, c)
 
 
 def resize_pos_embed(

@@ -1,0 +1,189 @@
+"""Training throughput of DiT-S/2 and DiT-B/2 on 4x32x32 latents: precision, compile and activation checkpointing.
+
+    python benchmarks/training_scale.py [--models DiT-S/2 DiT-B/2] [--batch 32] [--steps 5] [--warmup 2]
+        [--variants fp32 bf16 bf16+compile] [--checkpointing 0 1] [--device auto] [--json out.json]
+
+For every (model, variant, checkpointing) it times full training steps as ditkit.train runs them
+(forward and loss, backward, gradient clipping, AdamW, EMA update) after warm-up steps, and reports:
+
+- img/s;
+- memory: on CUDA the peak allocated bytes of a step; on CPU the bytes of activations autograd saves
+  for backward in one step (counted once per storage through saved_tensors_hooks, parameters left
+  out), which is what activation checkpointing trades for recomputation;
+- achieved GFLOP/s, counting a training step as 3x the forward pass (backward ~ 2x forward) and each
+  multiply-accumulate of ditkit.models.dit.count_macs as 2 flops. Recomputed blocks are not counted,
+  so with checkpointing this is useful work per second;
+- that rate as a fraction of a plain bf16 and fp32 GEMM measured in the same run on the same device.
+
+The lead's numbers in docs/training.md come from this script with its defaults on a quiet machine.
+Smoke run: `python benchmarks/training_scale.py --models DiT-S/2 --batch 2 --steps 1 --warmup 1 --gemm 256`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+
+import torch
+
+from ditkit.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
+from ditkit.diffusion import build_process, diffusion_loss
+from ditkit.models import DiT
+from ditkit.models.dit import count_macs
+from ditkit.train import update_ema
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_gflops(dtype: torch.dtype, size: int, device: torch.device, seconds: float = 1.0) -> float:
+    """GFLOP/s of a (size x size) @ (size x size) matmul in `dtype`, repeated for about `seconds`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 3:
+        a @ b
+        n += 1
+        if n % 4 == 0:
+            _sync(device)
+    _sync(device)
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class SavedBytes:
+    """Counts bytes autograd saves for backward (each storage once, parameters excluded)."""
+
+    def __init__(self, params: set[int]) -> None:
+        self.params, self.seen, self.bytes = params, set(), 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = t.untyped_storage().data_ptr()
+        except RuntimeError:  # tensors without storage (e.g. some views under compile)
+            return t
+        if key not in self.params and key not in self.seen:
+            self.seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+
+def measure(
+    model_config: ModelConfig,
+    precision: str,
+    compile_model: bool,
+    every: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """img/s and memory of full training steps for one setting."""
+    torch.manual_seed(0)
+    model = DiT(model_config).to(device)
+    model.grad_checkpoint_every = every
+    ema = copy.deepcopy(model).requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
+    process = build_process(DiffusionConfig())
+    h, w = model_config.input_hw
+    x0 = torch.randn(batch, model_config.in_channels, h, w, device=device)
+    y = torch.randint(0, model_config.num_classes, (batch,), device=device)
+    g = torch.Generator(device).manual_seed(0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def step(counter: SavedBytes | None = None) -> None:
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
+            if counter is not None
+            else contextlib.nullcontext()
+        )
+        with hooks, _autocast(device, precision):
+            loss = diffusion_loss(forward, process, x0, y, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        update_ema(ema, model, 0.9999)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    img_s = batch * steps / (time.perf_counter() - start)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    else:
+        counter = SavedBytes(params)
+        step(counter)
+        memory = counter.bytes
+    return {"img_per_s": img_s, "memory_mb": memory / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"], choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16+compile"],
+                        choices=["fp32", "bf16", "fp32+compile", "bf16+compile"])  # fmt: skip
+    parser.add_argument("--checkpointing", nargs="+", type=int, default=[0, 1], help="grad_checkpoint_every values")
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--gemm", type=int, default=2048, help="side of the square reference GEMM")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+    peak = {name: gemm_gflops(dtype, args.gemm, device) for name, dtype in (("bf16", torch.bfloat16),
+                                                                           ("fp32", torch.float32))}  # fmt: skip
+    print(f"device {device}, {torch.get_num_threads()} threads; GEMM {args.gemm}^3: "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s", flush=True)  # fmt: skip
+    print("| model | variant | ckpt every | img/s | memory MB | GFLOP/s | / bf16 GEMM | / fp32 GEMM |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in args.models:
+        config = ModelConfig(**MODEL_PRESETS[name], input_size=args.input_size, in_channels=args.channels,
+                             num_classes=1000, learn_sigma=True)  # fmt: skip
+        train_flops = 3 * 2 * count_macs(config)  # per image
+        for variant in args.variants:
+            precision, compile_model = variant.split("+")[0], variant.endswith("+compile")
+            for every in args.checkpointing:
+                result = measure(config, precision, compile_model, every, args.batch, args.steps, args.warmup, device)
+                gflops = result["img_per_s"] * train_flops / 1e9
+                row = {"model": name, "variant": variant, "grad_checkpoint_every": every, **result,
+                       "gflops": gflops, "frac_bf16_gemm": gflops / peak["bf16"],
+                       "frac_fp32_gemm": gflops / peak["fp32"]}  # fmt: skip
+                rows.append(row)
+                cells = [name, variant, every, f"{result['img_per_s']:.1f}", f"{result['memory_mb']:.0f}",
+                         f"{gflops:.0f}", f"{row['frac_bf16_gemm']:.0%}", f"{row['frac_fp32_gemm']:.0%}"]  # fmt: skip
+                print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": str(device), "threads": torch.get_num_threads(), "batch": args.batch,
+                       "gemm_gflops": peak, "rows": rows}, fh, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Runs the tiny test training job in a fresh process: under torchrun (every rank runs this file) or
+alone, so that tests can launch DDP/FSDP jobs and kill a run with SIGKILL.
+
+    python tests/train_worker.py RUN_DIR [--resume PATH] [--pause-at-step K] [--nan-calls K] [section.key=value ...]
+
+The config is conftest's tiny one (make_tiny_config) on make_tiny_dataset(20); overrides are applied
+on top. Several `--phase RUN_DIR ...` groups may follow to run jobs one after another in one launch
+(the process group is created once, here, and reused by every train() call).
+
+Test-only instruments (patched in here, not in the library):
+--pause-at-step K  after the optimizer update of step K (before its checkpoint), write this process's
+                   id to RUN_DIR/paused-RANK and sleep, so a test can kill -9 it at a known point.
+--nan-calls K      the last rank's loss is NaN for its first K loss calls (non-finite guard under DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import ditkit.train as train_mod  # noqa: E402
+from conftest import make_tiny_config, make_tiny_dataset  # noqa: E402
+from ditkit.config import apply_overrides, config_from_dict, config_to_dict  # noqa: E402
+
+
+def run(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--resume")
+    parser.add_argument("--pause-at-step", type=int)
+    parser.add_argument("--nan-calls", type=int, default=0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    base = config_to_dict(make_tiny_config(args.out_dir))
+    config = config_from_dict(apply_overrides(base, args.overrides))
+    real_ema, real_loss, calls = train_mod.update_ema, train_mod.diffusion_loss, {"ema": 0, "loss": 0}
+
+    def update_ema(*a, **k):
+        real_ema(*a, **k)
+        calls["ema"] += 1
+        if calls["ema"] == args.pause_at_step:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            Path(args.out_dir, f"paused-{rank}.tmp").write_text(str(os.getpid()))
+            os.replace(Path(args.out_dir, f"paused-{rank}.tmp"), Path(args.out_dir, f"paused-{rank}"))
+            time.sleep(600)
+
+    def diffusion_loss(*a, **k):
+        loss = real_loss(*a, **k)
+        calls["loss"] += 1
+        last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        return loss * float("nan") if last_rank and calls["loss"] <= args.nan_calls else loss
+
+    train_mod.update_ema, train_mod.diffusion_loss = update_ema, diffusion_loss
+    try:
+        train_mod.train(config, resume=args.resume, progress=False, dataset=make_tiny_dataset(20))
+    finally:
+        train_mod.update_ema, train_mod.diffusion_loss = real_ema, real_loss
+
+
+def main() -> None:
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # as conftest: same kernels, same bits
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    phases, current = [], []
+    for item in sys.argv[1:]:
+        if item == "--phase":
+            phases.append(current)
+            current = []
+        else:
+            current.append(item)
+    phases.append(current)
+    for argv in phases:
+        if argv:
+            run(argv)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
