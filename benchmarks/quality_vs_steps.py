@@ -34,7 +34,7 @@ from ditkit.sampling import generate
 from ditkit.train import load_model
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]  # fmt: skip
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
 
 
 def plot(results: list[dict], samplers: list[str], steps: list[int], path: Path, title: str) -> None:
