@@ -323,3 +323,20 @@ def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, tmp_path, 
     _, config = load_model(tmp_path / "b")
     assert config.autoencoder.path == str(kl_path) and config.autoencoder.scale == 0.18215
     assert config.data.image_size == 16 and config.model.in_channels == 4
+
+
+def test_reference_statistics_from_a_latent_cache_decode_its_means(kl_path, image_folder, tmp_path):
+    from ditkit.evaluation.features import ClassifierFeatures, compute_features, reference_from_source
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    config = resolve_autoencoder(latent_config(kl_path, image_folder))
+    build_cache(config, tmp_path / "cache", shard_items=5, progress=False)
+    torch.manual_seed(0)
+    net = ClassifierFeatures(DigitClassifier(ClassifierConfig(in_channels=3, width=8)))
+    ref = reference_from_source(tmp_path / "cache", net, batch_size=5, progress=False)
+    ae = build_autoencoder(config)
+    images = torch.stack([build_dataset(config.data)[i][0] for i in range(12)])
+    decoded = ae.decode_raw(ae.encode_distribution(images).mean).clamp(-1, 1)
+    uint8 = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    direct = compute_features(net, iter([uint8]), 12, False)
+    np.testing.assert_allclose(ref["mu"], direct["pool"].mean(0), rtol=1e-4, atol=1e-5)

@@ -164,6 +164,34 @@ def iter_folder_images(folder: str | Path, batch_size: int, channels: int = 3) -
         yield np.stack(batch)
 
 
+def iter_cache_images(
+    cache: str | Path, batch_size: int, device: str | torch.device = "cpu"
+) -> tuple[int, Iterator[np.ndarray]]:
+    """(count, (b, H, W, C) uint8 batches) of a latent cache's images: posterior means decoded by its VAE.
+
+    The unflipped view of every cached image is decoded with the autoencoder the cache was built with,
+    so the reference is what that autoencoder can reproduce of the data (its reconstruction).
+    """
+    from ..autoencoders import build_autoencoder
+    from ..config import AutoencoderConfig
+    from ..data.cache import CacheDataset
+
+    dataset = CacheDataset(cache)
+    built = dataset.manifest["autoencoder"]
+    ae = build_autoencoder(
+        AutoencoderConfig(kind=built["kind"], path=built["path"], subfolder=built["subfolder"]), device=device
+    )
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, len(dataset), batch_size):
+            (mean, _), _ = dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+            with torch.no_grad():
+                images = ae.decode_raw(mean[:, 0].to(device)).clamp(-1, 1)
+            yield ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    return len(dataset), batches()
+
+
 def compute_features(
     net: FeatureNet,
     batches: Iterator[np.ndarray],
@@ -198,13 +226,17 @@ def reference_from_features(features: dict[str, np.ndarray], kind: str) -> dict[
 def reference_from_source(
     source: str | Path, net: FeatureNet, batch_size: int = 100, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """Reference statistics from an image folder, an ADM .npz (arr_0 images and/or mu/sigma), or a saved file.
+    """Reference statistics from an image folder, a ditkit latent cache, an ADM .npz (arr_0 images and/or
+    mu/sigma), or a saved file.
 
     Returns {'mu', 'sigma', optionally 'mu_s', 'sigma_s', 'pool' (features for precision/recall)}.
     Stored mu/sigma win over recomputing them from stored images, as in the ADM evaluator.
     """
     source = Path(source)
     kind = getattr(net, "kind", "inception")
+    if (source / "cache.json").is_file():  # a ditkit latent cache: decode its posterior means
+        n, batches = iter_cache_images(source, batch_size)
+        return reference_from_features(compute_features(net, batches, n, progress), kind)
     if source.is_dir():
         channels = getattr(getattr(net, "classifier", None), "config", None)
         channels = channels.in_channels if channels is not None else 3
