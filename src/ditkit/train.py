@@ -173,7 +173,7 @@ def train(
         config = dataclasses.replace(config, autoencoder=measured, model=dataclasses.replace(config.model))
         autoencoder.set_normalization(measured)
         log.info("latent statistics measured from the data: shift=%s scale=%s", measured.shift, measured.scale)
-    source = make_batch_source(config, autoencoder)
+    source = make_batch_source(config, autoencoder, dataset, progress)
 
     resume_path = None
     if resume is not None:

@@ -1,5 +1,8 @@
 """Loader batches -> model inputs x0, with augmentation and the autoencoder applied on the fly.
 
+Text-conditioned runs wrap either in `TextBatches`, which turns caption rows into cached text
+embeddings (`TextCond`); it draws nothing (caption dropout happens in the model, from the same generator).
+
 Three sources, one rule for their random draws (all from the training generator, in this order):
 first the per-image flip decision (`flip_mask`, only when data.hflip), then the posterior noise of a
 latent draw. Encoding images on the fly and reading the same images' cached posteriors therefore give
@@ -16,7 +19,7 @@ import torch
 from ..autoencoders import Autoencoder, LatentDistribution
 from ..config import Config, ConfigError
 
-__all__ = ["flip_mask", "ImageBatches", "CachedBatches", "make_batch_source", "measure_latent_stats"]
+__all__ = ["flip_mask", "ImageBatches", "CachedBatches", "TextBatches", "make_batch_source", "measure_latent_stats"]
 
 Batch = tuple[object, torch.Tensor]
 BatchSource = Callable[[Batch, torch.Generator, torch.device], tuple[torch.Tensor, torch.Tensor]]
@@ -60,10 +63,40 @@ class CachedBatches:
         return self.autoencoder.normalize(dist.sample(generator)), labels
 
 
-def make_batch_source(config: Config, autoencoder: Autoencoder) -> BatchSource:
-    """The source for this run: a latent cache when data.cache is set, else images (+ autoencoder)."""
+class TextBatches:
+    """Wraps a source whose labels are caption rows: (x0, rows) -> (x0, TextCond of those captions)."""
+
+    def __init__(self, source: BatchSource, table) -> None:
+        self.source, self.table = source, table
+        self._device_tables: dict[str, object] = {}
+
+    def __call__(self, batch: Batch, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, object]:
+        x0, rows = self.source(batch, generator, device)
+        key = str(device)
+        if key not in self._device_tables:  # the whole table moves once; batches index it in place
+            self._device_tables[key] = self.table.to(device)
+        return x0, self._device_tables[key][rows.to(device)]
+
+
+def make_batch_source(config: Config, autoencoder: Autoencoder, dataset=None, progress: bool = False) -> BatchSource:
+    """The source for this run: a latent cache when data.cache is set, else images (+ autoencoder).
+
+    A text-conditioned model (model.text_dim > 0) needs the captioned `dataset`: its captions are encoded
+    once into the text-embedding cache (text.cache, default: in the run folder) and looked up per batch.
+    """
     cls = CachedBatches if config.data.cache else ImageBatches
-    return cls(autoencoder, config.data.hflip)
+    source = cls(autoencoder, config.data.hflip)
+    if not config.model.text_conditional:
+        return source
+    from ..text import caption_table
+
+    captions = getattr(dataset, "captions", None)
+    if captions is None:
+        raise ConfigError(
+            f"model.text_dim={config.model.text_dim} needs captioned data (data.dataset='captions'), "
+            f"got data.dataset={config.data.dataset!r}{' with a latent cache' if config.data.cache else ''}"
+        )
+    return TextBatches(source, caption_table(config, captions, progress=progress))
 
 
 @torch.no_grad()

@@ -46,6 +46,8 @@ class ModelDenoiser(Denoiser):
         return prediction_to_x0(self.prediction, pred, x_t, self.process.alpha(t), self.process.sigma(t))
 
     def null_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        if hasattr(cond, "as_null"):  # text conditioning (a TextCond): the model's learned null text
+            return cond.as_null()
         return torch.full_like(cond, self.model.null_class)
 
 
