@@ -365,3 +365,36 @@ def test_real_minilm_matches_sentence_transformers():
     torch.testing.assert_close(
         torch.nn.functional.normalize(out.pooled, dim=1), reference.float(), atol=1e-4, rtol=1e-4
     )
+
+
+def test_text_demo_smoke(tmp_path):
+    from ditkit.evaluation import ClassifierResult, save_classifier
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+    from ditkit.text_demo import (
+        HELDOUT_WORDINGS,
+        TRAIN_WORDINGS,
+        caption,
+        captioned_digits,
+        run_text_demo,
+        text_demo_config,
+    )
+
+    seen = {caption(t, k) for t in TRAIN_WORDINGS for k in range(10)}
+    unseen = {caption(t, k) for t in HELDOUT_WORDINGS for k in range(10)}
+    assert len(seen) == 80 and len(unseen) == 40 and not seen & unseen
+    # A random judge skips the classifier's training epoch; the judging itself runs as in the real demo.
+    torch.manual_seed(0)
+    save_classifier(
+        ClassifierResult(DigitClassifier(ClassifierConfig(in_channels=1, num_classes=10)), 0.5), tmp_path / "classifier"
+    )
+    metrics = run_text_demo(tmp_path, smoke=True, progress=False)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["train_steps"] == 6 and metrics["heldout_num_samples"] == 40 and metrics["train_num_samples"] == 80
+    assert 0.0 <= metrics["heldout_wording_accuracy"] <= 1.0 and set(metrics["heldout_per_wording"]) == set(
+        HELDOUT_WORDINGS
+    )
+    assert Image.open(tmp_path / "samples.png").size == ((4 * 30 + 2) * 3, (10 * 30 + 2) * 3)  # a row per digit
+    data = captioned_digits("train", text_demo_config(tmp_path))
+    assert len(data) == 4500 * len(TRAIN_WORDINGS) and len(data.captions) == 80
+    images, rows = data.__getitems__([0, 1, 8])
+    assert torch.equal(images[0], images[1]) and data.captions[rows[0]] != data.captions[rows[1]]
