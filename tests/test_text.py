@@ -192,6 +192,8 @@ def test_text_config_validation():
         TextConfig(max_length=0)
     with pytest.raises(ConfigError, match="data.root is required"):
         DataConfig(dataset="captions")
+    with pytest.raises(ConfigError, match="needs a text-conditioned model"):
+        Config(data=DataConfig(dataset="captions", root="x"))
 
 
 def test_encoder_mean_pooling_and_padding(tiny_bert):

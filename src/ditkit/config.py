@@ -460,6 +460,11 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
+        if self.data.dataset == "captions" and not self.model.text_conditional:
+            raise ConfigError(
+                "data.dataset='captions' needs a text-conditioned model: set model.text_dim to the text encoder's "
+                "width (384 for the default MiniLM-L6) and model.num_classes=0"
+            )
         # The model's input shape follows from the data through the autoencoder; a second, conflicting
         # setting is an error. A latent autoencoder's channels/factor are known once its config was read
         # (ditkit.autoencoders.resolve_autoencoder); until then the model's shape stays open.
