@@ -196,6 +196,21 @@ def test_text_config_validation():
         Config(data=DataConfig(dataset="captions", root="x"))
 
 
+def test_text_fields_round_trip_through_config_files(tmp_path):
+    from ditkit.config import config_to_dict, load_config, save_config
+
+    config = Config(
+        model=ModelConfig(num_classes=0, text_dim=768, text_mode="tokens", caption_dropout_prob=0.2),
+        data=DataConfig(dataset="captions", root="captions.jsonl", image_size=32, channels=3),
+        text=TextConfig(encoder="google/t5-v1_1-base", max_length=77, pooling="first", cache="t.safetensors"),
+    )
+    for name in ("config.json", "config.yaml"):
+        save_config(config, tmp_path / name)
+        assert config_to_dict(load_config(tmp_path / name)) == config_to_dict(config)
+    with pytest.raises(ConfigError, match="text.pooling"):
+        load_config(None, ["text.pooling=max"])
+
+
 def test_encoder_mean_pooling_and_padding(tiny_bert):
     from ditkit.text import TextEncoder
 

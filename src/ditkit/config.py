@@ -276,6 +276,8 @@ class DataConfig:
             self.image_size = tuple(self.image_size)
         if min(self.image_hw) < 1:
             raise ConfigError(f"data.image_size must be >= 1, got {self.image_size}")
+        if self.holdout < 0:
+            raise ConfigError(f"data.holdout must be >= 0, got {self.holdout}")
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -283,8 +285,6 @@ class DataConfig:
         if isinstance(self.image_size, int):
             return self.image_size, self.image_size
         return tuple(self.image_size)
-        if self.holdout < 0:
-            raise ConfigError(f"data.holdout must be >= 0, got {self.holdout}")
 
 
 @dataclass
