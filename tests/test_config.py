@@ -289,6 +289,9 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "attn_impl": "sdpa",
             "unpatchify": "deconv",
             "inpaint": True,
+            "text_dim": 0,
+            "text_mode": "tokens",
+            "caption_dropout_prob": 0.3,
         },
         "diffusion": {
             "schedule": "cosine",
@@ -364,6 +367,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "latent_channels": 4,
             "downsample": 4,
         },
+        "text": {"encoder": "text/folder", "max_length": 8, "pooling": "mean", "cache": "text.safetensors"},
     }
     assert config_to_dict(config_from_dict(d)) == d
 

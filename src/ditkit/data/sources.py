@@ -5,6 +5,9 @@ image's position in the global batch) and hands a source the flip decisions and,
 encoder, the standard-normal noise of the posterior draw. Encoding images on the fly and reading the
 same images' cached posteriors therefore give the same batch, up to the encoder's floating-point
 noise, and resumed or differently sharded runs replay both exactly.
+
+Text-conditioned runs wrap either source in `TextBatches`, which turns caption rows into cached text
+embeddings (`TextCond`); it draws nothing (caption dropout is drawn per sample by the training loop).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from ..autoencoders import Autoencoder
 from ..config import Config, ConfigError
 
-__all__ = ["ImageBatches", "CachedBatches", "make_batch_source", "measure_latent_stats"]
+__all__ = ["ImageBatches", "CachedBatches", "TextBatches", "make_batch_source", "measure_latent_stats"]
 
 
 def _posterior(mean: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
@@ -72,12 +75,52 @@ class CachedBatches:
         return self.autoencoder.normalize(_posterior(mean[rows, view], logvar, posterior_noise)), labels
 
 
-def make_batch_source(config: Config, autoencoder: Autoencoder, dataset: object = None) -> ImageBatches | CachedBatches:
-    """The source for this run: a latent cache when data.cache is set, else images (+ autoencoder)."""
+class TextBatches:
+    """Wraps a source whose labels are caption rows: (x0, rows) -> (x0, TextCond of those captions)."""
+
+    def __init__(self, source: ImageBatches | CachedBatches, table) -> None:
+        self.source, self.table = source, table
+        self.stochastic = source.stochastic
+        self._device_tables: dict[str, object] = {}
+
+    def __call__(
+        self,
+        batch: tuple[object, torch.Tensor],
+        device: torch.device,
+        flip: torch.Tensor | None = None,
+        posterior_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, object]:
+        x0, rows = self.source(batch, device, flip=flip, posterior_noise=posterior_noise)
+        key = str(device)
+        if key not in self._device_tables:  # the whole table moves once; batches index it in place
+            self._device_tables[key] = self.table.to(device)
+        return x0, self._device_tables[key][rows.to(device)]
+
+
+def make_batch_source(
+    config: Config, autoencoder: Autoencoder, dataset: object = None, progress: bool = False
+) -> ImageBatches | CachedBatches | TextBatches:
+    """The source for this run: a latent cache when data.cache is set, else images (+ autoencoder).
+
+    A text-conditioned model (model.text_dim > 0) needs the captioned `dataset`: its captions are encoded
+    once into the text-embedding cache (text.cache, default: in the run folder) and looked up per batch.
+    """
     if config.data.cache:
         manifest = getattr(dataset, "manifest", {})
-        return CachedBatches(autoencoder, stochastic=bool(manifest.get("has_logvar", True)))
-    return ImageBatches(autoencoder)
+        source = CachedBatches(autoencoder, stochastic=bool(manifest.get("has_logvar", True)))
+    else:
+        source = ImageBatches(autoencoder)
+    if not config.model.text_conditional:
+        return source
+    from ..text import caption_table
+
+    captions = getattr(dataset, "captions", None)
+    if captions is None:
+        raise ConfigError(
+            f"model.text_dim={config.model.text_dim} needs captioned data (data.dataset='captions'), "
+            f"got data.dataset={config.data.dataset!r}{' with a latent cache' if config.data.cache else ''}"
+        )
+    return TextBatches(source, caption_table(config, captions, progress=progress))
 
 
 @torch.no_grad()

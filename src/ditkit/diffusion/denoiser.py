@@ -93,6 +93,8 @@ class ModelDenoiser(Denoiser):
         return x0, (extra.to(x_t.dtype) + 1) / 2  # unclamped, as trained (the hybrid loss does not bound v)
 
     def null_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        if hasattr(cond, "as_null"):  # text conditioning (a TextCond): the model's learned null text
+            return cond.as_null()
         return torch.full_like(cond, self.model.null_class)
 
 

