@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ditkit.samplers import SAMPLERS
 from test_studio import tiny_studio
 
 INSTALL = (
@@ -147,7 +148,7 @@ def test_page_samples_compares_inpaints_and_shows_errors(browser, studio_url):
     browser.send("Page.navigate", url=studio_url)
     browser.wait_for("document.body && document.body.dataset.ready === 'true'")
     assert "4 classes" in browser.js("document.querySelector('#model-info').textContent")
-    assert browser.js("document.querySelector('#A-sampler').options.length") == 5
+    assert browser.js("document.querySelector('#A-sampler').options.length") == len(SAMPLERS)
 
     # Sample: request 4 images, watch them appear.
     set_value(browser, "#A-labels", "0, 1, 2, 3")
