@@ -106,10 +106,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if args.classes:
             raise ValueError("this model is unconditional (model.num_classes=0): drop --classes")
         labels, nrow = args.per_class, min(args.per_class, 8)
-    images = generate(
-        model,
-        config,
-        labels,
+    images = generate(model, config, labels, **_sampling_options(args))
+    out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
+    print(f"wrote {len(images)} samples to {out}")
+    return 0
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
+    """`generate` keyword arguments from `ditkit sample`'s flags (unset flags: the checkpoint's config)."""
+    return dict(
         steps=args.steps,
         cfg_scale=args.cfg_scale,
         eta=args.eta,
@@ -121,9 +126,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         feature_cache_interval=args.feature_cache,
     )
-    out = save_grid(images, args.out, nrow=nrow, scale=args.scale)
-    print(f"wrote {len(images)} samples to {out}")
-    return 0
 
 
 def _sample_prompts(args: argparse.Namespace, model, config) -> int:
@@ -138,20 +140,7 @@ def _sample_prompts(args: argparse.Namespace, model, config) -> int:
     if args.classes:
         raise ValueError("this checkpoint is text-conditioned: drop --classes, use --prompt")
     prompts = [p for p in args.prompt for _ in range(args.per_class)]
-    images = generate(
-        model,
-        config,
-        prompts=prompts,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        eta=args.eta,
-        seed=args.seed,
-        sampler=args.sampler,
-        spacing=args.spacing,
-        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        clip_denoised=args.clip_denoised,
-        progress=not args.no_progress,
-    )
+    images = generate(model, config, prompts=prompts, **_sampling_options(args))
     out = save_grid(images, args.out, nrow=args.per_class, scale=args.scale)
     print(f"wrote {len(images)} samples ({len(args.prompt)} prompt(s) x {args.per_class}) to {out}")
     return 0

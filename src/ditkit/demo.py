@@ -21,7 +21,7 @@ import torch
 from .checkpoint import find_latest_checkpoint
 from .config import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, save_config
 from .data import load_mnist
-from .evaluation import classify, load_classifier, save_classifier, train_classifier
+from .evaluation import ClassifierResult, classify, load_classifier, save_classifier, train_classifier
 from .sampling import generate
 from .train import load_model, train
 from .utils.images import plot_loss_curve, save_grid
@@ -69,6 +69,19 @@ def demo_config(out_dir: str | Path, smoke: bool = False) -> Config:
     return Config(model=model, diffusion=diffusion, data=data, train=train_cfg, sample=sample)
 
 
+def demo_judge(out_dir: Path, config: Config, *, smoke: bool = False, progress: bool = True) -> ClassifierResult:
+    """The digit classifier that judges a demo: loaded from out_dir/classifier, or trained there once."""
+    cls_dir = out_dir / "classifier"
+    if (cls_dir / "classifier.json").is_file():
+        return load_classifier(cls_dir)
+    dc = config.data
+    train_set = load_mnist(dc.image_size, "train", dc.holdout, dc.split_seed)
+    holdout_set = load_mnist(dc.image_size, "holdout", dc.holdout, dc.split_seed)
+    judge = train_classifier(train_set, holdout_set, epochs=1 if smoke else 10, progress=progress)
+    save_classifier(judge, cls_dir)
+    return judge
+
+
 def run_demo(
     out_dir: str | Path = "outputs/demo",
     *,
@@ -86,12 +99,7 @@ def run_demo(
     train_set = load_mnist(dc.image_size, "train", dc.holdout, dc.split_seed)
     holdout_set = load_mnist(dc.image_size, "holdout", dc.holdout, dc.split_seed)
 
-    cls_dir = out_dir / "classifier"
-    if (cls_dir / "classifier.json").is_file():
-        judge = load_classifier(cls_dir)
-    else:
-        judge = train_classifier(train_set, holdout_set, epochs=1 if smoke else 10, progress=progress)
-        save_classifier(judge, cls_dir)
+    judge = demo_judge(out_dir, config, smoke=smoke, progress=progress)
     print(f"digit classifier: {judge.holdout_accuracy:.2%} accuracy on {len(holdout_set)} held-out real digits")
 
     run_dir = Path(config.train.out_dir)

@@ -12,6 +12,7 @@ Running it again resumes an unfinished run and reuses finished parts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,17 +23,13 @@ import torch
 from .checkpoint import find_latest_checkpoint
 from .config import (
     Config,
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    SampleConfig,
     TextConfig,
-    TrainConfig,
     save_config,
 )
 from .data import load_mnist
 from .data.captions import TensorCaptionDataset
-from .evaluation import classify, load_classifier, save_classifier, train_classifier
+from .demo import demo_config, demo_judge
+from .evaluation import classify
 from .sampling import generate
 from .text import load_text_encoder
 from .train import load_model, train
@@ -69,53 +66,17 @@ def caption(template: str, digit: int) -> str:
 
 
 def text_demo_config(out_dir: str | Path, smoke: bool = False) -> Config:
-    """The text demo's job config; `smoke` shrinks it to seconds for tests."""
-    model = ModelConfig(
-        patch_size=4,
-        hidden_size=256,
-        depth=6,
-        num_heads=4,
-        num_classes=0,
-        learn_sigma=False,
-        text_dim=384,
-        text_mode="both",
-        caption_dropout_prob=0.1,
-    )
-    # The class demo's recipe (docs/demo.md): v-prediction, batch 64, lr 1e-3, bf16 on CPU.
-    diffusion = DiffusionConfig(prediction="v")
-    train_cfg = TrainConfig(
-        out_dir=str(Path(out_dir) / "run"),
-        steps=2000,
-        max_minutes=20.0,
-        batch_size=64,
-        lr=1e-3,
-        warmup_steps=100,
-        ema_decay=0.999,
-        grad_clip=1.0,
-        precision="bf16",
-        log_every=25,
-        ckpt_every=250,
-        keep_last=2,
-        device="cpu",
-    )
-    sample = SampleConfig(steps=25, eta=0.0, cfg_scale=4.0, seed=0)
+    """The text demo's job config: the class demo's recipe (docs/demo.md) with text in place of labels."""
+    base = demo_config(out_dir, smoke)
+    model = dataclasses.replace(
+        base.model, num_classes=0, text_dim=384, text_mode="both", caption_dropout_prob=0.1
+    )  # MiniLM-L6: 384-d
+    if not smoke:  # captions cost a little more per step than labels
+        base.train.max_minutes = 20.0
     text = TextConfig(encoder=None, max_length=16)
-    if smoke:
-        model = ModelConfig(
-            patch_size=4,
-            hidden_size=64,
-            depth=2,
-            num_heads=2,
-            num_classes=0,
-            learn_sigma=False,
-            text_dim=384,
-            text_mode="both",
-        )
-        train_cfg.steps, train_cfg.batch_size, train_cfg.warmup_steps = 6, 16, 0
-        train_cfg.log_every, train_cfg.ckpt_every, train_cfg.max_minutes = 2, 3, None
-        sample.steps = 4
-    data = DataConfig(dataset="mnist", image_size=28, channels=1)
-    return Config(model=model, diffusion=diffusion, data=data, train=train_cfg, sample=sample, text=text)
+    return Config(
+        model=model, diffusion=base.diffusion, data=base.data, train=base.train, sample=base.sample, text=text
+    )
 
 
 def captioned_digits(split: str, config: Config) -> TensorCaptionDataset:
@@ -140,17 +101,9 @@ def run_text_demo(
     config = text_demo_config(out_dir, smoke)
     samples_per_prompt = samples_per_prompt or (1 if smoke else 25)
     save_config(config, out_dir / "config.yaml")
-    dc = config.data
     train_set = captioned_digits("train", config)
 
-    cls_dir = out_dir / "classifier"
-    if (cls_dir / "classifier.json").is_file():
-        judge = load_classifier(cls_dir)
-    else:
-        digits = load_mnist(dc.image_size, "train", dc.holdout, dc.split_seed)
-        holdout_set = load_mnist(dc.image_size, "holdout", dc.holdout, dc.split_seed)
-        judge = train_classifier(digits, holdout_set, epochs=1 if smoke else 10, progress=progress)
-        save_classifier(judge, cls_dir)
+    judge = demo_judge(out_dir, config, smoke=smoke, progress=progress)
     print(f"digit classifier: {judge.holdout_accuracy:.2%} accuracy on held-out real digits")
 
     run_dir = Path(config.train.out_dir)
