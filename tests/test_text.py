@@ -1,5 +1,6 @@
 """Text conditioning: TextCond/TextEmbedder in the DiT, encoders, the embedding cache, captioned data."""
 
+import dataclasses
 import json
 import sys
 
@@ -415,3 +416,46 @@ def test_text_demo_smoke(tmp_path):
     assert len(data) == 4500 * len(TRAIN_WORDINGS) and len(data.captions) == 80
     images, rows = data.__getitems__([0, 1, 8])
     assert torch.equal(images[0], images[1]) and data.captions[rows[0]] != data.captions[rows[1]]
+
+
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "adaLN", "cross-attn"])
+@pytest.mark.parametrize("mode", ["pooled", "tokens", "both"])
+def test_count_macs_counts_text_layers_like_the_flop_counter(mode, block_type):
+    """count_macs of a text model equals torch's FlopCounterMode (flops / 2) on a real forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ditkit.models import count_macs
+
+    for length, real in ((5, (3,)), (7, (7,))):
+        model = DiT(
+            ModelConfig(
+                input_size=8,
+                in_channels=1,
+                patch_size=2,
+                hidden_size=32,
+                depth=2,
+                num_heads=2,
+                num_classes=0,
+                learn_sigma=False,
+                block_type=block_type,
+                text_dim=12,
+                text_mode=mode,
+                attn_impl="math",  # the counter sees the attention matmuls (it does not count CPU SDPA kernels)
+            )
+        ).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.randn(1, 1, 8, 8), torch.zeros(1), random_cond(1, length, 12, real))
+        assert count_macs(model.config, text_tokens=length) == counter.get_total_flops() // 2, length
+    plain = dataclasses.replace(model.config, text_dim=0)
+    text_macs = count_macs(model.config, text_tokens=7) - count_macs(plain)
+    d, e, t = 32, 12, 16
+    pooled = e * d + d * d if mode != "tokens" else 0
+    tokens = (
+        7 * (e * d + d * d) + 2 * (t * d * d + 7 * 2 * d * d + 2 * t * 7 * d + t * d * d) if mode != "pooled" else 0
+    )
+    if block_type == "cross-attn" and mode != "pooled":  # its cross-attention exists anyway: only the 7 keys are new
+        tokens = 7 * (e * d + d * d) + 2 * (7 * 2 * d * d + 2 * t * 7 * d)
+    assert text_macs == pooled + tokens
+    if mode != "pooled":  # None: the default text.max_length
+        assert count_macs(model.config) == count_macs(model.config, text_tokens=TextConfig().max_length)

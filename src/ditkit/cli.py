@@ -146,7 +146,7 @@ def _sample_prompts(args: argparse.Namespace, model, config) -> int:
     return 0
 
 
-def _describe(model_cfg: ModelConfig) -> dict[str, object]:
+def _describe(model_cfg: ModelConfig, text_tokens: int | None = None) -> dict[str, object]:
     from .models import DiT, count_macs
 
     with torch.device("meta"):  # no memory is allocated, so the largest presets are cheap to inspect
@@ -156,7 +156,7 @@ def _describe(model_cfg: ModelConfig) -> dict[str, object]:
         "parameters": params,
         "parameters_millions": round(params / 1e6, 2),
         "tokens": model_cfg.num_tokens,
-        "gmacs_per_forward": round(count_macs(model_cfg) / 1e9, 3),
+        "gmacs_per_forward": round(count_macs(model_cfg, text_tokens) / 1e9, 3),
         "input": [model_cfg.in_channels, *model_cfg.input_hw],
         "depth": model_cfg.depth,
         "hidden_size": model_cfg.hidden_size,
@@ -176,13 +176,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
         )
         model_cfg = ModelConfig(**fields)
         name = args.target
+        text_tokens = None
     else:
         from .checkpoint import load_config_from_checkpoint, resolve_checkpoint
 
         path = resolve_checkpoint(args.target)
-        model_cfg = load_config_from_checkpoint(path).model
+        saved = load_config_from_checkpoint(path)
+        model_cfg, text_tokens = saved.model, saved.text.max_length  # a text model's cross-attention length
         name = str(path)
-    info = {"model": name, **_describe(model_cfg)}
+    info = {"model": name, **_describe(model_cfg, text_tokens)}
     if args.json:
         print(json.dumps(info, indent=2))
     else:

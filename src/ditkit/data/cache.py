@@ -11,7 +11,11 @@ Layout of a cache folder:
   per-channel latent statistics and the measured storage error;
 - `shard_00000.safetensors`, ...: `shard_items` images each, a few hundred MB (not one file per image):
   `mean`, `logvar` (N, 2, C, h, w) (index 1 of dim 1 = flipped image) and `label` (N,); with uint8
-  storage, `mean`/`logvar` are uint8 codes with per-(image, flip, channel) `*_lo` and `*_step`.
+  storage, `mean`/`logvar` are uint8 codes with per-(image, flip, channel) `*_lo` and `*_step`;
+- `captions.json`, for captioned data only: the caption text of every item, in item order. The
+  manifest's `captions` setting holds its SHA-256, so a resumed run refuses changed captions, and
+  `label` holds each item's row in the deduplicated caption list (first-appearance order). A caption
+  belongs to the image, not the view: both flips share it.
 
 Interruption-safe: each shard is written to a temporary file and renamed into place, so a shard
 either exists complete or not at all; a re-run skips finished shards and encodes the rest with the same
@@ -21,6 +25,7 @@ cache whose `cache.json` does not say `complete`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -39,11 +44,23 @@ from ..autoencoders import Autoencoder, build_autoencoder, resolve_autoencoder
 from ..config import Config, config_to_dict
 from .datasets import DataError, build_dataset
 
-__all__ = ["CacheError", "CacheDataset", "CacheReport", "build_cache", "read_manifest", "MANIFEST", "BYTES_PER_VALUE"]
+__all__ = [
+    "CacheError",
+    "CacheDataset",
+    "CacheReport",
+    "build_cache",
+    "read_manifest",
+    "read_captions",
+    "MANIFEST",
+    "CAPTIONS",
+    "BYTES_PER_VALUE",
+]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "cache.json"
+CAPTIONS = "captions.json"
+_CAPTIONS_FORMAT = "ditkit-cache-captions-v1"
 CACHE_VERSION = 1
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "uint8": 1}
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64}
@@ -70,6 +87,41 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _item_captions(dataset: Dataset) -> list[str] | None:
+    """Every item's caption text, in item order, for a captioned dataset (None: not captioned)."""
+    captions = getattr(dataset, "captions", None)
+    if captions is None:
+        return None
+    rows = getattr(dataset, "caption_ids", None)
+    if rows is None:  # TensorCaptionDataset: the labels are the caption rows
+        rows = dataset.labels.tolist()
+    return [captions[r] for r in rows]
+
+
+def _captions_bytes(captions: list[str]) -> bytes:
+    """The captions.json a cache of these per-item captions holds (deterministic, so resumes are byte-stable)."""
+    body = {"format": _CAPTIONS_FORMAT, "num_items": len(captions), "captions": captions}
+    return (json.dumps(body, ensure_ascii=False, indent=0) + "\n").encode("utf-8")
+
+
+def read_captions(path: str | Path, manifest: dict) -> list[str] | None:
+    """Per-item captions of a cache folder, checked against its manifest (None: built without captions)."""
+    expected = manifest.get("captions")
+    if expected is None:
+        return None
+    file = Path(path) / expected["file"]
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise CacheError(f"{file} is missing from the captioned cache {path}: run `ditkit cache` again") from err
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise CacheError(f"{file} does not match the sha256 in {Path(path) / MANIFEST}: the caption file was changed")
+    body = json.loads(data)
+    if body.get("format") != _CAPTIONS_FORMAT or len(body.get("captions", [])) != manifest["num_items"]:
+        raise CacheError(f"{file}: expected {manifest['num_items']} captions in format {_CAPTIONS_FORMAT}")
+    return body["captions"]
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -217,10 +269,25 @@ def build_cache(
     out = Path(out_dir)
     settings = _settings(config, dtype, shard_items)
     num_items = len(dataset)
-    settings.update(num_items=num_items, latent_shape=[c, h, w], has_logvar=has_logvar)
+    captions = _item_captions(dataset)
+    captions_file = None if captions is None else _captions_bytes(captions)
+    settings.update(
+        num_items=num_items,
+        latent_shape=[c, h, w],
+        has_logvar=has_logvar,
+        # None for uncaptioned data (also what caches from before captions were cached read as).
+        captions=None
+        if captions is None
+        else {"file": CAPTIONS, "unique": len(set(captions)), "sha256": hashlib.sha256(captions_file).hexdigest()},
+    )
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         for key, value in settings.items():
+            if key == "captions" and manifest.get(key) != value:
+                raise CacheError(
+                    f"{out} holds a cache of other captions ({CAPTIONS} in it: {manifest.get(key)!r}; the data "
+                    f"now gives {value!r}): were caption files edited? choose another folder (left untouched)"
+                )
             if manifest.get(key) != value:
                 raise CacheError(
                     f"{out} holds a cache built with {key}={manifest.get(key)!r}, not {value!r}; "
@@ -234,6 +301,12 @@ def build_cache(
         _write_json_atomic(out / MANIFEST, manifest)
     for stale in out.glob("*.tmp"):  # left by a killed run; never read
         stale.unlink()
+    if captions_file is not None and not (
+        (out / CAPTIONS).is_file() and (out / CAPTIONS).read_bytes() == captions_file
+    ):  # written after the manifest, so a run killed in between left a folder that is still resumable
+        tmp = out / (CAPTIONS + ".tmp")
+        tmp.write_bytes(captions_file)
+        os.replace(tmp, out / CAPTIONS)
     num_shards = math.ceil(num_items / shard_items)
     written = 0
     bar = tqdm(total=num_items, desc="caching latents", unit="img", disable=not progress, dynamic_ncols=True)
@@ -308,7 +381,9 @@ def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
 class CacheDataset(Dataset):
     """A complete latent cache as a dataset; a batch is ((mean, logvar or None) (N, 2, C, h, w), labels).
 
-    Shards are memory-mapped, so a cache larger than RAM reads only the rows a batch asks for.
+    Shards are memory-mapped, so a cache larger than RAM reads only the rows a batch asks for. A cache
+    of captioned data has `captions` (the unique captions) and its labels are rows of that list, as in
+    `CaptionedImageDataset`; otherwise `captions` is None.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -322,6 +397,13 @@ class CacheDataset(Dataset):
         self._shards: list[dict[str, np.ndarray]] | None = None
         labels = np.concatenate([self._arrays(k)["label"] for k in range(self.manifest["num_shards"])])
         self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.captions: list[str] | None = None
+        item_captions = read_captions(self.path, self.manifest)
+        if item_captions is not None:
+            self.captions = list(dict.fromkeys(item_captions))
+            row = {text: i for i, text in enumerate(self.captions)}
+            if [row[text] for text in item_captions] != self.labels.tolist():
+                raise CacheError(f"{self.path}: the shards' caption rows disagree with {CAPTIONS}; rebuild the cache")
 
     def _arrays(self, k: int) -> dict[str, np.ndarray]:
         if self._shards is None:
@@ -338,6 +420,8 @@ class CacheDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        if self.captions is not None:  # captions are not classes
+            return 0
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
     @property

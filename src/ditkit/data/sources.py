@@ -8,6 +8,8 @@ noise, and resumed or differently sharded runs replay both exactly.
 
 Text-conditioned runs wrap either source in `TextBatches`, which turns caption rows into cached text
 embeddings (`TextCond`); it draws nothing (caption dropout is drawn per sample by the training loop).
+A latent cache of captioned data keeps the captions (`ditkit.data.cache`), so its rows feed the same
+text-embedding cache; a flip changes the latent view only, never the caption.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def make_batch_source(
 ) -> ImageBatches | CachedBatches | TextBatches:
     """The source for this run: a latent cache when data.cache is set, else images (+ autoencoder).
 
-    A text-conditioned model (model.text_dim > 0) needs the captioned `dataset`: its captions are encoded
-    once into the text-embedding cache (text.cache, default: in the run folder) and looked up per batch.
+    A text-conditioned model (model.text_dim > 0) needs the captioned `dataset` (images, or a latent cache
+    built from captioned data): its captions are encoded once into the text-embedding cache (text.cache,
+    default: in the run folder) and looked up per batch.
     """
     if config.data.cache:
         manifest = getattr(dataset, "manifest", {})
@@ -115,10 +118,20 @@ def make_batch_source(
     from ..text import caption_table
 
     captions = getattr(dataset, "captions", None)
+    if captions is None and config.data.cache:
+        from .cache import CacheError
+
+        raise CacheError(
+            f"data.cache={config.data.cache} was built without captions (from data.dataset="
+            f"{getattr(dataset, 'manifest', {}).get('data', {}).get('dataset')!r}), but model.text_dim="
+            f"{config.model.text_dim} needs a caption per image: build a cache of the captioned data into a new "
+            "folder (`ditkit cache --config YOUR_TEXT_CONFIG.yaml --out NEW_FOLDER data.dataset=captions "
+            "data.root=CAPTIONED_DATA`) and set data.cache to it, or drop data.cache to encode images on the fly"
+        )
     if captions is None:
         raise ConfigError(
             f"model.text_dim={config.model.text_dim} needs captioned data (data.dataset='captions'), "
-            f"got data.dataset={config.data.dataset!r}{' with a latent cache' if config.data.cache else ''}"
+            f"got data.dataset={config.data.dataset!r}"
         )
     return TextBatches(source, caption_table(config, captions, progress=progress))
 

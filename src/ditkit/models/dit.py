@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, TextConfig
 from .layers import (  # noqa: F401 - re-exported: these names have lived in this module
     Attention,
     CrossAttention,
@@ -333,11 +333,14 @@ def resize_pos_embed(
     return grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim).to(pos_embed.dtype)  # (1, T', D)
 
 
-def count_macs(config: ModelConfig) -> int:
+def count_macs(config: ModelConfig, text_tokens: int | None = None) -> int:
     """Multiply-accumulates of one forward pass for one image (the paper's "flops": one MAC = one flop).
 
     Counts the matrix products (patch embedding, conditioning MLPs, attention projections and scores,
-    MLPs, output layer); elementwise work is negligible and left out, as in the paper.
+    MLPs, output layer); elementwise work is negligible and left out, as in the paper. A text model also
+    counts its text projections and, with text tokens, the cross-attention over `text_tokens` tokens per
+    caption (padding included: masked keys are still multiplied); None means the default
+    `text.max_length` (TextConfig's), since the token count is a property of the encoder, not the model.
     """
     config.require_resolved()
     d, p, tokens = config.hidden_size, config.patch_size, config.num_tokens
@@ -353,15 +356,33 @@ def count_macs(config: ModelConfig) -> int:
         + 2 * seq * d * hidden  # MLP
         + (tokens * hidden * 9 if config.mlp_type == "dwconv" else 0)  # depthwise 3x3 over the grid
     )
+    text_embed = 0
+    text_len = 0  # text tokens attended by every block
+    if config.text_conditional:
+        e = config.text_dim
+        if config.text_mode in ("pooled", "both"):
+            text_embed += e * d + d * d  # pooled projection MLP
+        if config.text_mode in ("tokens", "both"):
+            text_len = TextConfig().max_length if text_tokens is None else text_tokens
+            if text_len < 1:
+                raise ValueError(f"text_tokens must be >= 1, got {text_len}")
+            text_embed += text_len * (e * d + d * d)  # token projection MLP
     if config.block_type in ("adaLN-Zero", "adaLN"):
         per_block += d * (6 if config.block_type == "adaLN-Zero" else 4) * d  # adaLN modulation
+        if text_len:
+            per_block += _cross_attention_macs(tokens, text_len, d)
     elif config.block_type == "cross-attn":
-        per_block += (
-            tokens * d * d  # queries
-            + cond_tokens * d * 2 * d  # keys and values
-            + 2 * tokens * cond_tokens * d  # scores and weighted sum
-            + tokens * d * d  # output projection
-        )
+        per_block += _cross_attention_macs(tokens, cond_tokens + text_len, d)  # t (and y) beside the text
     final_modulation = d * 2 * d if config.block_type in ("adaLN-Zero", "adaLN") else 0
     final = final_modulation + tokens * d * p * p * config.out_channels
-    return patch_embed + t_embed + config.depth * per_block + final
+    return patch_embed + t_embed + text_embed + config.depth * per_block + final
+
+
+def _cross_attention_macs(queries: int, keys: int, d: int) -> int:
+    """MACs of one `CrossAttention` of `queries` image tokens over `keys` conditioning tokens, width d."""
+    return (
+        queries * d * d  # queries
+        + keys * d * 2 * d  # keys and values
+        + 2 * queries * keys * d  # scores and weighted sum
+        + queries * d * d  # output projection
+    )
