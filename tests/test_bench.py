@@ -21,6 +21,8 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
     assert main(argv) == 0
     results = json.loads(out.read_text())
     assert set(results["gemm_gflops"]) == {"fp32", "bf16"}
+    for precision, rates in results["gemm_gflops_by_backend"].items():
+        assert "aten" in rates and results["gemm_gflops"][precision] == max(rates.values()) > 0
     kinds = {(r["kind"], r["precision"]) for r in results["runs"]}
     assert kinds == {("train", "fp32"), ("train", "bf16"), ("sample", "fp32"), ("sample", "bf16")}
     for run in results["runs"]:

@@ -296,7 +296,11 @@ def test_compiled_training_matches_eager(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_model_matches_eager(tiny_config):
-    model = build_model(tiny_config, seed=0)
+    # eval(): label dropout off, so both passes see the same labels (training draws dropout outside the
+    # model, per sample). reset(): a fresh dynamo cache, so shapes compiled by earlier tests do not turn
+    # this compile dynamic.
+    torch._dynamo.reset()
+    model = build_model(tiny_config, seed=0).eval()
     compiled = torch.compile(model)
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 50.0, 999.0]), torch.tensor([0, 1, 2])
     eager_out = model(x, t, y)

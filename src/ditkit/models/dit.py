@@ -25,11 +25,14 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     Attention,
     CrossAttention,
     LabelEmbedder,
+    Linear,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
     attention,
+    gated_residual,
     modulate,
+    norm_modulate,
     sincos_pos_embed_2d,
     timestep_embedding,
 )
@@ -77,15 +80,16 @@ class DiTBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        # norm1 / norm2 are un-affine LayerNorms; norm_modulate applies them in the matmul dtype.
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = gated_residual(x, gate_msa, self.attn(norm_modulate(x, shift_msa, scale_msa, self.norm1.eps)))
             x = self._cross(x, context, mask)
-            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            return gated_residual(x, gate_mlp, self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps)))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.attn(norm_modulate(x, shift_msa, scale_msa, self.norm1.eps))
         x = self._cross(x, context, mask)
-        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))
 
     def _cross(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cross_attn is None:
@@ -137,16 +141,17 @@ class FinalLayer(nn.Module):
             self.linear = None
             self.deconv = nn.ConvTranspose2d(hidden_size, out_channels, kernel_size=patch_size, stride=patch_size)
         else:
-            self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+            self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
             self.deconv = None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaptive else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(N, T, D) -> (N, T, p*p*C_out) with the linear head, (N, T, D) normalised tokens with deconv."""
-        x = self.norm_final(x)
         if self.adaLN_modulation is not None:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            x = modulate(x, shift, scale)
+            x = norm_modulate(x, shift, scale, self.norm_final.eps)
+        else:
+            x = self.norm_final(x)
         return x if self.linear is None else self.linear(x)
 
 

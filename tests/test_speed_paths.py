@@ -1,0 +1,174 @@
+"""The fast paths of the DiT block give the plain path's numbers: exactly in fp32, within bf16 rounding under autocast.
+
+Covers the CPU reduced-precision softmax, LayerNorm + adaLN modulation in the matmul dtype, the one-pass
+gated residual and the fused linear + GELU used for bf16 inference (`docs/speed.md` has the timings).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditkit.config import ModelConfig
+from ditkit.models.dit import DiT
+from ditkit.models.layers import (
+    Linear,
+    Mlp,
+    _onednn_bf16,
+    _onednn_fp32,
+    attention,
+    gated_residual,
+    modulate,
+    norm_modulate,
+)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_reduced_precision_attention_equals_rounded_fp32_softmax(dtype):
+    """bf16 takes the in-dtype softmax (bitwise the same), fp16 the fp32 one (its kernel differs by an ulp)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g).to(dtype) for _ in range(3))
+    scores = (q * 16**-0.5) @ k.transpose(-2, -1)
+    reference = scores.float().softmax(dim=-1).to(dtype) @ v  # the fp32 softmax, rounded once
+    torch.testing.assert_close(attention(q, k, v, "math"), reference, rtol=0, atol=0)
+
+
+def test_norm_modulate_without_autocast_is_the_paper_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 24, generator=g)
+    shift, scale = torch.randn(3, 24, generator=g), torch.randn(3, 24, generator=g)
+    expected = F.layer_norm(x, (24,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    out = norm_modulate(x, shift, scale)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale[:, None]) + shift[:, None])
+    gate, branch = torch.randn(3, 24, generator=g), torch.randn(3, 10, 24, generator=g)
+    torch.testing.assert_close(gated_residual(x, gate, branch), x + gate[:, None] * branch)
+
+
+def test_norm_modulate_under_bf16_autocast_matches_fp32_values_and_gradients():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, 64, generator=g, requires_grad=True)
+    shift = (0.5 * torch.randn(4, 64, generator=g)).requires_grad_()
+    scale = (0.5 * torch.randn(4, 64, generator=g)).requires_grad_()
+    weights = torch.randn(4, 32, 64, generator=g)
+    ref = norm_modulate(x, shift, scale)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (x, shift, scale))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm_modulate(x, shift, scale)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, ref) < 1e-2  # bf16 rounding of the input and output (2^-8 relative each)
+    grads = torch.autograd.grad((out.float() * weights).sum(), (x, shift, scale))
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == torch.float32
+        assert _rel(grad, ref_grad) < 2e-2
+
+
+@pytest.mark.skipif(not _onednn_bf16(), reason="this CPU/PyTorch has no oneDNN bf16 linear-pointwise kernel")
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu"])
+def test_fused_linear_gelu_inference_is_as_accurate_as_eager(act):
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256, act)
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        exact = mlp(x)  # fp32, unfused
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = mlp(x)
+            assert mlp._fused_fc1(x) is not None  # the fused kernel really ran
+            eager = mlp.fc2(mlp.act(mlp.fc1(x)))
+    assert fused.dtype == eager.dtype == torch.bfloat16
+    # No bf16 rounding of the pre-activation: at least as close to fp32 as the eager bf16 pair.
+    assert _rel(fused, exact) <= 1.2 * _rel(eager, exact) + 1e-4
+    assert _rel(fused, exact) < 1e-2
+
+
+def test_mlp_keeps_the_unfused_path_when_training():
+    torch.manual_seed(0)
+    mlp = Mlp(32, 64)
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mlp._fused_fc1(x) is None  # backward needs fc1's pre-activation
+        out = mlp(x)
+    out.float().sum().backward()
+    assert mlp.fc1.weight.grad is not None and torch.isfinite(mlp.fc1.weight.grad).all()
+
+
+def test_dit_bf16_training_gradients_follow_fp32():
+    """The whole model under autocast: loss gradients point where the fp32 ones do."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        input_size=8,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        learn_sigma=False,
+    )
+    model = DiT(cfg)
+    with torch.no_grad():  # leave the zero init so every layer has a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(6, 4, 8, 8), torch.rand(6) * 999, torch.randint(0, 10, (6,))
+    target = torch.randn(6, 4, 8, 8)
+
+    def grads(autocast: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = ((model(x, t, y).float() - target) ** 2).mean()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref, bf16 = grads(False), grads(True)
+    assert F.cosine_similarity(ref, bf16, dim=0) > 0.999
+    assert _rel(bf16, ref) < 3e-2
+
+
+@pytest.mark.skipif(not _onednn_fp32(), reason="this PyTorch has no oneDNN linear-pointwise kernel")
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_fp32_linear_matches_f_linear_forward_and_backward(bias):
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias)
+    x = torch.randn(3, 17, 48, requires_grad=True)
+    out = layer(x)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *layer.parameters()])
+    ref = F.linear(x, layer.weight, layer.bias)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *layer.parameters()])
+    assert out.grad_fn is not None and "OneDNN" in type(out.grad_fn).__name__  # the fast route really ran
+    assert _rel(out, ref) < 1e-5
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert _rel(grad, ref_grad) < 1e-5
+
+
+def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch):
+    """Training gradients and inference outputs with every fp32 fast path on vs all of them off."""
+    from ditkit.models import layers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    model = DiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5) * 999, torch.randint(0, 10, (5,))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(x, t, y, generator=torch.Generator().manual_seed(0)).pow(2).mean().backward()  # same label dropout
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        with torch.no_grad():
+            return model.eval()(x, t, y), grads
+
+    fast_out, fast_grads = run()
+    model.train()
+    monkeypatch.setattr(layers, "_onednn_fp32", lambda: False)
+    plain_out, plain_grads = run()
+    assert _rel(fast_out, plain_out) < 1e-5 and _rel(fast_grads, plain_grads) < 1e-5
