@@ -35,6 +35,7 @@ from ditkit.diffusion import build_process, diffusion_loss
 from ditkit.models import DiT
 from ditkit.models.dit import count_macs
 from ditkit.train import update_ema
+from ditkit.utils.hugepages import reexec_with_hugepages
 
 
 def _sync(device: torch.device) -> None:
@@ -88,6 +89,12 @@ def measure(
     x0 = torch.randn(batch, model_config.in_channels, h, w, device=device)
     y = torch.randint(0, model_config.num_classes, (batch,), device=device)
     g = torch.Generator(device).manual_seed(0)
+    # As ditkit.train does: label dropout is drawn outside the model (per sample), the embedder stays in
+    # eval mode. A dropout drawn inside from a generator would break the compiled graph on every call.
+    if model.y_embedder is not None:
+        model.y_embedder.eval()
+        drop = torch.rand(batch, generator=g, device=device) < model_config.class_dropout_prob
+        y = torch.where(drop, torch.full_like(y, model_config.num_classes), y)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def step(counter: SavedBytes | None = None) -> None:
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    reexec_with_hugepages()  # as the ditkit command does: huge pages for the activations (docs/training.md)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     # The reference is the faster matmul route: on CPU oneDNN's fp32 matmul can be twice the BLAS one.
