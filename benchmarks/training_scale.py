@@ -35,7 +35,6 @@ from ditkit.diffusion import build_process, diffusion_loss
 from ditkit.models import DiT
 from ditkit.models.dit import count_macs
 from ditkit.train import update_ema
-from ditkit.utils.hugepages import reexec_with_hugepages
 
 
 def _sync(device: torch.device) -> None:
@@ -145,7 +144,6 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
-    reexec_with_hugepages()  # as the ditkit command does: huge pages for the activations (docs/training.md)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     # The reference is the faster matmul route: on CPU oneDNN's fp32 matmul can be twice the BLAS one.

@@ -585,10 +585,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ditkit` console script."""
-    if argv is None:  # the command itself (not a call from Python): big tensors get huge pages
-        from .utils.hugepages import reexec_with_hugepages
-
-        reexec_with_hugepages()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
