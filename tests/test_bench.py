@@ -32,6 +32,20 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
     assert "ditkit/diffusers" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_compiled_runs_both_models_compiled(tmp_path):
+    pytest.importorskip("diffusers")
+    from ditkit.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "DiT-S/8", "--input-size", "8", "--num-classes", "10", "--batch", "2", "--compile"]
+    argv += ["--steps", "2", "--repeats", "1", "--gemm-size", "64", "--precision", "bf16", "--json", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["compiled"] is True and len(results["runs"]) == 2
+    assert all(v > 0 for run in results["runs"] for v in run["seconds"].values())
+
+
 def _model() -> DiT:
     torch.manual_seed(0)
     model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=3, num_heads=2,

@@ -45,6 +45,8 @@ class BenchSettings:
     what: tuple[str, ...] = ("train", "sample")
     gemm_size: int = 2048
     device: str = "cpu"
+    compile: bool = False
+    """torch.compile both models (fixed shapes); compilation happens in the untimed warm-up."""
 
 
 def _sync(device: torch.device) -> None:
@@ -156,14 +158,20 @@ def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, pr
         "diffusers": torch.optim.AdamW(theirs.parameters(), lr=1e-4),
     }
 
-    def diffusers_forward(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+    their_model = _compiled(theirs, settings)
+
+    def eager_diffusers(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
         return theirs(x_t, timestep=t, class_labels=labels).sample
 
-    forwards = {"ditkit": ours, "diffusers": diffusers_forward}
+    def diffusers_forward(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        return their_model(x_t, timestep=t, class_labels=labels).sample
 
-    def loss_of(name: str) -> torch.Tensor:
+    forwards = {"ditkit": _compiled(ours, settings), "diffusers": diffusers_forward}
+
+    def loss_of(name: str, eager: bool = False) -> torch.Tensor:
+        forward = (ours if name == "ditkit" else eager_diffusers) if eager else forwards[name]
         with _autocast(device, precision):
-            return diffusion_loss(forwards[name], process, x0, y, generator=torch.Generator(device).manual_seed(1))
+            return diffusion_loss(forward, process, x0, y, generator=torch.Generator(device).manual_seed(1))
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
@@ -176,7 +184,10 @@ def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, pr
 
     ours.train()
     theirs.train()
-    memory = {name: saved_activation_bytes(lambda n=name: loss_of(n)) for name in forwards}
+    if ours.y_embedder is not None:  # no label dropout: diffusers' model has none (ditkit.train draws it outside)
+        ours.y_embedder.eval()
+    # Saved activations of the eager models (saved-tensor hooks do not see inside compiled graphs).
+    memory = {name: saved_activation_bytes(lambda n=name: loss_of(n, eager=True)) for name in forwards}
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     return {name: step(name) for name in forwards}, memory
@@ -191,11 +202,12 @@ def _sample_runs(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, pr
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     ours.eval()
     theirs.eval()
+    our_model, their_model = _compiled(ours, settings), _compiled(theirs, settings)
 
     @torch.no_grad()
     def run_ours() -> None:
         with _autocast(device, precision):
-            _ditkit_ddim(ours, labels, settings, device)
+            _ditkit_ddim(our_model, labels, settings, device)
 
     @torch.no_grad()
     def run_theirs() -> None:
@@ -205,12 +217,18 @@ def _sample_runs(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, pr
         class_in = torch.cat([labels, torch.full_like(labels, c.num_classes)])
         with _autocast(device, precision):
             for t in scheduler.timesteps:
-                out = theirs(torch.cat([x, x]), timestep=t.expand(2 * len(x)).to(device), class_labels=class_in).sample
+                t_in = t.expand(2 * len(x)).to(device)
+                out = their_model(torch.cat([x, x]), timestep=t_in, class_labels=class_in).sample
                 eps_c, eps_u = out[:, : c.in_channels].float().chunk(2)
                 eps = eps_u + settings.cfg_scale * (eps_c - eps_u)
                 x = scheduler.step(eps, t, x).prev_sample
 
     return {"ditkit": run_ours, "diffusers": run_theirs}
+
+
+def _compiled(model: torch.nn.Module, settings: BenchSettings):
+    """`model`, or its torch.compile'd form (fixed shapes) when the bench compiles."""
+    return torch.compile(model, dynamic=False) if settings.compile else model
 
 
 def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, device: torch.device) -> None:
@@ -238,6 +256,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "gmacs_per_forward": macs / 1e9,
+        "compiled": settings.compile,
         "gemm_gflops": {},
         "gemm_gflops_by_backend": {},
         "runs": [],

@@ -74,6 +74,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         what=tuple(args.what),
         gemm_size=args.gemm_size,
         device=device,
+        compile=args.compile,
     )
     results = run_bench(settings)
     if args.json:
@@ -542,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the reference GEMM")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (compile time not timed)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="parameters, tokens and GMACs of a preset or checkpoint")
