@@ -172,3 +172,24 @@ def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch):
     monkeypatch.setattr(layers, "_onednn_fp32", lambda: False)
     plain_out, plain_grads = run()
     assert _rel(fast_out, plain_out) < 1e-5 and _rel(fast_grads, plain_grads) < 1e-5
+
+
+@pytest.mark.skipif(not _onednn_fp32(), reason="this PyTorch has no oneDNN linear-pointwise kernel")
+def test_flop_counter_counts_the_onednn_paths_like_f_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    def flops(fn) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    fast = flops(lambda: mlp(x).sum().backward())  # oneDNN forward and backward
+    plain = flops(lambda: mlp.fc2(mlp.act(F.linear(x, mlp.fc1.weight, mlp.fc1.bias))).sum().backward())
+    assert fast == plain == 3 * 2 * 10 * (16 * 64 + 64 * 16)  # forward + two backward products per linear
+    with torch.no_grad():  # inference fuses fc1 with its GELU: still counted
+        assert flops(lambda: mlp(x)) == 2 * 10 * (16 * 64 + 64 * 16)

@@ -345,3 +345,22 @@ def _has_hooks(module: nn.Module) -> bool:
         or module_mod._global_forward_hooks
         or module_mod._global_forward_pre_hooks
     )
+
+
+def _register_flop_formula() -> None:
+    """Teach torch's FlopCounterMode the oneDNN linear the fast paths call: 2 x rows x in x out (any post-op free)."""
+    if not _onednn_fp32():
+        return
+    from torch.utils.flop_counter import register_flop_formula
+
+    def linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = math.prod(x_shape[:-1])
+        return 2 * rows * w_shape[0] * w_shape[1]
+
+    try:
+        register_flop_formula(torch.ops.mkldnn._linear_pointwise)(linear_flops)
+    except RuntimeError:  # already registered (module reloaded)
+        pass
+
+
+_register_flop_formula()
