@@ -147,7 +147,7 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     # The reference is the faster matmul route: on CPU oneDNN's fp32 matmul can be twice the BLAS one.
-    by_backend = {name: {b: bench.gemm_gflops(args.gemm, dtype, device, backend=b) for b in bench.gemm_backends(device)}
+    by_backend = {name: bench.gemm_rates(args.gemm, dtype, device)
                   for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}  # fmt: skip
     peak = {name: max(rates.values()) for name, rates in by_backend.items()}
     print(f"device {device}, {torch.get_num_threads()} threads; GEMM {args.gemm}^3 GFLOP/s: "

@@ -15,7 +15,9 @@ from ditkit.train import load_model, train
 
 def test_short_demo_recipe_generates_recognisable_digits(tmp_path):
     config = demo_config(tmp_path)
-    config.train.steps, config.train.max_minutes, config.train.ckpt_every = 400, None, 400
+    # 400 steps read 49-52% (kernel rounding decides which side of the bar); 500 steps give margin.
+    steps = 500
+    config.train.steps, config.train.max_minutes, config.train.ckpt_every = steps, None, steps
     train_set, holdout = load_mnist(split="train"), load_mnist(split="holdout")
 
     judge = train_classifier(train_set, holdout, epochs=3, progress=False)
@@ -28,9 +30,7 @@ def test_short_demo_recipe_generates_recognisable_digits(tmp_path):
         images = generate(model, saved, labels, seed=0)
     assert images.shape == (100, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
     accuracy = (classify(judge.model, images.float()) == labels).float().mean().item()
-    # 400 steps read 49-52% here depending on kernel rounding (chance: 10%; the full demo reaches 100%),
-    # so the bar sits clear of that spread but far above what broken math gives.
-    assert accuracy >= 0.35, f"only {accuracy:.0%} of conditional samples recognised after 400 steps"
+    assert accuracy >= 0.5, f"only {accuracy:.0%} of conditional samples recognised after {steps} steps"
     # Guidance must matter: the unconditional model (scale 0) is not class-specific.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         unconditional = generate(model, saved, labels, seed=0, cfg_scale=0.0)

@@ -26,7 +26,7 @@ from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import build_process, diffusion_loss
 from .models import DiT, count_macs
 
-__all__ = ["BenchSettings", "run_bench", "gemm_gflops", "gemm_backends", "saved_activation_bytes"]
+__all__ = ["BenchSettings", "run_bench", "gemm_gflops", "gemm_backends", "gemm_rates", "saved_activation_bytes"]
 
 
 @dataclass
@@ -88,6 +88,11 @@ def gemm_backends(device: torch.device) -> tuple[str, ...]:
     from .models.layers import _onednn_fp32
 
     return ("aten", "onednn") if device.type == "cpu" and _onednn_fp32() else ("aten",)
+
+
+def gemm_rates(size: int, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    """GFLOP/s of a size^3 GEMM through every route of `gemm_backends`; the max of them is the reference."""
+    return {backend: gemm_gflops(size, dtype, device, backend=backend) for backend in gemm_backends(device)}
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
@@ -263,7 +268,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     }
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        rates = {b: gemm_gflops(settings.gemm_size, dtype, device, backend=b) for b in gemm_backends(device)}
+        rates = gemm_rates(settings.gemm_size, dtype, device)
         results["gemm_gflops_by_backend"][precision] = rates
         results["gemm_gflops"][precision] = max(rates.values())  # the fractions are of the faster route
         listed = ", ".join(f"{b} {r:.0f}" for b, r in rates.items())

@@ -82,6 +82,38 @@ def demo_judge(out_dir: Path, config: Config, *, smoke: bool = False, progress: 
     return judge
 
 
+def demo_train(config: Config, train_set, out_dir: Path, progress: bool) -> tuple[Any, torch.nn.Module, Config]:
+    """Train (resuming the newest checkpoint), plot out_dir/loss_curve.png; return (result, EMA model, config)."""
+    run_dir = Path(config.train.out_dir)
+    result = train(config, resume=find_latest_checkpoint(run_dir / "checkpoints"), progress=progress, dataset=train_set)
+    print(f"trained {result.step} steps in {result.train_seconds / 60:.1f} min; checkpoint {result.checkpoint}")
+    plot_loss_curve(run_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+    model, saved = load_model(result.checkpoint, "ema")
+    return result, model, saved
+
+
+def sampling_autocast(saved: Config) -> contextlib.AbstractContextManager:
+    """bf16 autocast for sampling when the run trained in bf16, else nothing."""
+    bf16 = saved.train.precision == "bf16"
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def run_metrics(result, saved: Config, judge: ClassifierResult, sample_seconds: float, smoke: bool) -> dict[str, Any]:
+    """The metrics both demos report about the run itself (training, sampler, judge)."""
+    return {
+        "classifier_holdout_accuracy": judge.holdout_accuracy,
+        "train_steps": result.step,
+        "train_minutes": round(result.train_seconds / 60, 2),
+        "final_loss": result.final_loss,
+        "sampler": saved.sample.sampler,
+        "sampling_steps": saved.sample.steps,
+        "cfg_scale": saved.sample.cfg_scale,
+        "sampling_seconds": round(sample_seconds, 1),
+        "checkpoint": str(result.checkpoint),
+        "smoke": smoke,
+    }
+
+
 def run_demo(
     out_dir: str | Path = "outputs/demo",
     *,
@@ -102,18 +134,10 @@ def run_demo(
     judge = demo_judge(out_dir, config, smoke=smoke, progress=progress)
     print(f"digit classifier: {judge.holdout_accuracy:.2%} accuracy on {len(holdout_set)} held-out real digits")
 
-    run_dir = Path(config.train.out_dir)
-    latest = find_latest_checkpoint(run_dir / "checkpoints")
-    result = train(config, resume=latest, progress=progress, dataset=train_set)
-    print(f"trained {result.step} steps in {result.train_seconds / 60:.1f} min; checkpoint {result.checkpoint}")
-
-    model, saved = load_model(result.checkpoint, "ema")
+    result, model, saved = demo_train(config, train_set, out_dir, progress)
     labels = torch.arange(10).repeat_interleave(samples_per_class)
     t0 = time.perf_counter()
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if saved.train.precision == "bf16" else contextlib.nullcontext()
-    )
-    with autocast:
+    with sampling_autocast(saved):
         images = generate(model, saved, labels, progress=progress, batch_size=500)
     sample_seconds = time.perf_counter() - t0
     predictions = classify(judge.model, images.float())
@@ -122,22 +146,11 @@ def run_demo(
     grid_cols = min(10, samples_per_class)
     grid_idx = torch.cat([torch.arange(grid_cols) + k * samples_per_class for k in range(10)])
     save_grid(images[grid_idx], out_dir / "samples.png", nrow=grid_cols, scale=3)
-    plot_loss_curve(run_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-
     metrics = {
         "conditional_accuracy": correct.mean().item(),
         "per_class_accuracy": per_class,
-        "classifier_holdout_accuracy": judge.holdout_accuracy,
         "num_samples": len(labels),
-        "train_steps": result.step,
-        "train_minutes": round(result.train_seconds / 60, 2),
-        "final_loss": result.final_loss,
-        "sampler": saved.sample.sampler,
-        "sampling_steps": saved.sample.steps,
-        "cfg_scale": saved.sample.cfg_scale,
-        "sampling_seconds": round(sample_seconds, 1),
-        "checkpoint": str(result.checkpoint),
-        "smoke": smoke,
+        **run_metrics(result, saved, judge, sample_seconds, smoke),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(

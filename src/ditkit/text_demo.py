@@ -11,7 +11,6 @@ Running it again resumes an unfinished run and reuses finished parts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -20,7 +19,6 @@ from typing import Any
 
 import torch
 
-from .checkpoint import find_latest_checkpoint
 from .config import (
     Config,
     TextConfig,
@@ -28,12 +26,11 @@ from .config import (
 )
 from .data import load_mnist
 from .data.captions import TensorCaptionDataset
-from .demo import demo_config, demo_judge
+from .demo import demo_config, demo_judge, demo_train, run_metrics, sampling_autocast
 from .evaluation import classify
 from .sampling import generate
 from .text import load_text_encoder
-from .train import load_model, train
-from .utils.images import plot_loss_curve, save_grid
+from .utils.images import save_grid
 
 __all__ = ["DIGIT_WORDS", "TRAIN_WORDINGS", "HELDOUT_WORDINGS", "caption", "text_demo_config", "run_text_demo"]
 
@@ -106,23 +103,15 @@ def run_text_demo(
     judge = demo_judge(out_dir, config, smoke=smoke, progress=progress)
     print(f"digit classifier: {judge.holdout_accuracy:.2%} accuracy on held-out real digits")
 
-    run_dir = Path(config.train.out_dir)
-    latest = find_latest_checkpoint(run_dir / "checkpoints")
-    result = train(config, resume=latest, progress=progress, dataset=train_set)
-    print(f"trained {result.step} steps in {result.train_seconds / 60:.1f} min; checkpoint {result.checkpoint}")
-
-    model, saved = load_model(result.checkpoint, "ema")
+    result, model, saved = demo_train(config, train_set, out_dir, progress)
     encoder = load_text_encoder(saved.text)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if saved.train.precision == "bf16" else contextlib.nullcontext()
-    )
     metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
     for split, templates in (("heldout", HELDOUT_WORDINGS), ("train", TRAIN_WORDINGS)):
         n = samples_per_prompt if split == "heldout" else max(1, samples_per_prompt // 5)
         prompts = [caption(t, k) for t in templates for k in range(10) for _ in range(n)]
         labels = torch.tensor([k for _ in templates for k in range(10) for _ in range(n)])
-        with autocast:
+        with sampling_autocast(saved):
             images = generate(model, saved, prompts=prompts, text_encoder=encoder, progress=progress, batch_size=500)
         correct = (classify(judge.model, images.float()) == labels).float()
         per_wording = correct.reshape(len(templates), -1).mean(1)
@@ -135,21 +124,7 @@ def run_text_demo(
             idx = [(w * 10 + k) * n + i for k in range(10) for w in range(len(templates)) for i in range(cols)]
             save_grid(images[idx], out_dir / "samples.png", nrow=len(templates) * cols, scale=3)
     sample_seconds = time.perf_counter() - t0
-    plot_loss_curve(run_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-    metrics.update(
-        {
-            "classifier_holdout_accuracy": judge.holdout_accuracy,
-            "train_steps": result.step,
-            "train_minutes": round(result.train_seconds / 60, 2),
-            "final_loss": result.final_loss,
-            "sampler": saved.sample.sampler,
-            "sampling_steps": saved.sample.steps,
-            "cfg_scale": saved.sample.cfg_scale,
-            "sampling_seconds": round(sample_seconds, 1),
-            "checkpoint": str(result.checkpoint),
-            "smoke": smoke,
-        }
-    )
+    metrics.update(run_metrics(result, saved, judge, sample_seconds, smoke))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(
         f"accuracy on {metrics['heldout_num_samples']} samples prompted in unseen wordings: "

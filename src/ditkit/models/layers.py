@@ -7,6 +7,7 @@ DiT (Peebles & Xie 2023, https://arxiv.org/abs/2212.09748), ViT patch embedding 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -312,27 +313,19 @@ class Mlp(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "gelu", [], algorithm)
 
 
-_ONEDNN_BF16: bool | None = None
-
-
-def _onednn_bf16() -> bool:
-    """Whether this PyTorch has oneDNN's fused linear-pointwise op and this CPU runs it in bf16."""
-    global _ONEDNN_BF16
-    if _ONEDNN_BF16 is None:
-        try:
-            _ONEDNN_BF16 = bool(
-                torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            )
-        except (AttributeError, RuntimeError):
-            _ONEDNN_BF16 = False
-    return _ONEDNN_BF16
-
-
+@functools.cache
 def _onednn_fp32() -> bool:
     """Whether this PyTorch has oneDNN's linear-pointwise op (fp32 runs on any x86-64 oneDNN supports)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether `_onednn_fp32` holds and this CPU also runs oneDNN's matmul in bf16."""
+    try:
+        return _onednn_fp32() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _has_hooks(module: nn.Module) -> bool:
