@@ -356,6 +356,7 @@ def test_config_to_dict_inverts_config_from_dict_for_a_full_dict():
             "guidance_interval": [0.0, 600.0],
             "spacing": "logsnr",
             "clip_denoised": False,
+            "cuda_graph": False,
         },
         "autoencoder": {
             "kind": "kl",

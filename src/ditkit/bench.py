@@ -43,10 +43,13 @@ class BenchSettings:
     sample_steps: int = 50
     cfg_scale: float = 4.0
     what: tuple[str, ...] = ("train", "sample")
-    gemm_size: int = 2048
+    gemm_size: int | None = None
+    """Side of the reference GEMM; None: 2048 on CPU, 8192 on CUDA (big enough to reach the GPU's peak)."""
     device: str = "cpu"
     compile: bool = False
     """torch.compile both models (fixed shapes); compilation happens in the untimed warm-up."""
+    cuda_graph: bool = True
+    """ditkit's sampling replays the network from CUDA graphs on CUDA (`generate`'s default); False: eager."""
 
 
 def _sync(device: torch.device) -> None:
@@ -239,10 +242,14 @@ def _compiled(model: torch.nn.Module, settings: BenchSettings):
 def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, device: torch.device) -> None:
     """What `ditkit.sampling.generate` runs (guided DDIM, batched cond + uncond pass), minus decoding."""
     from .diffusion import ModelDenoiser
+    from .models.cuda_graph import CUDAGraphForward
     from .samplers import ClassifierFreeGuidance, sample_ddim
 
     process = build_process(DiffusionConfig())
-    denoiser = ClassifierFreeGuidance(ModelDenoiser(model, process), settings.cfg_scale)
+    # As `generate` does (sample.cuda_graph): on CUDA the network is replayed from CUDA graphs; under
+    # --compile the compiled model runs as it is.
+    network = CUDAGraphForward(model) if settings.cuda_graph and not settings.compile else model
+    denoiser = ClassifierFreeGuidance(ModelDenoiser(network, process), settings.cfg_scale)
     c = model.config
     g = torch.Generator(device).manual_seed(0)
     x = process.prior((len(labels), c.in_channels, *c.input_hw), generator=g, device=device)
@@ -266,13 +273,15 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         "gemm_gflops_by_backend": {},
         "runs": [],
     }
+    gemm_size = settings.gemm_size or (8192 if device.type == "cuda" else 2048)
+    results["settings"]["gemm_size"] = gemm_size
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        rates = gemm_rates(settings.gemm_size, dtype, device)
+        rates = gemm_rates(gemm_size, dtype, device)
         results["gemm_gflops_by_backend"][precision] = rates
         results["gemm_gflops"][precision] = max(rates.values())  # the fractions are of the faster route
         listed = ", ".join(f"{b} {r:.0f}" for b, r in rates.items())
-        progress(f"GEMM {settings.gemm_size}^3 {precision}: {listed} GFLOP/s")
+        progress(f"GEMM {gemm_size}^3 {precision}: {listed} GFLOP/s")
     for precision in settings.precisions:
         if "train" in settings.what:
             fns, memory = _train_steps(ours, theirs, settings, precision, device)

@@ -75,6 +75,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         gemm_size=args.gemm_size,
         device=device,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
     )
     results = run_bench(settings)
     if args.json:
@@ -126,6 +127,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
         clip_denoised=args.clip_denoised,
         progress=not args.no_progress,
         feature_cache_interval=args.feature_cache,
+        cuda_graph=args.cuda_graph,
     )
 
 
@@ -516,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         "approximate; default 1: off)",
     )
     p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on a GPU, replay the network from CUDA graphs (default: the checkpoint's sample.cuda_graph)",
+    )
+    p.add_argument(
         "--prompt",
         action="append",
         help="text-conditioned models: a prompt, one grid row of --per-class samples each (repeat the option)",
@@ -540,10 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", nargs="+", choices=["train", "sample"], default=["train", "sample"])
     p.add_argument("--steps", type=int, default=50, help="DDIM steps when timing sampling")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (medians reported)")
-    p.add_argument("--gemm-size", type=int, default=2048, help="side of the reference GEMM")
+    p.add_argument("--gemm-size", type=int, help="side of the reference GEMM (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (compile time not timed)")
+    p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: ditkit samples with CUDA graphs, as `ditkit sample` does by default (--no-cuda-graph: eager)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="parameters, tokens and GMACs of a preset or checkpoint")

@@ -438,6 +438,10 @@ class SampleConfig:
     clip_denoised: bool | None = None
     """Clamp every x0 estimate to the data range [-1, 1] while sampling; null: on for pixel-space models,
     off for latent models (a latent space has no such bound)."""
+    cuda_graph: bool = True
+    """On CUDA, record the network's forward once per batch shape as a CUDA graph and replay it at every
+    step (`ditkit.models.cuda_graph`): same outputs, far fewer kernel launches. Ignored on CPU and with
+    feature caching."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -41,7 +41,7 @@ __all__ = [
     "barrier",
     "full_tensor",
     "grad_sync",
-    "set_tf32",
+    "tf32",
     "shard_blocks",
 ]
 
@@ -86,6 +86,8 @@ def init_distributed(device_name: str = "auto") -> DistEnv:
         device = torch.device("cpu")
     else:
         device = torch.device("cuda" if use_cuda and device_name == "auto" else device_name)
+        if device.type == "cuda" and device.index is None:  # set_device needs an index: the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -258,10 +260,21 @@ def grad_sync(wrapped: nn.Module, env: DistEnv, enabled: bool) -> Iterator[None]
         yield
 
 
-def set_tf32(device: torch.device) -> None:
-    """Let CUDA matmuls and convolutions use TF32 tensor cores (train.tf32); nothing to do on CPU."""
+@contextlib.contextmanager
+def tf32(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Within the context, CUDA matmuls and convolutions may use TF32 tensor cores when `enabled`
+    (train.tf32); the process's previous flags come back on exit, so a training run leaves no global
+    switch behind for the user's later work. Nothing to do on CPU."""
+    if not enabled:
+        yield
+        return
     if device.type != "cuda":
         log.warning("train.tf32=true has no effect on %s", device)
+        yield
         return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

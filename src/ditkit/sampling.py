@@ -11,6 +11,7 @@ from torch import nn
 from .autoencoders import Autoencoder, build_autoencoder
 from .config import Config
 from .diffusion import ClampDenoised, ModelDenoiser, build_process
+from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
@@ -41,6 +42,7 @@ def generate(
     sample_seeds: Sequence[int] | None = None,
     guidance_channels: int | None = None,
     text_encoder=None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Sample one image per label; returns (N, C, H, W) images in [-1, 1] on the model's device.
 
@@ -55,6 +57,8 @@ def generate(
     per-step noise come from its own generator seeded with `sample_seeds[i]` instead, so an image is
     the same whatever request or batch it is part of (mass sampling across processes relies on it).
     `guidance_channels=3` guides only the first three channels (the official DiT release's legacy).
+    `cuda_graph` (default `config.sample.cuda_graph`) replays the network from CUDA graphs on a GPU
+    (`ditkit.models.cuda_graph`); it is skipped with feature caching.
 
     A text-conditioned model takes `prompts` (one image per prompt) instead of labels; they are encoded
     with `text_encoder` (a `ditkit.text.TextEncoder`, loaded from `config.text` when not given), and
@@ -112,7 +116,9 @@ def generate(
     process = build_process(config.diffusion)
     # The variance channels are only meaningful when the hybrid loss trained them.
     learned_variance = config.model.learn_sigma and config.diffusion.vlb_weight > 0
-    denoiser = ModelDenoiser(model, process, config.diffusion.prediction, learned_variance=learned_variance)
+    use_graph = sc.cuda_graph if cuda_graph is None else cuda_graph
+    network = CUDAGraphForward(model) if use_graph and device.type == "cuda" and feature_cache_interval == 1 else model
+    denoiser = ModelDenoiser(network, process, config.diffusion.prediction, learned_variance=learned_variance)
     if cfg_scale != 1.0:
         interval = sc.guidance_interval if guidance_interval is None else guidance_interval
         denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval, channels=guidance_channels)

@@ -55,10 +55,10 @@ from .distributed import (
     init_distributed,
     load_full_optimizer_state,
     local_tensor,
-    set_tf32,
     shard_blocks,
     shutdown_distributed,
     stream_seed,
+    tf32,
     wrap_model,
 )
 from .inpainting import inpaint_loss
@@ -203,7 +203,8 @@ def train(
     owns_group = not dist.is_initialized()
     env = init_distributed(config.train.device)
     try:
-        return _train(config, env, resume, progress, dataset)
+        with tf32(env.device, config.train.tf32):
+            return _train(config, env, resume, progress, dataset)
     finally:
         shutdown_distributed(owns_group)
 
@@ -266,8 +267,6 @@ def _train(
         ema.load_state_dict(load_weights(resume_path, "ema", device))
         state = load_state(resume_path)
     model.grad_checkpoint_every = tc.grad_checkpoint_every
-    if tc.tf32:
-        set_tf32(device)
     fsdp = env.distributed and tc.parallel == "fsdp"
     wrapped = wrap_model(model, env, tc.parallel)
     if fsdp:

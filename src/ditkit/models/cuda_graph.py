@@ -1,0 +1,100 @@
+"""Replay a network's inference forward as a CUDA graph, one graph per input shape.
+
+A DiT forward launches a few hundred small kernels (12 per block and more); at sampling batch sizes
+a GPU finishes many of them faster than Python can launch the next, so the step time is the launch
+time. A CUDA graph records the launches once and replays them with one call
+(https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs). Sampling calls the network with the
+same shapes at every step, which is exactly the case graphs serve.
+
+`CUDAGraphForward(model)` is a drop-in for `model(x, t, y)` in inference: the first call at a new
+(shapes, dtypes, autocast) key runs the model once on a side stream (allocator and kernel warm-up),
+captures one forward into a graph whose inputs are static buffers, and from then on copies the
+arguments into those buffers and replays. Every graph of one wrapper shares one memory pool. It
+steps aside, calling the model eagerly, wherever a graph would be wrong or impossible: CPU tensors,
+gradients enabled, a model in training mode, a conditioning that is not a plain tensor (text), or
+keyword arguments. Replay is the same kernels on the same data, so outputs equal eager ones
+(`tests/test_cuda_graph.py`, which runs where CUDA is present).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+__all__ = ["CUDAGraphForward"]
+
+
+class _Captured:
+    """One graph with its static inputs and output."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor | None], output: torch.Tensor) -> None:
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+class CUDAGraphForward:
+    """`model(x, t, y)` replayed from CUDA graphs (fixed shapes, no grad); attributes read through to `model`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes this wrapper lacks (config, null_class, ...): the model's.
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def _key(self, args: tuple[torch.Tensor | None, ...]) -> tuple | None:
+        """The graph key of a call, or None when the call must run eagerly."""
+        if torch.is_grad_enabled() or self.model.training or torch.compiler.is_compiling():
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+            return None
+        key: list = []
+        for a in args:
+            if a is None:
+                key.append(None)
+            elif isinstance(a, torch.Tensor) and a.device == x.device:
+                key.append((tuple(a.shape), a.dtype))
+            else:  # a TextCond or a tensor elsewhere: not captured
+                return None
+        amp = torch.is_autocast_enabled("cuda")
+        key.append((amp, torch.get_autocast_dtype("cuda") if amp else None))
+        return tuple(key)
+
+    def __call__(self, *args: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        key = None if kwargs else self._key(args)
+        if key is None:
+            return self.model(*args, **kwargs)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(args, key[-1])
+        for static, a in zip(captured.inputs, args):
+            if static is not None:
+                static.copy_(a)
+        captured.graph.replay()
+        # A copy, so that the next replay (which rewrites the static output) cannot change what the
+        # caller holds.
+        return captured.output.clone()
+
+    def _capture(self, args: tuple[torch.Tensor | None, ...], amp: tuple[bool, torch.dtype | None]) -> _Captured:
+        inputs = [None if a is None else a.clone() for a in args]
+        # Autocast's cache of cast weights lives until the caller's autocast region ends; a graph that
+        # read from it would read freed memory later. Capture with the cache off: casts join the graph.
+        enabled, dtype = amp
+        autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:  # warm-up off the capture: cuBLAS handles, allocator blocks
+            self.model(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), autocast:
+            output = self.model(*inputs)
+        return _Captured(graph, inputs, output)

@@ -1,0 +1,180 @@
+"""The CUDA paths: CUDA-graph sampling, training in bf16 / fp16 with TF32 and fused AdamW, resume, and a
+torchrun job on the GPU (one process: NCCL itself needs two GPUs to be exercised). Every test here skips without a GPU (CI has none); they were run on an H100.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_config, make_tiny_dataset
+from ditkit.config import ModelConfig
+from ditkit.models import DiT
+from ditkit.models.cuda_graph import CUDAGraphForward
+from ditkit.sampling import generate
+from ditkit.train import load_model, train
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda"
+
+
+def _model(**overrides) -> DiT:
+    settings = dict(input_size=16, in_channels=4, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(**settings))
+    with torch.no_grad():  # move off adaLN-Zero's identity start so every block does work
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.to(DEVICE).eval()
+
+
+def _inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    x = torch.randn(n, 4, 16, 16, generator=g, device=DEVICE)
+    t = torch.randint(0, 1000, (n,), generator=g, device=DEVICE).float()
+    y = torch.randint(0, 11, (n,), generator=g, device=DEVICE)  # 10 is the null class
+    return x, t, y
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graph_replay_equals_eager_for_new_inputs_and_shapes(precision):
+    model = _model()
+    graphed = CUDAGraphForward(model)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), amp:
+        held = None
+        for n, seed in [(6, 0), (6, 1), (4, 2), (6, 3)]:
+            x, t, y = _inputs(n, seed)
+            out = graphed(x, t, y)
+            reference = model(x, t, y)
+            assert out.dtype == reference.dtype
+            torch.testing.assert_close(out, reference, rtol=0, atol=0)  # same kernels, same numbers
+            if held is None:
+                held, held_copy = out, out.clone()
+    assert len(graphed.graphs) == 2  # batch 6 and batch 4, each captured once
+    assert torch.equal(held, held_copy)  # later replays do not overwrite what a caller holds
+    assert graphed.config is model.config and graphed.null_class == model.null_class
+
+
+@cuda
+def test_graph_steps_aside_under_grad_and_in_training_mode():
+    model = _model()
+    graphed = CUDAGraphForward(model)
+    x, t, y = _inputs(2, 0)
+    out = graphed(x, t, y)  # grad enabled: eager, differentiable
+    assert out.requires_grad and not graphed.graphs
+    model.train()
+    with torch.no_grad():
+        graphed(x, t, y)
+    assert not graphed.graphs
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "heun"])
+def test_generate_with_cuda_graphs_equals_eager(sampler, tmp_path):
+    config = make_tiny_config(tmp_path, device=DEVICE)
+    model = DiT(config.model).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    labels = [0, 1, 2, 3, 1]
+    kwargs = dict(sampler=sampler, steps=4, cfg_scale=3.0, batch_size=3, seed=5)
+    eager = generate(model, config, labels, cuda_graph=False, **kwargs)
+    graphed = generate(model, config, labels, cuda_graph=True, **kwargs)
+    assert eager.device.type == "cuda"
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
+
+
+def _loss_curve(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
+
+
+@cuda
+@pytest.mark.parametrize(
+    "overrides", [dict(precision="bf16", tf32=True, fused_adamw=True), dict(precision="fp16"), dict()]
+)
+def test_training_on_cuda_learns_and_checkpoints_load_on_cpu(tmp_path, overrides, monkeypatch):
+    config = make_tiny_config(tmp_path / "run", device=DEVICE, steps=120, lr=2e-3, ckpt_every=1000, **overrides)
+    result = train(config, progress=False, dataset=make_tiny_dataset(64))
+    losses = _loss_curve(result.out_dir)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    assert not torch.backends.cuda.matmul.allow_tf32  # train.tf32 is undone when training returns
+    model, _ = load_model(result.checkpoint, "ema")  # loads on CPU
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # PyTorch's default lets convs use TF32
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 1, 4])
+    with torch.no_grad():
+        on_cpu = model(x, t, y)
+        on_gpu = model.to(DEVICE)(x.to(DEVICE), t.to(DEVICE), y.to(DEVICE)).cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_resume_on_cuda_is_bitwise_identical(tmp_path):
+    data = make_tiny_dataset(20)
+    cfg = dict(device=DEVICE, ckpt_every=100, precision="bf16")
+    straight = train(make_tiny_config(tmp_path / "a", steps=7, **cfg), progress=False, dataset=data)
+    train(make_tiny_config(tmp_path / "b", steps=3, **cfg), progress=False, dataset=data)
+    resumed = train(make_tiny_config(tmp_path / "b", steps=7, **cfg), resume=tmp_path / "b", progress=False, dataset=data)
+    for which in ("model", "ema"):
+        a = load_file(straight.checkpoint / f"{which}.safetensors")
+        b = load_file(resumed.checkpoint / f"{which}.safetensors")
+        for key in a:
+            assert torch.equal(a[key], b[key]), (which, key)
+
+
+@cuda
+def test_torchrun_on_one_gpu_matches_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # both processes with PyTorch's defaults
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    worker = Path(__file__).parent / "train_worker.py"
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(worker)]
+    proc = subprocess.run(
+        cmd + [str(tmp_path / "ddp"), "train.device=cuda", "train.steps=4"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = train(make_tiny_config(tmp_path / "one", device=DEVICE), progress=False, dataset=make_tiny_dataset(20))
+    a = load_file(tmp_path / "ddp" / "checkpoints" / "step_0000004" / "model.safetensors")
+    b = load_file(single.checkpoint / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_graph_wrapper_is_the_plain_model_on_cpu():
+    model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3))
+    model.eval()
+    graphed = CUDAGraphForward(model)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(graphed(x, t, y), model(x, t, y))
+    assert not graphed.graphs and graphed.null_class == 3 and graphed.config is model.config
+
+
+def test_tf32_switch_is_undone_on_exit():
+    from ditkit.distributed import tf32
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        with tf32(torch.device("cuda"), True):
+            assert matmul.allow_tf32 and cudnn.allow_tf32
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        with tf32(torch.device("cuda"), False):
+            assert not matmul.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
