@@ -3,7 +3,7 @@
     python benchmarks/profile_forward.py [--preset DiT-XL/2] [--batch 128] [--device cuda] [--precision bf16]
         [--train-batch 64] [--rows 18]
 
-Times an inference forward of each model (medians of --repeats after warm-up), a forward + backward at
+Times an inference forward of each model (interleaved, medians of --repeats), a forward + backward at
 --train-batch, and then prints torch.profiler's table of the forward's kernels (CUDA time on a GPU, CPU
 time otherwise) for each side. The models come from `ditkit bench` (ditkit's DiT and its diffusers
 export). docs/speed.md's H100 profile of DiT-XL/2 at batch 128 is this script's output.
@@ -13,33 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ditkit.bench import BenchSettings, _models
+from ditkit.bench import BenchSettings, interleaved_medians, paired_models
 from ditkit.config import MODEL_PRESETS
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -53,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=18, help="kernels listed per side")
     args = parser.parse_args()
     device = torch.device(args.device)
-    ours, theirs, config = _models(BenchSettings(preset=args.preset, device=args.device), device)
+    ours, theirs, config = paired_models(BenchSettings(preset=args.preset, device=args.device), device)
     ours.eval()
     theirs.eval()
     g = torch.Generator(device).manual_seed(0)
@@ -68,19 +48,15 @@ def main() -> None:
             "diffusers": lambda: theirs(x[:k], timestep=t[:k], class_labels=y[:k]).sample,
         }
 
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
-    )
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
     with amp:
         with torch.no_grad():
-            for name, fn in forwards(n).items():
-                print(f"{name:9s} forward at batch {n}: {_median_ms(fn, device, args.repeats):8.2f} ms")
+            for name, seconds in interleaved_medians(forwards(n), args.repeats, device).items():
+                print(f"{name:9s} forward at batch {n}: {seconds * 1e3:8.2f} ms")
         k = args.train_batch or n
-        for name, fn in forwards(k).items():
-            step = lambda fn=fn: fn().float().square().mean().backward()  # noqa: E731
-            print(f"{name:9s} forward + backward at batch {k}: {_median_ms(step, device, 3):8.2f} ms")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        steps = {name: lambda fn=fn: fn().float().square().mean().backward() for name, fn in forwards(k).items()}
+        for name, seconds in interleaved_medians(steps, 3, device).items():
+            print(f"{name:9s} forward + backward at batch {k}: {seconds * 1e3:8.2f} ms")
         activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         with torch.no_grad():
@@ -88,7 +64,8 @@ def main() -> None:
                 with profile(activities=[activity]) as prof:
                     for _ in range(3):
                         fn()
-                    _sync(device)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
                 print(f"===== {name}: 3 forwards at batch {n}")
                 print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70))
 

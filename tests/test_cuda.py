@@ -1,5 +1,7 @@
 """The CUDA paths: CUDA-graph sampling, training in bf16 / fp16 with TF32 and fused AdamW, resume, and a
-torchrun job on the GPU (one process: NCCL itself needs two GPUs to be exercised). Every test here skips without a GPU (CI has none); they were run on an H100.
+torchrun job on the GPU (one process: NCCL itself needs two GPUs to be exercised).
+
+Every test here but the last two skips without a GPU (CI has none); they were run on an H100.
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ def test_resume_on_cuda_is_bitwise_identical(tmp_path):
     cfg = dict(device=DEVICE, ckpt_every=100, precision="bf16")
     straight = train(make_tiny_config(tmp_path / "a", steps=7, **cfg), progress=False, dataset=data)
     train(make_tiny_config(tmp_path / "b", steps=3, **cfg), progress=False, dataset=data)
-    resumed = train(make_tiny_config(tmp_path / "b", steps=7, **cfg), resume=tmp_path / "b", progress=False, dataset=data)
+    resumed = train(
+        make_tiny_config(tmp_path / "b", steps=7, **cfg), resume=tmp_path / "b", progress=False, dataset=data
+    )
     for which in ("model", "ema"):
         a = load_file(straight.checkpoint / f"{which}.safetensors")
         b = load_file(resumed.checkpoint / f"{which}.safetensors")
@@ -155,7 +159,9 @@ def test_torchrun_on_one_gpu_matches_one_process(tmp_path, monkeypatch):
 
 
 def test_graph_wrapper_is_the_plain_model_on_cpu():
-    model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3))
+    model = DiT(
+        ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    )
     model.eval()
     graphed = CUDAGraphForward(model)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 3])

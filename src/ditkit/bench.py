@@ -26,7 +26,16 @@ from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import build_process, diffusion_loss
 from .models import DiT, count_macs
 
-__all__ = ["BenchSettings", "run_bench", "gemm_gflops", "gemm_backends", "gemm_rates", "saved_activation_bytes"]
+__all__ = [
+    "BenchSettings",
+    "run_bench",
+    "paired_models",
+    "interleaved_medians",
+    "gemm_gflops",
+    "gemm_backends",
+    "gemm_rates",
+    "saved_activation_bytes",
+]
 
 
 @dataclass
@@ -119,7 +128,8 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Seconds per call of each function: one warm-up call each, then `repeats` rounds (A, B, A, B, ...), medians."""
     for fn in fns.values():  # warm-up (allocations, kernel selection)
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -133,7 +143,8 @@ def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _models(settings: BenchSettings, device: torch.device) -> tuple[DiT, torch.nn.Module, ModelConfig]:
+def paired_models(settings: BenchSettings, device: torch.device) -> tuple[DiT, torch.nn.Module, ModelConfig]:
+    """ditkit's DiT for `settings` (random weights off adaLN-Zero's identity start) and its diffusers export."""
     from .convert.diffusers import to_diffusers
 
     if settings.preset not in MODEL_PRESETS:
@@ -259,7 +270,7 @@ def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, devi
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) -> dict:
     """Measure everything `settings` asks for; returns the JSON-able results."""
     device = torch.device(settings.device)
-    ours, theirs, config = _models(settings, device)
+    ours, theirs, config = paired_models(settings, device)
     macs = count_macs(config)
     results: dict = {
         "settings": {**settings.__dict__, "precisions": list(settings.precisions), "what": list(settings.what)},
@@ -285,13 +296,13 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     for precision in settings.precisions:
         if "train" in settings.what:
             fns, memory = _train_steps(ours, theirs, settings, precision, device)
-            med = _interleaved(fns, settings.repeats, device)
+            med = interleaved_medians(fns, settings.repeats, device)
             flops = 3 * 2 * macs * settings.batch
             results["runs"].append(_record("train", precision, med, flops, settings.batch, results, memory))
             progress(_line(results["runs"][-1]))
         if "sample" in settings.what:
             fns = _sample_runs(ours, theirs, settings, precision, device)
-            med = _interleaved(fns, settings.repeats, device)
+            med = interleaved_medians(fns, settings.repeats, device)
             flops = 2 * 2 * macs * settings.batch * settings.sample_steps
             results["runs"].append(_record("sample", precision, med, flops, settings.batch, results, None))
             progress(_line(results["runs"][-1]))
