@@ -193,3 +193,27 @@ def test_flop_counter_counts_the_onednn_paths_like_f_linear():
     assert fast == plain == 3 * 2 * 10 * (16 * 64 + 64 * 16)  # forward + two backward products per linear
     with torch.no_grad():  # inference fuses fc1 with its GELU: still counted
         assert flops(lambda: mlp(x)) == 2 * 10 * (16 * 64 + 64 * 16)
+
+
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "cross-attn", "in-context"])
+def test_residual_stream_is_contiguous_in_every_block(block_type):
+    """Patch tokens come out of the embedding contiguous, so no block inherits a transposed layout that
+    every LayerNorm and matmul (and their backward) would copy back."""
+    config = ModelConfig(
+        input_size=8,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        block_type=block_type,
+    )
+    model = DiT(config)
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_hook(
+            lambda mod, args, out: layouts.append((args[0].is_contiguous(), out.is_contiguous()))
+        )
+    model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 500.0]), torch.tensor([0, 3]))
+    assert layouts == [(True, True)] * config.depth

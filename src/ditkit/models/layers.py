@@ -104,7 +104,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D)
+        # Contiguous tokens: a transposed view here would hand its (T-minor) strides on to the residual
+        # stream, since elementwise ops (x + pos_embed, the gated residual) keep their first input's
+        # layout; every LayerNorm, matmul and their backward would then copy it back, block after block.
+        return x.flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
 
 
 class TimestepEmbedder(nn.Module):
