@@ -54,7 +54,7 @@ class CUDAGraphForward:
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
             return None
-        key: list = []
+        key: list = [x.device]
         for a in args:
             if a is None:
                 key.append(None)
@@ -70,13 +70,14 @@ class CUDAGraphForward:
         key = None if kwargs else self._key(args)
         if key is None:
             return self.model(*args, **kwargs)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(args, key[-1])
-        for static, a in zip(captured.inputs, args):
-            if static is not None:
-                static.copy_(a)
-        captured.graph.replay()
+        with torch.cuda.device(args[0].device):  # the model's GPU, whichever is current
+            captured = self.graphs.get(key)
+            if captured is None:
+                captured = self.graphs[key] = self._capture(args, key[-1])
+            for static, a in zip(captured.inputs, args):
+                if static is not None:
+                    static.copy_(a)
+            captured.graph.replay()
         # A copy, so that the next replay (which rewrites the static output) cannot change what the
         # caller holds.
         return captured.output.clone()
