@@ -83,6 +83,15 @@ def test_graph_steps_aside_under_grad_and_in_training_mode():
 
 
 @cuda
+def test_graph_leaves_a_compiled_model_to_its_own_graphs():
+    compiled = torch.compile(_model())
+    graphed = CUDAGraphForward(compiled)
+    with torch.no_grad():
+        out = graphed(*_inputs(2, 0))
+    assert not graphed.graphs and out.shape == (2, 4, 16, 16)
+
+
+@cuda
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "heun"])
 def test_generate_with_cuda_graphs_equals_eager(sampler, tmp_path):
     config = make_tiny_config(tmp_path, device=DEVICE)

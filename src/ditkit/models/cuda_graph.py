@@ -11,8 +11,8 @@ same shapes at every step, which is exactly the case graphs serve.
 captures one forward into a graph whose inputs are static buffers, and from then on copies the
 arguments into those buffers and replays. Every graph of one wrapper shares one memory pool. It
 steps aside, calling the model eagerly, wherever a graph would be wrong or impossible: CPU tensors,
-gradients enabled, a model in training mode, a conditioning that is not a plain tensor (text), or
-keyword arguments. Replay is the same kernels on the same data, so outputs equal eager ones
+gradients enabled, a model in training mode, a torch.compile'd model, a conditioning that is not a
+plain tensor (text), or keyword arguments. Replay is the same kernels on the same data, so outputs equal eager ones
 (`tests/test_cuda_graph.py`, which runs where CUDA is present).
 """
 
@@ -50,6 +50,8 @@ class CUDAGraphForward:
     def _key(self, args: tuple[torch.Tensor | None, ...]) -> tuple | None:
         """The graph key of a call, or None when the call must run eagerly."""
         if torch.is_grad_enabled() or self.model.training or torch.compiler.is_compiling():
+            return None
+        if hasattr(self.model, "_orig_mod"):  # a torch.compile'd model: its mode="reduce-overhead" does graphs
             return None
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
