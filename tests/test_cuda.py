@@ -1,7 +1,7 @@
 """The CUDA paths: CUDA-graph sampling, training in bf16 / fp16 with TF32 and fused AdamW, resume, and a
 torchrun job on the GPU (one process: NCCL itself needs two GPUs to be exercised).
 
-Every test here but the last two skips without a GPU (CI has none); they were run on an H100.
+Every test here but the last three skips without a GPU (CI has none); they were run on an H100.
 """
 
 from __future__ import annotations
@@ -193,3 +193,11 @@ def test_tf32_switch_is_undone_on_exit():
             assert not matmul.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def test_explicit_cuda_graph_with_feature_caching_is_refused(tmp_path):
+    config = make_tiny_config(tmp_path)
+    model = DiT(config.model).eval()
+    with pytest.raises(ValueError, match="feature caching"):
+        generate(model, config, [0, 1], cuda_graph=True, feature_cache_interval=2)
+    generate(model, config, [0, 1], feature_cache_interval=2)  # the config's default steps aside quietly

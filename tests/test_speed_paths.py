@@ -28,6 +28,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _live_dit(**fields) -> DiT:
+    """A 2-block DiT on 4x8x8 inputs, weights moved off adaLN-Zero's zero init so every layer does work."""
+    settings = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    model = DiT(ModelConfig(**{**settings, **fields}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_reduced_precision_attention_equals_rounded_fp32_softmax(dtype):
     """bf16 takes the in-dtype softmax (bitwise the same), fp16 the fp32 one (its kernel differs by an ulp)."""
@@ -101,21 +112,7 @@ def test_mlp_keeps_the_unfused_path_when_training():
 def test_dit_bf16_training_gradients_follow_fp32():
     """The whole model under autocast: loss gradients point where the fp32 ones do."""
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        input_size=8,
-        in_channels=4,
-        patch_size=2,
-        hidden_size=64,
-        depth=2,
-        num_heads=4,
-        num_classes=10,
-        learn_sigma=False,
-    )
-    model = DiT(cfg)
-    with torch.no_grad():  # leave the zero init so every layer has a gradient
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model = _live_dit(learn_sigma=False)
     x, t, y = torch.randn(6, 4, 8, 8), torch.rand(6) * 999, torch.randint(0, 10, (6,))
     target = torch.randn(6, 4, 8, 8)
 
@@ -152,12 +149,7 @@ def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch):
     from ditkit.models import layers
 
     torch.manual_seed(0)
-    cfg = ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-    model = DiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model = _live_dit()
     x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5) * 999, torch.randint(0, 10, (5,))
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,24 +191,14 @@ def test_flop_counter_counts_the_onednn_paths_like_f_linear():
 def test_residual_stream_is_contiguous_in_every_block(block_type):
     """Patch tokens come out of the embedding contiguous, so no block inherits a transposed layout that
     every LayerNorm and matmul (and their backward) would copy back."""
-    config = ModelConfig(
-        input_size=8,
-        in_channels=4,
-        patch_size=2,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-        block_type=block_type,
-    )
-    model = DiT(config)
+    model = _live_dit(block_type=block_type)
     layouts = []
     for block in model.blocks:
         block.register_forward_hook(
             lambda mod, args, out: layouts.append((args[0].is_contiguous(), out.is_contiguous()))
         )
     model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 500.0]), torch.tensor([0, 3]))
-    assert layouts == [(True, True)] * config.depth
+    assert layouts == [(True, True)] * model.config.depth
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

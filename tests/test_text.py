@@ -17,7 +17,9 @@ from ditkit.samplers import ClassifierFreeGuidance
 WORDS = ["top", "bottom", "bar", "a", "the", "digit", "seven", "one", "handwritten", ","]
 
 
-def tiny_text_model(mode="both", block_type="adaLN-Zero", dropout=0.1, text_dim=12, seed=0, scramble=True) -> DiT:
+def tiny_text_model(
+    mode="both", block_type="adaLN-Zero", dropout=0.1, text_dim=12, seed=0, scramble=True, **model_fields
+) -> DiT:
     """A 2-block 8x8 text DiT; `scramble` re-draws every weight so zero-initialised paths are live."""
     cfg = ModelConfig(
         input_size=8,
@@ -32,6 +34,7 @@ def tiny_text_model(mode="both", block_type="adaLN-Zero", dropout=0.1, text_dim=
         text_dim=text_dim,
         text_mode=mode,
         caption_dropout_prob=dropout,
+        **model_fields,
     )
     torch.manual_seed(seed)
     model = DiT(cfg)
@@ -427,22 +430,8 @@ def test_count_macs_counts_text_layers_like_the_flop_counter(mode, block_type):
     from ditkit.models import count_macs
 
     for length, real in ((5, (3,)), (7, (7,))):
-        model = DiT(
-            ModelConfig(
-                input_size=8,
-                in_channels=1,
-                patch_size=2,
-                hidden_size=32,
-                depth=2,
-                num_heads=2,
-                num_classes=0,
-                learn_sigma=False,
-                block_type=block_type,
-                text_dim=12,
-                text_mode=mode,
-                attn_impl="math",  # the counter sees the attention matmuls (it does not count CPU SDPA kernels)
-            )
-        ).eval()
+        # attn_impl="math": the counter sees the attention matmuls (it does not count CPU SDPA kernels).
+        model = tiny_text_model(mode, block_type, scramble=False, attn_impl="math")
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             model(torch.randn(1, 1, 8, 8), torch.zeros(1), random_cond(1, length, 12, real))

@@ -58,7 +58,8 @@ def generate(
     the same whatever request or batch it is part of (mass sampling across processes relies on it).
     `guidance_channels=3` guides only the first three channels (the official DiT release's legacy).
     `cuda_graph` (default `config.sample.cuda_graph`) replays the network from CUDA graphs on a GPU
-    (`ditkit.models.cuda_graph`); it is skipped with feature caching.
+    (`ditkit.models.cuda_graph`); the config's default is skipped with feature caching, an explicit
+    `cuda_graph=True` with it is an error.
 
     A text-conditioned model takes `prompts` (one image per prompt) instead of labels; they are encoded
     with `text_encoder` (a `ditkit.text.TextEncoder`, loaded from `config.text` when not given), and
@@ -116,6 +117,10 @@ def generate(
     process = build_process(config.diffusion)
     # The variance channels are only meaningful when the hybrid loss trained them.
     learned_variance = config.model.learn_sigma and config.diffusion.vlb_weight > 0
+    if cuda_graph and feature_cache_interval != 1:  # an explicit request that cannot be honoured
+        raise ValueError(
+            "cuda_graph=True cannot be combined with feature caching: the cache changes the graph per step"
+        )
     use_graph = sc.cuda_graph if cuda_graph is None else cuda_graph
     network = CUDAGraphForward(model) if use_graph and device.type == "cuda" and feature_cache_interval == 1 else model
     denoiser = ModelDenoiser(network, process, config.diffusion.prediction, learned_variance=learned_variance)

@@ -8,6 +8,7 @@ DiT (Peebles & Xie 2023, https://arxiv.org/abs/2212.09748), ViT patch embedding 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -223,7 +224,7 @@ def attention(
             return _matmul_attention(q, k, v, mask)
         # split, not indexing: split's backward is one cat, where every indexed slice's would be a
         # zero-filled full-size gradient to add up.
-        masks = [None] * q.shape[0] if mask is None else mask.split(rows)
+        masks = itertools.repeat(None) if mask is None else mask.split(rows)
         parts = zip(q.split(rows), k.split(rows), v.split(rows), masks)
         return torch.cat([_matmul_attention(*part) for part in parts])  # (N, H, T, Dh)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
