@@ -329,10 +329,12 @@ class Mlp(nn.Module):
         """
         if x.device.type != "cpu" or (torch.is_grad_enabled() and self.fc1.weight.requires_grad):
             return None
+        # Under torch.compile first: Dynamo cannot trace the oneDNN capability checks, and a graph break
+        # here split every block into its own graph (recompiled per block until the recompile limit).
+        if torch.compiler.is_compiling() or _has_hooks(self.fc1):  # a hook on fc1 must see fc1 run
+            return None
         dtype = compute_dtype(x)
         if not ((dtype == torch.bfloat16 and _onednn_bf16()) or (dtype == torch.float32 and _onednn_fp32())):
-            return None
-        if torch.compiler.is_compiling() or _has_hooks(self.fc1):  # a hook on fc1 must see fc1 run
             return None
         algorithm = "tanh" if self.act.approximate == "tanh" else "none"
         w, b = self.fc1.weight.to(dtype), self.fc1.bias.to(dtype)
