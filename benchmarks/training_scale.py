@@ -1,12 +1,14 @@
 """Training throughput of DiT-S/2 and DiT-B/2 on 4x32x32 latents: precision, compile and activation checkpointing.
 
     python benchmarks/training_scale.py [--models DiT-S/2 DiT-B/2] [--batch 32] [--steps 5] [--warmup 2]
-        [--variants fp32 bf16 bf16+compile] [--checkpointing 0 1] [--device auto] [--json out.json]
+        [--variants fp32 bf16 bf16+compile bf16+compile-blocks] [--checkpointing 0 1] [--device auto]
+        [--json out.json]
 
 For every (model, variant, checkpointing) it times full training steps as ditkit.train runs them
 (forward and loss, backward, gradient clipping, AdamW, EMA update) after warm-up steps, and reports:
 
-- img/s;
+- img/s, and the seconds of the first step (which compiles, for the compiled variants: '+compile' is
+  train.compile=true, one graph of the whole model, '+compile-blocks' is train.compile=blocks);
 - memory: on CUDA the peak allocated bytes of a step; on CPU the bytes of activations autograd saves
   for backward in one step (counted once per storage through saved_tensors_hooks, parameters left
   out), which is what activation checkpointing trades for recomputation;
@@ -34,7 +36,7 @@ from ditkit.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from ditkit.diffusion import build_process, diffusion_loss
 from ditkit.models import DiT
 from ditkit.models.dit import count_macs
-from ditkit.train import update_ema
+from ditkit.train import compile_for_training, update_ema
 
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +70,7 @@ class SavedBytes:
 def measure(
     model_config: ModelConfig,
     precision: str,
-    compile_model: bool,
+    compile_scope: bool | str,
     every: int,
     batch: int,
     steps: int,
@@ -82,7 +84,7 @@ def measure(
     ema = copy.deepcopy(model).requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(model) if compile_model else model
+    forward = compile_for_training(model, model, compile_scope)
     process = build_process(DiffusionConfig())
     h, w = model_config.input_hw
     x0 = torch.randn(batch, model_config.in_channels, h, w, device=device)
@@ -110,7 +112,12 @@ def measure(
         opt.step()
         update_ema(ema, model, 0.9999)
 
-    for _ in range(warmup):
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -126,7 +133,7 @@ def measure(
         counter = SavedBytes(params)
         step(counter)
         memory = counter.bytes
-    return {"img_per_s": img_s, "memory_mb": memory / 2**20}
+    return {"img_per_s": img_s, "memory_mb": memory / 2**20, "first_step_s": first_step_s}
 
 
 def main() -> None:
@@ -134,9 +141,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"], choices=sorted(MODEL_PRESETS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16+compile"],
-                        choices=["fp32", "bf16", "fp32+compile", "bf16+compile"])  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, >= 1 (compile happens here)")
+    variants = [p + c for p in ("fp32", "bf16") for c in ("", "+compile", "+compile-blocks")]
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16+compile"], choices=variants)
     parser.add_argument("--checkpointing", nargs="+", type=int, default=[0, 1], help="grad_checkpoint_every values")
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=4)
@@ -153,23 +160,25 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads; GEMM {args.gemm}^3 GFLOP/s: "
           + "; ".join(f"{n} " + ", ".join(f"{b} {r:.0f}" for b, r in rates.items()) for n, rates in by_backend.items()),
           flush=True)  # fmt: skip
-    print("| model | variant | ckpt every | img/s | memory MB | GFLOP/s | / bf16 GEMM | / fp32 GEMM |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | variant | ckpt every | img/s | first step s | memory MB | GFLOP/s | / bf16 GEMM | / fp32 GEMM |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.models:
         config = ModelConfig(**MODEL_PRESETS[name], input_size=args.input_size, in_channels=args.channels,
                              num_classes=1000, learn_sigma=True)  # fmt: skip
         train_flops = 3 * 2 * count_macs(config)  # per image
         for variant in args.variants:
-            precision, compile_model = variant.split("+")[0], variant.endswith("+compile")
+            precision, _, compiled = variant.partition("+")
+            compile_scope = {"": False, "compile": True, "compile-blocks": "blocks"}[compiled]
             for every in args.checkpointing:
-                result = measure(config, precision, compile_model, every, args.batch, args.steps, args.warmup, device)
+                result = measure(config, precision, compile_scope, every, args.batch, args.steps, args.warmup, device)
                 gflops = result["img_per_s"] * train_flops / 1e9
                 row = {"model": name, "variant": variant, "grad_checkpoint_every": every, **result,
                        "gflops": gflops, "frac_bf16_gemm": gflops / peak["bf16"],
                        "frac_fp32_gemm": gflops / peak["fp32"]}  # fmt: skip
                 rows.append(row)
-                cells = [name, variant, every, f"{result['img_per_s']:.1f}", f"{result['memory_mb']:.0f}",
+                cells = [name, variant, every, f"{result['img_per_s']:.1f}", f"{result['first_step_s']:.1f}",
+                         f"{result['memory_mb']:.0f}",
                          f"{gflops:.0f}", f"{row['frac_bf16_gemm']:.0%}", f"{row['frac_fp32_gemm']:.0%}"]  # fmt: skip
                 print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     if args.json:

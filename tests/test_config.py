@@ -385,6 +385,13 @@ def test_full_dict_covers_every_field():
 # Overrides
 
 
+def test_train_compile_takes_true_false_or_blocks():
+    assert config_from_dict({"train": {"compile": "blocks"}}).train.compile == "blocks"
+    assert config_from_dict({"train": {"compile": True}}).train.compile is True
+    with pytest.raises(ConfigError, match="train.compile: 'block' does not match true/false or one of 'blocks'"):
+        config_from_dict({"train": {"compile": "block"}})
+
+
 def test_apply_overrides_parses_values_as_yaml():
     out = apply_overrides(
         {"train": {"steps": 100}},

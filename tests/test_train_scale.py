@@ -285,10 +285,15 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path):
+@pytest.mark.parametrize("scope", [True, "blocks"])
+def test_compiled_training_matches_eager(tmp_path, scope):
+    torch._dynamo.reset()
     data = make_tiny_dataset(DATA)
     train(make_tiny_config(tmp_path / "eager", steps=2), progress=False, dataset=data)
-    train(make_tiny_config(tmp_path / "compiled", steps=2, compile=True), progress=False, dataset=data)
+    torch._dynamo.utils.counters.clear()
+    train(make_tiny_config(tmp_path / "compiled", steps=2, compile=scope), progress=False, dataset=data)
+    # It did compile; per block, both blocks ran one shared graph (a graph per block would be 2).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     for which in ("model", "ema"):
         assert _max_diff(_weights(tmp_path / "eager", 2, which), _weights(tmp_path / "compiled", 2, which)) < 1e-5
     assert "_orig_mod" not in "".join(_weights(tmp_path / "compiled", 2))  # saved unwrapped

@@ -551,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-size", type=int, help="side of the reference GEMM (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models (compile time not timed)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both models (compile time not timed; CPU sampling compiles with freezing)",
+    )
     p.add_argument(
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,

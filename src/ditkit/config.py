@@ -372,8 +372,11 @@ class TrainConfig:
     """Split each rank's share of `batch_size` into this many micro-batches, summing gradients."""
     grad_checkpoint_every: int = 0
     """Activation checkpointing: recompute every k-th transformer block in the backward pass (0: off)."""
-    compile: bool = False
-    """Run the model through `torch.compile` (the first steps are slow while it compiles)."""
+    compile: bool | Literal["blocks"] = False
+    """`torch.compile` for training: true compiles the whole model as one graph; 'blocks' compiles each
+    transformer block in place, and since the blocks are identical they share one compiled graph, so
+    compilation takes a third of the time for most of the speed (docs/training.md). The first steps
+    are slow while it compiles."""
     tf32: bool = False
     """Allow TF32 tensor-core matmuls and convolutions (CUDA only; no effect on CPU)."""
     fused_adamw: bool = False
@@ -585,6 +588,14 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    """How a config value of annotation `tp` is spelled in YAML: 'true/false', 'one of 'a', 'b'', ..."""
+    origin = get_origin(tp)
+    if tp is bool:
+        return "true/false"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

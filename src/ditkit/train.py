@@ -76,6 +76,7 @@ __all__ = [
     "load_model",
     "EpochBatchSampler",
     "update_ema",
+    "compile_for_training",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def _train(
     wrapped = wrap_model(model, env, tc.parallel)
     if fsdp:
         shard_blocks(ema)  # same shards as the model, so the EMA update is local
-    forward = torch.compile(wrapped) if tc.compile else wrapped
+    forward = compile_for_training(wrapped, model, tc.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps in DTensors
     try:
         optimizer = torch.optim.AdamW(
@@ -482,6 +483,21 @@ def _slice_batch(batch: object, part: slice) -> object:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_slice_batch(b, part) for b in batch)
     return batch
+
+
+def compile_for_training(wrapped: nn.Module, model: DiT, scope: bool | str) -> nn.Module:
+    """The forward to train `wrapped` (`model`, or its DDP/FSDP wrapper) with under `train.compile`:
+    eager (False), one graph (True) or per block ('blocks').
+
+    'blocks' compiles the transformer blocks of `model` in place (inside any DDP/FSDP wrapper, after
+    sharding, as FSDP2 expects), so the EMA copy, made before, stays eager for the sample grids and
+    evaluations. Dynamo treats module parameters as graph inputs, so all blocks reuse one graph.
+    """
+    if scope == "blocks":
+        for block in model.blocks:
+            block.compile()
+        return wrapped
+    return torch.compile(wrapped) if scope else wrapped
 
 
 def _training_dataset(config: Config) -> Dataset:
