@@ -345,9 +345,47 @@ def test_ddp_kill_9_then_resume_on_two_processes_is_bitwise_exact(tmp_path):
 
 def test_fused_adamw_matches_the_default_kernel(tmp_path):
     data = make_tiny_dataset(DATA)
-    train(make_tiny_config(tmp_path / "plain", steps=2), progress=False, dataset=data)
+    train(make_tiny_config(tmp_path / "plain", steps=2, fused_adamw=False), progress=False, dataset=data)
     train(make_tiny_config(tmp_path / "fused", steps=2, fused_adamw=True), progress=False, dataset=data)
     assert _max_diff(_weights(tmp_path / "plain", 2), _weights(tmp_path / "fused", 2)) < 1e-6
+
+
+@pytest.mark.parametrize(("setting", "fused"), [(None, True), (True, True), (False, None)])
+def test_fused_adamw_setting_picks_the_kernel(tmp_path, monkeypatch, setting, fused):
+    """null (the default) takes the fused kernel where PyTorch has one (it has for CPU floats)."""
+    import ditkit.train as train_mod
+
+    made = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self.defaults["fused"])
+
+    monkeypatch.setattr(train_mod.torch.optim, "AdamW", RecordingAdamW)
+    config = make_tiny_config(tmp_path / "run", steps=1, fused_adamw=setting)
+    train(config, progress=False, dataset=make_tiny_dataset(DATA))
+    assert made == [fused]
+
+
+def test_fused_adamw_falls_back_unless_asked_for(monkeypatch):
+    """Without a fused kernel, null quietly takes the default one and true is a clear error."""
+    import types
+
+    import ditkit.train as train_mod
+
+    class NoFusedAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            if kwargs.get("fused"):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch.optim, "AdamW", NoFusedAdamW)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    settings = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    assert train_mod._adamw(params, types.SimpleNamespace(**settings, fused_adamw=None)).defaults["fused"] is None
+    with pytest.raises(ConfigError, match="train.fused_adamw=true is not available here: `fused=True` requires"):
+        train_mod._adamw(params, types.SimpleNamespace(**settings, fused_adamw=True))
 
 
 def test_metrics_reach_tensorboard_and_wandb_when_asked(tmp_path, monkeypatch):

@@ -379,8 +379,10 @@ class TrainConfig:
     are slow while it compiles."""
     tf32: bool = False
     """Allow TF32 tensor-core matmuls and convolutions (CUDA only; no effect on CPU)."""
-    fused_adamw: bool = False
-    """Use PyTorch's fused AdamW kernel (CUDA and CPU float parameters)."""
+    fused_adamw: bool | None = None
+    """PyTorch's fused AdamW kernel. null (default): fused where this PyTorch has it for the parameters,
+    else PyTorch's default kernel; true: fused or an error; false: PyTorch's default kernel (for-each on
+    CUDA, a per-parameter loop on CPU). On the 2-core CPU a DiT-S/2 step takes 19 ms fused, 60 ms not."""
     tensorboard: bool = False
     """Also write the metrics as TensorBoard events under out_dir/tensorboard (needs `tensorboard`)."""
     wandb_project: str | None = None

@@ -274,12 +274,8 @@ def _train(
         shard_blocks(ema)  # same shards as the model, so the EMA update is local
     forward = compile_for_training(wrapped, model, tc.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps in DTensors
-    try:
-        optimizer = torch.optim.AdamW(
-            trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True if tc.fused_adamw else None
-        )
-    except RuntimeError as err:
-        raise ConfigError(f"train.fused_adamw=true is not available here: {err}") from err
+    optimizer = _adamw(trainable, tc)
+    fused = optimizer.defaults["fused"]
     warmup = tc.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
@@ -288,7 +284,7 @@ def _train(
     if resume_path is not None:
         _load_optimizer(model, optimizer, state["optimizer"], env, resume_path)
         for group in optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
-            group["fused"] = True if tc.fused_adamw else None
+            group["fused"] = fused
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         rng = state.get("rng", [])
@@ -483,6 +479,19 @@ def _slice_batch(batch: object, part: slice) -> object:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_slice_batch(b, part) for b in batch)
     return batch
+
+
+def _adamw(params: list[nn.Parameter], tc) -> torch.optim.AdamW:
+    """AdamW as `train.fused_adamw` asks: fused, falling back to PyTorch's default kernel unless it is true."""
+    settings = dict(lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    if tc.fused_adamw is False:
+        return torch.optim.AdamW(params, **settings)
+    try:
+        return torch.optim.AdamW(params, **settings, fused=True)
+    except RuntimeError as err:  # no fused kernel for these parameters' device or dtype
+        if tc.fused_adamw:
+            raise ConfigError(f"train.fused_adamw=true is not available here: {err}") from err
+        return torch.optim.AdamW(params, **settings)
 
 
 def compile_for_training(wrapped: nn.Module, model: DiT, scope: bool | str) -> nn.Module:
