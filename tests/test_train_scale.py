@@ -370,8 +370,6 @@ def test_fused_adamw_setting_picks_the_kernel(tmp_path, monkeypatch, setting, fu
 
 def test_fused_adamw_falls_back_unless_asked_for(monkeypatch):
     """Without a fused kernel, null quietly takes the default one and true is a clear error."""
-    import types
-
     import ditkit.train as train_mod
 
     class NoFusedAdamW(torch.optim.AdamW):
@@ -382,10 +380,9 @@ def test_fused_adamw_falls_back_unless_asked_for(monkeypatch):
 
     monkeypatch.setattr(train_mod.torch.optim, "AdamW", NoFusedAdamW)
     params = [torch.nn.Parameter(torch.zeros(2))]
-    settings = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
-    assert train_mod._adamw(params, types.SimpleNamespace(**settings, fused_adamw=None)).defaults["fused"] is None
+    assert train_mod.make_adamw(params, None, lr=1e-3).defaults["fused"] is None
     with pytest.raises(ConfigError, match="train.fused_adamw=true is not available here: `fused=True` requires"):
-        train_mod._adamw(params, types.SimpleNamespace(**settings, fused_adamw=True))
+        train_mod.make_adamw(params, True, lr=1e-3)
 
 
 def test_metrics_reach_tensorboard_and_wandb_when_asked(tmp_path, monkeypatch):

@@ -172,9 +172,12 @@ def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, pr
     g = torch.Generator(device).manual_seed(0)
     x0 = torch.randn(settings.batch, c.in_channels, *c.input_hw, generator=g, device=device)
     y = torch.randint(0, c.num_classes, (settings.batch,), generator=g, device=device)
+    from .train import make_adamw
+
+    # AdamW with the kernel `ditkit train` uses by default (fused where PyTorch has it), on both sides.
     optimizers = {
-        "ditkit": torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4),
-        "diffusers": torch.optim.AdamW(theirs.parameters(), lr=1e-4),
+        "ditkit": make_adamw([p for p in ours.parameters() if p.requires_grad], lr=1e-4),
+        "diffusers": make_adamw(list(theirs.parameters()), lr=1e-4),
     }
 
     their_model = _compiled(theirs, settings)

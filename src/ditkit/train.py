@@ -77,6 +77,7 @@ __all__ = [
     "EpochBatchSampler",
     "update_ema",
     "compile_for_training",
+    "make_adamw",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ def _train(
         shard_blocks(ema)  # same shards as the model, so the EMA update is local
     forward = compile_for_training(wrapped, model, tc.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps in DTensors
-    optimizer = _adamw(trainable, tc)
+    optimizer = make_adamw(trainable, tc.fused_adamw, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     fused = optimizer.defaults["fused"]
     warmup = tc.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -481,15 +482,16 @@ def _slice_batch(batch: object, part: slice) -> object:
     return batch
 
 
-def _adamw(params: list[nn.Parameter], tc) -> torch.optim.AdamW:
-    """AdamW as `train.fused_adamw` asks: fused, falling back to PyTorch's default kernel unless it is true."""
-    settings = dict(lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    if tc.fused_adamw is False:
+def make_adamw(params: list[nn.Parameter], fused: bool | None = None, **settings) -> torch.optim.AdamW:
+    """`torch.optim.AdamW(params, **settings)` with the kernel `train.fused_adamw` names: `fused` None
+    takes the fused kernel where PyTorch has one for `params` and its default kernel otherwise, True
+    insists (ConfigError without one), False takes the default kernel."""
+    if fused is False:
         return torch.optim.AdamW(params, **settings)
     try:
         return torch.optim.AdamW(params, **settings, fused=True)
     except RuntimeError as err:  # no fused kernel for these parameters' device or dtype
-        if tc.fused_adamw:
+        if fused:
             raise ConfigError(f"train.fused_adamw=true is not available here: {err}") from err
         return torch.optim.AdamW(params, **settings)
 
