@@ -36,7 +36,7 @@ from ditkit.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from ditkit.diffusion import build_process, diffusion_loss
 from ditkit.models import DiT
 from ditkit.models.dit import count_macs
-from ditkit.train import compile_for_training, update_ema
+from ditkit.train import compile_for_training, make_adamw, update_ema
 
 
 def _sync(device: torch.device) -> None:
@@ -83,7 +83,7 @@ def measure(
     model.grad_checkpoint_every = every
     ema = copy.deepcopy(model).requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)  # as train.fused_adamw's default takes it
+    opt = make_adamw(trainable, lr=1e-4)  # the kernel train.fused_adamw's default takes
     forward = compile_for_training(model, model, compile_scope)
     process = build_process(DiffusionConfig())
     h, w = model_config.input_hw
