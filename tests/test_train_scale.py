@@ -300,6 +300,19 @@ def test_compiled_training_matches_eager(tmp_path, scope):
 
 
 @pytest.mark.slow
+def test_block_compile_under_fsdp_ddp_and_checkpointing_matches_eager(runs, tmp_path):
+    """train.compile=blocks compiles the blocks inside the DDP / FSDP2 wrappers (after sharding) and
+    under activation checkpointing; every combination ends with the eager single-process weights."""
+    _torchrun(
+        [str(tmp_path / "fsdp"), "train.steps=4", "train.parallel=fsdp", "train.compile=blocks"],
+        [str(tmp_path / "ddp"), "train.steps=4", "train.compile=blocks", "train.grad_checkpoint_every=1"],
+    )
+    for run in ("fsdp", "ddp"):
+        for which in ("model", "ema"):
+            assert _max_diff(_weights(runs / "single", 4, which), _weights(tmp_path / run, 4, which)) < 1e-6
+
+
+@pytest.mark.slow
 def test_compiled_model_matches_eager(tiny_config):
     # eval(): label dropout off, so both passes see the same labels (training draws dropout outside the
     # model, per sample). reset(): a fresh dynamo cache, so shapes compiled by earlier tests do not turn
