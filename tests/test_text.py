@@ -185,6 +185,35 @@ def test_textcond_batching_and_validation():
         model(torch.randn(3, 1, 8, 8), torch.ones(3), random_cond(width=10))
 
 
+@pytest.mark.parametrize("mode", ["tokens", "both"])
+@pytest.mark.parametrize("training", [False, True])
+def test_token_text_model_traces_as_one_graph_and_still_rejects_empty_captions(mode, training):
+    """The empty-caption check does not split a compiled forward (it was a Python branch on tensor data,
+    three graph breaks per forward); eager it is a ValueError, and a null row needs no tokens of its own."""
+    model = tiny_text_model(mode).train(training)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 50.0, 999.0])
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(training):
+        explained = torch._dynamo.explain(model)(x, t, random_cond())
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    empty = random_cond(real=(2, 0, 3))
+    with pytest.raises(ValueError, match="a caption has no unmasked token"):
+        model.eval()(x, t, empty)
+    null_row = TextCond(empty.tokens, empty.mask, empty.pooled, torch.tensor([False, True, False]))
+    assert torch.isfinite(model.eval()(x, t, null_row)).all()
+
+
+@pytest.mark.slow
+def test_compiled_token_text_model_still_rejects_empty_captions():
+    model = tiny_text_model("tokens")
+    compiled = torch.compile(model)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 50.0, 999.0])
+    with torch.no_grad():
+        assert torch.isfinite(compiled(x, t, random_cond())).all()  # a valid batch passes the in-graph check
+        with pytest.raises(RuntimeError, match="a caption has no unmasked token"):
+            compiled(x, t, random_cond(real=(2, 0, 3)))
+
+
 def test_text_config_validation():
     with pytest.raises(ConfigError, match="num_classes=0"):
         ModelConfig(text_dim=16, num_classes=10)

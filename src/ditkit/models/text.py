@@ -21,6 +21,8 @@ from ..config import ModelConfig
 
 __all__ = ["TextCond", "TextEmbedder"]
 
+_EMPTY_ROW = "a caption has no unmasked token (empty mask row)"
+
 
 @dataclass
 class TextCond:
@@ -140,7 +142,11 @@ class TextEmbedder(nn.Module):
             tokens = torch.where(null[:, None, None], self.null_token.to(cond.tokens.dtype), cond.tokens)  # (N, L, E)
             mask = torch.where(null[:, None], first[None].expand(n, length), cond.mask)  # (N, L)
             # A row with every token masked would give NaN attention; such a caption is a caller error.
-            if not bool(mask.any(dim=1).all()):
-                raise ValueError("a caption has no unmasked token (empty mask row)")
+            # Compiled, the check is an asserting op in the graph (a RuntimeError with the same message):
+            # a Python branch on tensor data would break the graph in two.
+            if torch.compiler.is_compiling():
+                torch._assert_async(mask.any(dim=1).all(), _EMPTY_ROW)
+            elif not bool(mask.any(dim=1).all()):
+                raise ValueError(_EMPTY_ROW)
             context = self.token_proj(tokens)  # (N, L, D)
         return pooled, context, mask
