@@ -167,13 +167,13 @@ def paired_models(settings: BenchSettings, device: torch.device) -> tuple[DiT, t
 
 def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, precision: str, device: torch.device):
     """One full training step (eps loss, backward, AdamW) for each implementation, same data and noise."""
+    from .train import make_adamw
+
     process = build_process(DiffusionConfig())
     c = ours.config
     g = torch.Generator(device).manual_seed(0)
     x0 = torch.randn(settings.batch, c.in_channels, *c.input_hw, generator=g, device=device)
     y = torch.randint(0, c.num_classes, (settings.batch,), generator=g, device=device)
-    from .train import make_adamw
-
     # AdamW with the kernel `ditkit train` uses by default (fused where PyTorch has it), on both sides.
     optimizers = {
         "ditkit": make_adamw([p for p in ours.parameters() if p.requires_grad], lr=1e-4),
