@@ -1,11 +1,13 @@
 """Where the time goes: ditkit's and diffusers' DiT (same weights) timed and profiled kernel by kernel.
 
     python benchmarks/profile_forward.py [--preset DiT-XL/2] [--batch 128] [--device cuda] [--precision bf16]
-        [--train-batch 64] [--rows 18]
+        [--train-batch 64] [--rows 18] [--profile-backward]
 
 Times an inference forward of each model (interleaved, medians of --repeats), a forward + backward at
 --train-batch, and then prints torch.profiler's table of the forward's kernels (CUDA time on a GPU, CPU
-time otherwise) for each side. The models come from `ditkit bench` (ditkit's DiT and its diffusers
+time otherwise) for each side; with --profile-backward also the table of one forward + backward (the
+training computation without the optimizer; docs/speed.md's side-by-side training profile of S/2 at
+batch 16 is `--batch 16 --profile-backward`). The models come from `ditkit bench` (ditkit's DiT and its diffusers
 export). docs/speed.md's H100 profile of DiT-XL/2 at batch 128 is this script's output.
 """
 
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=18, help="kernels listed per side")
+    parser.add_argument("--profile-backward", action="store_true", help="also profile one forward + backward")
     args = parser.parse_args()
     device = torch.device(args.device)
     ours, theirs, config = paired_models(BenchSettings(preset=args.preset, device=args.device), device)
@@ -67,6 +70,14 @@ def main() -> None:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                 print(f"===== {name}: 3 forwards at batch {n}")
+                print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70))
+        if args.profile_backward:
+            for name, step in steps.items():
+                with profile(activities=[activity]) as prof:
+                    step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                print(f"===== {name}: 1 forward + backward at batch {k}")
                 print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70))
 
 
