@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first step is timed apart (it compiles)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     # The reference is the faster matmul route: on CPU oneDNN's fp32 matmul can be twice the BLAS one.

@@ -268,9 +268,8 @@ def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, devi
     from .samplers import ClassifierFreeGuidance, sample_ddim
 
     process = build_process(DiffusionConfig())
-    # As `generate` does (sample.cuda_graph): on CUDA the network is replayed from CUDA graphs; under
-    # --compile the compiled model runs as it is.
-    network = CUDAGraphForward(model) if settings.cuda_graph and not settings.compile else model
+    # As `generate` does (sample.cuda_graph); the wrapper itself steps aside on CPU and for a compiled model.
+    network = CUDAGraphForward(model) if settings.cuda_graph else model
     denoiser = ClassifierFreeGuidance(ModelDenoiser(network, process), settings.cfg_scale)
     c = model.config
     g = torch.Generator(device).manual_seed(0)

@@ -13,7 +13,7 @@ arguments into those buffers and replays. Every graph of one wrapper shares one 
 steps aside, calling the model eagerly, wherever a graph would be wrong or impossible: CPU tensors,
 gradients enabled, a model in training mode, a torch.compile'd model, a conditioning that is not a
 plain tensor (text), or keyword arguments. Replay is the same kernels on the same data, so outputs equal eager ones
-(`tests/test_cuda_graph.py`, which runs where CUDA is present).
+(`tests/test_cuda.py`, whose GPU tests run where CUDA is present).
 """
 
 from __future__ import annotations
