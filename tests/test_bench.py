@@ -1,6 +1,7 @@
 """`ditkit bench` output and the feature cache (speed numbers are never asserted)."""
 
 import json
+import mmap
 
 import pytest
 import torch
@@ -28,8 +29,26 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
     for run in results["runs"]:
         assert set(run["seconds"]) == {"ditkit", "diffusers"} and all(v > 0 for v in run["seconds"].values())
         assert run["speedup"] == pytest.approx(run["seconds"]["diffusers"] / run["seconds"]["ditkit"])
+        faults = run["page_fault_mib_per_iteration"]  # Linux counts them
+        assert set(faults) == {"ditkit", "diffusers"} and all(v >= 0 for v in faults.values())
     assert results["gmacs_per_forward"] > 0
+    assert isinstance(results["allocator_env"], dict)
     assert "ditkit/diffusers" in capsys.readouterr().out
+
+
+def test_interleaved_measurements_count_the_pages_a_call_first_touches():
+    from ditkit.bench import interleaved_measurements
+
+    def fresh_pages() -> None:  # maps 64 MiB of new anonymous memory, writes one byte per 4 KiB page, unmaps it
+        with mmap.mmap(-1, 64 * 2**20) as memory:
+            for offset in range(0, len(memory), 4096):
+                memory[offset] = 1
+
+    fns = {"fresh": fresh_pages, "nothing": lambda: None}
+    measured = interleaved_measurements(fns, repeats=3, device=torch.device("cpu"))
+    assert 60 <= measured["fresh"]["page_fault_mib"] <= 70
+    assert measured["nothing"]["page_fault_mib"] < 1
+    assert all(m["seconds"] > 0 for m in measured.values())
 
 
 @pytest.mark.slow

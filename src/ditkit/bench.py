@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ __all__ = [
     "run_bench",
     "paired_models",
     "interleaved_medians",
+    "interleaved_measurements",
     "gemm_gflops",
     "gemm_backends",
     "gemm_rates",
@@ -130,17 +132,55 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Seconds per call of each function: one warm-up call each, then `repeats` rounds (A, B, A, B, ...), medians."""
+    return {name: m["seconds"] for name, m in interleaved_measurements(fns, repeats, device).items()}
+
+
+def interleaved_measurements(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, dict[str, float | None]]:
+    """As `interleaved_medians`, with each function's median minor page faults per call next to its seconds.
+
+    {name: {"seconds": s, "page_fault_mib": MiB of 4 KiB pages first touched, None where the OS does not
+    count them}}. Page faults are the allocator's share of a CPU timing: memory the C allocator handed
+    back to the OS is zeroed and mapped again, page by page, when it is next used.
+    """
     for fn in fns.values():  # warm-up (allocations, kernel selection)
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+            if f0 is not None:
+                faults[name].append(_minor_faults() - f0)
+    return {
+        name: {
+            "seconds": statistics.median(times[name]),
+            "page_fault_mib": statistics.median(faults[name]) * _PAGE_BYTES / 2**20 if faults[name] else None,
+        }
+        for name in fns
+    }
+
+
+_PAGE_BYTES = 4096  # what a minor fault maps on x86-64 and most Linux arm64 kernels
+
+
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (None where `resource` is missing, e.g. on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+_ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                  "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")  # fmt: skip
+"""Environment variables that change the C allocator (jemalloc/tcmalloc preloads, glibc's tunables)."""
 
 
 def paired_models(settings: BenchSettings, device: torch.device) -> tuple[DiT, torch.nn.Module, ModelConfig]:
@@ -288,6 +328,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "allocator_env": {k: os.environ[k] for k in _ALLOCATOR_ENV if k in os.environ},
         "gmacs_per_forward": macs / 1e9,
         "compiled": settings.compile,
         "gemm_gflops": {},
@@ -306,22 +347,26 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     for precision in settings.precisions:
         if "train" in settings.what:
             fns, memory = _train_steps(ours, theirs, settings, precision, device)
-            med = interleaved_medians(fns, settings.repeats, device)
+            measured = interleaved_measurements(fns, settings.repeats, device)
             flops = 3 * 2 * macs * settings.batch
-            results["runs"].append(_record("train", precision, med, flops, settings.batch, results, memory))
+            results["runs"].append(_record("train", precision, measured, flops, settings.batch, results, memory))
             progress(_line(results["runs"][-1]))
         if "sample" in settings.what:
             fns = _sample_runs(ours, theirs, settings, precision, device)
-            med = interleaved_medians(fns, settings.repeats, device)
+            measured = interleaved_measurements(fns, settings.repeats, device)
             flops = 2 * 2 * macs * settings.batch * settings.sample_steps
-            results["runs"].append(_record("sample", precision, med, flops, settings.batch, results, None))
+            results["runs"].append(_record("sample", precision, measured, flops, settings.batch, results, None))
             progress(_line(results["runs"][-1]))
     return results
 
 
-def _record(kind, precision, med, flops, batch, results, memory) -> dict:
+def _record(kind, precision, measured, flops, batch, results, memory) -> dict:
     gemm = results["gemm_gflops"]["bf16" if precision != "fp32" else "fp32"]
+    med = {name: m["seconds"] for name, m in measured.items()}
     record = {"kind": kind, "precision": precision, "seconds": med, "speedup": med["diffusers"] / med["ditkit"]}
+    faults = {name: m["page_fault_mib"] for name, m in measured.items()}
+    if all(v is not None for v in faults.values()):  # host-side faults (the CUDA case included)
+        record["page_fault_mib_per_iteration"] = faults
     record["img_per_s"] = {name: batch / s for name, s in med.items()}
     record["gflops"] = {name: flops / s / 1e9 for name, s in med.items()}
     record["fraction_of_gemm"] = {name: v / gemm for name, v in record["gflops"].items()}
@@ -334,6 +379,8 @@ def _line(r: dict) -> str:
     mem = ""
     if "saved_activation_mib" in r:
         mem = " | activations MiB " + " vs ".join(f"{v:.0f}" for v in r["saved_activation_mib"].values())
+    if "page_fault_mib_per_iteration" in r:
+        mem += " | page faults MiB/iter " + " vs ".join(f"{v:.0f}" for v in r["page_fault_mib_per_iteration"].values())
     return (
         f"{r['kind']:6s} {r['precision']:4s} ditkit {r['img_per_s']['ditkit']:7.2f} img/s "
         f"({r['fraction_of_gemm']['ditkit']:.0%} of GEMM) | diffusers {r['img_per_s']['diffusers']:7.2f} img/s "
