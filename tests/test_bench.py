@@ -39,9 +39,10 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
 def test_interleaved_measurements_count_the_pages_a_call_first_touches():
     from ditkit.bench import interleaved_measurements
 
-    def fresh_pages() -> None:  # maps 64 MiB of new anonymous memory, writes one byte per 4 KiB page, unmaps it
+    def fresh_pages() -> None:  # maps 64 MiB of new anonymous memory, writes one byte per page, unmaps it
         with mmap.mmap(-1, 64 * 2**20) as memory:
-            for offset in range(0, len(memory), 4096):
+            memory.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per base page, whatever the THP setting
+            for offset in range(0, len(memory), mmap.PAGESIZE):
                 memory[offset] = 1
 
     fns = {"fresh": fresh_pages, "nothing": lambda: None}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import statistics
 import time
@@ -140,9 +141,10 @@ def interleaved_measurements(
 ) -> dict[str, dict[str, float | None]]:
     """As `interleaved_medians`, with each function's median minor page faults per call next to its seconds.
 
-    {name: {"seconds": s, "page_fault_mib": MiB of 4 KiB pages first touched, None where the OS does not
+    {name: {"seconds": s, "page_fault_mib": minor faults x the base page size, None where the OS does not
     count them}}. Page faults are the allocator's share of a CPU timing: memory the C allocator handed
-    back to the OS is zeroed and mapped again, page by page, when it is next used.
+    back to the OS is zeroed and mapped again, page by page, when it is next used. A fault that maps a
+    transparent huge page counts once, so where those are on this is a lower bound.
     """
     for fn in fns.values():  # warm-up (allocations, kernel selection)
         fn()
@@ -160,13 +162,10 @@ def interleaved_measurements(
     return {
         name: {
             "seconds": statistics.median(times[name]),
-            "page_fault_mib": statistics.median(faults[name]) * _PAGE_BYTES / 2**20 if faults[name] else None,
+            "page_fault_mib": statistics.median(faults[name]) * mmap.PAGESIZE / 2**20 if faults[name] else None,
         }
         for name in fns
     }
-
-
-_PAGE_BYTES = 4096  # what a minor fault maps on x86-64 and most Linux arm64 kernels
 
 
 def _minor_faults() -> int | None:
