@@ -144,7 +144,7 @@ def interleaved_measurements(
     {name: {"seconds": s, "page_fault_mib": minor faults x the base page size, None where the OS does not
     count them}}. Page faults are the allocator's share of a CPU timing: memory the C allocator handed
     back to the OS is zeroed and mapped again, page by page, when it is next used. A fault that maps a
-    transparent huge page counts once, so where those are on this is a lower bound.
+    transparent huge page counts as one base page, so with huge pages in use the figure is a lower bound.
     """
     for fn in fns.values():  # warm-up (allocations, kernel selection)
         fn()
