@@ -167,3 +167,11 @@ def test_mnist_config_matches_the_demo(tmp_path):
     assert shipped.model == demo.model and shipped.diffusion == demo.diffusion and shipped.sample == demo.sample
     for key in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "precision"):
         assert getattr(shipped.train, key) == getattr(demo.train, key), key
+
+
+def test_a_native_crash_prints_the_python_stack(tmp_path):
+    # The command runs, then the process aborts in native code: the stack must name where it was.
+    code = "import os, sys; from ditkit.cli import main; main(['info', 'DiT-S/2']); os.abort()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Fatal Python error: Aborted" in proc.stderr and 'File "<string>", line 1' in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
 import sys
@@ -606,12 +607,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ditkit` console script."""
     args = build_parser().parse_args(argv)
+    _report_native_crashes()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, DataError, ValueError) as err:
         print(f"ditkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _report_native_crashes() -> None:
+    """Print every thread's Python stack if the process dies in native code (SIGSEGV, SIGABRT, ...).
+
+    Long jobs (training, mass sampling, torchrun ranks) otherwise end with a bare "Segmentation fault"
+    or "terminate called ..." and no hint of where. Left as it is when stderr is not a real file
+    (an embedding host or a test's capture) or when something enabled it already.
+    """
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError, RuntimeError):  # stderr without a usable file descriptor
+        pass
 
 
 if __name__ == "__main__":
