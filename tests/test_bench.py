@@ -38,6 +38,18 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
     assert "ditkit/diffusers" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "flag, value, named", [("--batch", "0", "batch"), ("--repeats", "0", "repeats"), ("--steps", "0", "sample_steps")]
+)
+def test_bench_refuses_empty_counts_before_measuring(flag, value, named, capsys):
+    from ditkit.cli import main
+
+    assert main(["bench", "--preset", "DiT-S/8", "--input-size", "8", flag, value]) == 2
+    out = capsys.readouterr()
+    assert f"bench setting {named} ({flag}) must be at least 1, got 0" in out.err
+    assert "GEMM" not in out.out  # nothing was measured first
+
+
 def test_interleaved_measurements_count_the_pages_a_call_first_touches():
     pytest.importorskip("resource")  # POSIX only
     from ditkit.bench import interleaved_measurements

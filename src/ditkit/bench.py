@@ -63,6 +63,23 @@ class BenchSettings:
     cuda_graph: bool = True
     """ditkit's sampling replays the network from CUDA graphs on CUDA (`generate`'s default); False: eager."""
 
+    def __post_init__(self) -> None:
+        # Checked before anything runs: a bad count otherwise surfaces minutes later (after the GEMM
+        # measurement and the training timings) or as a oneDNN error about an empty matmul.
+        counts = {
+            "batch (--batch)": self.batch,
+            "repeats (--repeats)": self.repeats,
+            "sample_steps (--steps)": self.sample_steps,
+            "in_channels (--in-channels)": self.in_channels,
+        }
+        if self.gemm_size is not None:
+            counts["gemm_size (--gemm-size)"] = self.gemm_size
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"bench setting {name} must be at least 1, got {value}")
+        if not self.precisions or not self.what:
+            raise ValueError("bench settings need at least one precision (--precision) and one workload (--what)")
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
