@@ -175,3 +175,14 @@ def test_a_native_crash_prints_the_python_stack(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0
     assert "Fatal Python error: Aborted" in proc.stderr and 'File "<string>", line 1' in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["sample", "inpaint"])
+def test_integer_options_below_one_are_refused_by_the_parser(command, capsys):
+    argv = [command, "--checkpoint", "unused", "--scale", "0"]
+    if command == "inpaint":
+        argv += ["--image", "a.png", "--mask", "m.png", "--out", "o.png"]
+    with pytest.raises(SystemExit) as exit_info:  # before any checkpoint is opened
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "argument --scale: must be at least 1, got 0" in capsys.readouterr().err

@@ -22,6 +22,14 @@ from .samplers import SAMPLERS
 __all__ = ["main"]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    value = int(text)  # a ValueError here reads "invalid positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
@@ -436,7 +444,7 @@ def _add_studio_parsers(sub) -> None:
             p.add_argument("--overlap", type=float, default=0.5, help="fraction of each window kept from the image")
         p.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
         p.add_argument("--classes", type=int, nargs="*", help="class labels, one result each (default: 0)")
-        p.add_argument("--num", type=int, default=1, help="results, for an unconditional model")
+        p.add_argument("--num", type=positive_int, default=1, help="results, for an unconditional model")
         p.add_argument(
             "--method", choices=["auto", "repaint", "trained"], default="auto", help="auto: trained if the model has it"
         )
@@ -448,7 +456,7 @@ def _add_studio_parsers(sub) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the noise")
         p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
         p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
-        p.add_argument("--scale", type=int, default=1, help="integer upscaling of the written PNG")
+        p.add_argument("--scale", type=positive_int, default=1, help="integer upscaling of the written PNG")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_cmd_inpaint if name == "inpaint" else _cmd_outpaint)
 
@@ -533,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae", help="latent models: where the checkpoint's autoencoder is now (folder or hub id; default: as saved)"
     )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
-    p.add_argument("--scale", type=int, default=2, help="integer upscaling of the written grid")
+    p.add_argument("--scale", type=positive_int, default=2, help="integer upscaling of the written grid")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_npz_sampling_options(p)
