@@ -88,6 +88,12 @@ def test_info_on_presets_uses_paper_numbers(capsys):
     assert info["tokens"] == 256
 
 
+def test_info_on_an_unknown_name_lists_the_presets(capsys):
+    assert main(["info", "DiT-Q/2"]) == 2
+    err = capsys.readouterr().err
+    assert "'DiT-Q/2' is neither a model preset (DiT-S/2," in err and "nor an existing checkpoint" in err
+
+
 def test_bad_config_key_is_a_clear_error(config_file, capsys):
     assert main(["train", "--config", str(config_file), "train.stepz=3"]) == 2
     err = capsys.readouterr().err

@@ -192,6 +192,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         from .checkpoint import load_config_from_checkpoint, resolve_checkpoint
 
+        if not Path(args.target).exists():  # neither a preset nor a path: say both
+            raise ValueError(
+                f"{args.target!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) nor an existing "
+                "checkpoint or run folder"
+            )
         path = resolve_checkpoint(args.target)
         saved = load_config_from_checkpoint(path)
         model_cfg, text_tokens = saved.model, saved.text.max_length  # a text model's cross-attention length
