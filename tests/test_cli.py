@@ -183,12 +183,24 @@ def test_a_native_crash_prints_the_python_stack(tmp_path):
     assert "Fatal Python error: Aborted" in proc.stderr and 'File "<string>", line 1' in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["sample", "inpaint"])
-def test_integer_options_below_one_are_refused_by_the_parser(command, capsys):
-    argv = [command, "--checkpoint", "unused", "--scale", "0"]
-    if command == "inpaint":
-        argv += ["--image", "a.png", "--mask", "m.png", "--out", "o.png"]
-    with pytest.raises(SystemExit) as exit_info:  # before any checkpoint is opened
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--checkpoint", "unused", "--scale", "0"], "argument --scale: must be at least 1, got 0"),
+        (["inpaint", "--checkpoint", "c", "--image", "a.png", "--mask", "m.png", "--out", "o.png", "--num", "0"],
+         "argument --num: must be at least 1, got 0"),
+        (["sample", "--checkpoint", "unused", "--npz", "s.npz", "--batch-size", "0"],
+         "argument --batch-size: must be at least 1, got 0"),
+        (["eval", "--samples", "s.npz", "--ref", "r.npz", "--batch-size", "-2"],
+         "argument --batch-size: must be at least 1, got -2"),
+        (["cache", "--config", "c.yaml", "--out", "o", "--batch-size", "0"],
+         "argument --batch-size: must be at least 1, got 0"),
+        (["serve", "--checkpoint", "unused", "--port", "-3"],
+         "argument --port: must be a port from 0 to 65535, got -3"),
+    ],
+)  # fmt: skip
+def test_integer_options_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # before any file is opened
         main(argv)
     assert exit_info.value.code == 2
-    assert "argument --scale: must be at least 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

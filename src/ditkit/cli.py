@@ -18,16 +18,9 @@ from .config import MODEL_PRESETS, ConfigError, ModelConfig, Spacing, load_confi
 from .data import DataError
 from .evaluation.commands import add_eval_commands, add_npz_sampling_options, cmd_sample_npz
 from .samplers import SAMPLERS
+from .utils.args import port_number, positive_int
 
 __all__ = ["main"]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
-    value = int(text)  # a ValueError here reads "invalid positive_int value: 'x'"
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -426,7 +419,7 @@ def _add_studio_parsers(sub) -> None:
     p = sub.add_parser("serve", help="the studio: a local web page to sample, compare and inpaint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--max-steps", type=int, default=1000, help="largest steps a request may ask for")
@@ -484,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "uint8"], default="fp32", help="storage precision")
     p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB (default 256)")
     p.add_argument("--shard-items", type=int, help="images per shard (overrides --shard-mb)")
-    p.add_argument("--batch-size", type=int, default=32, help="encoder batch size")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="encoder batch size")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..utils.args import positive_int
 from .inception import InceptionWeightsError
 from .protocols import PROTOCOLS, Protocol, get_protocol
 
@@ -33,7 +34,9 @@ def add_npz_sampling_options(p: argparse.ArgumentParser) -> None:
         help="number of samples for --npz (default: the protocol's); under torchrun spell it --num-samples, "
         "since torchrun's own parser takes --num for its --numa-binding",
     )
-    g.add_argument("--batch-size", type=int, default=64, help="samples per batch and per resumable part (default 64)")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=64, help="samples per batch and per resumable part (default 64)"
+    )
     g.add_argument(
         "--balanced-classes",
         action=argparse.BooleanOptionalAction,
@@ -159,7 +162,7 @@ def _feature_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth (or .safetensors)")
     p.add_argument("--classifier", help="digit classifier folder (default: train once on the bundled digits, cached)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per feature batch")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per feature batch")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
