@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,21 @@ def test_storage_error_is_within_the_reported_bound(kl_path, image_folder, tmp_p
     values = 2 * 2 * 4 * 8 * 8  # (image, mirror) x (mean, logvar) x C x h x w
     per_range = 2 * 2 * 4 * 8  # uint8: a float32 lo and step per (image, mirror) x (mean, logvar) x channel
     assert report.bytes_per_image == {"fp16": 2 * values, "uint8": values + per_range}[dtype] + 8  # + the label
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"shard_items": 0}, "shard_items (--shard-items) must be at least 1, got 0"),
+        ({"shard_mb": 0.0}, "shard_mb (--shard-mb) must be above 0, got 0.0"),
+        ({"batch_size": 0}, "batch_size (--batch-size) must be at least 1, got 0"),
+    ],
+)
+def test_cache_refuses_empty_shards_and_batches_before_writing(kl_path, image_folder, tmp_path, setting, message):
+    config = resolve_autoencoder(latent_config(kl_path, image_folder))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_cache(config, tmp_path / "cache", progress=False, **setting)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cache_refuses_other_settings_and_incomplete_reads(kl_path, image_folder, tmp_path):

@@ -251,6 +251,12 @@ def build_cache(
     """
     if dtype not in BYTES_PER_VALUE:
         raise ValueError(f"cache dtype must be one of {', '.join(BYTES_PER_VALUE)}, got {dtype!r}")
+    if shard_items is not None and shard_items < 1:
+        raise ValueError(f"shard_items (--shard-items) must be at least 1, got {shard_items}")
+    if not shard_mb > 0:
+        raise ValueError(f"shard_mb (--shard-mb) must be above 0, got {shard_mb}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be at least 1, got {batch_size}")
     if config.autoencoder.kind == "pixel":
         raise CacheError("autoencoder.kind='pixel' trains on images directly; a latent cache needs 'kl' or 'tiny'")
     config = resolve_autoencoder(config)
