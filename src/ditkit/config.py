@@ -401,16 +401,16 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.warmup_steps < 0 or self.num_workers < 0:
-            raise ConfigError("train.warmup_steps and train.num_workers must be >= 0")
+        for name in ("warmup_steps", "num_workers", "grad_checkpoint_every", "sample_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                off = " (0: off)" if name in ("grad_checkpoint_every", "sample_every") else ""
+                raise ConfigError(f"train.{name} must be >= 0{off}, got {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be >= 0 (0: off), got {self.eval_every}")
         if self.eval_num < 4:
             raise ConfigError(f"train.eval_num must be >= 4 (precision/recall use 3 neighbours), got {self.eval_num}")
-        if self.grad_checkpoint_every < 0 or self.sample_every < 0:
-            raise ConfigError("train.grad_checkpoint_every and train.sample_every must be >= 0")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum_steps={self.grad_accum_steps}"
