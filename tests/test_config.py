@@ -223,6 +223,8 @@ def test_folder_dataset_requires_root():
         (TrainConfig, {"num_workers": -1}, "train.num_workers must be >= 0, got -1"),
         (SampleConfig, {"steps": 0}, "sample.steps"),
         (SampleConfig, {"eta": -0.5}, "sample.eta"),
+        (SampleConfig, {"eta": 1.5}, "sample.eta must be in [0, 1]"),
+        (SampleConfig, {"guidance_interval": (600.0, 0.0)}, "sample.guidance_interval must be [lo, hi] with lo <= hi"),
     ],
 )
 def test_invalid_section_values_raise(cls, kwargs, key):

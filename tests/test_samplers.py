@@ -5,6 +5,7 @@ from ditkit.config import DiffusionConfig, ModelConfig
 from ditkit.diffusion import Denoiser, ModelDenoiser, build_process
 from ditkit.models import DiT
 from ditkit.samplers import ClassifierFreeGuidance, sample_ddim
+from ditkit.samplers.inpaint import sample_repaint
 
 
 class GaussianDenoiser(Denoiser):
@@ -63,6 +64,17 @@ def test_ddim_eta0_is_deterministic_and_eta1_uses_the_generator(process):
     d = sample_ddim(den, x, 10, eta=1.0, generator=torch.Generator().manual_seed(5))
     e = sample_ddim(den, x, 10, eta=1.0, generator=torch.Generator().manual_seed(6))
     assert torch.equal(c, d) and not torch.allclose(c, e)
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_ddim_and_repaint_refuse_eta_outside_zero_to_one(process, eta):
+    # Above 1 a step can need more fresh noise than the next noise level holds (the marginal would be wrong).
+    den = GaussianDenoiser(process, 0.0, 1.0)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        sample_ddim(den, x, 4, eta=eta)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        sample_repaint(den, x, 4, known=x, known_mask=torch.ones_like(x), eta=eta)
 
 
 def test_ddim_callback_sees_every_step_and_final_step_returns_denoised(process):

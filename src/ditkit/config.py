@@ -451,10 +451,13 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"sample.steps must be >= 1, got {self.steps}")
-        if self.eta < 0:
-            raise ConfigError(f"sample.eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            raise ConfigError(f"sample.eta must be in [0, 1] (1: DDPM's posterior variance), got {self.eta}")
         if self.cfg_scale < 0:
             raise ConfigError(f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.guidance_interval is not None and not self.guidance_interval[0] <= self.guidance_interval[1]:
+            lo, hi = self.guidance_interval
+            raise ConfigError(f"sample.guidance_interval must be [lo, hi] with lo <= hi, got [{lo}, {hi}]")
 
 
 @dataclass

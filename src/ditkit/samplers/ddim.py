@@ -39,8 +39,8 @@ def sample_ddim(
     progress: bool = False,
 ) -> torch.Tensor:
     """Integrate from `x` (a draw of the prior at t_max) to data in `steps` denoiser calls."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # above 1 a step can need more fresh noise than the next level holds
+        raise ValueError(f"eta must be in [0, 1] (1: DDPM's posterior variance), got {eta}")
     process = denoiser.process
     grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
     steps = len(grid) - 1

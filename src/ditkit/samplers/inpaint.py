@@ -77,8 +77,8 @@ def sample_repaint(
     The result equals `known` exactly on the known region. The callback sees every denoising step
     ('i' counts them, 'num_steps' is their total including resampling).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # above 1 a step can need more fresh noise than the next level holds
+        raise ValueError(f"eta must be in [0, 1] (1: DDPM's posterior variance), got {eta}")
     process = denoiser.process
     grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
     n_steps = len(grid) - 1
