@@ -54,6 +54,12 @@ def test_mnist_split_sizes_and_per_class_holdout():
 
 
 @mnist
+def test_mnist_holdout_that_leaves_nothing_to_train_on_names_the_key():
+    with pytest.raises(DataError, match=r"data.holdout=5000 holds out every bundled MNIST digit"):
+        build_dataset(DataConfig(dataset="mnist", channels=1, holdout=5000), "train")
+    assert len(build_dataset(DataConfig(dataset="mnist", channels=1, holdout=4990), "train")) == 10
+
+
 def test_mnist_train_and_holdout_share_no_image():
     train = load_mnist(split="train")
     held = load_mnist(split="holdout")

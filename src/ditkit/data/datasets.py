@@ -215,6 +215,11 @@ def build_dataset(config: DataConfig, split: str = "train") -> Dataset:
     if config.dataset == "mnist":
         if config.channels != 1:
             raise DataError("the bundled MNIST digits are grayscale: set data.channels=1")
+        if split == "train" and config.holdout // 10 >= 500:
+            raise DataError(
+                f"data.holdout={config.holdout} holds out every bundled MNIST digit (500 per class, "
+                "holdout // 10 of each): nothing is left to train on; use at most 4990"
+            )
         return load_mnist(config.image_size, split, config.holdout, config.split_seed)
     if config.dataset == "captions":
         from .captions import CaptionedImageDataset
