@@ -87,8 +87,13 @@ def test_bad_files_are_refused_naming_them(tmp_path):
     with pytest.raises(OfficialFormatError, match="other.pt"):
         load_official_state_dict(tmp_path / "other.pt")
     torch.save({"x_embedder.proj.weight": NotWeights()}, tmp_path / "pickle.pt")
-    with pytest.raises(OfficialFormatError, match="pickle.pt: not a weights-only"):
+    with pytest.raises(OfficialFormatError, match="pickle.pt: not a PyTorch file of plain tensors") as err:
         load_official_state_dict(tmp_path / "pickle.pt")
+    # The message names the pickled class and never relays PyTorch's advice to load with weights_only=False.
+    assert "NotWeights" in str(err.value) and "weights_only` set to `False" not in str(err.value)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(OfficialFormatError, match="empty.pt: not a PyTorch file of plain tensors"):
+        load_official_state_dict(tmp_path / "empty.pt")
     with pytest.raises(OfficialFormatError, match="missing.pt"):
         load_official_state_dict(tmp_path / "missing.pt")
 

@@ -158,6 +158,20 @@ def test_corrupt_weights_file_is_named(tmp_path, tiny_config):
         load_model(path)
 
 
+class _Pickled:  # a class a weights-only load must refuse
+    pass
+
+
+def test_training_state_with_pickled_objects_is_refused_briefly(tmp_path, tiny_config):
+    model = build_model(tiny_config, seed=0)
+    path = save_checkpoint(tmp_path / "step_0000001", config=tiny_config, model=model, ema=model)
+    torch.save({"step": 1, "sneaky": _Pickled()}, path / "state.pt")
+    with pytest.raises(CheckpointError, match=r"state.pt could not be loaded safely \(UnpicklingError: ") as err:
+        load_state(path)
+    # One line naming the refused class, without PyTorch's suggestion to load with weights_only=False.
+    assert "_Pickled" in str(err.value) and "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_nonfinite_losses_skip_steps_then_stop(tiny_config, tiny_dataset, monkeypatch):
     def nan_loss(model, process, x0, cond, **kwargs):
         return (model(x0, torch.zeros(len(x0)), cond) * float("nan")).mean()

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, ConfigError, config_from_dict, config_to_dict
+from .utils.safe_load import load_failure_reason, load_weights_only
 
 __all__ = [
     "CheckpointError",
@@ -165,9 +166,9 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no training state (state.pt); it cannot be resumed")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return load_weights_only(file)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{file} could not be loaded safely: {err}") from err
+        raise CheckpointError(f"{file} could not be loaded safely ({load_failure_reason(err)})") from err
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:

@@ -33,6 +33,7 @@ from ..config import (
     SampleConfig,
 )
 from ..models import DiT
+from ..utils.safe_load import load_failure_reason, load_weights_only
 
 __all__ = [
     "OfficialFormatError",
@@ -60,10 +61,12 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise OfficialFormatError(f"{path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path, allowed=(argparse.Namespace,))
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise OfficialFormatError(f"{path}: not a weights-only PyTorch file ({type(err).__name__}: {err})") from err
+        raise OfficialFormatError(
+            f"{path}: not a PyTorch file of plain tensors ({load_failure_reason(err)}); ditkit reads .pt files "
+            "with torch.load(weights_only=True) only, so it never runs code pickled in them"
+        ) from err
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     if not isinstance(obj, dict) or "x_embedder.proj.weight" not in obj:

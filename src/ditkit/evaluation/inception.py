@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.safe_load import load_failure_reason, load_weights_only
+
 __all__ = [
     "FIDInceptionV3",
     "INCEPTION_WEIGHTS_FILE",
@@ -284,11 +286,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     except Exception as err:  # pickle errors come in many types
-        raise InceptionWeightsError(
-            f"{path}: could not read a PyTorch state dict ({type(err).__name__}: {err})"
-        ) from err
+        reason = load_failure_reason(err)
+        raise InceptionWeightsError(f"{path}: could not read a PyTorch state dict ({reason})") from err
     if not isinstance(state, dict):
         raise InceptionWeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
