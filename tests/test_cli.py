@@ -100,6 +100,18 @@ def test_bad_config_key_is_a_clear_error(config_file, capsys):
     assert "train.stepz" in err and "unknown config key" in err
 
 
+def test_sample_keeps_an_existing_out_file_unless_told(tmp_path, config_file, capsys):
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's own file")
+    base = ["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "1", "--steps", "2", "--no-progress"]
+    assert main(base + ["--out", str(out)]) == 2
+    assert "already exists; choose a new file or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's own file"
+    assert main(base + ["--out", str(out), "--overwrite"]) == 0
+    assert Image.open(out).size[0] > 0
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -391,7 +391,7 @@ def test_train_then_sample_from_prompts(tiny_bert, tmp_path, capsys):
     argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "top bar", "--prompt", "bottom bar"]
     assert main([*argv, "--per-class", "2", "--cfg-scale", "3", "--out", str(out), "--no-progress"]) == 0
     assert Image.open(out).size == ((2 * 10 + 2) * 2, (2 * 10 + 2) * 2)  # 2 rows (prompts) of 2, upscaled x2
-    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "none.png")]) == 2
     assert "give one or more --prompt" in capsys.readouterr().err
     bad = Config(model=config.model, data=config.data, train=config.train, text=config.text)
     bad.model.text_dim = 8

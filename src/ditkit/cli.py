@@ -94,6 +94,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return cmd_sample_npz(args)
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    if Path(args.out).exists() and not args.overwrite:  # checked before the model loads or anything samples
+        raise ValueError(f"--out {args.out} already exists; choose a new file or pass --overwrite (nothing written)")
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, args.weights, device)
     if args.vae is not None:
@@ -540,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--scale", type=positive_int, default=2, help="integer upscaling of the written grid")
-    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--out", default="samples.png", help="PNG file to write (an existing file is refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_npz_sampling_options(p)
     p.set_defaults(func=_cmd_sample)
