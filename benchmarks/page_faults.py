@@ -26,30 +26,24 @@ from collections.abc import Callable
 
 import torch
 
-from ditkit.bench import BenchSettings, _autocast, _minor_faults, _train_steps, paired_models
+from ditkit.bench import BenchSettings, _autocast, _minor_faults, _train_steps, paired_forwards, paired_models
 from ditkit.config import MODEL_PRESETS
 
 
 def _forwards(ours, theirs, batch: int, precision: str, device: torch.device) -> dict[str, Callable[[], None]]:
-    g = torch.Generator(device).manual_seed(0)
-    c = ours.config
-    x = torch.randn(batch, c.in_channels, *c.input_hw, generator=g, device=device)
-    t = torch.randint(0, 1000, (batch,), generator=g, device=device).float()
-    y = torch.randint(0, c.num_classes, (batch,), generator=g, device=device)
+    """Inference forwards of both models (no grad, under `precision`'s autocast)."""
     ours.eval()
     theirs.eval()
 
-    @torch.no_grad()
-    def run_ours() -> None:
-        with _autocast(device, precision):
-            ours(x, t, y)
+    def inference(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        @torch.no_grad()
+        def run() -> None:
+            with _autocast(device, precision):
+                forward()
 
-    @torch.no_grad()
-    def run_theirs() -> None:
-        with _autocast(device, precision):
-            theirs(x, timestep=t, class_labels=y)
+        return run
 
-    return {"ditkit": run_ours, "diffusers": run_theirs}
+    return {name: inference(fn) for name, fn in paired_forwards(ours, theirs, batch, device).items()}
 
 
 def main() -> None:

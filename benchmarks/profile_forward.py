@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ditkit.bench import BenchSettings, interleaved_medians, paired_models
+from ditkit.bench import BenchSettings, interleaved_medians, paired_forwards, paired_models
 from ditkit.config import MODEL_PRESETS
 
 
@@ -36,20 +36,13 @@ def main() -> None:
     parser.add_argument("--profile-backward", action="store_true", help="also profile one forward + backward")
     args = parser.parse_args()
     device = torch.device(args.device)
-    ours, theirs, config = paired_models(BenchSettings(preset=args.preset, device=args.device), device)
+    ours, theirs, _ = paired_models(BenchSettings(preset=args.preset, device=args.device), device)
     ours.eval()
     theirs.eval()
-    g = torch.Generator(device).manual_seed(0)
     n = args.batch
-    x = torch.randn(n, config.in_channels, *config.input_hw, generator=g, device=device)
-    t = torch.randint(0, 1000, (n,), generator=g, device=device)
-    y = torch.randint(0, config.num_classes, (n,), generator=g, device=device)
 
     def forwards(k: int) -> dict[str, Callable[[], torch.Tensor]]:
-        return {
-            "ditkit": lambda: ours(x[:k], t[:k].float(), y[:k]),
-            "diffusers": lambda: theirs(x[:k], timestep=t[:k], class_labels=y[:k]).sample,
-        }
+        return paired_forwards(ours, theirs, k, device)
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
     with amp:

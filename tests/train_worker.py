@@ -85,10 +85,10 @@ def main() -> None:
             print(f"worker: phase {number} of {len(phases)} done", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    print("worker: process group destroyed", file=sys.stderr, flush=True)
+    print("worker: all phases done, exiting", file=sys.stderr, flush=True)
     # Every result is on disk and the process group is gone: skip the interpreter's teardown. One CI run
     # lost rank 1 to "terminate called without an active exception" (SIGABRT) in or after its last phase,
-    # with no stack (60 local repeats passed). Gloo's native threads outliving the interpreter's
+    # with no stack (61 local repeats of that launch passed). Gloo's native threads outliving the interpreter's
     # finalisation abort that way (pytorch/pytorch#179291); if it was mid-phase instead, faulthandler and
     # the phase lines above now say where.
     sys.stdout.flush()

@@ -24,6 +24,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import resource  # POSIX: page-fault counts
+except ImportError:  # Windows
+    resource = None
+
 from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import build_process, diffusion_loss
 from .models import DiT, count_macs
@@ -32,6 +37,7 @@ __all__ = [
     "BenchSettings",
     "run_bench",
     "paired_models",
+    "paired_forwards",
     "interleaved_medians",
     "interleaved_measurements",
     "gemm_gflops",
@@ -187,11 +193,7 @@ def interleaved_measurements(
 
 def _minor_faults() -> int | None:
     """This process's minor page faults so far (None where `resource` is missing, e.g. on Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 _ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
@@ -219,6 +221,22 @@ def paired_models(settings: BenchSettings, device: torch.device) -> tuple[DiT, t
                 p.add_(torch.randn_like(p) * 0.02)
     theirs = to_diffusers(ours)
     return ours.to(device), theirs.to(device), config
+
+
+def paired_forwards(
+    ours: DiT, theirs: torch.nn.Module, batch: int, device: torch.device
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One forward of each model (`paired_models`) on the same random inputs of `batch` images; the
+    caller chooses grad mode and autocast around the calls."""
+    c = ours.config
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, c.in_channels, *c.input_hw, generator=g, device=device)
+    t = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), generator=g, device=device)
+    return {
+        "ditkit": lambda: ours(x, t.float(), y),
+        "diffusers": lambda: theirs(x, timestep=t, class_labels=y).sample,
+    }
 
 
 def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, precision: str, device: torch.device):

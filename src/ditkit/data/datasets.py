@@ -102,6 +102,12 @@ def load_mnist(
     held = torch.zeros(len(labels), dtype=torch.bool)
     for k in range(10):
         held[(labels == k).nonzero().flatten()[: holdout // 10]] = True
+    if split == "train" and bool(held.all()):
+        per_class = int(torch.bincount(labels).min())
+        raise DataError(
+            f"data.holdout={holdout} holds out every bundled MNIST digit ({per_class} per class, holdout // 10 "
+            f"of each): nothing is left to train on; use at most {10 * (per_class - 1)}"
+        )
     if split != "all":
         keep = held if split == "holdout" else ~held
         images, labels = images[keep], labels[keep]
@@ -215,11 +221,6 @@ def build_dataset(config: DataConfig, split: str = "train") -> Dataset:
     if config.dataset == "mnist":
         if config.channels != 1:
             raise DataError("the bundled MNIST digits are grayscale: set data.channels=1")
-        if split == "train" and config.holdout // 10 >= 500:
-            raise DataError(
-                f"data.holdout={config.holdout} holds out every bundled MNIST digit (500 per class, "
-                "holdout // 10 of each): nothing is left to train on; use at most 4990"
-            )
         return load_mnist(config.image_size, split, config.holdout, config.split_seed)
     if config.dataset == "captions":
         from .captions import CaptionedImageDataset
