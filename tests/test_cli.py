@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from ditkit.cli import main
+from ditkit.samplers import SAMPLERS
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ sample: {{steps: 2}}
     return path
 
 
-def test_train_sample_info_round_trip(tmp_path, config_file, capsys):
+def test_train_sample_info_round_trip(tmp_path, config_file, capsys, monkeypatch):
     assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=2"]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert (ckpt / "ema.safetensors").is_file()
@@ -59,9 +60,13 @@ def test_train_sample_info_round_trip(tmp_path, config_file, capsys):
     assert main(args[:-1] + [str(again)]) == 0
     assert np.array_equal(grid, np.asarray(Image.open(again)))  # seeded: same request, same pixels
 
+    # --sampler reaches the sampling loop. The pixels cannot show it: this 2-step model's samples are
+    # nearly saturated, and on a GPU DDIM's and Heun's grids came out identical.
     heun = tmp_path / "heun.png"
+    real_heun, heun_calls = SAMPLERS["heun"], []
+    monkeypatch.setitem(SAMPLERS, "heun", lambda *a, **k: heun_calls.append(1) or real_heun(*a, **k))
     assert main(args[:-1] + [str(heun)] + ["--sampler", "heun"]) == 0
-    assert not np.array_equal(grid, np.asarray(Image.open(heun)))  # another sampler, other pixels
+    assert heun_calls and heun.is_file()
 
     capsys.readouterr()
     assert main(["info", str(ckpt), "--json"]) == 0

@@ -1,7 +1,8 @@
 """The CUDA paths: CUDA-graph sampling, training in bf16 / fp16 with TF32 and fused AdamW, resume, and a
 torchrun job on the GPU (one process: NCCL itself needs two GPUs to be exercised).
 
-Every test here but the last three skips without a GPU (CI has none); they were run on an H100.
+The tests marked `cuda` skip without a GPU (CI has none); they were run on an H100. The others (the
+wrapper on CPU, the TF32 switch, a refused option) run everywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 DEVICE = "cuda"
 
 
-def _model(**overrides) -> DiT:
+def _model(device: str = DEVICE, **overrides) -> DiT:
     settings = dict(input_size=16, in_channels=4, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10)
     settings.update(overrides)
     torch.manual_seed(0)
@@ -37,7 +38,7 @@ def _model(**overrides) -> DiT:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    return model.to(DEVICE).eval()
+    return model.to(device).eval()
 
 
 def _inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ def test_graph_leaves_a_compiled_model_to_its_own_graphs():
     graphed = CUDAGraphForward(compiled)
     with torch.no_grad():
         out = graphed(*_inputs(2, 0))
-    assert not graphed.graphs and out.shape == (2, 4, 16, 16)
+    assert not graphed.graphs and out.shape == (2, 8, 16, 16)  # learn_sigma: 2 x 4 channels
 
 
 @cuda
@@ -114,7 +115,13 @@ def _loss_curve(run: Path) -> list[float]:
 
 @cuda
 @pytest.mark.parametrize(
-    "overrides", [dict(precision="bf16", tf32=True, fused_adamw=True), dict(precision="fp16"), dict()]
+    "overrides",
+    [
+        dict(precision="bf16", tf32=True, fused_adamw=True),
+        dict(precision="fp16"),
+        dict(),
+        dict(precision="bf16", compile="blocks"),  # with the default fused_adamw (null): fused on CUDA
+    ],
 )
 def test_training_on_cuda_learns_and_checkpoints_load_on_cpu(tmp_path, overrides, monkeypatch):
     config = make_tiny_config(tmp_path / "run", device=DEVICE, steps=120, lr=2e-3, ckpt_every=1000, **overrides)
@@ -130,6 +137,14 @@ def test_training_on_cuda_learns_and_checkpoints_load_on_cpu(tmp_path, overrides
         on_cpu = model(x, t, y)
         on_gpu = model.to(DEVICE)(x.to(DEVICE), t.to(DEVICE), y.to(DEVICE)).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_default_adamw_is_fused_on_cuda():
+    from ditkit.train import make_adamw
+
+    param = torch.nn.Parameter(torch.zeros(3, device=DEVICE))
+    assert make_adamw([param], None, lr=1e-3).defaults["fused"] is True
 
 
 @cuda
@@ -189,10 +204,38 @@ def test_tf32_switch_is_undone_on_exit():
         with tf32(torch.device("cuda"), True):
             assert matmul.allow_tf32 and cudnn.allow_tf32
         assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        cudnn.allow_tf32 = True  # PyTorch's default: cuDNN convolutions may use TF32
         with tf32(torch.device("cuda"), False):
-            assert not matmul.allow_tf32
+            assert not matmul.allow_tf32 and not cudnn.allow_tf32  # False is full fp32, convolutions too
+        assert cudnn.allow_tf32 and not matmul.allow_tf32
+        with tf32(torch.device("cpu"), False):
+            assert cudnn.allow_tf32  # nothing to do on CPU
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+@cuda
+def test_evaluation_features_run_in_full_fp32_on_cuda(monkeypatch):
+    from ditkit.evaluation.classifier import classifier_features
+    from ditkit.evaluation.features import ClassifierFeatures
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    classifier = DigitClassifier(ClassifierConfig()).to(DEVICE)
+    seen = []
+    features = classifier.features
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return features(x)
+
+    classifier.features = recording
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    ClassifierFeatures(classifier, DEVICE)(images)
+    classifier_features(classifier, images.float() / 127.5 - 1)
+    assert seen == [(False, False), (False, False)]
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # the caller's flags are back
 
 
 def test_explicit_cuda_graph_with_feature_caching_is_refused(tmp_path):

@@ -447,3 +447,33 @@ def test_new_train_keys_are_validated(tmp_path):
     ):
         with pytest.raises(ConfigError, match=key):
             config_from_dict({"train": bad})
+
+
+_FSDP_ON_CPU_WITH_A_GPU_VISIBLE = """
+import sys
+import torch
+import torch.distributed as dist
+from ditkit.config import ModelConfig
+from ditkit.distributed import shard_blocks
+from ditkit.models import DiT
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+# As on a machine with a GPU: fully_shard's default mesh takes torch._C._get_accelerator()'s device type
+# (PyTorch 2.11-2.13). On this CPU build any CUDA call then fails, as set_device(1) did on one GPU.
+torch.cuda.is_available = lambda: True
+torch._C._get_accelerator = lambda: torch.device("cuda")
+model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2))
+shard_blocks(model, torch.device("cpu"))
+assert all(p.device.type == "cpu" and p.device_mesh.device_type == "cpu" for p in model.parameters())
+dist.destroy_process_group()
+print("sharded on cpu")
+"""
+
+
+def test_fsdp_on_cpu_shards_on_cpu_when_a_gpu_is_visible(tmp_path):
+    # fully_shard's default mesh is on CUDA whenever a GPU is visible: CPU training under torchrun on a
+    # one-GPU machine failed with 'invalid device ordinal' on rank 1 (found on an H100 machine).
+    script = [sys.executable, "-c", _FSDP_ON_CPU_WITH_A_GPU_VISIBLE, str(tmp_path / "store")]
+    proc = subprocess.run(script, env=_env(), capture_output=True, text=True, timeout=120)
+    _check(proc)
+    assert "sharded on cpu" in proc.stdout

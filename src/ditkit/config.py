@@ -378,7 +378,8 @@ class TrainConfig:
     the first step compiles 4-7x sooner for most of the speed (docs/training.md). The first steps are
     slow while it compiles."""
     tf32: bool = False
-    """Allow TF32 tensor-core matmuls and convolutions (CUDA only; no effect on CPU)."""
+    """TF32 tensor-core matmuls and convolutions (CUDA only; no effect on CPU). false keeps both in full
+    fp32 while training (PyTorch's own default lets cuDNN convolutions use TF32)."""
     fused_adamw: bool | None = None
     """PyTorch's fused AdamW kernel. null (default): fused where this PyTorch has it for the parameters,
     else PyTorch's default kernel; true: fused or an error; false: PyTorch's default kernel (for-each on

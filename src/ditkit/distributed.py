@@ -130,18 +130,26 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if parallel == "fsdp":
-        shard_blocks(model)
+        shard_blocks(model, env.device)
         return model
     raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 
 
-def shard_blocks(model: nn.Module) -> None:
-    """Apply FSDP2 to each transformer block, then to the root (embedders and final layer)."""
+def shard_blocks(model: nn.Module, device: torch.device) -> None:
+    """Apply FSDP2 to each transformer block, then to the root (embedders and final layer), sharded over
+    all ranks on `device`'s type.
+
+    The mesh is explicit: `fully_shard`'s default mesh is on CUDA whenever a GPU is visible, so CPU
+    training under torchrun on a machine with fewer GPUs than ranks failed with 'invalid device ordinal'
+    (found on a one-GPU machine).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in getattr(model, "blocks", []):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -262,18 +270,18 @@ def grad_sync(wrapped: nn.Module, env: DistEnv, enabled: bool) -> Iterator[None]
 
 @contextlib.contextmanager
 def tf32(device: torch.device, enabled: bool) -> Iterator[None]:
-    """Within the context, CUDA matmuls and convolutions may use TF32 tensor cores when `enabled`
-    (train.tf32); the process's previous flags come back on exit, so a training run leaves no global
-    switch behind for the user's later work. Nothing to do on CPU."""
-    if not enabled:
-        yield
-        return
+    """Within the context, CUDA matmuls and convolutions use TF32 tensor cores if `enabled` (train.tf32)
+    and full fp32 if not. PyTorch's own defaults are mixed (cuDNN convolutions may use TF32, cuBLAS
+    matmuls may not), so False is not "leave alone": it makes both fp32, which is what evaluation's
+    feature networks run under. The process's previous flags come back on exit, so no global switch
+    is left behind for the user's later work. Nothing to do on CPU."""
     if device.type != "cuda":
-        log.warning("train.tf32=true has no effect on %s", device)
+        if enabled:
+            log.warning("train.tf32=true has no effect on %s", device)
         yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:

@@ -272,7 +272,7 @@ def _train(
     fsdp = env.distributed and tc.parallel == "fsdp"
     wrapped = wrap_model(model, env, tc.parallel)
     if fsdp:
-        shard_blocks(ema)  # same shards as the model, so the EMA update is local
+        shard_blocks(ema, env.device)  # same shards as the model, so the EMA update is local
     forward = compile_for_training(wrapped, model, tc.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps in DTensors
     optimizer = make_adamw(trainable, tc.fused_adamw, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
 from ..data import TensorImageDataset
+from ..distributed import tf32
 from ..models.classifier import ClassifierConfig, DigitClassifier
 
 __all__ = [
@@ -123,7 +124,9 @@ def classifier_features(model: torch.nn.Module, images: torch.Tensor, batch_size
     """(N, D) penultimate features of (N, C, H, W) images in [-1, 1] from a model with a `features` method."""
     model.eval()
     device = next(model.parameters()).device
-    chunks = [
-        model.features(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)
-    ]
+    with tf32(device, False):  # full fp32 on a GPU too: the features must not depend on the device
+        chunks = [
+            model.features(images[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     return torch.cat(chunks)

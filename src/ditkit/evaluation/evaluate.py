@@ -120,7 +120,9 @@ def evaluate_npz(
     """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference."""
     kind = getattr(net, "kind", "inception")
     if isinstance(ref, str) and ref == BUNDLED_DIGITS and not Path(ref).exists():
-        ref = bundled_digits_reference(net, npz_array_info(samples, "arr_0")[0][1], progress=progress)
+        # The samples' batch size, so that `ref-stats` of the same digits gives the same numbers on a GPU
+        # too (cuDNN may pick another fp32 convolution algorithm for another batch shape).
+        ref = bundled_digits_reference(net, npz_array_info(samples, "arr_0")[0][1], batch_size, progress)
     if not isinstance(ref, dict):
         ref = reference_from_source(ref, net, batch_size, progress)
     elif str(ref.get(REFERENCE_KIND_KEY, kind)) != kind:

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data import DataError
+from ..distributed import tf32
 from .metrics import FeatureStats
 
 __all__ = [
@@ -60,7 +61,8 @@ class InceptionFeatures:
         x = images.to(self.device)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return self.network(x)
+        with tf32(self.device, False):  # full fp32 on a GPU too: statistics must not depend on the device
+            return self.network(x)
 
 
 class ClassifierFeatures:
@@ -80,8 +82,9 @@ class ClassifierFeatures:
             else:
                 raise ValueError(f"the classifier takes {want}-channel images, got {images.shape[1]} channels")
         x = images.to(self.device).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1], as the classifier trained
-        feats = self.classifier.features(x)
-        return {"pool": feats, "logits": self.classifier.head(feats)}
+        with tf32(self.device, False):  # full fp32 on a GPU too, as for Inception
+            feats = self.classifier.features(x)
+            return {"pool": feats, "logits": self.classifier.head(feats)}
 
 
 def npz_keys(path: str | Path) -> list[str]:
