@@ -2,7 +2,7 @@
 torchrun job on the GPU (one process: NCCL itself needs two GPUs to be exercised).
 
 The tests marked `cuda` skip without a GPU (CI has none); they were run on an H100. The others (the
-wrapper on CPU, the TF32 switch, a refused option) run everywhere.
+wrapper on CPU, the weight-cast copies, the TF32 switch, a refused option) run everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_config, make_tiny_dataset
 from ditkit.config import ModelConfig
 from ditkit.models import DiT
-from ditkit.models.cuda_graph import CUDAGraphForward
+from ditkit.models.cuda_graph import CUDAGraphForward, WeightCasts
 from ditkit.sampling import generate
 from ditkit.train import load_model, train
 
@@ -68,6 +68,33 @@ def test_graph_replay_equals_eager_for_new_inputs_and_shapes(precision):
     assert len(graphed.graphs) == 2  # batch 6 and batch 4, each captured once
     assert torch.equal(held, held_copy)  # later replays do not overwrite what a caller holds
     assert graphed.config is model.config and graphed.null_class == model.null_class
+
+
+@cuda
+@pytest.mark.parametrize("cast_weights", [True, False])
+def test_graph_replays_see_weights_changed_in_place(cast_weights):
+    model = _model()
+    graphed = CUDAGraphForward(model, cast_weights=cast_weights)
+    x, t, y = _inputs(4, 0)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        # One autocast region per comparison, as sampling has between training steps: inside one region
+        # autocast caches its casts of the weights, and an eager call after an in-place change would
+        # read the stale cast.
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return graphed(x, t, y), model(x, t, y)
+
+    first, reference = both()
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in model.parameters():  # what an optimizer or EMA step does between sample grids
+            p.mul_(0.9)
+    changed, reference = both()
+    torch.testing.assert_close(changed, reference, rtol=0, atol=0)
+    assert not torch.equal(changed, first)
+    model.load_state_dict({k: v * 1.1 for k, v in model.state_dict().items()})
+    torch.testing.assert_close(*both(), rtol=0, atol=0)
+    assert len(graphed.graphs) == 1 and bool(graphed._casts) == cast_weights
 
 
 @cuda
@@ -192,6 +219,40 @@ def test_graph_wrapper_is_the_plain_model_on_cpu():
     with torch.no_grad():
         assert torch.equal(graphed(x, t, y), model(x, t, y))
     assert not graphed.graphs and graphed.null_class == 3 and graphed.config is model.config
+
+
+def test_weight_casts_are_autocasts_copies_and_stay_current():
+    model = _model("cpu", learn_sigma=True)
+    casts = WeightCasts(model, torch.bfloat16)
+    params = dict(model.named_parameters())
+    linear_or_conv = {
+        f"{prefix}.{name}"
+        for prefix, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    assert set(casts.tensors) == linear_or_conv and "y_embedder.embedding_table.weight" not in casts.tensors
+    for name, copy in casts.tensors.items():
+        assert copy.dtype == torch.bfloat16 and torch.equal(copy, params[name].to(torch.bfloat16))
+    # The model on its copies computes exactly what autocast computes from the fp32 weights (CPU autocast
+    # casts the same layers): no parameter autocast leaves alone was copied, none it casts was missed.
+    x, t, y = torch.randn(3, 4, 16, 16), torch.tensor([5.0, 400.0, 999.0]), torch.tensor([1, 10, 4])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(x, t, y)
+        assert torch.equal(torch.func.functional_call(model, casts.tensors, (x, t, y), strict=False), reference)
+
+    assert casts.refresh() == 0  # nothing changed
+    addresses = {name: copy.data_ptr() for name, copy in casts.tensors.items()}
+    with torch.no_grad():
+        params["blocks.0.attn.qkv.weight"].add_(1.0)
+    assert casts.refresh() == 1
+    model.load_state_dict({k: v * 0.5 for k, v in model.state_dict().items()})
+    assert casts.refresh() == len(casts.tensors)
+    for name, copy in casts.tensors.items():  # re-cast in place: a captured graph reads the same memory
+        assert copy.data_ptr() == addresses[name] and torch.equal(copy, params[name].to(torch.bfloat16))
+    model.final_layer.linear.weight = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(RuntimeError, match="changed shape or device"):
+        casts.refresh()
 
 
 def test_tf32_switch_is_undone_on_exit():

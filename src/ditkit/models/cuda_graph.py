@@ -14,6 +14,14 @@ steps aside, calling the model eagerly, wherever a graph would be wrong or impos
 gradients enabled, a model in training mode, a torch.compile'd model, a conditioning that is not a
 plain tensor (text), or keyword arguments. Replay is the same kernels on the same data, so outputs equal eager ones
 (`tests/test_cuda.py`, whose GPU tests run where CUDA is present).
+
+Under autocast, eager PyTorch casts every linear and convolution weight to the autocast dtype at every
+call, and a graph captured as is would replay those casts too (autocast's cache of cast weights cannot
+be captured: it is freed when the caller's autocast region ends). The wrapper instead keeps its own
+autocast-dtype copies of those weights (`WeightCasts`), runs the captured forward on them, and
+refreshes a copy before a replay only when its weight has changed in place since (an optimizer or
+EMA step, `load_state_dict`), which PyTorch's version counter on every tensor records. The cast is
+the one autocast makes, so the numbers stay those of eager.
 """
 
 from __future__ import annotations
@@ -23,7 +31,53 @@ import contextlib
 import torch
 from torch import nn
 
-__all__ = ["CUDAGraphForward"]
+__all__ = ["CUDAGraphForward", "WeightCasts"]
+
+# The layers whose parameters autocast casts on every call (F.linear and the convolutions are on its
+# lower-precision list; embeddings, norms and elementwise ops are not).
+_CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class WeightCasts:
+    """Copies of a model's linear and convolution weights in an autocast dtype, kept current.
+
+    `tensors` maps parameter names to the copies, for `torch.func.functional_call`; `refresh()`
+    re-casts, in place (so a captured graph sees the new values), each copy whose parameter was
+    modified in place or replaced since the last cast. Parameters already in the dtype, and float64
+    ones (which autocast leaves alone), are not copied.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._entries: list[list] = []  # [module, attribute, copy, parameter seen, version seen]
+        for prefix, module in model.named_modules():
+            if not isinstance(module, _CAST_LAYERS):
+                continue
+            for attr, param in module.named_parameters(recurse=False):
+                if param.dtype in (torch.float32, torch.float16, torch.bfloat16) and param.dtype != dtype:
+                    copy = param.detach().to(dtype)
+                    self.tensors[f"{prefix}.{attr}" if prefix else attr] = copy
+                    self._entries.append([module, attr, copy, param, param._version])
+
+    def refresh(self) -> int:
+        """Re-cast the copies whose parameters changed since the last cast; returns how many did."""
+        changed = 0
+        for entry in self._entries:
+            module, attr, copy, seen, version = entry
+            param = module._parameters[attr]
+            if param is not seen or param._version != version:
+                if param.shape != copy.shape or param.device != copy.device:
+                    before, after = f"{tuple(copy.shape)} on {copy.device}", f"{tuple(param.shape)} on {param.device}"
+                    raise RuntimeError(
+                        f"parameter {attr!r} of {type(module).__name__} changed shape or device after a CUDA graph "
+                        f"was captured ({before} -> {after}); wrap the model again"
+                    )
+                with torch.no_grad():
+                    copy.copy_(param)
+                entry[3], entry[4] = param, param._version
+                changed += 1
+        return changed
 
 
 class _Captured:
@@ -36,10 +90,13 @@ class _Captured:
 class CUDAGraphForward:
     """`model(x, t, y)` replayed from CUDA graphs (fixed shapes, no grad); attributes read through to `model`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cast_weights: bool = True) -> None:
         self.model = model
         self.graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        # cast_weights=False replays autocast's per-call weight casts inside the graph (the benchmark's baseline).
+        self.cast_weights = cast_weights
+        self._casts: dict[torch.dtype, WeightCasts] = {}
 
     def __getattr__(self, name: str):
         # Only reached for attributes this wrapper lacks (config, null_class, ...): the model's.
@@ -76,6 +133,8 @@ class CUDAGraphForward:
             captured = self.graphs.get(key)
             if captured is None:
                 captured = self.graphs[key] = self._capture(args, key[-1])
+            elif key[-1][0] and self.cast_weights:
+                self._casts[key[-1][1]].refresh()
             for static, a in zip(captured.inputs, args):
                 if static is not None:
                     static.copy_(a)
@@ -90,14 +149,25 @@ class CUDAGraphForward:
         # read from it would read freed memory later. Capture with the cache off: casts join the graph.
         enabled, dtype = amp
         autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
+        forward = self.model
+        if enabled and self.cast_weights:
+            casts = self._casts.get(dtype)
+            if casts is None:
+                casts = self._casts[dtype] = WeightCasts(self.model, dtype)
+            else:
+                casts.refresh()
+
+            def forward(*a):  # noqa: E306 - the model reading the autocast-dtype copies of its weights
+                return torch.func.functional_call(self.model, casts.tensors, a, strict=False)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), autocast:  # warm-up off the capture: cuBLAS handles, allocator blocks
-            self.model(*inputs)
+            forward(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), autocast:
-            output = self.model(*inputs)
+            output = forward(*inputs)
         return _Captured(graph, inputs, output)
