@@ -11,6 +11,16 @@ from ditkit.data import TensorImageDataset  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def off_identity_init_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Move a DiT's trainable weights off adaLN-Zero's identity start (zero gates and output head), in
+    place, with N(0, std^2) noise from the global generator, so every layer changes the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * std)
+    return model
+
+
 def make_tiny_config(out_dir, **train_overrides) -> Config:
     """A 2-block, 32-wide DiT on 8x8 single-channel images: every training step takes milliseconds."""
     train = dict(

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import off_identity_init_
 from ditkit.config import Config, DataConfig, ModelConfig, SampleConfig
 from ditkit.models import DiT
 from ditkit.models.feature_cache import feature_cache
@@ -86,10 +87,7 @@ def _model() -> DiT:
     torch.manual_seed(0)
     model = DiT(ModelConfig(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=3, num_heads=2,
                             num_classes=4, learn_sigma=False)).eval()  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    off_identity_init_(model)
     return model
 
 

@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+from conftest import off_identity_init_
 from ditkit.cli import main
 from ditkit.config import MODEL_PRESETS, ModelConfig
 from ditkit.convert.official import (
@@ -22,10 +23,7 @@ def paper_model(seed: int = 0, **overrides) -> DiT:
     fields = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
     torch.manual_seed(seed)
     model = DiT(ModelConfig(**{**fields, **overrides})).eval()
-    with torch.no_grad():  # adaLN-Zero starts as the identity; perturb so outputs depend on every weight
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
+    off_identity_init_(model, 0.02)
     return model
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_config, make_tiny_dataset
+from conftest import make_tiny_config, make_tiny_dataset, off_identity_init_
 from ditkit.config import ModelConfig
 from ditkit.models import DiT
 from ditkit.models.cuda_graph import CUDAGraphForward, WeightCasts
@@ -34,10 +34,7 @@ def _model(device: str = DEVICE, **overrides) -> DiT:
     settings.update(overrides)
     torch.manual_seed(0)
     model = DiT(ModelConfig(**settings))
-    with torch.no_grad():  # move off adaLN-Zero's identity start so every block does work
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    off_identity_init_(model)
     return model.to(device).eval()
 
 
@@ -124,10 +121,7 @@ def test_graph_leaves_a_compiled_model_to_its_own_graphs():
 def test_generate_with_cuda_graphs_equals_eager(sampler, tmp_path):
     config = make_tiny_config(tmp_path, device=DEVICE)
     model = DiT(config.model).to(DEVICE).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    off_identity_init_(model)
     labels = [0, 1, 2, 3, 1]
     kwargs = dict(sampler=sampler, steps=4, cfg_scale=3.0, batch_size=3, seed=5)
     eager = generate(model, config, labels, cuda_graph=False, **kwargs)

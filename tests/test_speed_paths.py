@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import off_identity_init_
 from ditkit.config import ModelConfig
 from ditkit.models.dit import DiT
 from ditkit.models.layers import (
@@ -32,10 +33,7 @@ def _live_dit(**fields) -> DiT:
     """A 2-block DiT on 4x8x8 inputs, weights moved off adaLN-Zero's zero init so every layer does work."""
     settings = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
     model = DiT(ModelConfig(**{**settings, **fields}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    off_identity_init_(model)
     return model
 
 
