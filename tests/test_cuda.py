@@ -245,7 +245,11 @@ def test_weight_casts_are_autocasts_copies_and_stay_current():
     for name, copy in casts.tensors.items():  # re-cast in place: a captured graph reads the same memory
         assert copy.data_ptr() == addresses[name] and torch.equal(copy, params[name].to(torch.bfloat16))
     model.final_layer.linear.weight = torch.nn.Parameter(torch.zeros(3, 3))
-    with pytest.raises(RuntimeError, match="changed shape or device"):
+    with pytest.raises(RuntimeError, match=r"'weight' of Linear changed shape or device .*-> \(3, 3\) on cpu"):
+        casts.refresh()
+    model.final_layer.linear.weight = params["final_layer.linear.weight"]
+    model.final_layer.linear.bias = None
+    with pytest.raises(RuntimeError, match=r"'bias' of Linear .*-> removed"):
         casts.refresh()
 
 

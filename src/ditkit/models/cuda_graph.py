@@ -65,10 +65,11 @@ class WeightCasts:
         changed = 0
         for entry in self._entries:
             module, attr, copy, seen, version = entry
-            param = module._parameters[attr]
+            param = module._parameters.get(attr)
             if param is not seen or param._version != version:
-                if param.shape != copy.shape or param.device != copy.device:
-                    before, after = f"{tuple(copy.shape)} on {copy.device}", f"{tuple(param.shape)} on {param.device}"
+                if param is None or param.shape != copy.shape or param.device != copy.device:
+                    now = "removed" if param is None else f"{tuple(param.shape)} on {param.device}"
+                    before, after = f"{tuple(copy.shape)} on {copy.device}", now
                     raise RuntimeError(
                         f"parameter {attr!r} of {type(module).__name__} changed shape or device after a CUDA graph "
                         f"was captured ({before} -> {after}); wrap the model again"
@@ -146,7 +147,8 @@ class CUDAGraphForward:
     def _capture(self, args: tuple[torch.Tensor | None, ...], amp: tuple[bool, torch.dtype | None]) -> _Captured:
         inputs = [None if a is None else a.clone() for a in args]
         # Autocast's cache of cast weights lives until the caller's autocast region ends; a graph that
-        # read from it would read freed memory later. Capture with the cache off: casts join the graph.
+        # read from it would read freed memory later. Capture with the cache off: the weights' casts
+        # join the graph, unless (cast_weights, the default) the forward reads WeightCasts' copies.
         enabled, dtype = amp
         autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
         forward = self.model
@@ -157,7 +159,7 @@ class CUDAGraphForward:
             else:
                 casts.refresh()
 
-            def forward(*a):  # noqa: E306 - the model reading the autocast-dtype copies of its weights
+            def forward(*a):  # the model, reading the autocast-dtype copies of its weights
                 return torch.func.functional_call(self.model, casts.tensors, a, strict=False)
 
         side = torch.cuda.Stream()
