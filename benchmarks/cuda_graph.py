@@ -25,15 +25,16 @@ from ditkit.bench import interleaved_medians
 from ditkit.config import MODEL_PRESETS, ModelConfig
 from ditkit.models import DiT
 from ditkit.models.cuda_graph import CUDAGraphForward
+from ditkit.utils.args import positive_int
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["DiT-S/2", "DiT-B/2", "DiT-XL/2"], choices=list(MODEL_PRESETS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[32, 256])
-    parser.add_argument("--input-size", type=int, default=32)
-    parser.add_argument("--calls", type=int, default=20, help="forwards per timed call")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[32, 256])
+    parser.add_argument("--input-size", type=positive_int, default=32)
+    parser.add_argument("--calls", type=positive_int, default=20, help="forwards per timed call")
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():

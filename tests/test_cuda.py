@@ -216,7 +216,7 @@ def test_graph_wrapper_is_the_plain_model_on_cpu():
 
 
 def test_weight_casts_are_autocasts_copies_and_stay_current():
-    model = _model("cpu", learn_sigma=True)
+    model = _model("cpu")
     casts = WeightCasts(model, torch.bfloat16)
     params = dict(model.named_parameters())
     linear_or_conv = {
