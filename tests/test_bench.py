@@ -21,8 +21,10 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--preset", "DiT-S/8", "--input-size", "8", "--num-classes", "10", "--batch", "2"]
     argv += ["--steps", "2", "--repeats", "1", "--gemm-size", "64", "--device", "cpu", "--json", str(out)]
+    argv += ["--allocator", "system"]  # 'retain' would change this test process's malloc for good (tested below)
     assert main(argv) == 0
     results = json.loads(out.read_text())
+    assert results["settings"]["allocator"] == "system" and results["allocator_mallopt"] is None
     assert set(results["gemm_gflops"]) == {"fp32", "bf16"}
     for precision, rates in results["gemm_gflops_by_backend"].items():
         assert "aten" in rates and results["gemm_gflops"][precision] == max(rates.values()) > 0
@@ -49,6 +51,52 @@ def test_bench_refuses_empty_counts_before_measuring(flag, value, named, capsys)
     out = capsys.readouterr()
     assert f"bench setting {named} ({flag}) must be at least 1, got 0" in out.err
     assert "GEMM" not in out.out  # nothing was measured first
+
+
+_REFAULTS = """
+import json, mmap, resource, sys, torch
+import ditkit.bench as bench
+applied = bench.retain_freed_memory() if sys.argv[1] == "retain" else None
+faulted = []
+for _ in range(8):  # a 40 MiB tensor, allocated, written and freed eight times
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(10 * 2**20)
+    del x
+    faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) * mmap.PAGESIZE / 2**20)
+print(json.dumps({"applied": applied, "faulted": faulted}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_retain_freed_memory_stops_freed_blocks_faulting_back_in():
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    runs = {}
+    for mode in ("system", "retain"):  # each in a fresh process: the setting lasts for the process's life
+        done = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True, check=True)
+        runs[mode] = json.loads(done.stdout)
+    assert runs["system"]["applied"] is None
+    assert min(runs["system"]["faulted"]) >= 39  # glibc mmaps a 40 MiB block and unmaps it on free
+    assert runs["retain"]["applied"] == {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 2**30}
+    # The heap grows by the block twice in the first three rounds (12 runs of this script: always twice),
+    # then freed blocks are reused as they are: no page is faulted again.
+    assert max(runs["retain"]["faulted"][4:]) < 1
+
+
+def test_bench_notes_a_page_fault_gap_between_the_sides():
+    from ditkit.bench import FAULT_NOTE_MIB, BenchSettings, _report
+
+    record = {"kind": "sample", "precision": "bf16", "speedup": 1.5, "img_per_s": {"ditkit": 3.0, "diffusers": 2.0},
+              "fraction_of_gemm": {"ditkit": 0.6, "diffusers": 0.4}}  # fmt: skip
+    for gap, noted in ((FAULT_NOTE_MIB - 1, False), (FAULT_NOTE_MIB, True)):
+        lines = []
+        _report({**record, "page_fault_mib_per_iteration": {"ditkit": 10.0, "diffusers": 10.0 + gap}}, lines.append)
+        assert ("the C allocator is part of this ratio" in "\n".join(lines)) is noted
+    with pytest.raises(ValueError, match=r"allocator \(--allocator\) must be one of .*got 'jemalloc'"):
+        BenchSettings(allocator="jemalloc")
 
 
 def test_interleaved_measurements_count_the_pages_a_call_first_touches():

@@ -13,9 +13,11 @@ peak). FLOPs are 2 x the multiply-adds of `count_macs` (the paper's count), x3 f
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -44,7 +46,12 @@ __all__ = [
     "gemm_backends",
     "gemm_rates",
     "saved_activation_bytes",
+    "retain_freed_memory",
 ]
+
+
+ALLOCATOR_MODES = ("retain", "system")
+"""`BenchSettings.allocator` (`--allocator`): keep freed memory in glibc's malloc, or leave the C allocator alone."""
 
 
 @dataclass
@@ -68,6 +75,10 @@ class BenchSettings:
     """torch.compile both models (fixed shapes); compilation happens in the untimed warm-up."""
     cuda_graph: bool = True
     """ditkit's sampling replays the network from CUDA graphs on CUDA (`generate`'s default); False: eager."""
+    allocator: str = "retain"
+    """'retain': before timing, tell glibc's malloc to keep freed memory (`retain_freed_memory`), so that
+    neither side's time includes faulting back pages the allocator returned to the OS (which side pays
+    for that depends on what ran before it, docs/speed.md); 'system': leave the C allocator as it is."""
 
     def __post_init__(self) -> None:
         # Checked before anything runs: a bad count otherwise surfaces minutes later (after the GEMM
@@ -85,6 +96,10 @@ class BenchSettings:
                 raise ValueError(f"bench setting {name} must be at least 1, got {value}")
         if not self.precisions or not self.what:
             raise ValueError("bench settings need at least one precision (--precision) and one workload (--what)")
+        if self.allocator not in ALLOCATOR_MODES:
+            raise ValueError(
+                f"bench setting allocator (--allocator) must be one of {ALLOCATOR_MODES}, got {self.allocator!r}"
+            )
 
 
 def _sync(device: torch.device) -> None:
@@ -199,6 +214,29 @@ def _minor_faults() -> int | None:
 _ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
                   "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")  # fmt: skip
 """Environment variables that change the C allocator (jemalloc/tcmalloc preloads, glibc's tunables)."""
+
+
+# glibc's mallopt parameters (malloc.h) and the values `retain_freed_memory` sets: never trim the heap's
+# top (the largest int mallopt takes, 2 GiB), and serve blocks up to 1 GiB from the heap rather than from
+# a fresh mmap that free() unmaps again. A fixed threshold also turns off glibc's dynamic threshold.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_RETAIN = {"M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2**31 - 1), "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, 2**30)}
+
+
+def retain_freed_memory() -> dict[str, int] | None:
+    """Make glibc's malloc keep the memory this process frees instead of handing it back to the OS.
+
+    For the rest of the process's life; the same as starting it with `MALLOC_TRIM_THRESHOLD_` and
+    `MALLOC_MMAP_THRESHOLD_` set (docs/speed.md). A freed block is then reused as it is, where otherwise
+    its next use can fault every page back in, zeroed. Returns the mallopt settings glibc accepted, or
+    None where the C library is not glibc (macOS, Windows, musl); an allocator preloaded in its place
+    (jemalloc, tcmalloc) ignores them.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    mallopt = ctypes.CDLL(None).mallopt  # this process's own C library
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return {name: value for name, (param, value) in _RETAIN.items() if mallopt(param, value) == 1}
 
 
 def paired_models(settings: BenchSettings, device: torch.device) -> tuple[DiT, torch.nn.Module, ModelConfig]:
@@ -354,6 +392,9 @@ def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, devi
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) -> dict:
     """Measure everything `settings` asks for; returns the JSON-able results."""
     device = torch.device(settings.device)
+    mallopt = retain_freed_memory() if settings.allocator == "retain" else None
+    if settings.allocator == "retain" and mallopt is None:
+        progress("allocator: not glibc, left as it is (page faults below may differ between the sides)")
     ours, theirs, config = paired_models(settings, device)
     macs = count_macs(config)
     results: dict = {
@@ -363,6 +404,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "allocator_env": {k: os.environ[k] for k in _ALLOCATOR_ENV if k in os.environ},
+        "allocator_mallopt": mallopt,
         "gmacs_per_forward": macs / 1e9,
         "compiled": settings.compile,
         "gemm_gflops": {},
@@ -384,13 +426,13 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
             measured = interleaved_measurements(fns, settings.repeats, device)
             flops = 3 * 2 * macs * settings.batch
             results["runs"].append(_record("train", precision, measured, flops, settings.batch, results, memory))
-            progress(_line(results["runs"][-1]))
+            _report(results["runs"][-1], progress)
         if "sample" in settings.what:
             fns = _sample_runs(ours, theirs, settings, precision, device)
             measured = interleaved_measurements(fns, settings.repeats, device)
             flops = 2 * 2 * macs * settings.batch * settings.sample_steps
             results["runs"].append(_record("sample", precision, measured, flops, settings.batch, results, None))
-            progress(_line(results["runs"][-1]))
+            _report(results["runs"][-1], progress)
     return results
 
 
@@ -407,6 +449,21 @@ def _record(kind, precision, measured, flops, batch, results, memory) -> dict:
     if memory is not None:
         record["saved_activation_mib"] = {name: b / 2**20 for name, b in memory.items()}
     return record
+
+
+FAULT_NOTE_MIB = 64
+"""Page faults per iteration, one side against the other, from which `ditkit bench` prints a note."""
+
+
+def _report(record: dict, progress: Callable[[str], None]) -> None:
+    progress(_line(record))
+    faults = record.get("page_fault_mib_per_iteration")
+    if faults and abs(faults["ditkit"] - faults["diffusers"]) >= FAULT_NOTE_MIB:
+        progress(
+            f"  note: ditkit faulted {faults['ditkit']:.0f} MiB of pages per iteration, diffusers "
+            f"{faults['diffusers']:.0f}: the C allocator is part of this ratio (docs/speed.md, "
+            "'The C allocator's share'; --allocator retain keeps it out on glibc)"
+        )
 
 
 def _line(r: dict) -> str:

@@ -13,6 +13,7 @@ from typing import get_args
 
 import torch
 
+from .bench import ALLOCATOR_MODES
 from .checkpoint import CheckpointError
 from .config import MODEL_PRESETS, ConfigError, ModelConfig, Spacing, load_config
 from .data import DataError
@@ -78,6 +79,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         compile=args.compile,
         cuda_graph=args.cuda_graph,
+        allocator=args.allocator,
     )
     results = run_bench(settings)
     if args.json:
@@ -571,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="CUDA: ditkit samples with CUDA graphs, as `ditkit sample` does by default (--no-cuda-graph: eager)",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATOR_MODES,
+        default="retain",
+        help="retain: glibc's malloc keeps freed memory for the whole run, so neither side's time includes "
+        "re-faulting pages handed back to the OS; system: leave the C allocator alone",
     )
     p.set_defaults(func=_cmd_bench)
 
