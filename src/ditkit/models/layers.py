@@ -327,7 +327,11 @@ class Mlp(nn.Module):
         before it in bf16), and the fused kernel never rounds the pre-activation to bf16, so it is also
         the more accurate of the two. Training keeps the unfused pair: backward needs the pre-activation.
         """
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and self.fc1.weight.requires_grad):
+        if x.device.type != "cpu":
+            return None
+        # oneDNN's op has no autograd formula: any gradient through fc1 (its weights, or the input when
+        # the model is frozen and a gradient w.r.t. x is wanted, or earlier layers train) needs the pair.
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.fc1.parameters())):
             return None
         # Under torch.compile first: Dynamo cannot trace the oneDNN capability checks, and a graph break
         # here split every block into its own graph (recompiled per block until the recompile limit).
