@@ -8,6 +8,7 @@ import pytest
 
 from ditkit.config import (
     MODEL_PRESETS,
+    AutoencoderConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -221,6 +222,10 @@ def test_folder_dataset_requires_root():
         (TrainConfig, {"grad_checkpoint_every": -2}, "train.grad_checkpoint_every must be >= 0 (0: off), got -2"),
         (TrainConfig, {"warmup_steps": -5}, "train.warmup_steps must be >= 0, got -5"),
         (TrainConfig, {"num_workers": -1}, "train.num_workers must be >= 0, got -1"),
+        (TrainConfig, {"betas": (0.9, 1.0)}, "train.betas must both be in [0, 1), got [0.9, 1.0]"),
+        (TrainConfig, {"betas": (-0.1, 0.999)}, "train.betas must both be in [0, 1), got [-0.1, 0.999]"),
+        (AutoencoderConfig, {"scale": 0}, "autoencoder.scale must be non-zero, got 0"),
+        (AutoencoderConfig, {"scale": [1.0, 0.0]}, "autoencoder.scale must be non-zero, got [1.0, 0.0]"),
         (SampleConfig, {"steps": 0}, "sample.steps"),
         (SampleConfig, {"eta": -0.5}, "sample.eta"),
         (SampleConfig, {"eta": 1.5}, "sample.eta must be in [0, 1]"),
@@ -231,6 +236,54 @@ def test_invalid_section_values_raise(cls, kwargs, key):
     with pytest.raises(ConfigError) as err:
         cls(**kwargs)
     assert key in str(err.value)
+
+
+# NaN passes every `x <= 0` / `x < 0` check and infinity passes the one-sided ones, so each float
+# field is checked for finiteness, including those whose range check happens to reject NaN already.
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+        ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+        ("train.grad_clip=.nan", "train.grad_clip must be a finite number, got nan"),
+        ("train.max_minutes=.inf", "train.max_minutes must be a finite number, got inf"),
+        ("train.weight_decay=.nan", "train.weight_decay must be a finite number, got nan"),
+        ("train.ema_decay=.nan", "train.ema_decay must be a finite number, got nan"),
+        ("train.betas=[.nan, 0.999]", "train.betas[0] must be a finite number, got nan"),
+        ("model.mlp_ratio=.nan", "model.mlp_ratio must be a finite number, got nan"),
+        ("model.class_dropout_prob=.nan", "model.class_dropout_prob must be a finite number, got nan"),
+        ("sample.cfg_scale=.nan", "sample.cfg_scale must be a finite number, got nan"),
+        ("sample.cfg_scale=.inf", "sample.cfg_scale must be a finite number, got inf"),
+        ("sample.eta=.nan", "sample.eta must be a finite number, got nan"),
+        ("sample.guidance_interval=[0, .inf]", "sample.guidance_interval[1] must be a finite number, got inf"),
+        ("diffusion.t_std=.nan", "diffusion.t_std must be a finite number, got nan"),
+        ("diffusion.t_mean=-.inf", "diffusion.t_mean must be a finite number, got -inf"),
+        ("diffusion.vlb_weight=.nan", "diffusion.vlb_weight must be a finite number, got nan"),
+        ("diffusion.beta_start=.nan", "diffusion.beta_start must be a finite number, got nan"),
+        ("autoencoder.scale=.nan", "autoencoder.scale must be a finite number, got nan"),
+        ("autoencoder.shift=[0, -.inf]", "autoencoder.shift[1] must be a finite number, got -inf"),
+    ],
+)
+def test_non_finite_floats_are_rejected_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (ModelConfig, {"mlp_ratio": float("nan")}, "model.mlp_ratio must be a finite number, got nan"),
+        (TrainConfig, {"lr": float("inf")}, "train.lr must be a finite number, got inf"),
+        (SampleConfig, {"cfg_scale": float("nan")}, "sample.cfg_scale must be a finite number, got nan"),
+        (DiffusionConfig, {"vlb_weight": float("inf")}, "diffusion.vlb_weight must be a finite number, got inf"),
+        (AutoencoderConfig, {"scale": [1, float("nan")]}, "autoencoder.scale[1] must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_floats_are_rejected_when_constructed_directly(cls, kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        cls(**kwargs)
+    assert message in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +321,21 @@ def test_saved_yaml_and_json_hold_the_same_data(tmp_path):
     from_json = json.loads((tmp_path / "c.json").read_text())
     from_yaml = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert from_json == from_yaml == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1e3", "2e-5", "1_0e4", "+1E5", ".5e3", ".inf", "-.inf", ".nan", "1.0", "1.", "12", "0x1F", "true", "null", "~"],
+)
+def test_yaml_round_trip_keeps_strings_that_look_like_numbers(tmp_path, text):
+    # ditkit's loader reads `1e3` as a float (YAML 1.2); PyYAML's safe_dump follows YAML 1.1, where it
+    # is a string, and would write it bare. The file must read back, through ditkit's own loader, as
+    # the same strings.
+    cfg = Config(train=TrainConfig(out_dir=text, wandb_project=text, device=text))
+    save_config(cfg, tmp_path / "c.yaml")
+    loaded = load_config(tmp_path / "c.yaml")
+    assert (loaded.train.out_dir, loaded.train.wandb_project, loaded.train.device) == (text, text, text)
+    assert loaded == cfg
 
 
 def test_default_config_round_trips_through_file(tmp_path):
@@ -479,6 +547,18 @@ def test_file_model_fields_win_over_preset(tmp_path):
 def test_preset_given_as_override():
     cfg = load_config(None, ["preset=DiT-B/4", "data.image_size=32"])
     assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.patch_size) == (12, 768, 12, 4)
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "{a: 1}", "2", "true"])
+def test_non_string_preset_raises_naming_the_key(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"preset={value}"])
+    assert str(err.value).startswith("preset: unknown preset")
+
+
+def test_preset_with_a_non_mapping_model_section_raises_naming_it():
+    with pytest.raises(ConfigError, match="model: expected a mapping, got \\[1\\]"):
+        load_config(None, ["preset=DiT-S/2", "model=[1]"])
 
 
 def test_unknown_preset_raises(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -61,6 +62,21 @@ TextPooling = Literal["auto", "mean", "pooler", "first"]
 
 class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message names it."""
+
+
+def _require_finite(section: str, cfg: Any) -> None:
+    """Raise unless every float of the config section `cfg` (lists and tuples included) is finite.
+
+    No field takes NaN or infinity (null is the "off" value where there is one). The sections' range
+    checks compare with `<`/`<=`, which a NaN passes, so this runs first in each `__post_init__`.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                key = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise ConfigError(f"{key} must be a finite number, got {item}")
 
 
 @dataclass
@@ -124,6 +140,7 @@ class ModelConfig:
     """Probability that a training caption is replaced by the learned null text (for classifier-free guidance)."""
 
     def __post_init__(self) -> None:
+        _require_finite("model", self)
         for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -258,6 +275,7 @@ class DiffusionConfig:
     learned variance channels (`model.learn_sigma`); L_vlb = T * E_t[L_t] in bits/dim. 0 leaves them untrained."""
 
     def __post_init__(self) -> None:
+        _require_finite("diffusion", self)
         if self.num_timesteps < 2:
             raise ConfigError(f"diffusion.num_timesteps must be >= 2, got {self.num_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -300,6 +318,7 @@ class DataConfig:
     """A latent cache folder written by `ditkit cache`: train from it instead of encoding images."""
 
     def __post_init__(self) -> None:
+        _require_finite("data", self)
         if self.dataset in ("folder", "tar", "captions") and not self.root and not self.cache:
             raise ConfigError(f"data.root is required when data.dataset={self.dataset!r}")
         if self.channels not in (1, 3):
@@ -392,6 +411,7 @@ class TrainConfig:
     """Save a grid of EMA samples as out_dir/samples/step_NNNNNNN.png every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
+        _require_finite("train", self)
         positive = ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -400,6 +420,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
         for name in ("warmup_steps", "num_workers", "grad_checkpoint_every", "sample_every", "weight_decay"):
@@ -450,6 +472,7 @@ class SampleConfig:
     feature caching."""
 
     def __post_init__(self) -> None:
+        _require_finite("sample", self)
         if self.steps < 1:
             raise ConfigError(f"sample.steps must be >= 1, got {self.steps}")
         if not 0 <= self.eta <= 1:
@@ -498,7 +521,8 @@ class AutoencoderConfig:
                 if not value:
                     raise ConfigError(f"autoencoder.{name} must not be an empty list")
                 setattr(self, name, [float(v) for v in value])
-        if isinstance(self.scale, float) and self.scale == 0 or isinstance(self.scale, list) and 0.0 in self.scale:
+        _require_finite("autoencoder", self)
+        if self.scale is not None and 0.0 in (self.scale if isinstance(self.scale, list) else [self.scale]):
             raise ConfigError(f"autoencoder.scale must be non-zero, got {self.scale}")
         for name in ("latent_channels", "downsample"):
             value = getattr(self, name)
@@ -524,6 +548,7 @@ class TextConfig:
     length match); null: `text_embeddings.safetensors` in the run folder."""
 
     def __post_init__(self) -> None:
+        _require_finite("text", self)
         if self.max_length < 1:
             raise ConfigError(f"text.max_length must be >= 1, got {self.max_length}")
 
@@ -686,18 +711,24 @@ class _Loader(yaml.SafeLoader):
     """YAML loader that reads `1e-4` as a float (YAML 1.2); PyYAML's 1.1 rules need a dot (`1.0e-4`)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """YAML dumper that resolves plain scalars as `_Loader` does, so it quotes a string such as '1e3'
+    that the loader would read back as a float (PyYAML's 1.1 rules leave it bare)."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
 
 
 def _yaml_load(text: str) -> Any:
@@ -755,9 +786,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = apply_overrides(data, overrides or [])
     preset = data.pop("preset", None)
     if preset is not None:
-        if preset not in MODEL_PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
-        data["model"] = {**MODEL_PRESETS[preset], **(data.get("model") or {})}
+        # isinstance first: a list or mapping is unhashable, and `in` would raise a bare TypeError.
+        if not isinstance(preset, str) or preset not in MODEL_PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+        model = data.get("model") or {}
+        # A non-mapping `model` is left as it is for config_from_dict to reject, naming the key.
+        data["model"] = {**MODEL_PRESETS[preset], **model} if isinstance(model, dict) else model
     try:
         return config_from_dict(data)
     except ConfigError as err:
@@ -770,5 +804,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write a config as JSON (or YAML when the suffix is .yaml/.yml)."""
     path = Path(path)
     data = config_to_dict(cfg)
-    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
+    if path.suffix in (".yaml", ".yml"):
+        text = yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2)
     path.write_text(text + ("" if text.endswith("\n") else "\n"))
