@@ -140,3 +140,95 @@ def test_cli_round_trip_ditkit_diffusers_ditkit(tmp_path, capsys):
     assert main(["convert", "from-diffusers", "--diffusers", str(broken), "--out", str(tmp_path / "y")]) == 2
     assert "could not read a DiTTransformer2DModel" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+_TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+
+
+def _random_diffusers_dit(**overrides):
+    """An independently built diffusers DiT (its own config, random weights), as diffusers users build one;
+    its timestep features are switched to the paper's (see the module docstring of ditkit.convert.diffusers)."""
+    from diffusers import DiTTransformer2DModel
+
+    fields = dict(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=5, norm_eps=1e-6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    theirs = DiTTransformer2DModel(**{**fields, **overrides})
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.1)
+        # diffusers keeps a copy of the timestep and class embedders in every block; they must agree.
+        first = theirs.transformer_blocks[0].norm1.emb
+        for block in theirs.transformer_blocks:
+            block.norm1.emb.load_state_dict(first.state_dict())
+            block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return theirs.eval()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"activation_fn": "gelu"}, {"attention_bias": False}, {"out_channels": None}],
+    ids=["paper", "exact-gelu", "no-attention-bias", "fixed-variance"],
+)
+def test_independent_diffusers_dit_imports_with_equal_outputs(overrides):
+    theirs = _random_diffusers_dit(**overrides)
+    ours = from_diffusers(theirs)
+    assert ours.config.mlp_act == ("gelu" if overrides.get("activation_fn") == "gelu" else "gelu_tanh")
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([0.0, 417.0, 999.0]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        expected = theirs(x, timestep=t, class_labels=y).sample
+        got = ours(x, t, y)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"norm_elementwise_affine": True}, "norm_elementwise_affine=True"),
+        ({"activation_fn": "geglu"}, "activation_fn='geglu'"),
+        ({"out_channels": 5}, "out_channels=5"),
+    ],
+)
+def test_diffusers_options_ditkit_cannot_represent_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        from_diffusers(_random_diffusers_dit(**overrides))
+
+
+def test_diffusers_norm_type_ditkit_cannot_represent_is_refused():
+    theirs = _random_diffusers_dit()
+    theirs.register_to_config(norm_type="ada_norm_single")  # diffusers' own constructor refuses it
+    with pytest.raises(ValueError, match="norm_type='ada_norm_single'"):
+        from_diffusers(theirs)
+
+
+def test_diffusers_tensors_without_a_ditkit_place_are_named():
+    from ditkit.convert.diffusers import from_diffusers_state_dict
+
+    state = _random_diffusers_dit().state_dict()
+    state["transformer_blocks.1.norm3.weight"] = torch.ones(32)
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.norm3\.weight"):
+        from_diffusers_state_dict(state, depth=2)
+    del state["transformer_blocks.1.norm3.weight"], state["transformer_blocks.1.attn1.to_k.bias"]
+    with pytest.raises(ValueError, match=r"no 'transformer_blocks\.1\.attn1\.to_k\.bias'"):
+        from_diffusers_state_dict(state, depth=2)
+
+
+def test_exact_gelu_models_round_trip_through_diffusers():
+    torch.manual_seed(2)
+    ours = _randomise(DiT(ModelConfig(**{**_TINY, "mlp_act": "gelu"})))
+    theirs = to_diffusers(ours)
+    assert theirs.config.activation_fn == "gelu"
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 800.0]), torch.tensor([1, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y), theirs(x, timestep=t, class_labels=y).sample, atol=1e-5, rtol=0)
+    assert from_diffusers(theirs).config == ours.config
+
+
+def test_mlp_ratio_other_than_four_is_refused():
+    """diffusers' DiT block always builds a 4x MLP: a different width has nowhere to go."""
+    with pytest.raises(ValueError, match=r"'mlp_ratio': 2\.0"):
+        to_diffusers(DiT(ModelConfig(**{**_TINY, "mlp_ratio": 2.0})))

@@ -112,3 +112,80 @@ def test_cli_convert_official_and_direct_loading(tmp_path, capsys):
 def test_non_paper_architectures_have_no_official_layout():
     with pytest.raises(Exception, match="paper's architecture"):
         to_official_state_dict(paper_model(qk_norm=True))
+
+
+def test_ddp_wrapped_state_dict_with_module_prefix_loads(tmp_path):
+    """A state dict saved from a DistributedDataParallel wrapper names every tensor 'module.<name>'."""
+    model = paper_model(seed=5)
+    torch.save({"module." + k: v for k, v in to_official_state_dict(model).items()}, tmp_path / "ddp.pt")
+    converted, config = from_official(tmp_path / "ddp.pt", num_heads=4)
+    assert config.model == model.config
+    x, t, y = inputs(model)
+    assert torch.equal(converted(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # Re-import reads the null-class row as a class: 10 classes would come back as 9.
+        (dict(class_dropout_prob=0.0), "class_dropout_prob=0.0"),
+        # 4x16 has 8x2 = 16 tokens, a square count: re-import would build an 8x8 model.
+        (dict(input_size=(4, 16)), r"input_size=\(4, 16\)"),
+        (dict(inpaint=True), "inpaint=True"),
+        (dict(num_classes=0, text_dim=8), "text_dim=8"),
+    ],
+)
+def test_models_the_official_layout_cannot_describe_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        to_official_state_dict(paper_model(**overrides))
+
+
+def test_unconditional_and_fixed_variance_models_round_trip(tmp_path):
+    """The official layout describes these (no label table; half the output channels), so they export."""
+    model = paper_model(seed=6, num_classes=0, learn_sigma=False)
+    torch.save(to_official_state_dict(model), tmp_path / "w.pt")
+    converted, config = from_official(tmp_path / "w.pt", num_heads=4)
+    assert config.model == model.config
+    x, t, _ = inputs(model)
+    assert torch.equal(converted(x, t, None), model(x, t, None))
+
+
+def test_missing_tensors_are_named_with_the_file(tmp_path):
+    state = to_official_state_dict(paper_model())
+    del state["pos_embed"]
+    torch.save(state, tmp_path / "nopos.pt")
+    with pytest.raises(OfficialFormatError, match=r"nopos.pt: .*'pos_embed'"):
+        from_official(tmp_path / "nopos.pt", num_heads=4)
+
+
+_TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=1, num_heads=4, num_classes=10)
+
+
+def test_inferred_mlp_ratio_rebuilds_the_exact_mlp_width(tmp_path):
+    """mlp_ratio is inferred as fc1 / hidden; hidden * (fc1 / hidden) can land just below fc1 in floats
+    (112 * (61 / 112) = 60.99999999999999), and the model must still build fc1 units, not fc1 - 1."""
+    hidden = 112
+    widths = [f for f in range(1, 8 * hidden) if int(hidden * (f / hidden)) != f]
+    assert 61 in widths  # the float error this test is about does occur
+    for width in widths:
+        with torch.device("meta"):
+            model = DiT(ModelConfig(**{**_TINY, "hidden_size": hidden, "mlp_ratio": width / hidden}))
+        assert model.blocks[0].mlp.fc1.out_features == width
+    # End to end: an official file with a 61-unit MLP loads.
+    state = to_official_state_dict(paper_model(hidden_size=hidden))
+    for i in range(2):
+        state[f"blocks.{i}.mlp.fc1.weight"] = torch.randn(61, hidden) * 0.02
+        state[f"blocks.{i}.mlp.fc1.bias"] = torch.zeros(61)
+        state[f"blocks.{i}.mlp.fc2.weight"] = torch.randn(hidden, 61) * 0.02
+    torch.save(state, tmp_path / "w.pt")
+    converted, _ = from_official(tmp_path / "w.pt", num_heads=4)
+    assert converted.blocks[0].mlp.fc1.out_features == 61
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in state.items())
+
+
+def test_mlp_width_is_unchanged_where_there_is_no_float_error():
+    """Ratios whose product is not within float error of an integer still round down, as before."""
+    for hidden, ratio, width in [(64, 4.0, 256), (64, 2.5, 160), (96, 2.7, 259), (64, 1.51, 96), (112, 0.999, 111)]:
+        with torch.device("meta"):
+            model = DiT(ModelConfig(**{**_TINY, "hidden_size": hidden, "mlp_ratio": ratio}))
+        assert model.blocks[0].mlp.fc1.out_features == width == int(hidden * ratio)

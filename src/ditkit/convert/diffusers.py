@@ -9,6 +9,14 @@ One behavioural difference remains outside the weights: diffusers' DiT builds it
 timestep features with `downscale_freq_shift=1` (frequency exponent divided by half - 1), while the
 paper's model and ditkit divide by half. `to_diffusers(..., match_timestep_features=True)` (the
 default) sets the shift to 0 on the returned model so both give the same outputs.
+
+diffusers -> ditkit refuses what ditkit cannot hold: config options with no ditkit equivalent (LayerNorm
+affine weights, gated or other activations) and any tensor the mapping does not use, so no weight is
+ever dropped. `attention_bias=False` imports as zero q/k/v biases, the same function. Options that do
+not change the eval-mode function of the weights are not carried: `dropout` (ditkit's DiT has none),
+`upcast_attention` (a precision switch), `norm_num_groups` (unused by the DiT block) and `norm_eps` of
+the MLP's LayerNorm: ditkit keeps the paper's 1e-6 where diffusers defaults to 1e-5, which moves outputs
+by about 1e-5 of their scale, and refusing it would refuse diffusers' default configuration.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ _TOP_MAP = {
     "final_layer.adaLN_modulation.1": "proj_out_1",
     "final_layer.linear": "proj_out_2",
 }
+_ACTIVATIONS = {"gelu-approximate": "gelu_tanh", "gelu": "gelu"}
+"""diffusers `activation_fn` -> ditkit `mlp_act`; both use `ff.net.0.proj` for the first MLP layer."""
+_PIXEL_POS_EMBED = "pos_embed.pos_embed"
+"""diffusers' fixed sin-cos table (rebuilt by both sides, so never copied)."""
+
 _EMBED_MAP = {
     "t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
     "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
@@ -54,15 +67,21 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
     paper = {
         "block_type": "adaLN-Zero",
         "pos_embed": "sincos",
-        "mlp_act": "gelu_tanh",
         "mlp_type": "linear",
         "qk_norm": False,
         "unpatchify": "linear",
         "inpaint": False,
     }
     other = {k: getattr(config, k) for k, v in paper.items() if getattr(config, k) != v}
+    if config.mlp_ratio != 4:  # diffusers' BasicTransformerBlock builds its FeedForward with a fixed mult=4
+        other["mlp_ratio"] = config.mlp_ratio
     if other:
-        raise ValueError(f"diffusers' DiTTransformer2DModel has no equivalent of model options {other}")
+        raise ValueError(
+            f"diffusers' DiTTransformer2DModel has no equivalent of model options {other} "
+            "(it has adaLN-Zero blocks, sin-cos positions, a linear MLP of 4x the width, no QK-norm, "
+            "a linear output head and no inpainting input)"
+        )
+    activation = {v: k for k, v in _ACTIVATIONS.items()}[config.mlp_act]
     return {
         "num_attention_heads": config.num_heads,
         "attention_head_dim": config.hidden_size // config.num_heads,
@@ -72,6 +91,7 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
         "sample_size": config.input_hw[0],
         "patch_size": config.patch_size,
         "num_embeds_ada_norm": config.num_classes,
+        "activation_fn": activation,
         "norm_eps": 1e-6,  # the paper's LayerNorms use 1e-6
     }
 
@@ -105,27 +125,53 @@ def to_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[
     return out
 
 
-def from_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Rename a diffusers DiT state dict into ditkit's layout (without `pos_embed`, which is fixed)."""
+def from_diffusers_state_dict(
+    state: dict[str, torch.Tensor], depth: int, *, attention_bias: bool = True
+) -> dict[str, torch.Tensor]:
+    """Rename a diffusers DiT state dict into ditkit's layout (without `pos_embed`, which is fixed).
+
+    `attention_bias=False` (diffusers' option for q/k/v projections without biases) gives zero biases.
+    Raises ValueError naming any tensor that is missing or that the mapping would leave unused.
+    """
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise ValueError(f"diffusers state dict has no {key!r} tensor (expected a {depth}-block DiT)")
+        used.add(key)
+        return state[key]
+
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in _TOP_MAP.items():
         for leaf in ("weight", "bias"):
-            out[f"{ours}.{leaf}"] = state[f"{theirs}.{leaf}"]
+            out[f"{ours}.{leaf}"] = take(f"{theirs}.{leaf}")
     for ours, theirs in _EMBED_MAP.items():
         for leaf in ("weight", "bias"):
             key = f"transformer_blocks.0.{theirs}.{leaf}"
             if key not in state:
-                continue
+                continue  # embedding tables have no bias
             for i in range(1, depth):
-                if not torch.equal(state[f"transformer_blocks.{i}.{theirs}.{leaf}"], state[key]):
+                if not torch.equal(take(f"transformer_blocks.{i}.{theirs}.{leaf}"), state[key]):
                     raise ValueError(f"diffusers block {i} has its own {theirs}; ditkit shares one embedder")
-            out[f"{ours}.{leaf}"] = state[key]
+            out[f"{ours}.{leaf}"] = take(key)
     for i in range(depth):
         prefix = f"transformer_blocks.{i}"
-        for leaf in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([state[f"{prefix}.attn1.to_{n}.{leaf}"] for n in "qkv"])
-            for ours, theirs in _BLOCK_MAP.items():
-                out[f"blocks.{i}.{ours}.{leaf}"] = state[f"{prefix}.{theirs}.{leaf}"]
+        qkv = [take(f"{prefix}.attn1.to_{n}.weight") for n in "qkv"]
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv)
+        if attention_bias:
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([take(f"{prefix}.attn1.to_{n}.bias") for n in "qkv"])
+        else:  # no bias computes the same as a zero bias, which ditkit's fused qkv projection always has
+            out[f"blocks.{i}.attn.qkv.bias"] = qkv[0].new_zeros(sum(w.shape[0] for w in qkv))
+        for ours, theirs in _BLOCK_MAP.items():
+            for leaf in ("weight", "bias"):
+                out[f"blocks.{i}.{ours}.{leaf}"] = take(f"{prefix}.{theirs}.{leaf}")
+    unused = sorted(set(state) - used - {_PIXEL_POS_EMBED})
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        raise ValueError(
+            f"diffusers state dict has {len(unused)} tensor(s) ditkit's DiT has no place for: {shown}; "
+            "converting would drop them"
+        )
     return out
 
 
@@ -148,12 +194,32 @@ def to_diffusers(model: DiT, *, match_timestep_features: bool = True) -> Any:
 
 
 def from_diffusers(diffusers_model: Any, num_classes: int | None = None) -> DiT:
-    """A ditkit DiT holding the weights of a diffusers `DiTTransformer2DModel`."""
+    """A ditkit DiT holding the weights of a diffusers `DiTTransformer2DModel`.
+
+    Raises ValueError naming the config options (and values) ditkit's DiT cannot represent, and any
+    tensor the conversion would drop.
+    """
     cfg = diffusers_model.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     out_channels = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
+    unsupported = {}
     if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
-        raise ValueError(f"out_channels={out_channels} is neither in_channels nor twice it")
+        unsupported["out_channels"] = out_channels  # ditkit outputs in_channels, or twice with learn_sigma
+    if cfg.norm_type != "ada_norm_zero":
+        unsupported["norm_type"] = cfg.norm_type  # ditkit's equivalent is block_type adaLN-Zero only
+    if cfg.activation_fn not in _ACTIVATIONS:
+        unsupported["activation_fn"] = cfg.activation_fn
+    if cfg.norm_elementwise_affine:
+        unsupported["norm_elementwise_affine"] = True  # ditkit's block LayerNorms have no weight or bias
+    if cfg.num_embeds_ada_norm is None:
+        unsupported["num_embeds_ada_norm"] = None
+    if unsupported:
+        options = ", ".join(f"{k}={v!r}" for k, v in unsupported.items())
+        raise ValueError(
+            f"ditkit's DiT has no equivalent of diffusers DiTTransformer2DModel options {options} (it takes "
+            f"out_channels = in_channels or twice it, norm_type='ada_norm_zero', activation_fn one of "
+            f"{sorted(_ACTIVATIONS)}, norm_elementwise_affine=False and a class count)"
+        )
     config = ModelConfig(
         input_size=cfg.sample_size,
         in_channels=cfg.in_channels,
@@ -164,9 +230,10 @@ def from_diffusers(diffusers_model: Any, num_classes: int | None = None) -> DiT:
         num_classes=num_classes or cfg.num_embeds_ada_norm,
         class_dropout_prob=0.1,
         learn_sigma=out_channels == 2 * cfg.in_channels,
+        mlp_act=_ACTIVATIONS[cfg.activation_fn],
     )
     model = DiT(config)
-    state = from_diffusers_state_dict(diffusers_model.state_dict(), config.depth)
+    state = from_diffusers_state_dict(diffusers_model.state_dict(), config.depth, attention_bias=cfg.attention_bias)
     state["pos_embed"] = model.pos_embed.detach().clone()
     model.load_state_dict(state)
     return model.eval()

@@ -69,13 +69,21 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
+    if isinstance(obj, dict):
+        # A model saved while wrapped in DistributedDataParallel names every tensor 'module.<name>';
+        # strip that before looking for the DiT's tensors, or such files are refused as not-a-DiT.
+        obj = {k.removeprefix("module.") if isinstance(k, str) else k: v for k, v in obj.items()}
     if not isinstance(obj, dict) or "x_embedder.proj.weight" not in obj:
         raise OfficialFormatError(f"{path}: not a DiT state dict (no 'x_embedder.proj.weight' tensor)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
 
 
 def official_model_config(state: dict[str, torch.Tensor], num_heads: int | None = None) -> ModelConfig:
     """The ModelConfig whose DiT has exactly these tensors (heads from the paper's presets if not given)."""
+    required = ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise OfficialFormatError(f"not a complete DiT state dict: no {', '.join(map(repr, missing))} tensor")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     tokens = state["pos_embed"].shape[1]
@@ -123,7 +131,11 @@ def official_config(model: ModelConfig, vae: str = DEFAULT_VAE) -> Config:
 def from_official(path: str | Path, *, num_heads: int | None = None, vae: str = DEFAULT_VAE) -> tuple[DiT, Config]:
     """A ditkit DiT (eval mode) and its Config from an official DiT .pt file."""
     state = load_official_state_dict(path)
-    config = official_config(official_model_config(state, num_heads), vae)
+    try:
+        model_config = official_model_config(state, num_heads)
+    except ConfigError as err:  # official_model_config sees tensors only; say which file they came from
+        raise OfficialFormatError(f"{path}: {err}") from err
+    config = official_config(model_config, vae)
     with torch.device("meta"):
         model = DiT(config.model)
     try:
@@ -134,7 +146,12 @@ def from_official(path: str | Path, *, num_heads: int | None = None, vae: str = 
 
 
 def to_official_state_dict(model: DiT) -> dict[str, torch.Tensor]:
-    """The official layout of a ditkit DiT (same names), for the paper-style adaLN-Zero sin-cos model only."""
+    """The official layout of a ditkit DiT (same names), for the paper-style adaLN-Zero sin-cos model only.
+
+    The layout is bare tensors, and `official_model_config` reads the architecture back from their shapes.
+    Models whose settings those shapes cannot carry are refused here rather than exported into a file
+    that re-imports as a different model.
+    """
     c = model.config
     paper = ("adaLN-Zero", "sincos", "linear", "gelu_tanh", False, "linear")
     if (c.block_type, c.pos_embed, c.mlp_type, c.mlp_act, c.qk_norm, c.unpatchify) != paper:
@@ -142,4 +159,21 @@ def to_official_state_dict(model: DiT) -> dict[str, torch.Tensor]:
             "only the paper's architecture (adaLN-Zero blocks, sin-cos positions, linear tanh-GELU MLP, "
             "no QK-norm, linear output head) has an official layout"
         )
+    refused = []
+    if c.conditional and c.class_dropout_prob == 0:
+        # The label table has a null-class row only when classes are dropped; re-import always reads
+        # its last row as the null class, so num_classes would come back one short.
+        refused.append(
+            f"class_dropout_prob=0.0 (the official layout's label table always ends in a null-class row, "
+            f"which this {c.num_classes}-class model, trained without class dropout, does not have)"
+        )
+    if c.input_hw[0] != c.input_hw[1]:
+        # Only the token count is stored (pos_embed); re-import takes its square root as the grid side.
+        refused.append(f"input_size={c.input_size} (the official layout stores square inputs only)")
+    if c.inpaint:
+        refused.append("inpaint=True (the official layout has no mask and masked-image input channels)")
+    if c.text_conditional:
+        refused.append(f"text_dim={c.text_dim} (the official layout is class-conditional, with no text inputs)")
+    if refused:
+        raise ConfigError(f"this model has no official DiT layout: model.{'; model.'.join(refused)}")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

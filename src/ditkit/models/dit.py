@@ -50,6 +50,19 @@ __all__ = [
 ]
 
 
+def _mlp_width(config: ModelConfig) -> int:
+    """Hidden units of the MLP: hidden_size * mlp_ratio, rounded down.
+
+    A ratio read back from a checkpoint's shapes (fc1 / hidden, as `convert.official` infers it) can
+    multiply back to just under an integer (112 * (61 / 112) = 60.99999999999999); plain int() would then
+    build one unit too few. Products within 1e-6 of an integer, far above float error and far below any
+    deliberate fraction, are taken as that integer; every other product rounds down as it always has.
+    """
+    width = config.hidden_size * config.mlp_ratio
+    nearest = round(width)
+    return nearest if abs(width - nearest) < 1e-6 else int(width)
+
+
 def _mlp_grid(config: ModelConfig) -> tuple[int, int] | None:
     """The token grid a depthwise-convolution MLP runs over, or None for the plain MLP."""
     if config.mlp_type != "dwconv":
@@ -68,7 +81,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, config.num_heads, config.attn_impl, config.qk_norm)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act, _mlp_grid(config))
+        self.mlp = Mlp(d, _mlp_width(config), config.mlp_act, _mlp_grid(config))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, (6 if self.gated else 4) * d))
         # Text tokens: PixArt-alpha's un-modulated cross-attention between self-attention and MLP.
         if config.text_conditional and config.text_mode in ("tokens", "both"):
@@ -115,7 +128,7 @@ class TokenConditionedBlock(nn.Module):
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.mlp = Mlp(d, int(d * config.mlp_ratio), config.mlp_act, _mlp_grid(config))
+        self.mlp = Mlp(d, _mlp_width(config), config.mlp_act, _mlp_grid(config))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -349,7 +362,7 @@ def count_macs(config: ModelConfig, text_tokens: int | None = None) -> int:
     """
     config.require_resolved()
     d, p, tokens = config.hidden_size, config.patch_size, config.num_tokens
-    hidden = int(d * config.mlp_ratio)
+    hidden = _mlp_width(config)
     cond_tokens = 2 if config.conditional else 1
     patch_embed = tokens * config.embed_channels * p * p * d
     t_embed = 256 * d + d * d
