@@ -276,6 +276,33 @@ def test_flat_folder_is_an_unconditional_dataset(tmp_path):
     assert image[0].eq(1).all() and image[2].eq(-1).all()  # loose.png (sorted first) is red
 
 
+def test_images_in_hidden_folders_are_skipped_at_every_depth(tmp_path, caplog):
+    for rel in ["cat/a.png", "cat/.ipynb_checkpoints/a-checkpoint.png", "cat/sub/b.png", "cat/sub/.thumbs/t.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / rel)
+    (tmp_path / ".hidden_class").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / ".hidden_class" / "x.png")
+    with caplog.at_level("WARNING", logger="ditkit.data.datasets"):
+        ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert ds.class_names == ["cat"]
+    assert [p.relative_to(tmp_path).as_posix() for p, _ in ds.samples] == ["cat/a.png", "cat/sub/b.png"]
+    assert not caplog.records  # nothing loose beside the class folders, nothing to warn about
+    flat = tmp_path / "cat" / "sub"  # a flat (unconditional) folder skips hidden sub-folders too
+    assert [p.name for p, _ in ImageFolderDataset(flat, image_size=8).samples] == ["b.png"]
+
+
+def test_loose_images_beside_class_folders_are_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "cat" / "a.png")
+    for name in ("loose.png", "other.jpg", ".hidden.png"):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / name)
+    with caplog.at_level("WARNING", logger="ditkit.data.datasets"):
+        ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert [p.name for p, _ in ds.samples] == ["a.png"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert f"ignored 2 image(s) directly in {tmp_path}" in message and str(tmp_path / "loose.png") in message
+
+
 def test_empty_folder_raises_naming_it(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError) as err:

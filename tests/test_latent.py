@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from PIL import Image
 from ditkit.autoencoders import AutoencoderError, build_autoencoder, resolve_autoencoder
 from ditkit.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from ditkit.data import DataError, TarShardDataset, build_dataset
-from ditkit.data.cache import CacheDataset, CacheError, build_cache
+from ditkit.data import cache as cache_module
+from ditkit.data.cache import CacheDataset, CacheError, build_cache, verify_cache
 from ditkit.data.sources import CachedBatches, ImageBatches
 
 diffusers = pytest.importorskip("diffusers")
@@ -214,6 +216,118 @@ def test_cache_refuses_other_settings_and_incomplete_reads(kl_path, image_folder
         CacheDataset(tmp_path / "cache")
 
 
+def _own_images(root: Path, count: int = 6) -> Path:
+    """`count` random 16x16 images in 2 class folders, for tests that change them after caching."""
+    rng = np.random.default_rng(1)
+    for k in range(count):
+        (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"c{k % 2}" / f"{k}.png")
+    return root
+
+
+def _replace_images(root: Path, seed: int) -> None:
+    """New content under the same names (same PNG sizes, as random pixels do not compress)."""
+    rng = np.random.default_rng(seed)
+    for path in sorted(root.rglob("*.png")):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        stat = path.stat()  # 1 s later: file times come from a coarse clock, a fast test could reuse a tick
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_cache_refuses_images_replaced_under_the_same_names(kl_path, tmp_path, caplog):
+    images = _own_images(tmp_path / "img")
+    config = resolve_autoencoder(latent_config(kl_path, images))
+    build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    verify_cache(tmp_path / "cache")  # unchanged: no false alarm
+    before = _folder_bytes(tmp_path / "cache")
+    _replace_images(images, seed=2)
+    with pytest.raises(CacheError) as err:
+        build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    assert f"images under data.root={images} changed" in str(err.value) and "modification times" in str(err.value)
+    assert f"delete {tmp_path / 'cache'} yourself" in str(err.value)
+    assert _folder_bytes(tmp_path / "cache") == before  # the user's cache is never touched
+    # What training from data.cache runs: names and sizes unchanged (random pixels keep PNG sizes), so
+    # only the times tell, as after a `cp -r` of the images; a reader warns and goes on.
+    with caplog.at_level("WARNING", logger="ditkit.data.cache"):
+        verify_cache(tmp_path / "cache")
+    assert "may have changed since the cache" in caplog.text and "cp -r" in caplog.text
+    (images / "c1" / "1.png").write_bytes(b"x")  # a size changed: refused
+    with pytest.raises(CacheError, match="it now holds 6 files"):
+        verify_cache(tmp_path / "cache")
+    (images / "c0" / "0.png").unlink()
+    with pytest.raises(CacheError, match="it now holds 5 files"):
+        verify_cache(tmp_path / "cache")
+    images.rename(tmp_path / "moved")  # a cache copied to a machine without the images: nothing to compare
+    with caplog.at_level("INFO", logger="ditkit.data.cache"):
+        verify_cache(tmp_path / "cache")
+    assert "not checking whether its images changed" in caplog.text
+
+
+def test_resumed_cache_refuses_images_changed_since_the_interruption(kl_path, tmp_path, monkeypatch):
+    images = _own_images(tmp_path / "img")
+    config = resolve_autoencoder(latent_config(kl_path, images))
+    encode = cache_module._encode_shard
+    calls = []
+
+    def crash_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_encode_shard", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    monkeypatch.setattr(cache_module, "_encode_shard", encode)
+    before = _folder_bytes(tmp_path / "cache")
+    assert "shard_00000.safetensors" in before and "shard_00001.safetensors" not in before
+    _replace_images(images, seed=3)
+    with pytest.raises(CacheError, match="changed since the cache"):  # shard 0 holds the old images' latents
+        build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    assert _folder_bytes(tmp_path / "cache") == before
+
+
+def test_cache_refuses_other_autoencoder_weights_at_the_same_path(kl_path, tmp_path):
+    vae_path = tmp_path / "vae"
+    shutil.copytree(kl_path, vae_path)
+    config = resolve_autoencoder(latent_config(vae_path, _own_images(tmp_path / "img")))
+    build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    weights = vae_path / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    verify_cache(tmp_path / "cache")  # same bytes, newer time (a copy): the weights are hashed, so still accepted
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_path)
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.add_(0.01)
+    vae.save_pretrained(vae_path)
+    for check in (
+        lambda: verify_cache(tmp_path / "cache"),
+        lambda: build_cache(config, tmp_path / "cache", shard_items=3, progress=False),
+    ):
+        with pytest.raises(CacheError) as err:
+            check()
+        assert f"autoencoder weights at autoencoder.path={vae_path} changed" in str(err.value)
+
+
+def test_cache_from_before_fingerprints_loads_with_a_warning(kl_path, tmp_path, caplog):
+    config = resolve_autoencoder(latent_config(kl_path, _own_images(tmp_path / "img")))
+    build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert manifest["sources"]["files"] == 6 and manifest["autoencoder_weights"]["sha256"]
+    old = {k: v for k, v in manifest.items() if k not in ("sources", "autoencoder_weights")}
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(old, indent=2) + "\n")
+    with caplog.at_level("WARNING", logger="ditkit.data.cache"):
+        verify_cache(tmp_path / "cache")
+        report = build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    assert caplog.text.count("cannot check whether they changed") == 2
+    assert report.shards_written == 0 and len(CacheDataset(tmp_path / "cache")) == 6
+    assert "sources" not in json.loads((tmp_path / "cache" / "cache.json").read_text())  # not certified afterwards
+
+
 def _cache_cmd(kl_path, root, out) -> list[str]:
     return [
         sys.executable,
@@ -301,6 +415,24 @@ def test_unreadable_tar_member_is_named_or_skipped(tmp_path):
     assert "a.tar:x/1.png" in str(err.value)
     skipping = TarShardDataset(tmp_path, image_size=8, skip_bad_files=True)
     assert len(skipping) == 1 and skipping.num_skipped == 1
+
+
+def test_tar_handles_opened_before_fork_are_not_shared_with_workers(tmp_path):
+    # skip_bad_files decodes every member up front, so the main process holds an open shard handle when
+    # the DataLoader forks. Workers must not use it: an inherited handle shares its file offset with the
+    # parent and siblings, and concurrent seek + read returned other members' bytes.
+    _write_tar(tmp_path / "a.tar", [(f"k/{i:02d}", _png((5 * i, 0, 0)), i) for i in range(40)])
+    ds = TarShardDataset(tmp_path, image_size=8, skip_bad_files=True)
+    fd = ds._files[0].fileno()
+    offset = os.lseek(fd, 0, os.SEEK_CUR)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context="fork")
+    red, labels = [], []
+    for images, label in loader:
+        red += ((images[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+        labels += label.tolist()
+    assert labels == list(range(40)) and red == [5 * i for i in labels]  # every item is its own member
+    assert os.lseek(fd, 0, os.SEEK_CUR) == offset  # the workers never moved the parent's file offset
+    assert ds[7][1] == 7 and round((float(ds[7][0][0, 0, 0]) + 1) * 127.5) == 35
 
 
 def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_folder, tmp_path):

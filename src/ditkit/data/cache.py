@@ -7,8 +7,9 @@ of the image *and* of its horizontal flip, so training draws a flip and a poster
 (`ditkit.data.sources.CachedBatches`) exactly as if it were encoding images.
 
 Layout of a cache folder:
-- `cache.json`: settings (autoencoder, data, dtype, shard size), `complete`, and when complete the
-  per-channel latent statistics and the measured storage error;
+- `cache.json`: settings (autoencoder, data, dtype, shard size), `complete`, fingerprints of the source
+  files and of the autoencoder weights (`sources`, `autoencoder_weights`, see `verify_cache`), and when
+  complete the per-channel latent statistics and the measured storage error;
 - `shard_00000.safetensors`, ...: `shard_items` images each, a few hundred MB (not one file per image):
   `mean`, `logvar` (N, 2, C, h, w) (index 1 of dim 1 = flipped image) and `label` (N,); with uint8
   storage, `mean`/`logvar` are uint8 codes with per-(image, flip, channel) `*_lo` and `*_step`;
@@ -21,6 +22,11 @@ Interruption-safe: each shard is written to a temporary file and renamed into pl
 either exists complete or not at all; a re-run skips finished shards and encodes the rest with the same
 batch boundaries, so the files equal those of an uninterrupted run byte for byte. Readers refuse a
 cache whose `cache.json` does not say `complete`.
+
+Settings alone cannot tell that the images were replaced under the same names, or that other weights
+were saved at the same autoencoder path: the cache would silently serve (or, resumed, mix in) latents
+of the old ones. So the manifest also fingerprints the source file list (relative path, size, mtime)
+and the autoencoder's weight files (content hash); a re-run or `verify_cache` refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -42,13 +48,16 @@ from tqdm.auto import tqdm
 
 from ..autoencoders import Autoencoder, build_autoencoder, resolve_autoencoder
 from ..config import Config, config_to_dict
-from .datasets import DataError, build_dataset
+from .datasets import DataError, build_dataset, image_folder_samples
 
 __all__ = [
     "CacheError",
     "CacheDataset",
     "CacheReport",
     "build_cache",
+    "verify_cache",
+    "source_fingerprint",
+    "autoencoder_fingerprint",
     "read_manifest",
     "read_captions",
     "MANIFEST",
@@ -81,6 +90,189 @@ def _settings(config: Config, dtype: str, shard_items: int) -> dict:
         "dtype": dtype,
         "shard_items": shard_items,
     }
+
+
+def _source_files(dataset: str, root: str) -> tuple[Path, list[Path]] | None:
+    """(folder the names are relative to, every file the dataset reads), listed without decoding anything.
+
+    None for the bundled MNIST digits, which have no files of the user's to change.
+    """
+    if dataset == "mnist":
+        return None
+    path = Path(root)
+    base = path if path.is_dir() else path.parent
+    if dataset == "tar":
+        from .tar import find_shards
+
+        return base, find_shards(path)
+    if dataset == "captions":
+        from .captions import read_caption_pairs
+
+        images = [image for image, _ in read_caption_pairs(path)]
+        texts = [image.with_suffix(".txt") for image in images] if path.is_dir() else [path]  # the captions' files
+        return base, images + texts
+    return base, [image for image, _ in image_folder_samples(path)[1]]
+
+
+def source_fingerprint(data: dict) -> dict | None:
+    """Fingerprint of the files `data` (the manifest's `data` settings) reads: names, sizes, mtimes.
+
+    Two digests, so a mismatch can say whether names/sizes changed or only modification times (files
+    edited in place, or copied without keeping their times). Stats every file, reads none.
+    None for bundled data.
+    """
+    listed = _source_files(data["dataset"], data["root"])
+    if listed is None:
+        return None
+    base, files = listed
+    names_sizes, full, total = hashlib.sha256(), hashlib.sha256(), 0
+    for file in files:
+        stat = file.stat()
+        name = os.fsencode(os.path.relpath(file, base))
+        names_sizes.update(b"%s\0%d\n" % (name, stat.st_size))
+        full.update(b"%s\0%d\0%d\n" % (name, stat.st_size, stat.st_mtime_ns))
+        total += stat.st_size
+    return {
+        "files": len(files),
+        "bytes": total,
+        "names_sizes_sha256": names_sizes.hexdigest(),
+        "sha256": full.hexdigest(),
+    }
+
+
+def _autoencoder_folder(ae: dict) -> Path | None:
+    """The local folder holding the autoencoder `ae` (kind/path/subfolder) names; None if not on this machine."""
+    local = Path(ae["path"]).expanduser()
+    if not local.exists():
+        try:  # a hub id: its snapshot in the Hugging Face cache, never downloaded here
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(ae["path"], local_files_only=True))
+        except Exception:  # not cached, or not a valid id: nothing to fingerprint on this machine
+            return None
+    folder = local / ae["subfolder"] if ae.get("subfolder") else local
+    return folder if folder.is_dir() else None
+
+
+def autoencoder_fingerprint(ae: dict) -> dict | None:
+    """SHA-256 of the autoencoder's weight files (content, so copies match); None when they are not found.
+
+    Only the weights diffusers loads by default (`diffusion_pytorch_model.safetensors`, else `.bin`), so
+    e.g. an added fp16 variant does not count as a change; config.json is left out because its settings
+    are compared already and re-saving it rewrites `_diffusers_version`. Reads ~0.3 s per 300 MB.
+    """
+    folder = _autoencoder_folder(ae)
+    if folder is None:
+        return None
+    files = [folder / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
+    files = [f for f in files if f.is_file()][:1] or sorted(
+        f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
+    )
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(b"%s\0%s\n" % (file.name.encode(), hashlib.file_digest(f, "sha256").hexdigest().encode()))
+    return {"files": [f.name for f in files], "sha256": digest.hexdigest()}
+
+
+_REBUILD = (
+    "build a new cache into another folder with `ditkit cache --out NEW`, or delete {path} yourself and rebuild it"
+)
+
+
+def _fingerprint_mismatch(
+    key: str, built: dict, now: dict, manifest: dict, path: Path, times_only_warn: bool = False
+) -> str | None:
+    """What changed between the fingerprint `built` (in the manifest) and `now`, or None if nothing.
+
+    `times_only_warn`: where only the images' modification times differ, log a warning and return None.
+    """
+    if built.get("sha256") == now.get("sha256"):
+        return None
+    if key == "autoencoder_weights":
+        ae = manifest["autoencoder"]
+        where = ae["path"] + (f" (subfolder {ae['subfolder']!r})" if ae.get("subfolder") else "")
+        return (
+            f"the autoencoder weights at autoencoder.path={where} changed since the cache {path} was encoded "
+            f"(sha256 of {', '.join(now['files'])} is {now['sha256'][:12]}..., was {built['sha256'][:12]}...)"
+        )
+    root = manifest["data"]["root"]
+    if (built["files"], built["bytes"]) != (now["files"], now["bytes"]):
+        what = (
+            f"it now holds {now['files']} files of {now['bytes']} bytes; "
+            f"the cache was built from {built['files']} of {built['bytes']}"
+        )
+    elif built["names_sizes_sha256"] != now["names_sizes_sha256"]:
+        what = "file names or sizes differ (the count and total size are the same)"
+    else:
+        what = (
+            "file names and sizes are unchanged but modification times differ: files were edited in place, or "
+            "copied without keeping their times (`cp -r` instead of `cp -a` / `rsync -a`)"
+        )
+        if times_only_warn:
+            log.warning("the images under data.root=%s may have changed since the cache %s was built: %s; "
+                        "training on its latents as they are", root, path, what)  # fmt: skip
+            return None
+    return f"the images under data.root={root} changed since the cache {path} was built: {what}"
+
+
+def _check_fingerprints(path: Path, manifest: dict, now: dict[str, dict | None], times_only_warn: bool = False) -> None:
+    """CacheError naming every fingerprint in `now` that differs from the manifest's; warn where unknown."""
+    if not all(key in manifest for key in now):  # written before fingerprints existed
+        log.warning(
+            "%s was built by an older ditkit that did not fingerprint its images and autoencoder weights: "
+            "cannot check whether they changed since; rebuild the cache to enable the check",
+            path,
+        )
+        return
+    problems = []
+    for key, value in now.items():
+        if manifest[key] is not None and value is not None:
+            problem = _fingerprint_mismatch(key, manifest[key], value, manifest, path, times_only_warn)
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise CacheError("; ".join(problems) + ". Its latents would be of the old files; " + _REBUILD.format(path=path))
+
+
+def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
+    """Refuse (CacheError) a cache whose source images or autoencoder weights changed since it was built.
+
+    For readers (training from `data.cache`): compares the manifest's fingerprints with the files now
+    at the manifest's `data.root` and `autoencoder.path`. Either being absent on this machine (a cache
+    copied to a node without the images) skips that check with an info message; a cache from an older
+    ditkit without fingerprints loads with a warning. Stats every source image (seconds for ImageNet).
+    """
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    now: dict[str, dict | None] = {"sources": None, "autoencoder_weights": None}
+    if not all(key in manifest for key in now):
+        _check_fingerprints(path, manifest, now)  # warns that an older cache cannot be checked
+        return
+    data, ae = manifest["data"], manifest["autoencoder"]
+    if manifest["sources"] is not None:
+        if not Path(data["root"]).exists():
+            log.info(
+                "data.root=%s of the cache %s is not here: not checking whether its images changed", data["root"], path
+            )
+        else:
+            try:
+                now["sources"] = source_fingerprint(data)
+            except (DataError, OSError) as err:  # e.g. the folder now holds no shards, or a file vanished
+                raise CacheError(
+                    f"the images under data.root={data['root']} changed since the cache {path} was built ({err}); "
+                    + _REBUILD.format(path=path)
+                ) from err
+    if manifest["autoencoder_weights"] is not None:
+        now["autoencoder_weights"] = autoencoder_fingerprint(ae)
+        if now["autoencoder_weights"] is None:
+            log.info("autoencoder.path=%s is not here: not checking whether its weights changed", ae["path"])
+    # Readers only warn where nothing but file times changed: a copy made without keeping them (`cp -r`,
+    # routine when staging data on a node) would otherwise block training until an hours-long rebuild.
+    # build_cache still refuses that case, since resuming it would mix latents of old and new files.
+    _check_fingerprints(path, manifest, now, times_only_warn=True)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -246,8 +438,9 @@ def build_cache(
 ) -> CacheReport:
     """Encode `config.data` through `config.autoencoder` into a sharded cache at `out_dir` (resumable).
 
-    Re-running on a partly written cache continues it; a cache built with other settings is never
-    touched (CacheError names the differing setting).
+    Re-running on a partly written cache continues it; a cache built with other settings, or from
+    images or autoencoder weights that changed since (see `verify_cache`), is never touched (CacheError
+    names what differs).
     """
     if dtype not in BYTES_PER_VALUE:
         raise ValueError(f"cache dtype must be one of {', '.join(BYTES_PER_VALUE)}, got {dtype!r}")
@@ -286,6 +479,10 @@ def build_cache(
         if captions is None
         else {"file": CAPTIONS, "unique": len(set(captions)), "sha256": hashlib.sha256(captions_file).hexdigest()},
     )
+    fingerprints = {
+        "sources": source_fingerprint(settings["data"]),
+        "autoencoder_weights": autoencoder_fingerprint(settings["autoencoder"]),
+    }
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         for key, value in settings.items():
@@ -299,11 +496,17 @@ def build_cache(
                     f"{out} holds a cache built with {key}={manifest.get(key)!r}, not {value!r}; "
                     "choose another folder (the existing cache is left untouched)"
                 )
+        # A resumed run must not append latents of other images or weights to the shards already written,
+        # nor may a re-run report an outdated complete cache as up to date.
+        _check_fingerprints(out, manifest, fingerprints)
+        # Keep what the manifest says: an older cache stays unfingerprinted and an unknown (None) one stays
+        # unknown, since shards already written may predate any check.
+        fingerprints = {key: manifest[key] for key in fingerprints if key in manifest}
     else:
         if out.exists() and any(out.iterdir()):
             raise CacheError(f"{out} exists and is not a ditkit cache; choose an empty or new folder")
         out.mkdir(parents=True, exist_ok=True)
-        manifest = {**settings, "complete": False}
+        manifest = {**settings, **fingerprints, "complete": False}
         _write_json_atomic(out / MANIFEST, manifest)
     for stale in out.glob("*.tmp"):  # left by a killed run; never read
         stale.unlink()
@@ -336,7 +539,8 @@ def build_cache(
             time.sleep(float(os.environ["DITKIT_TEST_CACHE_SHARD_DELAY"]))
     bar.close()
     if not manifest.get("complete"):
-        manifest = {**settings, "complete": True, "num_shards": num_shards, **_summarize(out, num_shards, c)}
+        summary = _summarize(out, num_shards, c)
+        manifest = {**settings, **fingerprints, "complete": True, "num_shards": num_shards, **summary}
         _write_json_atomic(out / MANIFEST, manifest)
         log.info("latent cache %s complete: %d images in %d shards", out, num_items, num_shards)
     return CacheReport(out, num_items, num_shards, written, bytes_per_image, (c, h, w), manifest)

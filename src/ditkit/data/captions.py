@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import IMAGE_EXTENSIONS, DataError, TensorImageDataset, _open_image, image_to_tensor
+from .datasets import IMAGE_EXTENSIONS, DataError, TensorImageDataset, _open_image, image_to_tensor, list_images
 
 __all__ = ["CaptionedImageDataset", "TensorCaptionDataset", "read_caption_pairs"]
 
@@ -36,12 +36,11 @@ def read_caption_pairs(root: str | Path) -> list[tuple[Path, str]]:
     root = Path(root)
     if root.is_dir():
         pairs = []
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-                text = path.with_suffix(".txt")
-                if not text.is_file():
-                    raise DataError(f"{path} has no caption file {text.name} beside it")
-                pairs.append((path, text.read_text(encoding="utf-8").strip()))
+        for path in list_images(root):  # skips hidden files and folders, as image folders do
+            text = path.with_suffix(".txt")
+            if not text.is_file():
+                raise DataError(f"{path} has no caption file {text.name} beside it")
+            pairs.append((path, text.read_text(encoding="utf-8").strip()))
         if not pairs:
             raise DataError(f"captioned folder {root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
         return pairs

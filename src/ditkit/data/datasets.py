@@ -29,6 +29,8 @@ __all__ = [
     "center_crop_resize",
     "image_to_tensor",
     "IMAGE_EXTENSIONS",
+    "image_folder_samples",
+    "list_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,35 @@ def _open_image(path: Path | str, mode: str, source: object = None) -> Image.Ima
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files under `folder` at any depth, sorted, skipping hidden files and hidden folders.
+
+    Hidden folders at every depth: tools leave copies of images in them (`.ipynb_checkpoints`,
+    `.thumbnails`, `.git`), and training on those would duplicate or add images the user never listed.
+    """
+    return [
+        path
+        for path in sorted(folder.rglob("*"))
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts) and _is_image(path)
+    ]
+
+
+def image_folder_samples(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, (image path, label) pairs) of an image folder, without opening any image.
+
+    The classes are the sorted non-hidden sub-folders; with none, the images directly in (and under)
+    `root` form one unlabeled class 0.
+    """
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [(label, root / name) for label, name in enumerate(class_names)]
+    samples = [(path, label) for label, folder in folders or [(0, root)] for path in list_images(folder)]
+    return class_names, samples
+
+
 class ImageFolderDataset(Dataset):
     """root/<class name>/<image files>; classes are the sorted sub-folder names.
 
@@ -159,15 +190,19 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder")
-        self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.class_names, samples = image_folder_samples(self.root)
         self.image_size = image_size
         self.mode = "L" if channels == 1 else "RGB"
-        samples = []
-        folders = [(label, self.root / name) for label, name in enumerate(self.class_names)]
-        for label, folder in folders or [(0, self.root)]:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-                    samples.append((path, label))
+        if self.class_names:
+            loose = [p for p in sorted(self.root.iterdir()) if _is_image(p)]
+            if loose:  # a flat folder is unconditional, but beside class folders these have no class
+                log.warning(
+                    "ignored %d image(s) directly in %s beside its class folders, e.g. %s: move them into a class "
+                    "folder to train on them",
+                    len(loose),
+                    self.root,
+                    loose[0],
+                )
         if not samples:
             raise DataError(f"image folder {self.root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
         self.skipped_files: list[Path] = []

@@ -4,14 +4,20 @@ A shard is a plain (uncompressed) tar whose members are grouped by key, the memb
 extension (https://github.com/webdataset/webdataset#the-webdataset-format): `0001.jpg`, `0001.cls`,
 `0001.txt`, ... A sample is one image (any of IMAGE_EXTENSIONS) plus an optional `.cls` holding an
 integer class label. Collections too large for a folder of files stay in a few big files; the
-member offsets are indexed once, so any sample is one seek + read (what shuffled training needs),
+member offsets are indexed once, so any sample is one positioned read (what shuffled training needs),
 not a sequential stream.
+
+Shard handles belong to one process: forked DataLoader workers inherit the parent's open files, and an
+inherited file shares its offset with the parent and every sibling, so a seek in one worker followed by
+a read could return bytes another worker seeked to. Members are therefore read with `os.pread`, which
+does not use the shared offset, and a process that finds handles opened by another pid reopens its own.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -87,6 +93,7 @@ class TarShardDataset(Dataset):
         self.labeled = with_label > 0
         self._num_classes = max(entry[4] for entry in index) + 1 if self.labeled else 0
         self._files: dict[int, io.BufferedReader] = {}
+        self._files_pid = os.getpid()  # the process that opened `_files`
         self.skipped_files: list[str] = []
         if skip_bad_files:
             good = []
@@ -114,18 +121,36 @@ class TarShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _decode(self, entry: tuple[int, int, int, str, int | None]):
-        shard_id, offset, size, name, _ = entry
+    def _read_member(self, shard_id: int, offset: int, size: int, name: str) -> bytes:
+        """`size` bytes at `offset` of a shard, safe in forked workers and threads (see the module docstring)."""
+        if self._files_pid != os.getpid():  # a forked child: these handles share the parent's file offset
+            for handle in self._files.values():
+                handle.close()  # closes only this process's descriptor; the parent's stays open
+            self._files, self._files_pid = {}, os.getpid()
         handle = self._files.get(shard_id)
         if handle is None:  # opened lazily, so each DataLoader worker gets its own handles
             handle = self._files[shard_id] = open(self.shards[shard_id], "rb")
-        handle.seek(offset)
-        return _open_image(f"{self.shards[shard_id]}:{name}", self.mode, io.BytesIO(handle.read(size)))
+        if hasattr(os, "pread"):  # positioned read: never moves nor reads the (possibly shared) offset
+            data = os.pread(handle.fileno(), size, offset)
+        else:  # Windows: no fork, so per-process handles are enough
+            handle.seek(offset)
+            data = handle.read(size)
+        if len(data) != size:
+            raise DataError(
+                f"{self.shards[shard_id]}:{name}: read {len(data)} of {size} bytes at offset {offset}; "
+                "was the shard changed or truncated after it was indexed?"
+            )
+        return data
+
+    def _decode(self, entry: tuple[int, int, int, str, int | None]):
+        shard_id, offset, size, name, _ = entry
+        data = self._read_member(shard_id, offset, size, name)
+        return _open_image(f"{self.shards[shard_id]}:{name}", self.mode, io.BytesIO(data))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         entry = self.index[i]
         label = entry[4] if entry[4] is not None else 0
         return image_to_tensor(self._decode(entry), self.image_size), label
 
-    def __getstate__(self) -> dict:  # open file handles do not cross process boundaries
-        return {**self.__dict__, "_files": {}}
+    def __getstate__(self) -> dict:  # open file handles do not cross process boundaries (spawn, pickling)
+        return {**self.__dict__, "_files": {}, "_files_pid": None}
