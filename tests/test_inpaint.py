@@ -249,3 +249,142 @@ def test_load_image_and_mask(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="bad.png"):
         load_image(tmp_path / "bad.png", cfg)
+
+
+def _learn_sigma_inpaint_model():
+    """A learn_sigma inpaint model with non-zero mask weights, so the mask visibly changes its output."""
+    cfg = make_tiny_config("unused")
+    cfg.model.inpaint, cfg.model.learn_sigma = True, True
+    model = build_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    return model, cfg
+
+
+class _ShiftVariance(torch.nn.Module):
+    """The wrapped network with `shift` added to its variance channels (the second half of its output)."""
+
+    def __init__(self, model: torch.nn.Module, shift: float) -> None:
+        super().__init__()
+        self.model, self.shift = model, shift
+
+    def forward(self, x, t, y):
+        out = self.model(x, t, y)
+        half = out.shape[1] // 2
+        return torch.cat([out[:, :half], out[:, half:] + self.shift], dim=1)
+
+
+def test_mask_conditioned_denoiser_with_variance_feeds_the_mask_too():
+    """denoise_with_variance calls the network on [x_t, mask, masked image], like __call__ does."""
+    model, _ = _learn_sigma_inpaint_model()
+    process = build_process(DiffusionConfig())
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    x, t, y = (
+        torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([500.0]),
+        torch.tensor([1]),
+    )
+    den = MaskConditionedDenoiser(model, process, "eps", image, known, learned_variance=True)
+    x0, frac = den.denoise_with_variance(x, t, y)
+    torch.testing.assert_close(x0, den(x, t, y), rtol=0, atol=0)
+    out = model(torch.cat([x, known, image * known], dim=1), t, y)
+    torch.testing.assert_close(frac, (out[:, 1:] + 1) / 2, rtol=0, atol=1e-6)
+    # The check can fail: the known image reaches the estimate (measured difference ~0.24).
+    flipped = MaskConditionedDenoiser(model, process, "eps", -image, known, learned_variance=True)
+    assert (flipped.denoise_with_variance(x, t, y)[0] - x0).abs().max() > 0.05
+
+
+def test_trained_inpainting_with_ddpm_uses_the_mask_and_not_the_untrained_variance_channels():
+    """inpaint_loss never trains the variance channels of a learn_sigma model, so ddpm must not read them."""
+    model, cfg = _learn_sigma_inpaint_model()
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    options = dict(method="trained", sampler="ddpm", steps=3, seed=0, cfg_scale=1.0)
+    cfg.sample.clip_denoised = False  # clamped, this random network's estimates are mostly -1 or 1
+
+    def run(network, known_image):
+        seen = []
+        out = inpaint(network, cfg, known_image, known, [1], callback=lambda i: seen.append(i["denoised"]), **options)
+        return out, torch.stack(seen)
+
+    out, estimates = run(model, image)
+    # Whatever the variance channels say, the samples are the same (the fixed 'small' variance is used) ...
+    shifted, shifted_estimates = run(_ShiftVariance(model, 0.8), image)
+    assert torch.equal(out, shifted) and torch.equal(estimates, shifted_estimates)
+    # ... and the unknown region depends on the known image, which reaches the network as input channels.
+    _, flipped = run(model, -image)
+    assert (estimates - flipped)[..., 2:6, 2:6].abs().max() > 0.01  # measured 0.04; exactly 0 without the mask
+
+
+def test_inpaint_loss_and_sampling_with_the_flow_objective():
+    """prediction='flow' trains on the velocity target and samples through the velocity -> x0 conversion."""
+    cfg = make_tiny_config("unused")
+    cfg.model.inpaint = True
+    cfg.diffusion.process, cfg.diffusion.prediction = "flow", "flow"
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():  # non-zero output layer: gradients reach the input, estimates differ by objective
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    process = build_process(cfg.diffusion)
+    x0, y = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1, torch.arange(8) % 4
+    # One training step: finite loss, the mask weights receive gradient.
+    loss = inpaint_loss(model, process, x0, y, generator=torch.Generator().manual_seed(0), prediction="flow")
+    loss.backward()
+    assert torch.isfinite(loss) and model.x_embedder.proj.weight.grad[:, 1:].abs().sum() > 0
+    with torch.no_grad():
+        model.x_embedder.proj.weight[:, 1:] = 0  # zero mask weights: the plain model, whatever the mask
+    model.eval()
+    # The target is the velocity: with zero mask weights the loss is the plain flow loss ...
+    a = inpaint_loss(model, process, x0, y, generator=torch.Generator().manual_seed(0), prediction="flow")
+    b = diffusion_loss(model, process, x0, y, generator=torch.Generator().manual_seed(0), prediction="flow")
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    # ... and the denoiser's x0 is the plain flow denoiser's.
+    x_t, t = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.full((8,), 0.6)
+    den = MaskConditionedDenoiser(model, process, "flow", x0, torch.zeros(8, 1, 8, 8))
+    expected = ModelDenoiser(model, process, "flow")(x_t, t, y)
+    torch.testing.assert_close(den(x_t, t, y), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, ModelDenoiser(model, process, "v")(x_t, t, y), atol=1e-3)
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    out = inpaint(model, cfg, image, known, [0, 1], method="trained", sampler="euler", steps=3, cfg_scale=1.0)
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    assert torch.equal(out * known, image.expand(2, -1, -1, -1) * known)
+
+
+@pytest.mark.parametrize("method", ["repaint", "trained"])
+def test_inpaint_clamps_x0_estimates_of_a_pixel_space_model_by_default(method):
+    """sample.clip_denoised unset means on for pixel-space models, in inpaint() as in generate()."""
+    model, cfg = _tiny_model(inpaint=method == "trained")
+    assert cfg.autoencoder.kind == "pixel" and cfg.sample.clip_denoised is None
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+
+    def largest_estimate(clip):
+        cfg.sample.clip_denoised = clip
+        seen = []
+        inpaint(model, cfg, image, known, [1, 2], method=method, steps=4, callback=lambda i: seen.append(i["denoised"]))
+        return max(d.abs().max().item() for d in seen)
+
+    assert largest_estimate(None) <= 1.0
+    assert largest_estimate(True) <= 1.0
+    assert largest_estimate(False) > 1.5  # the check can fail: unclamped, the early estimates leave [-1, 1]
+
+
+def test_inpaint_refuses_eta_for_a_sampler_that_takes_none():
+    model, cfg = _tiny_model(inpaint=True)
+    image, known = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    with pytest.raises(ValueError, match=r"sampler 'heun' takes no eta \(got eta=0.7\)"):
+        inpaint(model, cfg, image, known, [1], method="trained", sampler="heun", steps=3, eta=0.7)
+    # eta goes to ddim, where it changes the samples.
+    a = inpaint(model, cfg, image, known, [1], method="trained", sampler="ddim", steps=3, eta=1.0)
+    b = inpaint(model, cfg, image, known, [1], method="trained", sampler="ddim", steps=3, eta=0.0)
+    assert not torch.equal(a, b)

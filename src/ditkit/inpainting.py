@@ -30,6 +30,7 @@ from .config import Config, ConfigError
 from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, prediction_target
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
+from .sampling import resolve_clip_denoised
 
 __all__ = [
     "Direction",
@@ -112,6 +113,7 @@ def inpaint_loss(
     """`diffusion_loss` for a mask-conditioned model: the input carries a random mask and the masked x0.
 
     `t` and `noise` may be given (drawn per sample by the training loop); the masks come from `generator`.
+    Only the first C output channels are trained: a `learn_sigma` model's variance channels get no loss.
     """
     n, channels, height, width = x0.shape
     if t is None:
@@ -122,7 +124,10 @@ def inpaint_loss(
     known_mask = random_known_masks(n, height, width, generator=generator, device=x0.device).to(x0.dtype)
     x_in = torch.cat([x_t, mask_channels(x0, known_mask)], dim=1)  # (N, 2C + 1, H, W)
     out = model(x_in, process.model_time(t), cond, generator=generator)
-    target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t))
+    derivatives = {}
+    if prediction == "flow":  # the velocity target needs d alpha/dt, d sigma/dt (as in diffusion_loss)
+        derivatives = dict(alpha_dot=process.alpha_dot(t), sigma_dot=process.sigma_dot(t))
+    target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t), **derivatives)
     return (out[:, :channels].float() - target).pow(2).mean()
 
 
@@ -160,8 +165,10 @@ def inpaint(
     """Fill the unknown region (known_mask 0) of `image` (1 or N, C, H, W) in [-1, 1]; one result per label.
 
     'auto' takes 'trained' for a model with `model.inpaint`, else 'repaint'. `jump`, `resample` and
-    `eta` (default 1: DDPM steps) belong to 'repaint'; `sampler` to 'trained'. The known pixels of the
-    result equal `image` exactly.
+    `eta` (default 1: DDPM steps) belong to 'repaint'; `sampler` to 'trained', where `eta` goes to a
+    sampler that takes one (ddim) and is an error for the others. x0 estimates are clamped to [-1, 1]
+    as in `generate` (`config.sample.clip_denoised`; unset: on for pixel-space models). The known pixels
+    of the result equal `image` exactly.
     """
     m, sc = config.model, config.sample
     if method == "auto":
@@ -184,7 +191,11 @@ def inpaint(
     process = build_process(config.diffusion)
     base: Denoiser
     if m.inpaint:
-        base = MaskConditionedDenoiser(model, process, config.diffusion.prediction, image, known_mask)
+        # inpaint_loss trains no variance channels (no hybrid loss), so a learn_sigma model's are untrained
+        # output: never let ddpm read them, sample with its fixed variance instead.
+        base = MaskConditionedDenoiser(
+            model, process, config.diffusion.prediction, image, known_mask, learned_variance=False
+        )
     else:
         base = ModelDenoiser(model, process, config.diffusion.prediction)
     scale = (sc.cfg_scale if m.conditional else 1.0) if cfg_scale is None else cfg_scale
@@ -192,7 +203,7 @@ def inpaint(
         if not m.conditional or m.class_dropout_prob == 0:
             raise ValueError("this model has no null class, so it cannot be guided: use cfg_scale=1")
         base = ClassifierFreeGuidance(base, scale, interval=sc.guidance_interval)
-    denoiser = ClampDenoised(base, -1.0, 1.0) if sc.clip_denoised else base
+    denoiser = ClampDenoised(base, -1.0, 1.0) if resolve_clip_denoised(config) else base
     generator = torch.Generator(device).manual_seed(sc.seed if seed is None else seed)
     steps = sc.steps if steps is None else steps
     grid = process.timesteps(steps, device=device, spacing=sc.spacing)
@@ -218,6 +229,8 @@ def inpaint(
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
         takes_eta = "eta" in inspect.signature(SAMPLERS[name]).parameters
+        if eta and not takes_eta:  # as generate(): an explicit request the sampler cannot honour
+            raise ValueError(f"sampler {name!r} takes no eta (got eta={eta})")
         options = {"eta": sc.eta if eta is None else eta} if takes_eta else {}
         out = SAMPLERS[name](
             denoiser, x, grid, cond=cond, generator=generator, callback=callback, progress=progress, **options

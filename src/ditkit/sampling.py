@@ -15,7 +15,14 @@ from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
-__all__ = ["generate"]
+__all__ = ["generate", "resolve_clip_denoised"]
+
+
+def resolve_clip_denoised(config: Config, clip_denoised: bool | None = None) -> bool:
+    """Whether samplers clamp x0 estimates to [-1, 1]: `clip_denoised`, else `config.sample.clip_denoised`,
+    else (both unset) exactly for pixel-space models, since the data range bounds x0 only in pixel space."""
+    clip = config.sample.clip_denoised if clip_denoised is None else clip_denoised
+    return config.autoencoder.kind == "pixel" if clip is None else bool(clip)
 
 
 @torch.no_grad()
@@ -48,8 +55,13 @@ def generate(
 
     For an unconditional model pass the number of images as `labels`. Unset arguments take
     `config.sample`'s values (guidance defaults to off for unconditional models). The initial noise
-    of the whole request is drawn from one generator seeded with `seed`, so a request is reproducible
-    whatever `batch_size` is. Latent models' samples are decoded with `autoencoder` (built from
+    of the whole request is drawn up front from one generator seeded with `seed`, so with a
+    deterministic sampler (ddim with eta=0, euler, heun, dpmpp_2m, dpmpp_3m) a request gives the same
+    images whatever `batch_size` is (up to rounding in differently shaped kernels). Stochastic samplers
+    (ddpm, ddim with eta > 0, euler_maruyama) then draw their per-step noise from that same generator
+    batch after batch, so their images depend on how the request is split into batches (the same
+    `seed` and `batch_size` still reproduce them); pass `sample_seeds` (below) for images that do not
+    depend on the split. Latent models' samples are decoded with `autoencoder` (built from
     `config.autoencoder` when not given); `decode=False` returns the latents instead.
     `feature_cache_interval=k > 1` runs the transformer blocks on every k-th denoiser call only and reuses
     their residuals in between (`ditkit.models.feature_cache`): faster, approximate.
@@ -127,11 +139,8 @@ def generate(
     if cfg_scale != 1.0:
         interval = sc.guidance_interval if guidance_interval is None else guidance_interval
         denoiser = ClassifierFreeGuidance(denoiser, cfg_scale, interval=interval, channels=guidance_channels)
-    clip = sc.clip_denoised if clip_denoised is None else clip_denoised
     pixel_space = config.autoencoder.kind == "pixel"
-    if clip is None:  # the data range bounds x0 only in pixel space
-        clip = pixel_space
-    if clip:
+    if resolve_clip_denoised(config, clip_denoised):
         denoiser = ClampDenoised(denoiser, -1.0, 1.0)
     generator = torch.Generator(device).manual_seed(seed)
     m = config.model

@@ -25,6 +25,17 @@ the 2M-like second step integrates the linear fit exactly the same way, phi2 d1.
 which is exact when D is quadratic in lambda (tested). Its first two steps are 1st and 2nd order.
 A grid starting at alpha = 0 (lambda = -inf, the linear interpolant) makes the first h infinite; the
 update's limit there is x_s = sigma_s x_t + alpha_s D_t, and the next steps drop the infinite history.
+
+A long final step. On `vp`'s even-in-t grid the last step before the data end, from t ~ T / n into
+t = 0, is 3-5 times longer in lambda than the one before it (lambda(0) = 4.6 lies far past the rest of
+the grid, and the gap shrinks only like log n). Extrapolating the history across it overshoots (std error
+of exact-Gaussian sampling +0.09 at 20 steps, +0.03 at 50), while a first-order step there (diffusers'
+`lower_order_final`) undershoots about as much as Euler does (-0.11 at 10 steps). So when that step is
+more than `LONG_STEP_RATIO` times the previous one, both solvers take it at second order with the step
+ratio taken as 1: the difference D_t - D_prev counts as D's change over this step, not over the short
+previous one, which damps the extrapolation by h_prev / h. Measured std errors on that grid, 2M / 3M:
+-0.07 / -0.05 at 10 steps, -0.011 / +0.010 at 20, +0.009 / +0.006 at 50 (diffusers' 2M on its own grid:
+-0.11, -0.041, -0.005). Log-SNR and Karras grids, whose steps grow gently, never meet the condition.
 """
 
 from __future__ import annotations
@@ -39,6 +50,15 @@ from .ddim import StepCallback
 from .grid import sampling_grid
 
 __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m"]
+
+LONG_STEP_RATIO = 2.5
+"""A final step (the last before the data end) longer than this many previous steps in lambda is damped
+(module docstring). The even-in-t grid's step into t = 0 is 2.9-4.7x its predecessor up to 100 steps."""
+
+
+def _long_final_step(sigmas: torch.Tensor, i: int, h: float, h_prev: float) -> bool:
+    """Whether step i (into grid point i + 1) is the last before the data end and much longer than step i - 1."""
+    return i + 2 < len(sigmas) and float(sigmas[i + 2]) == 0 and h > LONG_STEP_RATIO * h_prev
 
 
 @torch.no_grad()
@@ -72,7 +92,7 @@ def sample_dpmpp_2m(
             h = float(lambdas[i + 1] - lambdas[i])
             estimate = denoised
             if denoised_prev is not None:
-                r = h_prev / h
+                r = 1.0 if _long_final_step(sigmas, i, h, h_prev) else h_prev / h
                 estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
             x = float(sigmas[i + 1] / sigmas[i]) * x - float(alphas[i + 1]) * math.expm1(-h) * estimate
             denoised_prev, h_prev = denoised, h
@@ -118,10 +138,11 @@ def sample_dpmpp_3m(
             x_next = ratio * x - a_s * phi1 * denoised
             if len(history) >= 1:
                 d_prev, h_prev = history[-1]
-                r0 = h_prev / h
+                damped = _long_final_step(sigmas, i, h, h_prev)
+                r0 = 1.0 if damped else h_prev / h
                 d1 = (denoised - d_prev) / r0
                 phi2 = phi1 / h + 1
-                if len(history) >= 2:
+                if len(history) >= 2 and not damped:
                     d_prev2, h_prev2 = history[-2]
                     r1 = h_prev2 / h
                     d1_prev = (d_prev - d_prev2) / r1

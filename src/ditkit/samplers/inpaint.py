@@ -129,7 +129,11 @@ class MaskConditionedDenoiser(ModelDenoiser):
     """A model with `ModelConfig.inpaint` as a denoiser: x_t goes in with the mask and the masked image.
 
     Usable with every sampler; the sampled known region is close to, not exactly, the known image, so
-    callers paste it back at the end (`ditkit.studio.inpainting.inpaint` does).
+    callers paste it back at the end (`ditkit.inpainting.inpaint` does). Every network call, the plain
+    x0 estimate and `denoise_with_variance` alike, sees the mask channels.
+
+    `learned_variance` defaults to False even for a `learn_sigma` model: `ditkit.inpainting.inpaint_loss`
+    trains only the prediction channels (no hybrid loss), so the variance channels hold untrained output.
     """
 
     def __init__(
@@ -139,16 +143,25 @@ class MaskConditionedDenoiser(ModelDenoiser):
         prediction: str,
         known: torch.Tensor,
         known_mask: torch.Tensor,
+        *,
+        learned_variance: bool = False,
     ) -> None:
-        super().__init__(model, process, prediction)
+        super().__init__(model, process, prediction, learned_variance=learned_variance)
         self.extra = mask_channels(known, known_mask)  # (N, 1 + C, H, W)
 
-    @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, raw extra output channels) from one call of the network on [x_t, mask, masked image]."""
         t = t.reshape(-1).expand(x_t.shape[0]).to(x_t.device)
         extra = self.extra.to(x_t)
         if extra.shape[0] != x_t.shape[0]:  # guidance doubles the batch: the same masks for both halves
             extra = extra.repeat(x_t.shape[0] // extra.shape[0], 1, 1, 1)
-        out = self.model(torch.cat([x_t, extra], dim=1), self.process.model_time(t), cond)
-        pred = out[:, : x_t.shape[1]].to(x_t.dtype)
-        return prediction_to_x0(self.prediction, pred, x_t, self.process.alpha(t), self.process.sigma(t))
+        out = self.model(torch.cat([x_t, extra], dim=1), self.process.model_time(t), cond)  # in: (N, 2C + 1, H, W)
+        channels = x_t.shape[1]
+        pred = out[:, :channels].to(x_t.dtype)
+        derivatives = {}
+        if self.prediction == "flow":
+            derivatives = dict(alpha_dot=self.process.alpha_dot(t), sigma_dot=self.process.sigma_dot(t))
+        x0 = prediction_to_x0(self.prediction, pred, x_t, self.process.alpha(t), self.process.sigma(t), **derivatives)
+        return x0, out[:, channels:]
