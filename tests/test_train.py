@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -96,7 +97,7 @@ def test_resume_from_a_different_model_is_refused(tmp_path, tiny_dataset):
     train(make_tiny_config(tmp_path / "a"), progress=False, dataset=tiny_dataset)
     other = make_tiny_config(tmp_path / "b")
     other.model.depth = 3
-    with pytest.raises(ConfigError, match="model config differs"):
+    with pytest.raises(ConfigError, match="model config differs from this run's: model.depth=2 there, 3 here"):
         train(other, resume=tmp_path / "a", progress=False, dataset=tiny_dataset)
 
 
@@ -248,3 +249,216 @@ def test_weights_that_do_not_match_the_config_are_named(tmp_path, tiny_config):
     save_file(state, path / "ema.safetensors")
     with pytest.raises(CheckpointError, match="ema.safetensors does not match its config.json"):
         load_model(path)
+
+
+def _steps_in(path):
+    return [json.loads(line)["step"] for line in open(path)]
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_later_ones_aside(tmp_path, caplog):
+    """Rolling back: the checkpoint just written survives keep_last, `--resume RUN_DIR` continues the new
+    timeline, and the abandoned later checkpoints are moved (unchanged), not deleted."""
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    train(make_tiny_config(run, steps=6, ckpt_every=2, keep_last=3), progress=False, dataset=data)
+    later = {name: _weights(run / "checkpoints" / name) for name in ("step_0000004", "step_0000006")}
+    with caplog.at_level("WARNING", logger="ditkit.train"):
+        result = train(
+            make_tiny_config(run, steps=3, ckpt_every=2, keep_last=1),
+            resume=run / "checkpoints" / "step_0000002",
+            progress=False,
+            dataset=data,
+        )
+    assert result.checkpoint == run / "checkpoints" / "step_0000003" and result.checkpoint.is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]
+    assert resolve_checkpoint(run) == result.checkpoint
+    (aside,) = run.glob("abandoned-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == sorted(later)
+    for name, weights in later.items():
+        moved = _weights(aside / "checkpoints" / name)
+        assert all(torch.equal(weights[k], moved[k]) for k in weights)
+    assert _steps_in(aside / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert _steps_in(run / "metrics.jsonl") == [1, 2, 3]
+    assert str(aside) in caplog.text and "step_0000004, step_0000006" in caplog.text
+
+
+def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path):
+    data = make_tiny_dataset(20)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(make_tiny_config(a, steps=2, seed=1), progress=False, dataset=data)
+    train(make_tiny_config(b, steps=2, seed=2), progress=False, dataset=data)
+    before, metrics = _weights(b / "checkpoints" / "step_0000002"), (b / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="another run") as err:
+        train(make_tiny_config(b, steps=4, seed=1), resume=a, progress=False, dataset=data)
+    assert str(a / "checkpoints" / "step_0000002") in str(err.value) and str(b / "checkpoints") in str(err.value)
+    after = _weights(b / "checkpoints" / "step_0000002")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (b / "metrics.jsonl").read_text() == metrics
+    # Into an empty folder it is allowed: the continuation starts its own records there.
+    result = train(make_tiny_config(tmp_path / "c", steps=3, seed=1), resume=a, progress=False, dataset=data)
+    assert result.step == 3 and _steps_in(tmp_path / "c" / "metrics.jsonl") == [3]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"batch_size": 4}, "train.batch_size was 8 when it was saved, but is 4 in this run"),
+        ({"seed": 5}, "train.seed was 0 when it was saved, but is 5 in this run"),
+        ({"items": 24}, "the number of training items was 20 when it was saved, but is 24 in this run"),
+    ],
+)
+def test_resume_refuses_a_change_of_what_the_data_position_means(tmp_path, change, message):
+    run = tmp_path / "run"
+    train(make_tiny_config(run, steps=2), progress=False, dataset=make_tiny_dataset(20))
+    config = make_tiny_config(run, steps=4, **{k: v for k, v in change.items() if k != "items"})
+    with pytest.raises(ConfigError, match=message):
+        train(config, resume=run, progress=False, dataset=make_tiny_dataset(change.get("items", 20)))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
+
+
+def test_checkpoint_without_data_position_settings_still_resumes_and_wraps(tmp_path):
+    """An older checkpoint (no num_items / batch_size / seed) resumes; a saved position past the end of an
+    epoch (its settings changed under it) rolls over instead of growing forever."""
+    data, run = make_tiny_dataset(20), tmp_path / "run"  # 2 batches of 8 per epoch
+    train(make_tiny_config(run, steps=2), progress=False, dataset=data)
+    path = run / "checkpoints" / "step_0000002"
+    state = torch.load(path / "state.pt", weights_only=True)
+    assert (state["num_items"], state["batch_size"], state["seed"]) == (20, 8, 0)
+    for key in ("num_items", "batch_size", "seed"):
+        del state[key]
+    state["epoch"], state["batch_in_epoch"] = 0, 8  # as a run with a larger dataset would have saved it
+    torch.save(state, path / "state.pt")
+    result = train(make_tiny_config(run, steps=5, ckpt_every=100), resume=run, progress=False, dataset=data)
+    saved = load_state(result.checkpoint)
+    assert result.step == 5 and (saved["epoch"], saved["batch_in_epoch"]) == (2, 1)
+
+
+def test_max_minutes_counts_the_whole_loop_and_is_checked_before_each_step(tmp_path, monkeypatch):
+    """With a fake clock: each sample grid 'takes' 10 s and steps take none, so a 30 s budget allows 3
+    steps; resumed with the same budget, the run takes no further step and still returns its checkpoint."""
+    now = [0.0]
+    monkeypatch.setattr(train_mod, "_clock", lambda: now[0])
+
+    def slow_grid(*args, **kwargs):
+        now[0] += 10.0
+
+    monkeypatch.setattr(train_mod, "save_sample_grid", slow_grid)
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    config = make_tiny_config(run, steps=50, ckpt_every=100, sample_every=1, max_minutes=0.5)
+    first = train(config, progress=False, dataset=data)
+    assert first.step == 3 and first.checkpoint == run / "checkpoints" / "step_0000003"
+    assert load_state(first.checkpoint)["train_seconds"] == 30.0 and first.train_seconds == 30.0
+    again = train(config, resume=run, progress=False, dataset=data)
+    assert again.step == 3 and again.checkpoint.is_dir() and load_state(again.checkpoint)["step"] == 3
+    assert _steps_in(run / "metrics.jsonl") == [1, 2, 3]
+
+
+def test_fresh_run_starts_a_new_metrics_file_and_keeps_the_old_one(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    stale = '{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n{"step": 3, "loss": 7.0}\n'
+    (run / "metrics.jsonl").write_text(stale)  # a run that died before its first checkpoint
+    (run / "samples" / "step_0000002.png").write_bytes(b"old grid")
+    train(make_tiny_config(run, steps=2, sample_every=2), progress=False, dataset=tiny_dataset)
+    assert _steps_in(run / "metrics.jsonl") == [1, 2]
+    (aside,) = run.glob("abandoned-*")
+    assert (aside / "metrics.jsonl").read_text() == stale
+    assert (aside / "samples" / "step_0000002.png").read_bytes() == b"old grid"
+    assert (run / "samples" / "step_0000002.png").read_bytes() != b"old grid"
+
+
+def test_a_cut_last_metrics_line_is_dropped_and_a_bad_line_elsewhere_is_named(tmp_path, caplog):
+    from ditkit.monitor import MetricsError, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # the crash cut the last write
+    with caplog.at_level("WARNING", logger="ditkit.monitor"):
+        truncate_metrics(path, 5)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert str(path) in caplog.text and "line 3" in caplog.text
+    damaged = '{"step": 1}\n{"st\n{"step": 3}\n'
+    path.write_text(damaged)
+    with pytest.raises(MetricsError, match=f"{path} line 2 is not valid JSON"):
+        truncate_metrics(path, 1)
+    assert path.read_text() == damaged
+
+
+def test_resume_after_a_cut_metrics_line(tmp_path):
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    train(make_tiny_config(run, steps=2), progress=False, dataset=data)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')
+    result = train(make_tiny_config(run, steps=3), resume=run, progress=False, dataset=data)
+    assert result.step == 3 and _steps_in(run / "metrics.jsonl") == [1, 2, 3]
+
+
+class _Crash(BaseException):
+    pass
+
+
+def test_a_crash_between_the_renames_of_a_replace_loses_no_checkpoint(tmp_path, tiny_config, monkeypatch):
+    import os
+
+    model = build_model(tiny_config, seed=0)
+    path = save_checkpoint(tmp_path / "step_0000005", config=tiny_config, model=model, ema=model)
+    original = _weights(path)
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the old copy is aside, the new one not yet in place
+            raise _Crash
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", crash_on_second)
+    with pytest.raises(_Crash):
+        save_checkpoint(path, config=tiny_config, model=build_model(tiny_config, seed=1), ema=model)
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    assert not path.exists()
+    found = find_latest_checkpoint(tmp_path)  # reads only: the old copy is found where it is
+    assert found is not None and found.name.startswith(".step_0000005.old-")
+    assert all(torch.equal(original[k], v) for k, v in _weights(found).items())
+    ckpt_mod.prune_checkpoints(tmp_path, 2)  # the writer's next prune (or save) puts it back
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == ["step_0000005"]
+    assert all(torch.equal(original[k], v) for k, v in _weights(path).items())
+    # A finished replace whose old copy was left behind: the surplus copy goes, the checkpoint stays.
+    leftover = tmp_path / ".step_0000005.old-99999"
+    save_checkpoint(leftover, config=tiny_config, model=model, ema=model)
+    save_checkpoint(tmp_path / "step_0000006", config=tiny_config, model=model, ema=model)
+    ckpt_mod.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == ["step_0000005", "step_0000006"]
+
+
+def test_saving_a_checkpoint_onto_a_file_is_refused(tmp_path, tiny_config):
+    model = build_model(tiny_config, seed=0)
+    target = tmp_path / "precious"
+    target.write_text("mine")
+    with pytest.raises(CheckpointError, match=f"{target}: it exists and is not a folder"):
+        save_checkpoint(target, config=tiny_config, model=model, ema=model)
+    assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_update_ema_copies_buffers():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        model[1].running_mean.fill_(2.0)
+        model[0].weight.add_(1.0)
+    train_mod.update_ema(ema, model, 0.5)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)
+    assert torch.allclose(ema[0].weight, model[0].weight - 0.5)
+
+
+def test_a_damaged_metrics_file_stops_a_roll_back_before_anything_moves(tmp_path):
+    from ditkit.monitor import MetricsError
+
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    train(make_tiny_config(run, steps=4), progress=False, dataset=data)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MetricsError, match="metrics.jsonl line 2 is not valid JSON"):
+        train(make_tiny_config(run, steps=3), resume=run / "checkpoints" / "step_0000002", progress=False, dataset=data)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    assert not list(run.glob("abandoned-*"))

@@ -23,7 +23,10 @@ from ditkit.checkpoint import KILL_HOOK_ENV, find_latest_checkpoint, load_state
 from ditkit.config import ConfigError
 from ditkit.diffusion import build_process, diffusion_loss
 from ditkit.distributed import draw_streams
+from ditkit.evaluation import ClassifierResult, save_classifier
+from ditkit.evaluation.in_training import InTrainingEvaluator
 from ditkit.models import DiT
+from ditkit.models.classifier import ClassifierConfig, DigitClassifier
 from ditkit.train import EpochBatchSampler, build_model, load_model, train
 
 WORKER = Path(__file__).parent / "train_worker.py"
@@ -40,10 +43,10 @@ def _check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
-def _torchrun(*phases: list[str]) -> None:
+def _torchrun(*phases: list[str], **env: str) -> None:
     args = [a for i, phase in enumerate(phases) for a in ((["--phase"] if i else []) + phase)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
-    _check(subprocess.run(cmd + args, env=_env(), capture_output=True, text=True, timeout=600))
+    _check(subprocess.run(cmd + args, env=_env(**env), capture_output=True, text=True, timeout=600))
 
 
 def _weights(run: Path, step: int, which: str = "model") -> dict[str, torch.Tensor]:
@@ -71,6 +74,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     data = make_tiny_dataset(DATA)
     train(make_tiny_config(root / "single", steps=4), progress=False, dataset=data)
+    torch.manual_seed(0)  # a (seeded, untrained) digit judge where in-training evaluation looks for it
+    judge = ClassifierResult(DigitClassifier(ClassifierConfig(width=8)).eval(), 0.0)
+    save_classifier(judge, root / "judge_cache" / "digit_classifier_8px_e10")
     _torchrun(
         [str(root / "ddp"), "train.steps=4"],
         [str(root / "ddp_from_single"), "--resume", str(root / "single/checkpoints/step_0000002"), "train.steps=4"],
@@ -80,8 +86,11 @@ def runs(tmp_path_factory):
             "train.parallel=fsdp",
             "train.grad_accum_steps=2",
             "train.sample_every=4",
+            "train.eval_every=4",  # rank 0 scores the whole EMA: it hung when it sampled its own shard
+            "train.eval_num=4",
         ],
         [str(root / "ddp_nan"), "train.steps=4", "--nan-calls", "2"],
+        DITKIT_CACHE=str(root / "judge_cache"),
     )
     return root
 
@@ -110,7 +119,7 @@ def test_checkpoints_resume_across_topologies(runs, tmp_path):
         assert _max_diff(_weights(runs / "single", 4, which), _weights(tmp_path / "from_ddp", 4, which)) < 1e-6
 
 
-def test_fsdp_with_accumulation_matches_and_loads_single_process(runs, tmp_path):
+def test_fsdp_with_accumulation_matches_and_loads_single_process(runs, tmp_path, monkeypatch):
     for which in ("model", "ema"):
         assert _max_diff(_weights(runs / "single", 4, which), _weights(runs / "fsdp", 4, which)) < 1e-6
     model, _ = load_model(runs / "fsdp", "ema")  # unsharded, unwrapped names: loads into a plain DiT
@@ -126,6 +135,14 @@ def test_fsdp_with_accumulation_matches_and_loads_single_process(runs, tmp_path)
     grid = Image.open(runs / "fsdp" / "samples" / "step_0000004.png")
     assert grid.size == ((4 * (8 + 2) + 2) * 8, (4 * (8 + 2) + 2) * 8)
     assert Image.open(runs / "fsdp" / "loss_curve.png").size == (640, 360)
+    # In-training evaluation of the gathered EMA: the score a single process gets from the saved EMA.
+    records = [json.loads(line) for line in open(runs / "fsdp" / "metrics.jsonl")]
+    (scored,) = [r for r in records if "eval_fid" in r]
+    assert scored["step"] == 4 and scored["eval_num"] == 4
+    monkeypatch.setenv("DITKIT_CACHE", str(runs / "judge_cache"))
+    ema, saved = load_model(runs / "fsdp", "ema")
+    again = InTrainingEvaluator(saved, make_tiny_dataset(DATA), "cpu")(ema)
+    assert again["eval_fid"] == pytest.approx(scored["eval_fid"], rel=1e-6)
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_by_all(runs, tmp_path, monkeypatch):

@@ -8,12 +8,16 @@
                          tensors and numbers that `torch.load(weights_only=True)` accepts
 
 The folder is written under a temporary name and renamed into place, so a crash leaves either the
-previous checkpoint or the new one, never a half-written one under the final name.
+previous checkpoint or the new one, never a half-written one under the final name. Replacing a
+checkpoint of the same name takes two renames (old one aside to `.NAME.old-PID`, new one into place);
+a crash between them leaves the only copy under the `.old` name, which find_latest_checkpoint still
+finds and the next save or prune puts back (or deletes, once a complete NAME exists again).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,9 +44,13 @@ __all__ = [
     "resolve_checkpoint",
     "prune_checkpoints",
     "checkpoint_name",
+    "checkpoints_after",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_STEP_DIR = re.compile(r"^\.(step_(\d+))\.old-\d+$")  # set aside by an interrupted same-name replace
+_TMP_STEP_DIR = re.compile(r"^\.(step_(\d+))\.tmp-\d+$")  # an interrupted (or running) write
+log = logging.getLogger(__name__)
 REQUIRED_FILES = ("config.json", "model.safetensors", "ema.safetensors")
 
 
@@ -96,7 +104,11 @@ def save_checkpoint(
     `model` and `ema` are modules or (unwrapped, full) state dicts.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        # Only a checkpoint folder is ever replaced; a file here is the user's, not ours to move.
+        raise CheckpointError(f"cannot save a checkpoint at {path}: it exists and is not a folder (nothing written)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_replaced(path.parent, path.name)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -182,12 +194,68 @@ def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _old_step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """`.step_N.old-PID` folders whose step_N is missing: the only copy of checkpoint N after a crash
+    between the two renames of a same-name replace."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for child in folder.iterdir():
+        match = _OLD_STEP_DIR.match(child.name)
+        if match and child.is_dir() and not (folder / match.group(1)).exists():
+            out.append((int(match.group(2)), child))
+    return sorted(out)
+
+
+def _complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in REQUIRED_FILES)
+
+
 def find_latest_checkpoint(folder: str | Path) -> Path | None:
-    """Newest complete step_* checkpoint under `folder` (a run's checkpoints/ folder), or None."""
-    for _, path in reversed(_step_dirs(Path(folder))):
-        if all((path / f).is_file() for f in REQUIRED_FILES):
+    """Newest complete step_* checkpoint under `folder` (a run's checkpoints/ folder), or None.
+
+    A checkpoint left only under `.step_N.old-PID` by a crash in the middle of a same-name replace
+    counts too, when step_N itself is missing. This function only reads: another process
+    may be writing there right now, so putting such a folder back is left to the writer's next
+    save_checkpoint or prune_checkpoints.
+    """
+    folder = Path(folder)
+    candidates = sorted([(step, 1, path) for step, path in _step_dirs(folder)] + [
+        (step, 0, path) for step, path in _old_step_dirs(folder)
+    ])  # fmt: skip
+    for _, _, path in reversed(candidates):
+        if _complete(path):
             return path
     return None
+
+
+def _recover_replaced(folder: Path, name: str | None = None) -> None:
+    """Finish same-name replaces that a crash interrupted (for checkpoint `name`, or every step_*).
+
+    `.NAME.old-PID` is the previous copy of NAME, moved aside just before the new one was renamed
+    into place. If NAME is missing, the crash came between the two renames and the old folder is the
+    only copy: it goes back. If a complete NAME exists, the replace finished and the old copy is
+    surplus. Anything else (an incomplete NAME) is left for a person to look at. Call this only from
+    the process that writes into `folder`, when it is not in the middle of a save.
+    """
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if name is None:
+            match = _OLD_STEP_DIR.match(child.name)
+            target = match.group(1) if match else None
+        else:
+            prefix = f".{name}.old-"
+            tail = child.name[len(prefix) :]
+            target = name if child.name.startswith(prefix) and tail.isdigit() else None
+        if target is None or not child.is_dir():
+            continue
+        final = folder / target
+        if not final.exists():
+            os.replace(child, final)
+            log.warning("restored checkpoint %s from %s (a save was interrupted while replacing it)", final, child)
+        elif final.is_dir() and _complete(final):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -206,12 +274,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
-    """Delete all but the `keep_last` newest step_* checkpoints under `folder`, and the temporary
-    folders of writes that a crash interrupted (call it from the only process that writes there)."""
-    dirs = _step_dirs(Path(folder))
+def prune_checkpoints(folder: str | Path, keep_last: int, keep: str | Path | None = None) -> None:
+    """Delete all but the `keep_last` newest step_* checkpoints under `folder` (never `keep`, the
+    checkpoint just written), and the temporary folders of writes that a crash interrupted; put back
+    checkpoints an interrupted same-name replace left aside. Call it from the only process that
+    writes there."""
+    folder = Path(folder)
+    _recover_replaced(folder)
+    dirs = _step_dirs(folder)
+    protected = Path(keep).resolve() if keep is not None else None
     for _, path in dirs[: max(0, len(dirs) - keep_last)]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.resolve() != protected:
+            shutil.rmtree(path, ignore_errors=True)
     for stale in Path(folder).glob(".step_*.tmp-*"):
         if stale.is_dir() and not stale.name.endswith(f".tmp-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def checkpoints_after(folder: str | Path, step: int) -> list[Path]:
+    """Every checkpoint-like folder under `folder` for a step after `step`: step_N, and the `.old`
+    and `.tmp` leftovers of interrupted saves (which a later save or prune would otherwise act on)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for child in folder.iterdir():
+        match = _STEP_DIR.match(child.name)
+        number = match.group(1) if match else None
+        for pattern in (_OLD_STEP_DIR, _TMP_STEP_DIR):
+            found = pattern.match(child.name)
+            number = found.group(2) if found else number
+        if number is not None and int(number) > step and child.is_dir():
+            out.append(child)
+    return sorted(out)

@@ -6,6 +6,7 @@ Only rank 0 of a job builds a :class:`RunLog`; the other ranks write nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,53 @@ from torch import nn
 
 from .config import Config, ConfigError, config_to_dict
 
-__all__ = ["RunLog", "truncate_metrics", "save_sample_grid"]
+__all__ = ["RunLog", "MetricsError", "check_metrics", "truncate_metrics", "save_sample_grid"]
+
+log = logging.getLogger(__name__)
+
+
+class MetricsError(ValueError):
+    """metrics.jsonl cannot be read; the message names the file and line."""
+
+
+def _read_metrics(path: Path) -> tuple[list[tuple[str, Any]], tuple[int, str] | None, bool]:
+    """(line, record) pairs of metrics.jsonl, its cut last line as (number, text) or None, and whether
+    the file lacks its final newline. Raises MetricsError for an invalid line that is not the last."""
+    text = path.read_text()
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records, cut = [], None
+    for i, (number, line) in enumerate(lines):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:  # a crash cuts only the write in progress, the last line
+                raise MetricsError(
+                    f"{path} line {number} is not valid JSON ({err}); fix or remove that line, then resume again"
+                ) from err
+            cut = (number, line)
+    return records, cut, bool(text) and not text.endswith("\n")
+
+
+def check_metrics(path: Path) -> None:
+    """Raise MetricsError (naming the file and line) if truncate_metrics would refuse `path`; reads only."""
+    if path.is_file():
+        _read_metrics(path)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after `last_step` (logged by a run that died after its last checkpoint); atomic."""
+    """Drop records after `last_step` (logged by a run that died after its last checkpoint); atomic.
+
+    A last line that is not valid JSON (cut by a crash or a full disk in the middle of a write) is
+    dropped with a warning; an invalid line anywhere else is not something a crash leaves, so it
+    raises MetricsError naming the file and line instead of being silently discarded.
+    """
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    if len(kept) == len([line for line in lines if line.strip()]):
+    records, cut, no_final_newline = _read_metrics(path)
+    if cut is not None:
+        log.warning("%s: dropped its last line %d, not valid JSON (cut by a crash?): %r", path, *cut)
+    kept = [line for line, record in records if not (isinstance(record, dict) and record.get("step", 0) > last_step)]
+    if len(kept) == len(records) and cut is None and not no_final_newline:  # a missing newline would glue records
         return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

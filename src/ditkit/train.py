@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ from .autoencoders import build_autoencoder, resolve_autoencoder
 from .checkpoint import (
     CheckpointError,
     checkpoint_name,
+    checkpoints_after,
+    find_latest_checkpoint,
     load_config_from_checkpoint,
     load_state,
     load_weights,
@@ -39,7 +43,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, config_to_dict, save_config
 from .data import build_dataset
-from .data.cache import CacheDataset, CacheError
+from .data.cache import CacheDataset, CacheError, verify_cache
 from .data.sources import make_batch_source, measure_latent_stats
 from .diffusion import build_process, diffusion_loss
 from .distributed import (
@@ -64,7 +68,7 @@ from .distributed import (
 from .inpainting import inpaint_loss
 from .models import DiT
 from .models.dit import resize_pos_embed
-from .monitor import RunLog, save_sample_grid, truncate_metrics
+from .monitor import RunLog, check_metrics, save_sample_grid, truncate_metrics
 from .utils.images import plot_loss_curve
 
 __all__ = [
@@ -84,6 +88,15 @@ log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_NONFINITE = 10
 """Stop a run after this many optimizer steps in a row had a non-finite loss or gradient."""
+
+_clock = time.perf_counter  # the wall clock of train.max_minutes and the logged timings (tests substitute one)
+
+DATA_POSITION_KEYS = {
+    "num_items": "the number of training items",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+}
+"""What a saved data position (epoch, batch in epoch) means depends on these; a checkpoint records them."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,10 +163,13 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over trainable parameters; buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * model over all parameters (frozen ones are equal in both, so
+    unchanged); buffers are copied, since a running statistic is not something to average."""
     ema_params = [local_tensor(p) for p in ema.parameters()]  # FSDP: both sharded alike, update the shards
     params = [local_tensor(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        local_tensor(ema_buffer).copy_(local_tensor(buffer))
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -239,13 +255,20 @@ def _train(
     local_batch = tc.batch_size // world  # this rank's share of the global batch
     micro = local_batch // accum  # images per forward/backward pass
 
-    resume_path = None
+    resume_path, same_run = None, False
     if resume is not None:
         resume_path = resolve_checkpoint(resume)
         saved = load_config_from_checkpoint(resume_path)
-        if config_to_dict(saved.model) != config_to_dict(config.model):
-            raise ConfigError(f"cannot resume from {resume_path}: its model config differs from this run's")
-    elif ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
+        _check_same_model(saved, config, resume_path)
+        # The run folder a checkpoint belongs to is the one whose checkpoints/ holds it.
+        same_run = resume_path.resolve().parent == ckpt_dir.resolve()
+        if not same_run and _holds_checkpoints(ckpt_dir):
+            raise ConfigError(
+                f"cannot resume from {resume_path} into train.out_dir={out_dir}: {ckpt_dir} already holds the "
+                f"checkpoints of another run, which this would overwrite; choose an empty train.out_dir, or pass "
+                f"--resume {out_dir} to continue that run instead"
+            )
+    elif _holds_checkpoints(ckpt_dir):
         raise ConfigError(
             f"{ckpt_dir} already holds checkpoints; pass --resume {out_dir} to continue, "
             "or choose another train.out_dir"
@@ -268,6 +291,8 @@ def _train(
         model.load_state_dict(load_weights(resume_path, "model", device))
         ema.load_state_dict(load_weights(resume_path, "ema", device))
         state = load_state(resume_path)
+        position_keys = {"num_items": len(dataset), "batch_size": tc.batch_size, "seed": tc.seed}
+        _check_data_position(state, position_keys, resume_path)
     model.grad_checkpoint_every = tc.grad_checkpoint_every
     fsdp = env.distributed and tc.parallel == "fsdp"
     wrapped = wrap_model(model, env, tc.parallel)
@@ -293,13 +318,27 @@ def _train(
             _set_rng_state(rng[env.rank], device)
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         train_seconds = float(state["train_seconds"])
+        batches_per_epoch = len(dataset) // tc.batch_size
+        if batch_in_epoch >= batches_per_epoch > 0:
+            # Only a checkpoint from before the data position was checked (see _check_data_position) can
+            # get here: its settings changed under it. The next epoch is the nearest valid position.
+            log.warning(
+                "%s: saved data position (epoch %d, batch %d) lies past the end of an epoch of %d batches; "
+                "continuing at the start of epoch %d",
+                resume_path, epoch, batch_in_epoch, batches_per_epoch, epoch + 1,
+            )  # fmt: skip
+            epoch, batch_in_epoch = epoch + 1, 0
         log.info("resumed from %s at step %d", resume_path, step)
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.json")
-        if resume_path is not None:
+        if same_run:
+            check_metrics(out_dir / "metrics.jsonl")  # refuse a damaged file before anything is moved
+            _set_aside_later_steps(out_dir, resume_path, step)
             truncate_metrics(out_dir / "metrics.jsonl", step)
+        else:
+            _set_aside_stale_records(out_dir)
+        save_config(config, out_dir / "config.json")
     sampler = EpochBatchSampler(
         len(dataset), tc.batch_size, tc.seed, epoch, batch_in_epoch, rank=env.rank, world_size=world
     )
@@ -310,6 +349,12 @@ def _train(
         drop_prob = config.model.caption_dropout_prob
     input_shape = (config.model.in_channels, *config.model.input_hw)  # model-space x0 (latents or pixels)
     prediction, vlb_weight = config.diffusion.prediction, config.diffusion.vlb_weight
+
+    loop_start = None
+
+    def elapsed() -> float:
+        """Seconds of training loop so far, over every resume: steps, evaluations, grids, checkpoints."""
+        return train_seconds + (_clock() - loop_start if loop_start is not None else 0.0)
 
     def checkpoint() -> Path:
         # Collectives first (every rank), then rank 0 writes while the others wait at the barrier.
@@ -327,10 +372,14 @@ def _train(
                 "step": step,
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
-                "train_seconds": train_seconds,
+                # what (epoch, batch_in_epoch) means depends on these; a resume checks them
+                "num_items": len(dataset),
+                "batch_size": tc.batch_size,
+                "seed": tc.seed,
+                "train_seconds": elapsed(),
             }
             save_checkpoint(path, config=config, model=model_state, ema=ema_state, state=ckpt_state)
-            prune_checkpoints(ckpt_dir, tc.keep_last)
+            prune_checkpoints(ckpt_dir, tc.keep_last, keep=path)
         barrier(env)
         return path
 
@@ -340,13 +389,20 @@ def _train(
 
         evaluator = InTrainingEvaluator(config, dataset, device)
 
+    def full_ema() -> nn.Module:
+        """The whole EMA model on rank 0, for sampling there; under FSDP every rank must call this (the
+        gather is a collective), and ranks other than 0 get their own shard back."""
+        if not fsdp:
+            return ema
+        weights = full_state_dict(ema)
+        if not env.is_main:
+            return ema
+        full = DiT(config.model).to(device)
+        full.load_state_dict(weights)
+        return full
+
     def sample_grid() -> None:
-        full = ema
-        if fsdp:  # the grid needs the whole EMA model, on rank 0
-            weights = full_state_dict(ema)
-            if env.is_main:
-                full = DiT(config.model).to(device)
-                full.load_state_dict(weights)
+        full = full_ema()
         if env.is_main:
             save_sample_grid(full, config, out_dir / "samples" / f"{checkpoint_name(step)}.png")
         barrier(env)
@@ -361,10 +417,14 @@ def _train(
         if embedder is not None:
             embedder.eval()  # label / caption dropout is drawn per sample below, not by the embedder
     last_path, window_loss, window_n, last_loss, nonfinite_run, skipped = None, 0.0, 0, float("nan"), 0, 0
-    window_start = time.perf_counter()
+    saved_step = None
+    window_start = loop_start = _clock()
     try:
         while step < tc.steps:
-            t0 = time.perf_counter()
+            # The budget is checked before a step, so a run resumed already past it takes no step.
+            if _over_budget(env, tc.max_minutes, elapsed()):
+                log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
+                break
             batch_local = next(batches)  # this rank's share of the global batch
             batch_index = epoch * sampler.batches_per_epoch + batch_in_epoch  # keys the per-sample streams
             optimizer.zero_grad(set_to_none=True)
@@ -404,14 +464,13 @@ def _train(
             max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
             batch_in_epoch += 1
-            if batch_in_epoch == sampler.batches_per_epoch:
+            if batch_in_epoch >= sampler.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
             # One all-reduce per step: mean loss, and whether any rank saw a non-finite value, so that
             # every rank takes the same branch (skip or step, stop or go on).
             local_loss = loss_sum / accum
             bad = ~(torch.isfinite(local_loss) & torch.isfinite(grad_norm))
-            over = tc.max_minutes is not None and train_seconds + time.perf_counter() - t0 >= tc.max_minutes * 60
-            totals = all_sum(env, torch.stack([local_loss, bad.float(), torch.tensor(float(over), device=device)]))
+            totals = all_sum(env, torch.stack([local_loss, bad.float()]))
             if totals[1] > 0:
                 # Skip the update; fp16's scaler handles its own overflow, this guards everything else.
                 optimizer.zero_grad(set_to_none=True)
@@ -432,45 +491,153 @@ def _train(
             scheduler.step()
             update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
             step += 1
-            train_seconds += time.perf_counter() - t0
             last_loss = float(totals[0]) / world
             window_loss, window_n = window_loss + last_loss, window_n + 1
             bar.update(1)
             if run_log is not None and (step % tc.log_every == 0 or step == tc.steps):
-                elapsed = time.perf_counter() - window_start
+                window_seconds = _clock() - window_start
                 record = {
                     "step": step,
                     "loss": window_loss / window_n,
                     "grad_norm": float(grad_norm),
                     "lr": scheduler.get_last_lr()[0],
-                    "img_per_s": window_n * tc.batch_size / max(elapsed, 1e-9),
-                    "train_seconds": round(train_seconds, 3),
+                    "img_per_s": window_n * tc.batch_size / max(window_seconds, 1e-9),
+                    "train_seconds": round(elapsed(), 3),
                     "skipped_steps": skipped,
                 }
                 run_log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_n, window_start = 0.0, 0, _clock()
             if tc.eval_every and step % tc.eval_every == 0:
+                # Under FSDP rank 0 alone sampling the sharded EMA hung the run at its first evaluation.
+                scored = full_ema()
                 if evaluator is not None:  # rank 0 samples and scores; the others wait
-                    run_log.write({"step": step, **evaluator(ema)})
+                    run_log.write({"step": step, **evaluator(scored)})
                 barrier(env)
-            out_of_time = bool(totals[2] > 0)
             if tc.sample_every and step % tc.sample_every == 0:
                 sample_grid()
-            if step % tc.ckpt_every == 0 or step == tc.steps or out_of_time:
-                last_path = checkpoint()
-            if out_of_time:
-                log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
-                break
+            if step % tc.ckpt_every == 0 or step == tc.steps:
+                last_path, saved_step = checkpoint(), step
     finally:
         bar.close()
         if run_log is not None:
             run_log.close()
-    if last_path is None:  # resumed at or past the final step
+    if saved_step != step:  # stopped by max_minutes between checkpoints, or resumed at or past the end
         last_path = checkpoint()
     if env.is_main and (out_dir / "metrics.jsonl").is_file():
         plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-    return TrainResult(out_dir, last_path, step, last_loss, train_seconds)
+    return TrainResult(out_dir, last_path, step, last_loss, elapsed())
+
+
+def _over_budget(env: DistEnv, max_minutes: float | None, seconds: float) -> bool:
+    """Whether `seconds` of training have used up train.max_minutes, agreed by every rank (each reads
+    its own clock; one rank over the budget stops them all, so all take the same branch)."""
+    if max_minutes is None:
+        return False  # no collective at all: a run without a budget is not slowed or changed
+    over = torch.tensor(float(seconds >= max_minutes * 60), device=env.device)
+    return bool(all_sum(env, over) > 0)
+
+
+def _check_same_model(saved: Config, config: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint whose model config differs from this run's, naming each key."""
+    theirs, ours = config_to_dict(saved.model), config_to_dict(config.model)
+    differing = [
+        f"model.{key}={theirs.get(key)!r} there, {ours.get(key)!r} here"
+        for key in sorted(set(theirs) | set(ours))
+        if theirs.get(key) != ours.get(key)
+    ]
+    if differing:
+        raise ConfigError(
+            f"cannot resume from {path}: its model config differs from this run's: {'; '.join(differing)} "
+            f"(train with the checkpoint's settings, e.g. --config {path / 'config.json'})"
+        )
+
+
+def _check_data_position(state: dict, current: dict[str, int], path: Path) -> None:
+    """Refuse to resume when what the saved data position depends on has changed.
+
+    (epoch, batch in epoch) indexes a permutation of `num_items` items cut into global batches of
+    `batch_size`, drawn from `seed`: with any of them changed, the same numbers name other images
+    and the continuation is neither exact nor well defined. Checkpoints from before these were
+    saved have none of the keys and are accepted as before.
+    """
+    for key, setting in DATA_POSITION_KEYS.items():
+        if key in state and int(state[key]) != current[key]:
+            raise ConfigError(
+                f"cannot resume from {path}: {setting} was {int(state[key])} when it was saved, but is "
+                f"{current[key]} in this run; its saved data position (epoch {state.get('epoch')}, batch "
+                f"{state.get('batch_in_epoch')}) depends on it. Resume with the same value, or start a new run "
+                f"from its weights with train.init_from={path}"
+            )
+
+
+def _holds_checkpoints(ckpt_dir: Path) -> bool:
+    """Any step_* folder, or a checkpoint an interrupted replace left only under its `.old` name."""
+    return ckpt_dir.is_dir() and (any(ckpt_dir.glob("step_*")) or find_latest_checkpoint(ckpt_dir) is not None)
+
+
+def _aside_folder(out_dir: Path) -> Path:
+    """A new out_dir/abandoned-YYYYmmdd-HHMMSS[-k] folder for files a run moves out of its way."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, k = out_dir / f"abandoned-{stamp}", 1
+    while folder.exists():
+        k += 1
+        folder = out_dir / f"abandoned-{stamp}-{k}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _step_of_grid(path: Path) -> int | None:
+    name = path.stem
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def _set_aside_later_steps(out_dir: Path, resume_path: Path, step: int) -> None:
+    """Resuming from a checkpoint older than the run's newest starts a new timeline from it: move the
+    later checkpoints and sample grids, and a copy of metrics.jsonl, to out_dir/abandoned-*/.
+
+    Left in place, the later checkpoints would outrank the new ones (keep_last deletes the lowest
+    steps, so it would delete the checkpoint just written) and `--resume RUN_DIR` would go back to
+    the abandoned timeline. Moved, not deleted: they may be what the user wants back.
+    """
+    ckpt_dir = out_dir / "checkpoints"
+    later = checkpoints_after(ckpt_dir, step)
+    if not later:
+        return
+    aside = _aside_folder(out_dir)
+    (aside / "checkpoints").mkdir()
+    for path in later:
+        os.replace(path, aside / "checkpoints" / path.name)
+    grids = [g for g in sorted((out_dir / "samples").glob("step_*.png")) if (_step_of_grid(g) or 0) > step]
+    if grids:
+        (aside / "samples").mkdir()
+        for grid in grids:
+            os.replace(grid, aside / "samples" / grid.name)
+    moved = f"the later checkpoints ({', '.join(p.name for p in later)})" + (" and their sample grids" if grids else "")
+    if (out_dir / "metrics.jsonl").is_file():  # the live file keeps the records up to `step`
+        shutil.copy2(out_dir / "metrics.jsonl", aside / "metrics.jsonl")
+        moved += ", and a copy of metrics.jsonl,"
+    log.warning(
+        "resuming from %s, which is older than the newest checkpoint in %s: moved %s to %s, so that this run's "
+        "checkpoints are the newest and --resume %s continues this run",
+        resume_path, ckpt_dir, moved, aside, out_dir,
+    )  # fmt: skip
+
+
+def _set_aside_stale_records(out_dir: Path) -> None:
+    """A run that starts a new timeline here (fresh, or resumed from another folder) starts a new
+    metrics.jsonl; one already there (left by a run that died before its first checkpoint) and its
+    sample grids move to out_dir/abandoned-*/ instead of being appended to or overwritten."""
+    stale = [p for p in (out_dir / "metrics.jsonl", out_dir / "samples") if p.exists()]
+    if not stale:
+        return
+    aside = _aside_folder(out_dir)
+    for path in stale:
+        os.replace(path, aside / path.name)
+    log.warning(
+        "%s holds %s from an earlier run that left no checkpoint; moved to %s",
+        out_dir, " and ".join(p.name for p in stale), aside,
+    )  # fmt: skip
 
 
 def _slice_batch(batch: object, part: slice) -> object:
@@ -516,6 +683,7 @@ def _training_dataset(config: Config) -> Dataset:
     if not config.data.cache:
         return build_dataset(config.data, "train")
     cache = CacheDataset(config.data.cache)
+    verify_cache(config.data.cache, cache.manifest)  # refuse latents of images or VAE weights changed since
     built = cache.manifest["autoencoder"]
     for key, value in built.items():
         if config_to_dict(config.autoencoder)[key] != value:
