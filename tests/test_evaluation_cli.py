@@ -1,17 +1,31 @@
 """`ditkit eval` / `ditkit ref-stats` with the offline digit-classifier features, and reference sources."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import ditkit.evaluation.features as features
+from ditkit.autoencoders import resolve_autoencoder
 from ditkit.cli import main
-from ditkit.data import load_mnist
-from ditkit.evaluation import save_classifier, train_classifier
-from ditkit.evaluation.features import ClassifierFeatures, reference_from_source, save_reference
+from ditkit.config import AutoencoderConfig, Config, DataConfig, ModelConfig, TrainConfig
+from ditkit.data import DataError, load_mnist
+from ditkit.data.cache import build_cache
+from ditkit.evaluation import ClassifierResult, save_classifier, train_classifier
+from ditkit.evaluation.commands import _image_size
+from ditkit.evaluation.features import (
+    ClassifierFeatures,
+    npz_array_info,
+    reference_from_source,
+    rgb_to_gray,
+    save_reference,
+)
 from ditkit.evaluation.inception import INCEPTION_WEIGHTS_FILE
+from ditkit.evaluation.metrics import FeatureStats, frechet_distance
+from ditkit.models.classifier import ClassifierConfig, DigitClassifier
 
 SIZE = 14  # digits at 14 px keep the judge's training to seconds
 
@@ -119,3 +133,122 @@ def test_bad_sample_files_are_refused_with_their_name(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert code == 2 and "float.npz" in err and "must be uint8 images" in err
     assert not (tmp_path / "cache").exists()  # refused before any judge was trained
+
+
+def make_latent_cache(root: Path) -> tuple[Config, Path]:
+    """A latent cache of 6 random 16x16 RGB images (3 classes) made with a tiny AutoencoderKL; (config, cache)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(root / "vae")
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        (root / "img" / f"c{k % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "img" / f"c{k % 3}" / f"{k}.png")
+    config = resolve_autoencoder(
+        Config(
+            model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False),
+            data=DataConfig(dataset="folder", root=str(root / "img"), image_size=16, channels=3, holdout=0),
+            autoencoder=AutoencoderConfig(kind="kl", path=str(root / "vae")),
+            train=TrainConfig(batch_size=2, steps=1, device="cpu", out_dir=str(root / "run")),
+        )
+    )
+    build_cache(config, root / "cache", progress=False)
+    return config, root / "cache"
+
+
+def test_eval_of_an_empty_sample_file_names_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "cache"))
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    code = main(["eval", "--samples", str(tmp_path / "empty.npz"), "--ref", "mnist", "--features", "classifier"])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty.npz" in err and "no sample images" in err
+    assert not (tmp_path / "cache").exists()  # refused before any judge was trained
+    # ref-stats of it names it too (not just "no images to compute features of")
+    save_classifier(ClassifierResult(DigitClassifier(ClassifierConfig(width=8)).eval(), 0.0), tmp_path / "judge")
+    code = main(["ref-stats", str(tmp_path / "empty.npz"), "--out", str(tmp_path / "o.npz"), "--features",
+                 "classifier", "--classifier", str(tmp_path / "judge")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "empty.npz: arr_0 holds no images" in err
+
+
+def test_ref_stats_of_an_npz_without_images_names_the_file_and_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "cache"))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(8), sigma=np.eye(8))
+    args = ["ref-stats", str(tmp_path / "stats.npz"), "--out", str(tmp_path / "o.npz"), "--features", "classifier"]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "stats.npz" in err and "no array 'arr_0' (has mu, sigma)" in err
+    with pytest.raises(DataError, match="stats.npz: no array 'arr_1'"):
+        npz_array_info(tmp_path / "stats.npz", "arr_1")
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_ref_stats_of_a_latent_cache_with_the_digit_judge(tmp_path, monkeypatch, capsys):
+    _, cache = make_latent_cache(tmp_path)
+    assert _image_size(str(cache)) == 16  # from the manifest, not by looking for image files
+    # The cached judge for 16 px images (an untrained one: training one would take minutes).
+    monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "ditkit_cache"))
+    torch.manual_seed(0)
+    judge = ClassifierResult(DigitClassifier(ClassifierConfig(width=8)).eval(), 0.0)
+    save_classifier(judge, tmp_path / "ditkit_cache" / "digit_classifier_16px_e10")
+    out = tmp_path / "ref.npz"
+    assert main(["ref-stats", str(cache), "--out", str(out), "--features", "classifier", "--no-progress"]) == 0
+    assert "of 6 images" in capsys.readouterr().out
+    direct = reference_from_source(cache, ClassifierFeatures(judge.model), progress=False)
+    with np.load(out) as ref:
+        np.testing.assert_allclose(ref["mu"], direct["mu"], rtol=1e-6, atol=1e-9)
+        assert ref["pool"].shape == (6, judge.model.feature_dim)
+
+
+def test_latent_cache_is_decoded_on_the_feature_networks_device(tmp_path, monkeypatch):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cache.json").write_text("{}")  # only its presence matters: iter_cache_images is a spy
+    seen = []
+
+    def spy(cache, batch_size, device="cpu", indices=None):
+        seen.append(device)
+        return 3, iter([np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4, 1)])
+
+    class Net:  # records nothing itself; runs on CPU whatever `device` says
+        kind, device = "classifier", torch.device("cuda", 3)
+
+        def __call__(self, images):
+            return {"pool": images.float().flatten(1)[:, :5]}
+
+    monkeypatch.setattr(features, "iter_cache_images", spy)
+    ref = reference_from_source(tmp_path / "cache", Net(), progress=False)
+    assert seen == [torch.device("cuda", 3)] and ref["pool"].shape == (3, 5)
+
+
+def test_rgb_images_reach_a_gray_judge_the_same_way_from_a_folder_and_an_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 12, 12, 3), dtype=np.uint8)
+    images[:12, ..., 1] = 0  # saturated colours, where luma and the channel mean differ most
+    (tmp_path / "f").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "f" / f"{i:03d}.png")
+    np.savez(tmp_path / "same.npz", arr_0=images)
+    # The one conversion is PIL's "L" (ITU-R 601-2 luma), which a 1-channel dataset of these images gives.
+    pil_gray = np.stack([np.asarray(Image.fromarray(img).convert("L")) for img in images])
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    np.testing.assert_array_equal(rgb_to_gray(nchw)[:, 0].numpy(), pil_gray)
+    torch.manual_seed(0)
+    net = ClassifierFeatures(DigitClassifier(ClassifierConfig(width=8)).eval())
+    from_folder = reference_from_source(tmp_path / "f", net, batch_size=24, progress=False)
+    from_npz = reference_from_source(tmp_path / "same.npz", net, batch_size=24, progress=False)
+    np.testing.assert_array_equal(from_folder["pool"], from_npz["pool"])
+    gray_feats = net(torch.from_numpy(pil_gray)[:, None])["pool"].numpy().astype(np.float32)
+    np.testing.assert_array_equal(from_npz["pool"], gray_feats)
+    a, b = (FeatureStats(r["mu"], r["sigma"]) for r in (from_folder, from_npz))
+    assert np.trace(b.sigma) > 0 and frechet_distance(a, b) == 0.0

@@ -70,6 +70,50 @@ def test_fid_is_finite_and_small_for_rank_deficient_covariances():
     assert frechet_distance(a, b) == pytest.approx(64 * 0.25, rel=1e-6)  # a pure mean shift
 
 
+def test_covariance_is_the_unbiased_sample_covariance():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 3)) @ rng.standard_normal((3, 3))  # few samples: N vs N - 1 differs by 25%
+    stats = FeatureStats.from_features(torch.from_numpy(x))
+    np.testing.assert_allclose(stats.mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, np.cov(x, rowvar=False, ddof=1), rtol=1e-12)
+    centred = x - x.mean(0)
+    np.testing.assert_allclose(stats.sigma, centred.T @ centred / 4, rtol=1e-12)
+
+
+def test_frechet_distance_names_the_shapes_that_differ():
+    a, b = FeatureStats(np.zeros(3), np.eye(3)), FeatureStats(np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match=r"mu \(3,\) vs \(3,\), sigma \(3, 3\) vs \(4, 4\)"):
+        frechet_distance(a, b)
+
+
+def _inception_score_numpy(logits: np.ndarray, split_size: int) -> float:
+    """The ADM evaluator's Inception Score, written out: p(y) is the mean prediction of each split."""
+    scores = []
+    for start in range(0, len(logits), split_size):
+        z = logits[start : start + split_size]
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        kl = (p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+def test_inception_score_matches_numpy_with_unequal_splits():
+    rng = np.random.default_rng(8)
+    # 13 samples in splits of 5, 5 and 3, each split leaning to its own classes, so that the marginal p(y)
+    # of a split differs from the marginal over all samples.
+    logits = rng.standard_normal((13, 4)) * 1.5
+    logits[np.arange(13), np.arange(13) // 5] += 3.0
+    logits[np.arange(13), (np.arange(13) // 5 + np.arange(13)) % 4] += 1.0
+    expected = _inception_score_numpy(logits, 5)
+    assert inception_score(logits, split_size=5) == pytest.approx(expected, rel=1e-10)
+    assert inception_score(torch.from_numpy(logits), split_size=13) == pytest.approx(
+        _inception_score_numpy(logits, 13), rel=1e-10
+    )
+    # The per-split marginal matters here (the test could fail): one pooled marginal scores otherwise.
+    assert abs(_inception_score_numpy(logits, 13) - expected) > 0.05 * expected
+
+
 def test_inception_score_of_uniform_and_confident_logits():
     assert inception_score(np.zeros((100, 10))) == pytest.approx(1.0)
     # Confident predictions spread evenly over K classes: IS = K.

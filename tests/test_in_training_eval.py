@@ -2,16 +2,27 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import make_tiny_config
-from ditkit.config import ConfigError, TrainConfig
+import ditkit.evaluation.in_training as in_training
+from conftest import make_tiny_config, make_tiny_dataset, off_identity_init_
+from ditkit.autoencoders import build_autoencoder
+from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, TextConfig, TrainConfig
+from ditkit.data import TensorImageDataset, build_dataset
+from ditkit.data.cache import CacheDataset
+from ditkit.data.captions import TensorCaptionDataset
 from ditkit.evaluation import ClassifierResult, save_classifier
-from ditkit.evaluation.in_training import InTrainingEvaluator
+from ditkit.evaluation.features import ClassifierFeatures, compute_features
+from ditkit.evaluation.in_training import InTrainingEvaluator, _real_images
+from ditkit.models import DiT
 from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+from ditkit.text import TextEncoder
 from ditkit.train import load_model, train
+from test_evaluation_cli import make_latent_cache
 
 
 @pytest.fixture
@@ -59,3 +70,114 @@ def test_inception_eval_without_weights_fails_at_start(tmp_path, tiny_dataset, m
     config.data.dataset = "folder"  # not the bundled digits: Inception features
     with pytest.raises(ConfigError, match="train.eval_every=2.*pt_inception-2015-12-05"):
         InTrainingEvaluator(config, tiny_dataset, "cpu")
+
+
+def _class_sorted_folder(root, classes=5, per_class=4, size=8):
+    """An ImageFolder-style tree (sorted by class, as ImageNet is): class c's images are all 25 * c."""
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(np.full((size, size, 3), 25 * c, np.uint8)).save(root / f"class{c}" / f"{k}.png")
+    return root
+
+
+def test_reference_images_are_spread_over_a_class_sorted_dataset(tmp_path):
+    folder = build_dataset(
+        DataConfig(dataset="folder", root=str(_class_sorted_folder(tmp_path / "img")), image_size=8, channels=3),
+        "train",
+    )
+    sorted_tensors = TensorImageDataset(
+        torch.arange(5).repeat_interleave(4).mul(25).to(torch.uint8)[:, None, None, None].expand(20, 3, 8, 8).clone(),
+        torch.arange(5).repeat_interleave(4),
+        [str(c) for c in range(5)],
+    )
+    for dataset in (folder, sorted_tensors):  # a file-reading dataset and an in-memory uint8 one
+        assert len(dataset) == 20
+        # 5 of 20 images: items 0, 4, 8, 12, 16, one of each class (the first 5 would all be class 0).
+        np.testing.assert_array_equal(_real_images(dataset, 5)[:, 0, 0, 0], [0, 25, 50, 75, 100])
+        ten = _real_images(dataset, 10)  # items 0, 2, 4, ...: two of each class
+        np.testing.assert_array_equal(np.bincount(ten[:, 0, 0, 0] // 25, minlength=5), [2] * 5)
+        np.testing.assert_array_equal(_real_images(dataset, 10), ten)  # deterministic
+        everything = _real_images(dataset, 5000)  # fewer items than the limit: all of them, in order
+        np.testing.assert_array_equal(everything[:, 0, 0, 0], np.repeat(np.arange(5) * 25, 4))
+        assert everything.shape == (20, 8, 8, 3) and everything.dtype == np.uint8
+
+
+def test_eval_every_with_a_latent_cache_decodes_the_posterior_means(tmp_path, monkeypatch):
+    config, cache = make_latent_cache(tmp_path)
+    dataset = CacheDataset(cache)
+    assert isinstance(dataset[0][0], tuple)  # items are (mean, logvar) latents, not images
+    # 4 of 6 items, spread: 0, 1, 3, 4; decoded by hand from the posterior means of the unflipped view.
+    (mean, _), _ = dataset.__getitems__([0, 1, 3, 4])
+    ae = build_autoencoder(config)
+    with torch.no_grad():
+        decoded = ae.decode_raw(mean[:, 0]).clamp(-1, 1)
+    expected = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(_real_images(dataset, 4), expected)
+    # The evaluator builds on such a dataset (train.py passes it the CacheDataset when data.cache is set).
+    torch.manual_seed(0)
+    judge = ClassifierFeatures(DigitClassifier(ClassifierConfig(in_channels=3, width=4)))
+    monkeypatch.setattr(in_training, "build_feature_net", lambda *args, **kwargs: judge)
+    config.data.cache, config.train.eval_every, config.train.eval_num = str(cache), 2, 4
+    evaluator = InTrainingEvaluator(config, dataset, "cpu")
+    direct = compute_features(judge, iter([_real_images(dataset, 6)]), progress=False)["pool"]
+    assert evaluator.ref["pool"].shape == (6, judge.classifier.feature_dim)
+    np.testing.assert_allclose(evaluator.ref["pool"], direct, rtol=1e-5, atol=1e-6)  # stored as float32
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random-weight 1-layer BERT (16-d) with an 8-word WordPiece vocabulary, saved as a model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+WORDS = ["top", "bottom", "bar", "left", "right", "digit", "one", "seven"]
+
+
+def _text_config(tmp_path, encoder=None) -> Config:
+    base = make_tiny_config(tmp_path / "run", eval_every=2, eval_num=6)
+    model = ModelConfig(
+        patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=0, learn_sigma=False, text_dim=16,
+        caption_dropout_prob=0.1,
+    )  # fmt: skip
+    text = TextConfig(encoder=encoder, max_length=4)
+    return Config(model=model, data=base.data, train=base.train, sample=base.sample, text=text)
+
+
+def test_text_conditioned_eval_samples_from_the_dataset_captions(tmp_path, tiny_bert, judge_cache):
+    config = _text_config(tmp_path, tiny_bert)
+    images = make_tiny_dataset(n=12).images
+    captions = [f"{WORDS[i % 8]} {WORDS[(3 * i) % 8]}" for i in range(12)]
+    dataset = TensorCaptionDataset(images, captions)
+    evaluator = InTrainingEvaluator(config, dataset, "cpu")
+    torch.manual_seed(0)
+    model = off_identity_init_(DiT(config.model)).eval()
+    first, again = evaluator(model), evaluator(model)
+    assert first["eval_num"] == 6 and np.isfinite(first["eval_fid"]) and first["eval_fid"] > 0
+    assert "eval_class_accuracy" not in first  # prompts are not classes
+    assert again["eval_fid"] == first["eval_fid"]  # same prompts and noise every evaluation
+    # eval_num = 6 prompts: the captions of items 0, 2, ..., 10, spread over the dataset, encoded once.
+    assert evaluator.prompts == [captions[i] for i in range(0, 12, 2)]
+    direct = TextEncoder(tiny_bert, max_length=4).encode(evaluator.prompts)
+    for name in ("tokens", "mask", "pooled"):
+        torch.testing.assert_close(getattr(evaluator.text.cond, name), getattr(direct, name))
+
+
+def test_text_conditioned_eval_without_captions_fails_when_built(tmp_path, tiny_dataset, judge_cache):
+    with pytest.raises(ConfigError, match="train.eval_every=2.*text_dim=16.*captions.*TensorImageDataset"):
+        InTrainingEvaluator(_text_config(tmp_path), tiny_dataset, "cpu")

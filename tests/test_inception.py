@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,9 @@ from safetensors.torch import save_file
 
 from ditkit.evaluation.inception import (
     INCEPTION_WEIGHTS_FILE,
+    FIDInceptionA,
+    FIDInceptionC,
+    FIDInceptionE,
     FIDInceptionV3,
     InceptionWeightsError,
     find_inception_weights,
@@ -124,3 +128,87 @@ def test_absent_weights_give_the_documented_error(tmp_path, monkeypatch):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / INCEPTION_WEIGHTS_FILE).write_bytes(b"")
     assert find_inception_weights() == tmp_path / "cache" / INCEPTION_WEIGHTS_FILE
+
+
+def _tf1_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of TF1's resize_bilinear(align_corners=False) along one axis, written out by hand."""
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = i * n_in / n_out  # no half-pixel offset
+        lo = min(int(np.floor(src)), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        w[i, lo] += 1 - (src - lo)
+        w[i, hi] += src - lo
+    return w
+
+
+def test_preprocess_is_tf1_bilinear_to_299_then_x_minus_128_over_128(inception):
+    # Scaling: 0 -> -1, 128 -> 0, 255 -> 127/128 (pytorch-fid's x / 127.5 - 1 maps 128 to 1/255, 255 to 1).
+    flat = torch.tensor([0, 128, 255], dtype=torch.uint8)[:, None, None, None].expand(3, 3, 299, 299)
+    x = inception.preprocess(flat)
+    assert x.shape == (3, 3, 299, 299)
+    torch.testing.assert_close(x[:, :, 0, 0], torch.tensor([[-1.0] * 3, [0.0] * 3, [127 / 128] * 3]))
+    # Resize: a random 3x5 image, against out = W_h @ image @ W_w^T with the hand-written TF1 weights.
+    g = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 256, (1, 3, 3, 5), dtype=torch.uint8, generator=g)
+    img = small[0].double().numpy()  # (3, 3, 5)
+    expected = np.einsum("oh,chw,pw->cop", _tf1_resize_matrix(3, 299), img, _tf1_resize_matrix(5, 299))
+    expected = (expected - 128) / 128
+    np.testing.assert_allclose(inception.preprocess(small)[0].numpy(), expected, atol=2e-5, rtol=0)
+    # A few pixels by hand: row 0 is the input's row 0; column 60 samples x = 60 * 5 / 299 = 1.0033.
+    row = img[:, 0]
+    hand = row[:, 1] + (60 * 5 / 299 - 1) * (row[:, 2] - row[:, 1])
+    np.testing.assert_allclose(inception.preprocess(small)[0, :, 0, 60].numpy(), (hand - 128) / 128, atol=2e-5)
+
+
+def _pool_reference(x: np.ndarray, reduce) -> np.ndarray:
+    """3x3 stride-1 pool over the in-bounds pixels of each window (TF's SAME padding), by loops."""
+    n, c, h, w = x.shape
+    out = np.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            window = x[:, :, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
+            out[:, :, i, j] = reduce(window.reshape(n, c, -1), axis=-1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "block, pool, reduce",
+    [
+        ("A", "avg", np.mean),  # Mixed_5b-d: average over the real pixels only (count_include_pad=False)
+        ("C", "avg", np.mean),  # Mixed_6b-e
+        ("E", "avg", np.mean),  # Mixed_7b
+        ("E_max", "max", np.max),  # Mixed_7c: the graph's last block max-pools
+    ],
+)
+def test_pool_branches_follow_the_tf_graph(block, pool, reduce):
+    torch.manual_seed(0)
+    c_in = 3
+    module = {
+        "A": lambda: FIDInceptionA(c_in, pool_features=4),
+        "C": lambda: FIDInceptionC(c_in, c7=4),
+        "E": lambda: FIDInceptionE(c_in, max_pool=False),
+        "E_max": lambda: FIDInceptionE(c_in, max_pool=True),
+    }[block]().eval()
+    x = torch.randn(2, c_in, 4, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = module(x)
+        pooled = torch.from_numpy(_pool_reference(x.double().numpy(), reduce)).float()
+        expected = module.branch_pool(pooled)  # the pool branch is the block's last output channels
+        torch.testing.assert_close(out[:, -expected.shape[1] :], expected, rtol=1e-5, atol=1e-6)
+        # The test can tell the pools apart on this input: padding counted in the mean, or an average for a max.
+        if pool == "avg":
+            other = F.avg_pool2d(x, 3, 1, 1, count_include_pad=True)
+        else:
+            other = torch.from_numpy(_pool_reference(x.double().numpy(), np.mean)).float()
+        assert (module.branch_pool(other) - expected).abs().max() > 1e-3
+    if block == "E_max":  # and the network uses it where the graph does
+        model = FIDInceptionV3()
+        assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
+
+
+def test_corrupt_safetensors_weights_name_the_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"garbage")
+    with pytest.raises(InceptionWeightsError, match="bad.safetensors: could not read a safetensors file"):
+        load_inception(path)

@@ -50,7 +50,14 @@ def test_npz_layout_matches_adm_and_samples_do_not_depend_on_batching(tmp_path, 
     )
     with np.load(whole) as data:
         assert np.abs(data["arr_0"].astype(int) - images.astype(int)).max() <= 1
-    # Another seed: other samples. An existing output is never overwritten.
+    # Another seed: other samples (every image differs). An existing output is never overwritten.
+    other = run_mass_sampling(
+        model, config, tmp_path / "o.npz", MassSamplingJob(**{**job.__dict__, "seed": 4}), progress=False
+    )
+    with np.load(other) as data:
+        assert data["arr_1"].tolist() == labels.tolist()  # the same labels, so only the noise differs
+        diff = np.abs(data["arr_0"].astype(int) - images.astype(int)).reshape(7, -1).mean(1)
+    assert (diff > 5).all(), diff
     with pytest.raises(ValueError, match="exists"):
         run_mass_sampling(model, config, out, job, progress=False)
 

@@ -168,18 +168,26 @@ def _feature_options(p: argparse.ArgumentParser) -> None:
 
 
 def _image_size(path: str) -> int:
-    from .features import iter_folder_images, npz_array_info
+    """Height of the images of a source (latent cache, image folder or .npz), to pick the digit judge."""
+    from ..data import DataError
+    from .features import cache_image_size, is_latent_cache, iter_folder_images, npz_array_info
 
+    if is_latent_cache(path):
+        return cache_image_size(path)
     if Path(path).is_dir():
-        return next(iter_folder_images(path, 1, 1)).shape[1]
-    return npz_array_info(path, "arr_0")[0][1]
+        return next(iter_folder_images(path, 1, 1)).shape[1]  # (1, H, W, 1)
+    shape, _ = npz_array_info(path, "arr_0")
+    if len(shape) != 4:
+        raise DataError(f"{path}: arr_0 must be images (N, H, W, C), got shape {shape}")
+    return shape[1]
 
 
 def _net(args: argparse.Namespace, size_from: str):
     from ..train import resolve_device
     from .evaluate import build_feature_net
 
-    size = _image_size(size_from) if args.features == "classifier" else 28
+    # The image size picks (or trains) the cached judge; a judge folder given with --classifier needs none.
+    size = _image_size(size_from) if args.features == "classifier" and not args.classifier else 28
     try:
         return build_feature_net(
             args.features,
@@ -194,10 +202,13 @@ def _net(args: argparse.Namespace, size_from: str):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..data import DataError
     from .evaluate import evaluate_npz
     from .features import iter_npz_images
 
-    next(iter_npz_images(args.samples, 1))  # refuse a bad sample file before loading or training a network
+    # Refuse a bad or empty sample file before loading or training a network.
+    if next(iter_npz_images(args.samples, 1), None) is None:
+        raise DataError(f"{args.samples}: arr_0 holds no sample images (0 images)")
     net = _net(args, args.samples)
     result = evaluate_npz(
         args.samples, args.ref, net, batch_size=args.batch_size, progress=not args.no_progress, json_out=args.json

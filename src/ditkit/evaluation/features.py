@@ -14,6 +14,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from ..data import DataError
 from ..distributed import tf32
 from .metrics import FeatureStats
 
+if TYPE_CHECKING:
+    from ..data.cache import CacheDataset
+
 __all__ = [
     "FeatureNet",
     "InceptionFeatures",
@@ -33,6 +37,10 @@ __all__ = [
     "iter_npz_images",
     "read_npz_array",
     "iter_folder_images",
+    "iter_cache_images",
+    "cache_image_size",
+    "is_latent_cache",
+    "rgb_to_gray",
     "compute_features",
     "reference_from_features",
     "reference_from_source",
@@ -65,6 +73,18 @@ class InceptionFeatures:
             return self.network(x)
 
 
+def rgb_to_gray(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) -> uint8 gray (N, 1, H, W), exactly as PIL's `Image.convert("L")`.
+
+    ITU-R 601-2 luma in PIL's fixed point, L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, so RGB images
+    read from a folder, an .npz or a model's samples all reach a 1-channel judge as the same gray
+    images that a 1-channel dataset (PIL "L") would have given; gray pixels (R = G = B) stay unchanged.
+    """
+    x = images.to(torch.int32)
+    gray = (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + (1 << 15)) >> 16  # (N, 1, H, W)
+    return gray.to(torch.uint8)
+
+
 class ClassifierFeatures:
     """A DigitClassifier as a FeatureNet: 'pool' = its pooled features, 'logits' = its class logits."""
 
@@ -78,7 +98,7 @@ class ClassifierFeatures:
         want = self.classifier.config.in_channels
         if images.shape[1] != want:
             if want == 1 and images.shape[1] == 3:
-                images = images.float().mean(1, keepdim=True)
+                images = rgb_to_gray(images)  # the one RGB -> gray conversion of every image source
             else:
                 raise ValueError(f"the classifier takes {want}-channel images, got {images.shape[1]} channels")
         x = images.to(self.device).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1], as the classifier trained
@@ -98,8 +118,16 @@ def npz_keys(path: str | Path) -> list[str]:
 
 def npz_array_info(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array of an .npz, read from its header only."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, _, dtype = _read_npy_header(f, path, key)
+    keys = npz_keys(path)
+    if key not in keys:
+        raise DataError(f"{path}: no array {key!r} (has {', '.join(keys) or 'none'})")
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            shape, _, dtype = _read_npy_header(f, path, key)
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError) as err:  # numpy's header parser raises ValueError
+        raise DataError(f"{path}: array {key!r} has no readable .npy header ({err})") from err
     return shape, dtype
 
 
@@ -168,31 +196,48 @@ def iter_folder_images(folder: str | Path, batch_size: int, channels: int = 3) -
 
 
 def iter_cache_images(
-    cache: str | Path, batch_size: int, device: str | torch.device = "cpu"
+    cache: str | Path | CacheDataset,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    indices: list[int] | None = None,
 ) -> tuple[int, Iterator[np.ndarray]]:
     """(count, (b, H, W, C) uint8 batches) of a latent cache's images: posterior means decoded by its VAE.
 
-    The unflipped view of every cached image is decoded with the autoencoder the cache was built with,
-    so the reference is what that autoencoder can reproduce of the data (its reconstruction).
+    `cache` is a cache folder or an open `CacheDataset`; `indices` picks items (default: all, in order).
+    The unflipped view of every picked image is decoded on `device` with the autoencoder the cache was
+    built with, so the reference is what that autoencoder can reproduce of the data (its reconstruction).
     """
     from ..autoencoders import build_autoencoder
     from ..config import AutoencoderConfig
     from ..data.cache import CacheDataset
 
-    dataset = CacheDataset(cache)
+    dataset = cache if isinstance(cache, CacheDataset) else CacheDataset(cache)
+    picks = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     built = dataset.manifest["autoencoder"]
     ae = build_autoencoder(
         AutoencoderConfig(kind=built["kind"], path=built["path"], subfolder=built["subfolder"]), device=device
     )
 
     def batches() -> Iterator[np.ndarray]:
-        for start in range(0, len(dataset), batch_size):
-            (mean, _), _ = dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+        for start in range(0, len(picks), batch_size):
+            (mean, _), _ = dataset.__getitems__(picks[start : start + batch_size])  # mean: (b, 2 flips, C, h, w)
             with torch.no_grad():
                 images = ae.decode_raw(mean[:, 0].to(device)).clamp(-1, 1)
             yield ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-    return len(dataset), batches()
+    return len(picks), batches()
+
+
+def cache_image_size(cache: str | Path) -> int:
+    """Height of the images a latent cache was built from (its manifest's data.image_size)."""
+    from ..data.cache import MANIFEST, CacheError, read_manifest
+
+    manifest = read_manifest(cache)
+    try:
+        size = manifest["data"]["image_size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CacheError(f"{Path(cache) / MANIFEST}: expected data.image_size (an int or [h, w]) ({err!r})") from err
 
 
 def compute_features(
@@ -226,6 +271,13 @@ def reference_from_features(features: dict[str, np.ndarray], kind: str) -> dict[
     return ref
 
 
+def is_latent_cache(path: str | Path) -> bool:
+    """Whether `path` is a ditkit latent cache folder (it holds the cache manifest, cache.json)."""
+    from ..data.cache import MANIFEST
+
+    return (Path(path) / MANIFEST).is_file()
+
+
 def reference_from_source(
     source: str | Path, net: FeatureNet, batch_size: int = 100, progress: bool = True
 ) -> dict[str, np.ndarray]:
@@ -237,14 +289,14 @@ def reference_from_source(
     """
     source = Path(source)
     kind = getattr(net, "kind", "inception")
-    if (source / "cache.json").is_file():  # a ditkit latent cache: decode its posterior means
-        n, batches = iter_cache_images(source, batch_size)
+    if is_latent_cache(source):  # decode its posterior means where the feature network runs
+        n, batches = iter_cache_images(source, batch_size, device=getattr(net, "device", "cpu"))
         return reference_from_features(compute_features(net, batches, n, progress), kind)
     if source.is_dir():
-        channels = getattr(getattr(net, "classifier", None), "config", None)
-        channels = channels.in_channels if channels is not None else 3
+        # Read as RGB whatever the judge takes: a 1-channel judge converts to gray itself
+        # (`rgb_to_gray`), the one conversion that .npz images and samples go through too.
         n = sum(1 for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        feats = compute_features(net, iter_folder_images(source, batch_size, channels), n, progress)
+        feats = compute_features(net, iter_folder_images(source, batch_size, 3), n, progress)
         return reference_from_features(feats, kind)
     if not source.is_file():
         raise DataError(f"reference {source}: no such file or folder")
@@ -255,6 +307,8 @@ def reference_from_source(
     ref: dict[str, np.ndarray] = {}
     if "arr_0" in keys and not ("pool" in keys and "mu" in keys):
         shape, _ = npz_array_info(source, "arr_0")
+        if not shape or not shape[0]:
+            raise DataError(f"{source}: arr_0 holds no images (shape {shape})")
         ref = reference_from_features(
             compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind
         )

@@ -6,6 +6,13 @@ are scored against real training images: with the digit classifier's features (F
 and class accuracy) for the bundled digits, with the FID Inception otherwise. Small-N FID is biased
 upwards (Chong & Forsyth 2020, https://arxiv.org/abs/1911.07023); compare it across steps of one run,
 not with published 50k-sample numbers.
+
+The reference is at most MAX_REFERENCE_IMAGES training images spread evenly over the dataset (item
+i * N // n), not its first n: folder datasets are sorted by class, so a prefix would hold only the first
+few classes. A latent cache's items are decoded from their posterior means by the cache's autoencoder
+(as `ditkit ref-stats CACHE` does). A text-conditioned model samples from the captions of `eval_num`
+items spread evenly over the dataset, encoded once when the evaluator is built; a dataset without
+captions is refused then, not at the first evaluation.
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError
+from ..data import DataError
+from ..data.cache import CacheDataset
+from ..models.text import TextCond
 from ..sampling import generate
 from ..utils.images import to_uint8
 from .evaluate import build_feature_net, score_features
-from .features import compute_features, reference_from_features
+from .features import compute_features, iter_cache_images, reference_from_features
 from .inception import InceptionWeightsError
 
 __all__ = ["InTrainingEvaluator", "MAX_REFERENCE_IMAGES"]
@@ -31,18 +41,71 @@ MAX_REFERENCE_IMAGES = 5000
 """At most this many training images form the reference statistics (computed once per run)."""
 
 
-def _real_images(dataset: Dataset, limit: int) -> np.ndarray:
-    """Up to `limit` training images as uint8 (N, H, W, C)."""
-    n = min(len(dataset), limit)
+def _spread_indices(num_items: int, n: int) -> np.ndarray:
+    """n item indices spread evenly over range(num_items): i * num_items // n (all items, in order, when
+    n == num_items; each item about n / num_items times when n is larger)."""
+    return np.arange(n, dtype=np.int64) * num_items // n
+
+
+def _real_batches(
+    dataset: Dataset, limit: int, device: torch.device | str = "cpu", batch_size: int = 250
+) -> Iterator[np.ndarray]:
+    """Up to `limit` training images spread evenly over the dataset, as uint8 (b, H, W, C) batches."""
+    if len(dataset) == 0:
+        raise DataError("the training dataset is empty: no reference images for train.eval_every")
+    picks = _spread_indices(len(dataset), min(len(dataset), limit))
+    if isinstance(dataset, CacheDataset):  # items are (mean, logvar) latents: decode the posterior means
+        yield from iter_cache_images(dataset, batch_size, device=device, indices=picks.tolist())[1]
+        return
     images = getattr(dataset, "images", None)
-    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
-        return images[:n].permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-    return to_uint8(torch.stack([dataset[i][0] for i in range(n)]))
+    for start in range(0, len(picks), batch_size):
+        part = picks[start : start + batch_size]
+        if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            yield images[torch.from_numpy(part)].permute(0, 2, 3, 1).numpy()  # (b, H, W, C)
+        else:
+            yield to_uint8(torch.stack([dataset[int(i)][0] for i in part]))
+
+
+def _real_images(dataset: Dataset, limit: int, device: torch.device | str = "cpu") -> np.ndarray:
+    """Up to `limit` training images spread evenly over the dataset, as uint8 (N, H, W, C)."""
+    return np.concatenate(list(_real_batches(dataset, limit, device)))
+
+
+def _eval_prompts(config: Config, dataset: Dataset) -> list[str]:
+    """Captions of `train.eval_num` items spread evenly over a captioned dataset (one prompt per sample)."""
+    captions = getattr(dataset, "captions", None)
+    if captions is None:
+        raise ConfigError(
+            f"train.eval_every={config.train.eval_every}: the text-conditioned model (model.text_dim="
+            f"{config.model.text_dim}) samples from prompts, which in-training evaluation takes from the "
+            f"dataset's captions, but the training dataset ({type(dataset).__name__}, data.dataset="
+            f"{config.data.dataset!r}) has none: train on captioned data or set train.eval_every=0"
+        )
+    picks = _spread_indices(len(dataset), config.train.eval_num)
+    # Captioned datasets give each item's caption row as its label (CaptionedImageDataset: caption_ids).
+    rows = getattr(dataset, "caption_ids", None)
+    if rows is None:
+        rows = getattr(dataset, "labels", None)
+    if rows is None:
+        return [captions[int(dataset[int(i)][1])] for i in picks]
+    return [captions[int(rows[int(i)])] for i in picks]
 
 
 def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(images), size):
         yield images[start : start + size]
+
+
+class _PrecomputedText:
+    """A stand-in text encoder for `generate`: the embeddings of the evaluation prompts, encoded once."""
+
+    def __init__(self, prompts: list[str], cond: TextCond) -> None:
+        self.prompts, self.cond = prompts, cond
+
+    def encode(self, captions: list[str]) -> TextCond:
+        if list(captions) != self.prompts:
+            raise ValueError("the in-training evaluator encodes only its own prompts")
+        return self.cond
 
 
 class InTrainingEvaluator:
@@ -52,22 +115,33 @@ class InTrainingEvaluator:
         tc = config.train
         self.config, self.batch_size = config, batch_size
         self.kind = "classifier" if config.data.dataset == "mnist" else "inception"
+        self.prompts: list[str] | None = None
+        self.text: _PrecomputedText | None = None
+        if config.model.text_conditional:  # refuse uncaptioned data now, not at the first evaluation
+            from ..text import caption_table
+
+            self.prompts = _eval_prompts(config, dataset)
+            self.text = _PrecomputedText(self.prompts, caption_table(config, self.prompts))
         try:
             self.net = build_feature_net(self.kind, image_size=config.data.image_size, device=device)
         except InceptionWeightsError as err:
             raise ConfigError(f"train.eval_every={tc.eval_every} on dataset {config.data.dataset!r}: {err}") from err
-        real = _real_images(dataset, MAX_REFERENCE_IMAGES)
-        self.ref = reference_from_features(
-            compute_features(self.net, _batches(real, batch_size), progress=False), self.kind
-        )
+        real = _real_batches(dataset, MAX_REFERENCE_IMAGES, device, batch_size)
+        self.ref = reference_from_features(compute_features(self.net, real, progress=False), self.kind)
 
     @torch.no_grad()
     def __call__(self, ema: nn.Module) -> dict[str, float | int | str]:
         t0 = time.perf_counter()
         m, n = self.config.model, self.config.train.eval_num
         labels = np.arange(n, dtype=np.int64) % m.num_classes if m.conditional else None
-        request = torch.from_numpy(labels) if labels is not None else n
-        samples = to_uint8(generate(ema, self.config, request, batch_size=self.batch_size))
+        if self.prompts is not None:
+            images = generate(
+                ema, self.config, prompts=self.prompts, text_encoder=self.text, batch_size=self.batch_size
+            )
+        else:
+            request = torch.from_numpy(labels) if labels is not None else n
+            images = generate(ema, self.config, request, batch_size=self.batch_size)
+        samples = to_uint8(images)
         feats = compute_features(self.net, _batches(samples, self.batch_size), progress=False)
         scores = score_features(feats, self.ref, labels, self.kind)
         out: dict[str, float | int | str] = {"eval_features": self.kind, "eval_num": n}

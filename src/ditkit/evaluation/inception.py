@@ -284,7 +284,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # SafetensorError, OSError, ...: a truncated or foreign file
+            raise InceptionWeightsError(
+                f"{path}: could not read a safetensors file ({type(err).__name__}: {err}); expected the FID "
+                f"Inception-v3 weights ({INCEPTION_WEIGHTS_FILE} or a .safetensors copy of it)"
+            ) from err
     try:
         state = load_weights_only(path)
     except Exception as err:  # pickle errors come in many types

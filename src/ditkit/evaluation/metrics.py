@@ -82,7 +82,10 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)); 0 for identical statistics."""
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
-        raise ValueError(f"feature statistics differ in shape: {a.mu.shape} vs {b.mu.shape}")
+        raise ValueError(
+            f"feature statistics differ in shape: mu {a.mu.shape} vs {b.mu.shape}, "
+            f"sigma {a.sigma.shape} vs {b.sigma.shape}"
+        )
     diff = a.mu - b.mu
     value = diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt_product(a.sigma, b.sigma)
     return float(max(value, 0.0))  # exact arithmetic gives >= 0; clip the round-off of identical sets
