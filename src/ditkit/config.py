@@ -350,13 +350,15 @@ class TrainConfig:
     """Start from the EMA weights of this checkpoint (or run folder) instead of a fresh initialisation,
     e.g. to fine-tune at a new resolution: the positional embedding is resized to the new token grid."""
     max_minutes: float | None = None
-    """Stop early (and checkpoint) once this much wall-clock training time has passed."""
+    """Stop early (and checkpoint) once this much wall-clock time of the training loop has passed, summed
+    over resumes: steps, in-training evaluation, sample grids and checkpoint writes all count. Checked
+    before each step, so a run resumed past its budget takes no step."""
     batch_size: int = 128
     """Images per optimizer step."""
     lr: float = 1e-4
     """AdamW learning rate (the DiT paper uses 1e-4, constant)."""
     warmup_steps: int = 0
-    """Linear learning-rate warmup from 0 over this many steps."""
+    """Linear learning-rate warmup over this many steps: step k (from 1) uses lr * min(1, k / warmup_steps)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
