@@ -92,9 +92,12 @@ def test_bench_notes_a_page_fault_gap_between_the_sides():
     record = {"kind": "sample", "precision": "bf16", "speedup": 1.5, "img_per_s": {"ditkit": 3.0, "diffusers": 2.0},
               "fraction_of_gemm": {"ditkit": 0.6, "diffusers": 0.4}}  # fmt: skip
     for gap, noted in ((FAULT_NOTE_MIB - 1, False), (FAULT_NOTE_MIB, True)):
-        lines = []
-        _report({**record, "page_fault_mib_per_iteration": {"ditkit": 10.0, "diffusers": 10.0 + gap}}, lines.append)
-        assert ("the C allocator is part of this ratio" in "\n".join(lines)) is noted
+        for allocator, remedy in (("system", "--allocator retain keeps"), ("retain", "even with --allocator retain")):
+            lines = []
+            faults = {"ditkit": 10.0, "diffusers": 10.0 + gap}
+            _report({**record, "page_fault_mib_per_iteration": faults}, lines.append, allocator)
+            assert ("the C allocator is part of this ratio" in "\n".join(lines)) is noted
+            assert (remedy in "\n".join(lines)) is noted
     with pytest.raises(ValueError, match=r"allocator \(--allocator\) must be one of .*got 'jemalloc'"):
         BenchSettings(allocator="jemalloc")
 

@@ -426,13 +426,13 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
             measured = interleaved_measurements(fns, settings.repeats, device)
             flops = 3 * 2 * macs * settings.batch
             results["runs"].append(_record("train", precision, measured, flops, settings.batch, results, memory))
-            _report(results["runs"][-1], progress)
+            _report(results["runs"][-1], progress, settings.allocator)
         if "sample" in settings.what:
             fns = _sample_runs(ours, theirs, settings, precision, device)
             measured = interleaved_measurements(fns, settings.repeats, device)
             flops = 2 * 2 * macs * settings.batch * settings.sample_steps
             results["runs"].append(_record("sample", precision, measured, flops, settings.batch, results, None))
-            _report(results["runs"][-1], progress)
+            _report(results["runs"][-1], progress, settings.allocator)
     return results
 
 
@@ -455,14 +455,20 @@ FAULT_NOTE_MIB = 64
 """Page faults per iteration, one side against the other, from which `ditkit bench` prints a note."""
 
 
-def _report(record: dict, progress: Callable[[str], None]) -> None:
+def _report(record: dict, progress: Callable[[str], None], allocator: str = "system") -> None:
     progress(_line(record))
     faults = record.get("page_fault_mib_per_iteration")
     if faults and abs(faults["ditkit"] - faults["diffusers"]) >= FAULT_NOTE_MIB:
+        remedy = (
+            "even with --allocator retain: glibc still maps and frees some blocks itself, e.g. in a worker "
+            "thread's arena"
+            if allocator == "retain"
+            else "--allocator retain keeps most of it out on glibc"
+        )
         progress(
             f"  note: ditkit faulted {faults['ditkit']:.0f} MiB of pages per iteration, diffusers "
             f"{faults['diffusers']:.0f}: the C allocator is part of this ratio (docs/speed.md, "
-            "'The C allocator's share'; --allocator retain keeps it out on glibc)"
+            f"'The C allocator's share'; {remedy})"
         )
 
 
