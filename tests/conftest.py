@@ -21,6 +21,45 @@ def off_identity_init_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Mo
     return model
 
 
+def save_tiny_autoencoder_kl(path) -> None:
+    """A random-weight AutoencoderKL (RGB, 4 latent channels, downsampling 2) saved like a hub folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(path)
+
+
+def save_tiny_bert(folder, words: list[str], max_positions: int) -> str:
+    """A random-weight 1-layer BERT (16-d) whose WordPiece vocabulary is `words`, saved as a model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
 def make_tiny_config(out_dir, **train_overrides) -> Config:
     """A 2-block, 32-wide DiT on 8x8 single-channel images: every training step takes milliseconds."""
     train = dict(

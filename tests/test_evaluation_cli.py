@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import ditkit.evaluation.features as features
+from conftest import save_tiny_autoencoder_kl
 from ditkit.autoencoders import resolve_autoencoder
 from ditkit.cli import main
 from ditkit.config import AutoencoderConfig, Config, DataConfig, ModelConfig, TrainConfig
@@ -137,20 +138,8 @@ def test_bad_sample_files_are_refused_with_their_name(tmp_path, monkeypatch, cap
 
 def make_latent_cache(root: Path) -> tuple[Config, Path]:
     """A latent cache of 6 random 16x16 RGB images (3 classes) made with a tiny AutoencoderKL; (config, cache)."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    vae.save_pretrained(root / "vae")
+    pytest.importorskip("diffusers")
+    save_tiny_autoencoder_kl(root / "vae")
     rng = np.random.default_rng(0)
     for k in range(6):
         (root / "img" / f"c{k % 3}").mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import ditkit.evaluation.in_training as in_training
-from conftest import make_tiny_config, make_tiny_dataset, off_identity_init_
+from conftest import make_tiny_config, make_tiny_dataset, off_identity_init_, save_tiny_bert
 from ditkit.autoencoders import build_autoencoder
 from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, TextConfig, TrainConfig
 from ditkit.data import TensorImageDataset, build_dataset
@@ -128,22 +128,7 @@ def test_eval_every_with_a_latent_cache_decodes_the_posterior_means(tmp_path, mo
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A random-weight 1-layer BERT (16-d) with an 8-word WordPiece vocabulary, saved as a model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS, max_positions=16)
 
 
 WORDS = ["top", "bottom", "bar", "left", "right", "digit", "one", "seven"]

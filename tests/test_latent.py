@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_tiny_autoencoder_kl
 from ditkit.autoencoders import AutoencoderError, build_autoencoder, resolve_autoencoder
 from ditkit.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from ditkit.data import DataError, TarShardDataset, build_dataset
@@ -30,20 +31,8 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def kl_path(tmp_path_factory) -> Path:
     """A tiny AutoencoderKL (RGB, 4 latent channels, downsampling 2) saved like a hub folder."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
     path = tmp_path_factory.mktemp("vae") / "tiny-kl"
-    vae.save_pretrained(path)
+    save_tiny_autoencoder_kl(path)
     return path
 
 

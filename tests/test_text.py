@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_tiny_bert
 from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig
 from ditkit.diffusion import ModelDenoiser, build_process
 from ditkit.models import DiT
@@ -55,23 +56,7 @@ def random_cond(n=3, length=5, width=12, real=(2, 5, 3), seed=0) -> TextCond:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A random-weight 1-layer BERT with a 15-word WordPiece vocabulary, saved as a model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(str(vocab)).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS, max_positions=32)
 
 
 @pytest.mark.parametrize("block_type", ["adaLN-Zero", "adaLN", "cross-attn"])

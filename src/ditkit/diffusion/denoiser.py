@@ -66,7 +66,7 @@ class ModelDenoiser(Denoiser):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, raw extra channels) from one network call."""
         t = t.reshape(-1).expand(x_t.shape[0]).to(x_t.device)
-        out = self.model(x_t, self.process.model_time(t), cond)
+        out = self.model(self._network_input(x_t), self.process.model_time(t), cond)
         channels = x_t.shape[1]
         pred = out[:, :channels].to(x_t.dtype)
         derivatives = {}
@@ -74,6 +74,10 @@ class ModelDenoiser(Denoiser):
             derivatives = dict(alpha_dot=self.process.alpha_dot(t), sigma_dot=self.process.sigma_dot(t))
         x0 = prediction_to_x0(self.prediction, pred, x_t, self.process.alpha(t), self.process.sigma(t), **derivatives)
         return x0, out[:, channels:]
+
+    def _network_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """What the network is called on for x_t (subclasses add conditioning channels)."""
+        return x_t
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..diffusion.denoiser import Denoiser, ModelDenoiser
-from ..diffusion.process import NoiseProcess, prediction_to_x0, x0_to_eps
+from ..diffusion.process import NoiseProcess, x0_to_eps
 from .ddim import StepCallback
 from .grid import sampling_grid
 
@@ -149,19 +149,9 @@ class MaskConditionedDenoiser(ModelDenoiser):
         super().__init__(model, process, prediction, learned_variance=learned_variance)
         self.extra = mask_channels(known, known_mask)  # (N, 1 + C, H, W)
 
-    def _forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, raw extra output channels) from one call of the network on [x_t, mask, masked image]."""
-        t = t.reshape(-1).expand(x_t.shape[0]).to(x_t.device)
+    def _network_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """[x_t, mask, masked image]: (N, 2C + 1, H, W), on every path (plain x0 and with variance)."""
         extra = self.extra.to(x_t)
         if extra.shape[0] != x_t.shape[0]:  # guidance doubles the batch: the same masks for both halves
             extra = extra.repeat(x_t.shape[0] // extra.shape[0], 1, 1, 1)
-        out = self.model(torch.cat([x_t, extra], dim=1), self.process.model_time(t), cond)  # in: (N, 2C + 1, H, W)
-        channels = x_t.shape[1]
-        pred = out[:, :channels].to(x_t.dtype)
-        derivatives = {}
-        if self.prediction == "flow":
-            derivatives = dict(alpha_dot=self.process.alpha_dot(t), sigma_dot=self.process.sigma_dot(t))
-        x0 = prediction_to_x0(self.prediction, pred, x_t, self.process.alpha(t), self.process.sigma(t), **derivatives)
-        return x0, out[:, channels:]
+        return torch.cat([x_t, extra], dim=1)
