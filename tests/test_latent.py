@@ -424,7 +424,7 @@ def test_tar_handles_opened_before_fork_are_not_shared_with_workers(tmp_path):
     assert ds[7][1] == 7 and round((float(ds[7][0][0, 0, 0]) + 1) * 127.5) == 35
 
 
-def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_folder, tmp_path):
+def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_folder, tmp_path, monkeypatch):
     from ditkit.sampling import generate
     from ditkit.train import load_model, train
 
@@ -443,6 +443,18 @@ def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_fold
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     latents = generate(model, saved, [0, 2], steps=2, cfg_scale=1.0, decode=False)
     assert latents.shape == (2, 4, 8, 8)
+    # A resume keeps the statistics the run was trained with instead of measuring them again.
+    import ditkit.train as train_module
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed run measured its latent statistics again")
+
+    monkeypatch.setattr(train_module, "measure_latent_stats", measure_again)
+    config.train.steps = result.step + 1
+    resumed = train(config, resume=tmp_path / "run", progress=False)
+    _, again = load_model(resumed.checkpoint)
+    assert resumed.step == result.step + 1
+    assert (again.autoencoder.shift, again.autoencoder.scale) == (saved.autoencoder.shift, saved.autoencoder.scale)
 
 
 def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, tmp_path, capsys):

@@ -184,6 +184,59 @@ def test_nonfinite_losses_skip_steps_then_stop(tiny_config, tiny_dataset, monkey
     assert find_latest_checkpoint(tiny_config.train.out_dir + "/checkpoints") is None
 
 
+class _OverflowingScaler:
+    """GradScaler's interface, enabled on CPU: the first `overflows` steps' gradients overflow (set to
+    inf by unscale_, as an fp16 overflow leaves them), and each overflow halves the scale."""
+
+    def __init__(self, overflows: int, scale: float) -> None:
+        self.overflows, self.scale_value, self.found_inf = overflows, scale, False
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer) -> None:
+        self.found_inf, self.overflows = self.overflows > 0, self.overflows - 1
+        if self.found_inf:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("inf"))
+
+    def get_scale(self) -> float:
+        return self.scale_value
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        self.scale_value /= 2 if self.found_inf else 1
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale_value}
+
+
+@pytest.mark.parametrize("start_scale, stops", [(2.0**16, False), (0.5, True)])
+def test_fp16_loss_scale_backoff_is_not_counted_as_divergence(
+    tiny_config, tiny_dataset, monkeypatch, start_scale, stops
+):
+    """12 overflows in a row while the scale comes down from 2^16 are the scaler's business; below a
+    scale of 1 the same overflows stop the run after MAX_CONSECUTIVE_NONFINITE."""
+    scaler = _OverflowingScaler(overflows=12, scale=start_scale)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: scaler)
+    tiny_config.train.steps = 2
+    if stops:
+        with pytest.raises(FloatingPointError, match="10 consecutive non-finite steps ending at step 1"):
+            train(tiny_config, progress=False, dataset=tiny_dataset)
+        return
+    result = train(tiny_config, progress=False, dataset=tiny_dataset)
+    assert result.step == 2 and scaler.scale_value == 2.0**16 / 2**12
+    records = [json.loads(line) for line in open(f"{tiny_config.train.out_dir}/metrics.jsonl")]
+    assert records[-1]["skipped_steps"] == 12
+
+
 def test_epoch_batch_sampler_covers_each_epoch_and_resumes_mid_epoch():
     sampler = EpochBatchSampler(10, 3, seed=1)
     it = iter(sampler)

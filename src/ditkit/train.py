@@ -89,6 +89,11 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_NONFINITE = 10
 """Stop a run after this many optimizer steps in a row had a non-finite loss or gradient."""
 
+MIN_LOSS_SCALE = 1.0
+"""fp16: gradient overflows while the loss scale is at least this are the scaler's backoff (it halves
+the scale and the step is retried) and do not count towards MAX_CONSECUTIVE_NONFINITE; below it the
+unscaled gradients themselves overflow, which counts."""
+
 _clock = time.perf_counter  # the wall clock of train.max_minutes and the logged timings (tests substitute one)
 
 DATA_POSITION_KEYS = {
@@ -239,12 +244,20 @@ def _train(
     if dataset is None:
         dataset = _training_dataset(config)
     autoencoder = build_autoencoder(config, device=device)
-    if config.autoencoder.stats == "data" and config.autoencoder.scale is None and config.autoencoder.shift is None:
-        mean, std = measure_latent_stats(autoencoder, dataset, device=device)
-        measured = dataclasses.replace(config.autoencoder, shift=mean, scale=[1.0 / s for s in std])
+    ae = config.autoencoder
+    if ae.stats == "data" and ae.scale is None and ae.shift is None:
+        saved_ae = load_config_from_checkpoint(resolve_checkpoint(resume)).autoencoder if resume is not None else None
+        if saved_ae is not None and (saved_ae.scale is not None or saved_ae.shift is not None):
+            # A resumed run keeps the normalisation it was trained with: measuring again (on another
+            # device, or after the data changed) could silently change what the model is fed.
+            measured = dataclasses.replace(ae, shift=saved_ae.shift, scale=saved_ae.scale)
+            log.info("latent statistics from the resumed checkpoint: shift=%s scale=%s", measured.shift, measured.scale)
+        else:
+            mean, std = measure_latent_stats(autoencoder, dataset, device=device)
+            measured = dataclasses.replace(ae, shift=mean, scale=[1.0 / s for s in std])
+            log.info("latent statistics measured from the data: shift=%s scale=%s", measured.shift, measured.scale)
         config = dataclasses.replace(config, autoencoder=measured, model=dataclasses.replace(config.model))
         autoencoder.set_normalization(measured)
-        log.info("latent statistics measured from the data: shift=%s scale=%s", measured.shift, measured.scale)
     source = make_batch_source(config, autoencoder, dataset, progress)
     world, accum = env.world_size, tc.grad_accum_steps
     if tc.batch_size % (world * accum):
@@ -472,10 +485,20 @@ def _train(
             bad = ~(torch.isfinite(local_loss) & torch.isfinite(grad_norm))
             totals = all_sum(env, torch.stack([local_loss, bad.float()]))
             if totals[1] > 0:
-                # Skip the update; fp16's scaler handles its own overflow, this guards everything else.
+                # Skip the update. With fp16, a finite loss whose gradients overflow is the loss scale
+                # being too high, as at the start of most fp16 runs (the scale starts at 2^16): the scaler
+                # halves it and the step is retried. That backoff is not divergence, so it does not count
+                # towards the stop; everything else does.
+                scale = scaler.get_scale() if scaler.is_enabled() else None
+                backoff = scale is not None and bool(torch.isfinite(totals[0])) and scale >= MIN_LOSS_SCALE
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
-                nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
+                skipped += 1
+                if backoff:
+                    log.info("step %d: fp16 gradient overflow at loss scale %g; scale lowered, step retried",
+                             step + 1, scale)  # fmt: skip
+                    continue
+                nonfinite_run += 1
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step + 1, skipped)
                 if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
                     if run_log is not None:
