@@ -144,6 +144,28 @@ def test_manifold_radii_are_kth_neighbour_distances_and_batch_independent():
     np.testing.assert_allclose(manifold_radii(x, k=2, batch_size=100).numpy(), radii.numpy())
 
 
+def test_default_distance_blocks_stay_within_their_byte_budget(monkeypatch):
+    """50k reference features at a fixed 10,000 rows would need 4 GB per float64 distance block (and a
+    few of them at once); by default the rows follow the point count, with the same results."""
+    import ditkit.evaluation.metrics as metrics
+
+    assert metrics._rows_per_block(50_000, None) * 50_000 * 8 <= metrics.DISTANCE_BLOCK_BYTES
+    assert metrics._rows_per_block(50_000, 7) == 7  # an explicit batch size is kept
+    blocks = []
+    sq_distances = metrics._sq_distances
+    monkeypatch.setattr(
+        metrics, "_sq_distances", lambda a, b: blocks.append(a.shape[0] * b.shape[0]) or sq_distances(a, b)
+    )
+    monkeypatch.setattr(metrics, "DISTANCE_BLOCK_BYTES", 8 * 300 * 16)  # 16 rows against 300 points
+    rng = np.random.default_rng(7)
+    ref, sam = rng.standard_normal((300, 4)), rng.standard_normal((300, 4)) + 0.5
+    assert metrics.precision_recall(ref, sam) == metrics.precision_recall(ref, sam, batch_size=300)
+    assert max(blocks) == 300 * 300 and min(blocks[: len(blocks) // 2]) <= 16 * 300  # default ones are small
+    a, b = torch.as_tensor(sam[:50]), torch.as_tensor(ref)  # the in-place form: exactly |a|^2 - 2ab + |b|^2
+    expected = ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp(min=0)
+    assert torch.equal(sq_distances(a, b), expected)
+
+
 def test_classifier_features_batches_the_penultimate_layer():
     from ditkit.evaluation import classifier_features
     from ditkit.models.classifier import ClassifierConfig, DigitClassifier

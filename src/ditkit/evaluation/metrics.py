@@ -106,27 +106,43 @@ def inception_score(logits: np.ndarray | torch.Tensor, split_size: int = 5000) -
     return float(np.mean(scores))
 
 
+DISTANCE_BLOCK_BYTES = 256 * 2**20
+"""Rows of a k-NN distance computation are taken so that one (rows, M) float64 block is at most this."""
+
+
+def _rows_per_block(m: int, batch_size: int | None) -> int:
+    """`batch_size`, or (None) as many rows against m points as fit in DISTANCE_BLOCK_BYTES."""
+    return batch_size if batch_size is not None else max(1, DISTANCE_BLOCK_BYTES // (8 * m))
+
+
 def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, m) squared Euclidean distances, clipped at 0 (the expanded form can round below it)."""
-    d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]
-    return d.clamp_(min=0)
+    """(n, m) squared Euclidean distances, clipped at 0 (the expanded form can round below it).
+
+    In place on the one (n, m) block: -2ab, + |a|^2, + |b|^2 gives the same numbers as |a|^2 - 2ab + |b|^2
+    (IEEE addition commutes) without three more blocks of the same size.
+    """
+    d = (a @ b.T).mul_(-2)
+    return d.add_((a * a).sum(1)[:, None]).add_((b * b).sum(1)[None, :]).clamp_(min=0)
 
 
-def manifold_radii(features: np.ndarray | torch.Tensor, k: int = 3, batch_size: int = 10_000) -> torch.Tensor:
-    """Squared distance from each point to its k-th nearest other point, computed in row batches."""
+def manifold_radii(features: np.ndarray | torch.Tensor, k: int = 3, batch_size: int | None = None) -> torch.Tensor:
+    """Squared distance from each point to its k-th nearest other point, computed in row batches
+    (`batch_size` rows; None: as many as keep a distance block within DISTANCE_BLOCK_BYTES)."""
     x = torch.as_tensor(_as_float64(features))
     if len(x) <= k:
         raise ValueError(f"need more than k={k} points to estimate a manifold, got {len(x)}")
     radii = []
+    batch_size = _rows_per_block(len(x), batch_size)
     for start in range(0, len(x), batch_size):
         d = _sq_distances(x[start : start + batch_size], x)  # (b, N); includes the point itself at 0
         radii.append(torch.kthvalue(d, k + 1, dim=1).values)  # k + 1: skip the self-distance
     return torch.cat(radii)
 
 
-def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """For each point, whether some centre's ball (squared radius) contains it."""
     hits = []
+    batch_size = _rows_per_block(len(centres), batch_size)
     for start in range(0, len(points), batch_size):
         d = _sq_distances(points[start : start + batch_size], centres)  # (b, M)
         hits.append((d <= radii[None, :]).any(1))
@@ -137,7 +153,7 @@ def precision_recall(
     ref_features: np.ndarray | torch.Tensor,
     sample_features: np.ndarray | torch.Tensor,
     k: int = 3,
-    batch_size: int = 10_000,
+    batch_size: int | None = None,
 ) -> tuple[float, float]:
     """Improved (precision, recall) of samples against reference features, k-NN manifolds."""
     ref, sam = torch.as_tensor(_as_float64(ref_features)), torch.as_tensor(_as_float64(sample_features))
