@@ -267,6 +267,23 @@ def test_embedding_cache_equals_direct_encoding(tiny_bert, tmp_path):
         TextEmbeddingCache(alien)
 
 
+def test_embedding_cache_writers_never_share_a_temporary_file(tiny_bert, tmp_path, monkeypatch):
+    """Under torchrun every rank may save the cache at once: each writes its own file, then replaces."""
+    import ditkit.text as text
+
+    written = []
+    save_file = text.save_file
+    monkeypatch.setattr(
+        text, "save_file", lambda tensors, path, metadata: written.append(path) or save_file(tensors, path, metadata)
+    )
+    enc = text.TextEncoder(tiny_bert, max_length=4)
+    for pid in (101, 202):  # two processes saving the same cache file
+        monkeypatch.setattr(text.os, "getpid", lambda pid=pid: pid)
+        text.TextEmbeddingCache(tmp_path / "text.safetensors").update(enc, [f"top {pid}"])
+    assert len(set(written)) == 2 and all(str(tmp_path / "text.safetensors") != w for w in written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.safetensors"]  # both replaced, nothing left over
+
+
 def test_missing_encoder_gives_the_documented_error(tmp_path, monkeypatch):
     from ditkit.text import TextEncoder, TextEncoderError
 

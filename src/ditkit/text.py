@@ -11,6 +11,7 @@ models (Reimers & Gurevych 2019), CLIP's pooled end-of-text token for CLIP.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,7 +198,10 @@ class TextEmbeddingCache:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # Each process writes its own temporary file: under torchrun every rank may encode the same new
+        # captions and save at once, and two writers of one shared .tmp could interleave into a corrupt
+        # file. The replace is atomic, and every rank's table holds the same embeddings.
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         tensors = {
             "tokens": self.table.tokens.contiguous(),
             "mask": self.table.mask.contiguous(),
