@@ -421,3 +421,23 @@ def test_generate_guidance_interval_spans_no_guidance_to_full_guidance(tiny_mode
     unguided = generate(model, config, labels, steps=4, cfg_scale=1.0)
     assert torch.allclose(everywhere, full, atol=1e-6) and torch.allclose(nowhere, unguided, atol=1e-6)
     assert not torch.allclose(full, unguided)
+
+
+@pytest.mark.parametrize(
+    "times, message",
+    [
+        ([999.0], "at least 2 strictly decreasing"),
+        ([999.0, 500.0, 500.0, -1.0], "at least 2 strictly decreasing"),
+        ([999.0, 500.0, 0.0], r"must end at the data end t=-1.0, got 0.0"),
+        ([1500.0, 500.0, -1.0], r"must start at or below the noise end t=999.0, got 1500.0"),
+    ],
+)
+def test_explicit_sampling_grids_are_checked(times, message):
+    from ditkit.samplers.grid import sampling_grid
+
+    process = build_process(DiffusionConfig())
+    with pytest.raises(ValueError, match=message):
+        sampling_grid(process, torch.tensor(times), "cpu")
+    assert torch.equal(
+        sampling_grid(process, torch.tensor([999.0, 400.0, -1.0]), "cpu"), torch.tensor([999.0, 400.0, -1.0])
+    )

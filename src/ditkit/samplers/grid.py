@@ -19,4 +19,8 @@ def sampling_grid(process: NoiseProcess, steps: int | torch.Tensor, device: torc
         raise ValueError("a sampling grid needs at least 2 strictly decreasing times")
     if float(grid[-1]) != process.t_min:
         raise ValueError(f"a sampling grid must end at the data end t={process.t_min}, got {float(grid[-1])}")
+    if float(grid[0]) > process.t_max:  # the process is not defined there (its tables would clamp silently)
+        raise ValueError(
+            f"a sampling grid must start at or below the noise end t={process.t_max}, got {float(grid[0])}"
+        )
     return grid
