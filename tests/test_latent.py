@@ -58,9 +58,12 @@ def latent_config(kl_path, root, **data) -> Config:
 
 
 def test_model_shape_and_scale_follow_the_autoencoder(kl_path, image_folder):
-    config = latent_config(kl_path, image_folder)
-    assert config.model.in_channels is None  # open until the autoencoder's config is read
-    config = resolve_autoencoder(config)
+    given = latent_config(kl_path, image_folder)
+    assert given.model.in_channels is None  # open until the autoencoder's config is read
+    config = resolve_autoencoder(given)
+    # A copy throughout: changing the result (as callers do, e.g. data.cache) leaves the input alone.
+    config.data.root, config.train.steps = "elsewhere", 12345
+    assert given.data.root == str(image_folder) and given.train.steps != 12345 and given.model.in_channels is None
     ae = config.autoencoder
     assert (ae.latent_channels, ae.downsample, ae.scale, ae.shift) == (4, 2, 0.18215, 0.0)
     assert config.model.in_channels == 4 and config.model.input_hw == (8, 8)

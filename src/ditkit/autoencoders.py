@@ -15,6 +15,7 @@ Scale and shift are read from the autoencoder's own config (or measured from dat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import NamedTuple
@@ -178,6 +179,7 @@ def resolve_autoencoder(config: Config) -> Config:
     Reads only the autoencoder's config.json; the model's input channels and size then follow. Values
     the user set explicitly must agree with the autoencoder, or ConfigError names both.
     """
+    config = copy.deepcopy(config)  # every section, so that changing the result never changes the input
     ae = config.autoencoder
     if ae.kind == "pixel":
         return config
@@ -193,7 +195,7 @@ def resolve_autoencoder(config: Config) -> Config:
     if ae.stats == "autoencoder":  # with stats='data', training measures them instead
         new_ae.scale = scaling if ae.scale is None else ae.scale
         new_ae.shift = (shifting if shifting is not None else 0.0) if ae.shift is None else ae.shift
-    return dataclasses.replace(config, autoencoder=new_ae, model=dataclasses.replace(config.model))
+    return dataclasses.replace(config, autoencoder=new_ae)
 
 
 class DiffusersAutoencoder(Autoencoder):
