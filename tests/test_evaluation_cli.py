@@ -169,6 +169,14 @@ def test_eval_of_an_empty_sample_file_names_it(tmp_path, monkeypatch, capsys):
                  "classifier", "--classifier", str(tmp_path / "judge")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "empty.npz: arr_0 holds no images" in err
+    # One image: no covariance; named with the file instead of "need (N >= 2, D) features".
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    code = main(["ref-stats", str(tmp_path / "one.npz"), "--out", str(tmp_path / "o.npz"), "--features",
+                 "classifier", "--classifier", str(tmp_path / "judge")])  # fmt: skip
+    assert code == 2 and "one.npz: 1 image in arr_0; reference statistics need at least 2" in capsys.readouterr().err
+    code = main(["eval", "--samples", str(tmp_path / "one.npz"), "--ref", "mnist", "--features", "classifier",
+                 "--classifier", str(tmp_path / "judge")])  # fmt: skip
+    assert code == 2 and "one.npz: 1 sample image(s) in arr_0; FID needs at least 2" in capsys.readouterr().err
 
 
 def test_ref_stats_of_an_npz_without_images_names_the_file_and_key(tmp_path, monkeypatch, capsys):

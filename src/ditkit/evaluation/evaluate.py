@@ -121,17 +121,17 @@ def evaluate_npz(
 ) -> dict[str, float | int | str]:
     """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference."""
     kind = getattr(net, "kind", "inception")
+    shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
+    if shape[0] < 2:  # checked first (before the reference is computed) and naming the file
+        raise DataError(f"{samples}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
     if isinstance(ref, str) and ref == BUNDLED_DIGITS and not Path(ref).exists():
         # The samples' batch size, so that `ref-stats` of the same digits gives the same numbers on a GPU
         # too (cuDNN may pick another fp32 convolution algorithm for another batch shape).
-        ref = bundled_digits_reference(net, npz_array_info(samples, "arr_0")[0][1], batch_size, progress)
+        ref = bundled_digits_reference(net, shape[1], batch_size, progress)
     if not isinstance(ref, dict):
         ref = reference_from_source(ref, net, batch_size, progress)
     elif str(ref.get(REFERENCE_KIND_KEY, kind)) != kind:
         raise DataError(f"the reference holds {ref[REFERENCE_KIND_KEY]} statistics, not {kind}")
-    shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
-    if not shape[0]:
-        raise DataError(f"{samples}: no sample images (arr_0)")
     features = compute_features(net, iter_npz_images(samples, batch_size), shape[0], progress)
     labels = read_npz_array(samples, "arr_1") if "arr_1" in npz_keys(samples) else None
     result = score_features(features, ref, labels, kind)

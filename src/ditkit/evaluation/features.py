@@ -296,6 +296,8 @@ def reference_from_source(
         # Read as RGB whatever the judge takes: a 1-channel judge converts to gray itself
         # (`rgb_to_gray`), the one conversion that .npz images and samples go through too.
         n = sum(1 for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if n == 1:
+            raise DataError(f"{source}: 1 image; reference statistics need at least 2 (a covariance)")
         feats = compute_features(net, iter_folder_images(source, batch_size, 3), n, progress)
         return reference_from_features(feats, kind)
     if not source.is_file():
@@ -309,6 +311,8 @@ def reference_from_source(
         shape, _ = npz_array_info(source, "arr_0")
         if not shape or not shape[0]:
             raise DataError(f"{source}: arr_0 holds no images (shape {shape})")
+        if shape[0] < 2:
+            raise DataError(f"{source}: 1 image in arr_0; reference statistics need at least 2 (a covariance)")
         ref = reference_from_features(
             compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind
         )
