@@ -71,6 +71,22 @@ def test_model_shape_and_scale_follow_the_autoencoder(kl_path, image_folder):
         Config(model=ModelConfig(in_channels=3), data=config.data, autoencoder=config.autoencoder)
 
 
+def test_a_config_without_scaling_factor_gets_diffusers_default(kl_path, image_folder, tmp_path):
+    """VAE folders saved before diffusers wrote `scaling_factor` (late 2022) have none: diffusers then
+    uses the class default, 0.18215 for AutoencoderKL; resolving the config must agree with loading it."""
+    import json
+    import shutil
+
+    old = tmp_path / "old-kl"
+    shutil.copytree(kl_path, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["scaling_factor"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    resolved = resolve_autoencoder(latent_config(old, image_folder))
+    assert resolved.autoencoder.scale == 0.18215
+    assert build_autoencoder(AutoencoderConfig(kind="kl", path=str(old))).config.scale == 0.18215
+
+
 def test_encode_decode_shapes_and_posterior(kl_path):
     ae = build_autoencoder(AutoencoderConfig(kind="kl", path=str(kl_path)))
     images = torch.rand(2, 3, 16, 16) * 2 - 1

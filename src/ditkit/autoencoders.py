@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import NamedTuple
 
@@ -155,6 +156,12 @@ def read_autoencoder_config(config: AutoencoderConfig) -> dict:
         raise _load_error(config, err) from err
 
 
+def _default_scaling(kind: str) -> float:
+    """The scaling_factor diffusers' autoencoder class takes when its config.json names none."""
+    init = inspect.signature(_diffusers_class(kind).__init__)
+    return float(init.parameters["scaling_factor"].default)
+
+
 def _shape_from_diffusers(kind: str, cfg: dict) -> tuple[int, int, int, float, float | None]:
     """(image channels, latent channels, downsampling factor, scaling_factor, shift_factor) of a config."""
     blocks = cfg["block_out_channels"] if kind == "kl" else cfg["encoder_block_out_channels"]
@@ -162,7 +169,9 @@ def _shape_from_diffusers(kind: str, cfg: dict) -> tuple[int, int, int, float, f
         int(cfg.get("in_channels", 3)),
         int(cfg["latent_channels"]),
         2 ** (len(blocks) - 1),
-        float(cfg.get("scaling_factor", 1.0)),
+        # A config.json without the key (written before diffusers added it) gets the class's default, as
+        # diffusers itself does when it loads the model: 0.18215 for AutoencoderKL, 1.0 for the tiny one.
+        float(cfg["scaling_factor"] if "scaling_factor" in cfg else _default_scaling(kind)),
         cfg.get("shift_factor"),
     )
 
