@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, prediction_target
+from .distributed import stream_seed
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
 from .sampling import resolve_clip_denoised
@@ -109,11 +110,13 @@ def inpaint_loss(
     prediction: str = "eps",
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`diffusion_loss` for a mask-conditioned model: the input carries a random mask and the masked x0.
 
-    `t` and `noise` may be given (drawn per sample by the training loop); the masks come from `generator`.
-    Only the first C output channels are trained: a `learn_sigma` model's variance channels get no loss.
+    `t`, `noise` and the (N, 1, H, W) `known_mask` may be given (drawn per sample by the training loop);
+    otherwise they come from `generator`. Only the first C output channels are trained: a `learn_sigma`
+    model's variance channels get no loss.
     """
     n, channels, height, width = x0.shape
     if t is None:
@@ -121,7 +124,9 @@ def inpaint_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
-    known_mask = random_known_masks(n, height, width, generator=generator, device=x0.device).to(x0.dtype)
+    if known_mask is None:
+        known_mask = random_known_masks(n, height, width, generator=generator, device=x0.device)
+    known_mask = known_mask.to(x0.dtype)
     x_in = torch.cat([x_t, mask_channels(x0, known_mask)], dim=1)  # (N, 2C + 1, H, W)
     out = model(x_in, process.model_time(t), cond, generator=generator)
     derivatives = {}
@@ -129,6 +134,20 @@ def inpaint_loss(
         derivatives = dict(alpha_dot=process.alpha_dot(t), sigma_dot=process.sigma_dot(t))
     target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t), **derivatives)
     return (out[:, :channels].float() - target).pow(2).mean()
+
+
+def stream_masks(
+    height: int, width: int, positions: range, *, seed: int, batch_index: int, device: torch.device
+) -> torch.Tensor:
+    """(n, 1, H, W) training masks, one per position of the global batch, each from its own stream (as
+    `ditkit.distributed.draw_streams` draws t and noise), so a sample's mask does not depend on how the
+    batch is split over ranks or accumulation steps."""
+    g = torch.Generator(device)
+    masks = []
+    for j in positions:
+        g.manual_seed(stream_seed(seed, batch_index, j))
+        masks.append(random_known_masks(1, height, width, generator=g, device=device))
+    return torch.cat(masks)
 
 
 def _labels(config: Config, labels: torch.Tensor | list[int] | int, device: torch.device) -> torch.Tensor:

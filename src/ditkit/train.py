@@ -61,11 +61,10 @@ from .distributed import (
     local_tensor,
     shard_blocks,
     shutdown_distributed,
-    stream_seed,
     tf32,
     wrap_model,
 )
-from .inpainting import inpaint_loss
+from .inpainting import inpaint_loss, stream_masks
 from .models import DiT
 from .models.dit import resize_pos_embed
 from .monitor import RunLog, check_metrics, save_sample_grid, truncate_metrics
@@ -462,10 +461,12 @@ def _train(
                     y = torch.where(u_drop < drop_prob, torch.full_like(y, null_class), y)
                 with grad_sync(wrapped, env, enabled=m == accum - 1):  # all-reduce on the last piece only
                     with _autocast(device, tc.precision):
-                        if config.model.inpaint:  # L_simple only; the random masks come from a per-piece stream
-                            masks = torch.Generator(device).manual_seed(stream_seed(tc.seed + 2, batch_index, first))
+                        if config.model.inpaint:  # L_simple only; a random mask per sample, from its own stream
+                            masks = stream_masks(
+                                *x0.shape[2:], positions, seed=tc.seed + 2, batch_index=batch_index, device=device
+                            )
                             loss = inpaint_loss(
-                                forward, process, x0, y, generator=masks, prediction=prediction, t=t, noise=noise
+                                forward, process, x0, y, prediction=prediction, t=t, noise=noise, known_mask=masks
                             )
                         else:
                             loss = diffusion_loss(
