@@ -133,6 +133,8 @@ def test_ddp_wrapped_state_dict_with_module_prefix_loads(tmp_path):
         (dict(input_size=(4, 16)), r"input_size=\(4, 16\)"),
         (dict(inpaint=True), "inpaint=True"),
         (dict(num_classes=0, text_dim=8), "text_dim=8"),
+        # DiT-S's depth and width with 4 heads: no shape stores the head count, so it would come back with 6.
+        (dict(depth=12, hidden_size=384, num_heads=4, input_size=4), "num_heads=4 .* the paper preset's 6 heads"),
     ],
 )
 def test_models_the_official_layout_cannot_describe_are_refused(overrides, message):

@@ -54,6 +54,13 @@ def test_eval_every_logs_metrics_and_leaves_training_unchanged(tmp_path, tiny_da
     again = InTrainingEvaluator(saved, tiny_dataset, "cpu")(ema)
     assert again["eval_fid"] == pytest.approx(evals[-1]["eval_fid"], rel=1e-6)
     assert again["eval_class_accuracy"] == evals[-1]["eval_class_accuracy"]
+    # Sampled in eval mode whatever the caller's (training mode drops labels at random: FSDP's gathered
+    # EMA used to arrive so), and the caller's mode is left as it was.
+    off_identity_init_(ema)  # so that every layer, the label embedding included, visibly shapes the samples
+    evaluator = InTrainingEvaluator(saved, tiny_dataset, "cpu")
+    expected = evaluator(ema)
+    ema.train()
+    assert evaluator(ema)["eval_fid"] == expected["eval_fid"] and ema.training
 
 
 def test_eval_fields_are_validated():

@@ -218,14 +218,20 @@ class _OverflowingScaler:
         return {"scale": self.scale_value}
 
 
-@pytest.mark.parametrize("start_scale, stops", [(2.0**16, False), (0.5, True)])
+@pytest.mark.parametrize(
+    "start_scale, nan_loss, stops", [(2.0**16, False, False), (0.5, False, True), (2.0**16, True, True)]
+)
 def test_fp16_loss_scale_backoff_is_not_counted_as_divergence(
-    tiny_config, tiny_dataset, monkeypatch, start_scale, stops
+    tiny_config, tiny_dataset, monkeypatch, start_scale, nan_loss, stops
 ):
     """12 overflows in a row while the scale comes down from 2^16 are the scaler's business; below a
-    scale of 1 the same overflows stop the run after MAX_CONSECUTIVE_NONFINITE."""
+    scale of 1 the same overflows stop the run after MAX_CONSECUTIVE_NONFINITE, and so does a
+    non-finite loss at any scale (that is divergence, not the scale)."""
     scaler = _OverflowingScaler(overflows=12, scale=start_scale)
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: scaler)
+    if nan_loss:
+        monkeypatch.setattr(train_mod, "diffusion_loss", lambda model, process, x0, cond, **kwargs: (
+            model(x0, torch.zeros(len(x0)), cond) * float("nan")).mean())  # fmt: skip
     tiny_config.train.steps = 2
     if stops:
         with pytest.raises(FloatingPointError, match="10 consecutive non-finite steps ending at step 1"):
@@ -332,6 +338,19 @@ def test_resuming_from_an_older_checkpoint_moves_the_later_ones_aside(tmp_path, 
     assert _steps_in(aside / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
     assert _steps_in(run / "metrics.jsonl") == [1, 2, 3]
     assert str(aside) in caplog.text and "step_0000004, step_0000006" in caplog.text
+
+
+def test_a_half_written_later_save_does_not_make_a_crash_resume_a_roll_back(tmp_path):
+    """Killed while writing step 6: resuming from the newest complete checkpoint (4) is an ordinary
+    resume; the half-written folder is deleted by the next save, not moved aside as an abandoned timeline."""
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    train(make_tiny_config(run, steps=4, ckpt_every=2), progress=False, dataset=data)
+    partial = run / "checkpoints" / ".step_0000006.tmp-12345"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    result = train(make_tiny_config(run, steps=6, ckpt_every=2), resume=run, progress=False, dataset=data)
+    assert result.step == 6 and not list(run.glob("abandoned-*")) and not partial.exists()
+    assert _steps_in(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path):

@@ -292,8 +292,10 @@ def prune_checkpoints(folder: str | Path, keep_last: int, keep: str | Path | Non
 
 
 def checkpoints_after(folder: str | Path, step: int) -> list[Path]:
-    """Every checkpoint-like folder under `folder` for a step after `step`: step_N, and the `.old`
-    and `.tmp` leftovers of interrupted saves (which a later save or prune would otherwise act on)."""
+    """Every checkpoint under `folder` for a step after `step`: step_N, and the `.old` leftover of an
+    interrupted same-name replace (possibly the only copy). Not the `.tmp` of an interrupted write: a
+    half-written save is no checkpoint, and the next save or prune deletes it, so an ordinary
+    crash-resume is not mistaken for a roll-back."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -301,9 +303,8 @@ def checkpoints_after(folder: str | Path, step: int) -> list[Path]:
     for child in folder.iterdir():
         match = _STEP_DIR.match(child.name)
         number = match.group(1) if match else None
-        for pattern in (_OLD_STEP_DIR, _TMP_STEP_DIR):
-            found = pattern.match(child.name)
-            number = found.group(2) if found else number
+        found = _OLD_STEP_DIR.match(child.name)
+        number = found.group(2) if found else number
         if number is not None and int(number) > step and child.is_dir():
             out.append(child)
     return sorted(out)

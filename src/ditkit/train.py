@@ -409,7 +409,7 @@ def _train(
         weights = full_state_dict(ema)
         if not env.is_main:
             return ema
-        full = DiT(config.model).to(device)
+        full = DiT(config.model).to(device).requires_grad_(False).eval()
         full.load_state_dict(weights)
         return full
 

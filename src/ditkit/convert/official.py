@@ -174,6 +174,15 @@ def to_official_state_dict(model: DiT) -> dict[str, torch.Tensor]:
         refused.append("inpaint=True (the official layout has no mask and masked-image input channels)")
     if c.text_conditional:
         refused.append(f"text_dim={c.text_dim} (the official layout is class-conditional, with no text inputs)")
+    preset_heads = {
+        p["num_heads"] for p in MODEL_PRESETS.values() if (p["depth"], p["hidden_size"]) == (c.depth, c.hidden_size)
+    }
+    if preset_heads and c.num_heads not in preset_heads:
+        # No tensor shape carries the head count: re-import takes the paper preset's for this depth and width.
+        refused.append(
+            f"num_heads={c.num_heads} (the layout does not store the head count, and a depth-{c.depth}, "
+            f"width-{c.hidden_size} file re-imports with the paper preset's {min(preset_heads)} heads)"
+        )
     if refused:
         raise ConfigError(f"this model has no official DiT layout: model.{'; model.'.join(refused)}")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -172,9 +172,17 @@ def autoencoder_fingerprint(ae: dict) -> dict | None:
         return None
     digest = hashlib.sha256()
     for file in files:
-        with open(file, "rb") as f:
-            digest.update(b"%s\0%s\n" % (file.name.encode(), hashlib.file_digest(f, "sha256").hexdigest().encode()))
+        digest.update(b"%s\0%s\n" % (file.name.encode(), _file_sha256(file).encode()))
     return {"files": [f.name for f in files], "sha256": digest.hexdigest()}
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * 2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 _REBUILD = (

@@ -134,13 +134,20 @@ class InTrainingEvaluator:
         t0 = time.perf_counter()
         m, n = self.config.model, self.config.train.eval_num
         labels = np.arange(n, dtype=np.int64) % m.num_classes if m.conditional else None
-        if self.prompts is not None:
-            images = generate(
-                ema, self.config, prompts=self.prompts, text_encoder=self.text, batch_size=self.batch_size
-            )
-        else:
-            request = torch.from_numpy(labels) if labels is not None else n
-            images = generate(ema, self.config, request, batch_size=self.batch_size)
+        # Sampled in eval mode whatever mode the model is in (in training mode the label or caption
+        # embedder drops conditions at random), and the caller's mode is restored afterwards.
+        was_training = ema.training
+        ema.eval()
+        try:
+            if self.prompts is not None:
+                images = generate(
+                    ema, self.config, prompts=self.prompts, text_encoder=self.text, batch_size=self.batch_size
+                )
+            else:
+                request = torch.from_numpy(labels) if labels is not None else n
+                images = generate(ema, self.config, request, batch_size=self.batch_size)
+        finally:
+            ema.train(was_training)
         samples = to_uint8(images)
         feats = compute_features(self.net, _batches(samples, self.batch_size), progress=False)
         scores = score_features(feats, self.ref, labels, self.kind)
