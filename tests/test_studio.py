@@ -1,8 +1,11 @@
 """The studio server: validation (4xx with a message), the bounded queue, jobs and downloads, CLI."""
 
 import base64
+import dataclasses
+import http.client
 import io
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -13,11 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
+from conftest import make_tiny_config, save_tiny_bert
 from ditkit.checkpoint import save_checkpoint
 from ditkit.cli import build_parser, main
+from ditkit.config import TextConfig
 from ditkit.samplers import SAMPLERS
-from ditkit.studio import Limits, Studio, make_server
+from ditkit.sampling import generate
+from ditkit.studio import Job, Limits, Studio, StudioError, make_server
+from ditkit.studio.server import host_of, is_loopback
 from ditkit.train import build_model
 
 
@@ -107,6 +113,20 @@ BAD_REQUESTS = [
     ({"labels": [0], "seed": "abc"}, "seed must be a whole number"),
     ({"labels": [0], "eta": 3}, "eta must be between 0 and 1"),
     ({"labels": [0], "colour": "red"}, "unknown field(s) colour"),
+    # Numbers: JSON numbers or ASCII decimal strings only; anything else is a 400 naming the field.
+    ({"labels": [0], "seed": "\u00b2"}, "seed must be a whole number, got '\u00b2'"),  # str.isdigit() says yes
+    ({"labels": [0], "steps": "--5"}, "steps must be a whole number, got '--5'"),
+    ({"labels": [0], "steps": "\u0663"}, "steps must be a whole number, got '\u0663'"),  # Arabic-Indic 3
+    ({"labels": [0], "steps": "1_0"}, "steps must be a whole number, got '1_0'"),
+    ({"labels": [0], "steps": [3]}, "steps must be a whole number, got [3]"),
+    ({"labels": [0], "cfg_scale": 10**400}, "cfg_scale must be between 0 and 20, got 10000000000000000000... (401"),
+    ({"labels": [0], "cfg_scale": "1e999"}, "cfg_scale must be between 0 and 20, got '1e999'"),
+    ({"labels": [0], "cfg_scale": "\u0662"}, "cfg_scale must be a number, got '\u0662'"),  # float() takes it
+    ({"labels": [0], "cfg_scale": float("nan")}, "cfg_scale must be a number, got nan"),
+    ({"labels": [0], "eta": "infinity", "sampler": "ddim"}, "eta must be a number, got 'infinity'"),
+    ({"labels": [0], "seed": 2**64}, "seed must be between 0 and 9223372036854775807, got 18446744073709551616"),
+    ({"labels": [0], "preview": "false"}, "preview must be true or false, got 'false'"),
+    ({"labels": [0], "preview": 0}, "preview must be true or false, got 0"),
     ({"labels": [0], "prompts": ["a cat"]}, "takes no prompts"),
     ({"labels": [0], "kind": "upscale"}, "kind must be one of sample, inpaint, outpaint"),
     ({"labels": [0], "kind": "inpaint"}, "image must be an image"),
@@ -124,8 +144,20 @@ def test_bad_requests_get_400_with_a_message(client, body, message):
     assert "Traceback" not in reply["error"]
 
 
+def test_numbers_as_strings_and_booleans(client):
+    p = client.studio.validate({"labels": [0], "steps": " 12 ", "seed": "+7", "cfg_scale": "2.5", "preview": False})
+    assert (p["steps"], p["seed"], p["cfg_scale"], p["preview"]) == (12, 7, 2.5, False)
+    p = client.studio.validate({"labels": [0], "steps": 4.0, "cfg_scale": 3, "preview": None})
+    assert (p["steps"], p["cfg_scale"], p["preview"]) == (4, 3.0, True)
+
+
 def test_malformed_bodies_and_unknown_jobs(client):
     status, reply = client.json("/api/jobs", raw=b"{not json")
+    assert status == 400 and "not valid JSON" in reply["error"]
+    # json.loads raises ValueError (not JSONDecodeError) past 4300 digits, RecursionError when too deep.
+    status, reply = client.json("/api/jobs", raw=b'{"labels": [0], "seed": 1' + b"0" * 5000 + b"}")
+    assert status == 400 and "not valid JSON" in reply["error"]
+    status, reply = client.json("/api/jobs", raw=b"[" * 100_000)
     assert status == 400 and "not valid JSON" in reply["error"]
     status, reply = client.json("/api/jobs/999999")
     assert status == 404 and "no job" in reply["error"]
@@ -248,6 +280,54 @@ def test_inpaint_and_outpaint_jobs_keep_the_source(client):
     assert out.shape == (8, 8 + 3 * 4) and np.array_equal(out[:, -8:], src)
 
 
+def test_outpainted_picture_is_bounded_and_counted_in_the_work_budget(client):
+    # Scaled to the model's 8 px height, a 4096x1 image would be 32768 px wide (before any round).
+    thin = png_data_url(np.zeros((1, 4096), np.uint8))
+    body = {"labels": [0] * 64, "kind": "outpaint", "image": thin, "direction": "right", "steps": 1}
+    status, reply = client.json("/api/jobs", body)
+    assert status == 400, reply
+    assert "would make a picture 32772 px wide" in reply["error"] and "largest side allowed is 4096" in reply["error"]
+    status, reply = client.json("/api/jobs", {**body, "direction": "down"})  # 8 px wide, 1 px tall: fine that way
+    assert status == 400 and "too short along the direction" in reply["error"]
+    wide = png_data_url(np.zeros((8, 1000), np.uint8))
+    p = client.studio.validate({"labels": [0], "kind": "outpaint", "image": wide, "times": 1, "steps": 1})
+    assert tuple(p["image"].shape) == (1, 1, 8, 1000)
+    # 1 image x 1 step x 1 round, plus the 1004 px result held as ceil(1004 / 8) = 126 model-size tiles.
+    studio = tiny_studio(limits=Limits(max_work=100))
+    with pytest.raises(StudioError, match="this request needs 127 image-steps; the limit is 100"):
+        studio.validate({"labels": [0], "kind": "outpaint", "image": wide, "times": 1, "steps": 1})
+
+
+def test_finished_status_is_published_after_its_results(client, monkeypatch):
+    seen = []
+
+    class Watched(Job):
+        def __setattr__(self, name, value):
+            if name == "status" and value in ("done", "error"):
+                seen.append((value, self.seconds, self.images is not None, self.error))
+            super().__setattr__(name, value)
+
+    real_run = client.studio._run
+
+    def watched_run(job):
+        job.__class__ = Watched  # from here on every assignment to job.status is recorded
+        return real_run(job)
+
+    monkeypatch.setattr(client.studio, "_run", watched_run)
+    s = client.run({"labels": [0], "steps": 2, "preview": False})
+    assert s["status"] == "done" and s["seconds"] is not None and not s["has_preview"]
+    assert len(seen) == 1 and seen[0][0] == "done" and seen[0][1] is not None and seen[0][2]
+
+    def failing_run(job):
+        job.__class__ = Watched
+        raise ValueError("no such thing")
+
+    monkeypatch.setattr(client.studio, "_run", failing_run)
+    s = client.run({"labels": [0], "steps": 2})
+    assert s["status"] == "error" and seen[1] == ("error", seen[1][1], False, "no such thing")
+    assert seen[1][1] is not None
+
+
 def test_unconditional_model_takes_a_batch_not_labels():
     c = Client(tiny_studio(num_classes=0))
     try:
@@ -286,3 +366,166 @@ def test_cli_serve_defaults_to_localhost_and_inpaint_outpaint_write_pngs(tmp_pat
     tall = np.asarray(Image.open(tmp_path / "tall.png"))
     assert tall.shape == (2 * (20 + 2) + 2, 8 + 4)  # two 20x8 results stacked in a padded grid
     assert np.array_equal(tall[2:10, 2:10], src)
+
+
+TEXT_WORDS = ["top", "bottom", "bar", "a", "the"]
+
+
+def tiny_text_studio(tmp_path, encoder: str, caption_dropout_prob: float = 0.1) -> Studio:
+    """A text-conditioned tiny DiT (16-d text, like the tiny BERT) whose every weight is live."""
+    cfg = make_tiny_config("unused")
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        num_classes=0,
+        text_dim=16,
+        text_mode="both",
+        caption_dropout_prob=caption_dropout_prob,
+        class_dropout_prob=0.0 if caption_dropout_prob else 0.1,  # guidance must follow the caption dropout
+    )
+    cfg = dataclasses.replace(cfg, model=model_cfg, text=TextConfig(encoder=encoder, max_length=4))
+    model = build_model(cfg, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised text paths would make every prompt draw the same image
+        for param in model.parameters():
+            param.normal_(0, 0.2, generator=g)
+    return Studio(model, cfg, name="tiny-text")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("studio_bert"), TEXT_WORDS, max_positions=32)
+
+
+def test_text_conditioned_checkpoint_samples_from_prompts(tiny_bert, tmp_path, monkeypatch):
+    import ditkit.text
+
+    loads = []
+    real_load = ditkit.text.load_text_encoder
+    monkeypatch.setattr(ditkit.text, "load_text_encoder", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    studio = tiny_text_studio(tmp_path, tiny_bert)
+    c = Client(studio)
+    try:
+        info = c.json("/api/info")[1]
+        assert info["conditioning"] == "text" and info["guidance"] and info["defaults"]["cfg_scale"] == 2.0
+        assert not loads  # loaded on the first request with prompts, not before
+        body = {"prompts": ["top bar", "bottom bar", "top bar"], "steps": 2, "seed": 1, "cfg_scale": 3, "nrow": 3}
+        s = c.run(body)
+        assert s["status"] == "done" and s["images"] == 3, s
+        images = studio.get(s["id"]).images
+        expected = generate(
+            studio.model,
+            studio.config,
+            prompts=body["prompts"],
+            text_encoder=studio.text_encoder(),
+            steps=2,
+            seed=1,
+            cfg_scale=3.0,
+            sampler=studio.config.sample.sampler,
+        )
+        torch.testing.assert_close(images, expected)
+        # The prompt steers the image: the same noise with another prompt gives another picture.
+        one = studio.get(c.run({"prompts": ["top bar"], "steps": 2, "seed": 1})["id"]).images
+        other = studio.get(c.run({"prompts": ["bottom bar"], "steps": 2, "seed": 1})["id"]).images
+        assert (one - other).abs().max() > 1e-3
+        assert loads == [1]  # one encoder for every request
+        refused = [
+            ({"labels": [0]}, "it takes prompts, not labels"),
+            ({"prompts": []}, "prompts must be a non-empty list of strings"),
+            ({"prompts": "top bar"}, "prompts must be a non-empty list of strings"),
+            ({"prompts": ["top", 3]}, "prompts must be non-empty strings, got 3"),
+            ({"prompts": ["top", "  "]}, "prompts must be non-empty strings, got '  '"),
+            ({"prompts": ["a" * 1001]}, "prompts must be at most 1000 characters, got one of 1001"),
+            ({"prompts": ["top"] * 65}, "at most 64 images per request, got 65 prompts"),
+            ({"prompts": ["top"], "cfg_scale": 21}, "cfg_scale must be between 0 and 20"),
+            ({"prompts": ["top"], "kind": "outpaint"}, "outpaint is not available for text-conditioned models"),
+        ]
+        for body, message in refused:
+            status, reply = c.json("/api/jobs", body)
+            assert status == 400 and message in reply["error"], (body, reply)
+    finally:
+        c.close()
+
+
+def test_text_guidance_follows_caption_dropout_and_a_missing_encoder_is_named(tiny_bert, tmp_path):
+    studio = tiny_text_studio(tmp_path, tiny_bert, caption_dropout_prob=0.0)  # class_dropout_prob is 0.1
+    info = studio.info()
+    assert info["conditioning"] == "text" and not info["guidance"] and info["limits"]["max_cfg"] == 1.0
+    with pytest.raises(StudioError, match="cannot be guided .no null text"):
+        studio.validate({"prompts": ["top bar"], "cfg_scale": 0.5})
+    assert studio.validate({"prompts": ["top bar"]})["cfg_scale"] == 1.0
+    missing = str(tmp_path / "no-encoder")
+    c = Client(tiny_text_studio(tmp_path, missing))
+    try:
+        status, reply = c.json("/api/jobs", {"prompts": ["top bar"], "steps": 2})
+        assert status == 500 and "cannot load this checkpoint's text encoder" in reply["error"], reply
+        assert f"text.encoder={missing}" in reply["error"]
+        assert c.json("/api/jobs", {"prompts": ["top bar"], "steps": 0})[0] == 400  # bad input first, no load
+    finally:
+        c.close()
+
+
+def test_host_header_parsing_and_loopback_addresses():
+    assert [host_of(h) for h in ("[::1]", "[::1]:8000", "localhost:80", "127.0.0.1", "::1", "[::1]x")] == [
+        "::1",
+        "::1",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "[::1]x",
+    ]
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"))
+    assert not any(is_loopback(h) for h in ("localhost", "127.0.0.1.evil.example", "10.0.0.1", "::", ""))
+
+
+def _get(host: str, port: int, header: str) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.putrequest("GET", "/api/info", skip_host=True)
+    conn.putheader("Host", header)
+    conn.endheaders()
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def _serving(studio: Studio, host: str):
+    server = make_server(studio, host, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_any_loopback_address_checks_the_host_header(client):
+    status, reply = _get("127.0.0.1", client.server.server_address[1], "[::1]")  # IPv6 literal, no port
+    assert status == 200 and reply["conditioning"] == "class"
+    try:
+        server = _serving(client.studio, "127.0.0.2")  # all of 127.0.0.0/8 is loopback on Linux
+    except OSError as err:
+        pytest.skip(f"cannot listen on 127.0.0.2 here: {err}")
+    try:
+        port = server.server_address[1]
+        assert server.loopback
+        assert _get("127.0.0.2", port, f"127.0.0.2:{port}")[0] == 200
+        status, reply = _get("127.0.0.2", port, "attacker.example")
+        assert status == 403 and "attacker.example" in reply["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serves_on_ipv6_loopback(client):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    server = _serving(client.studio, "::1")
+    try:
+        port = server.server_address[1]
+        assert server.server_address[0] == "::1" and server.loopback
+        assert _get("::1", port, f"[::1]:{port}")[0] == 200
+        assert _get("::1", port, "localhost")[0] == 200
+        assert _get("::1", port, "rebound.example:80")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = make_server(client.studio, "[::1]", 0)  # as written in URLs
+    assert server.server_address[0] == "::1"
+    server.server_close()

@@ -1,9 +1,10 @@
 """The studio's sampling queue: validated requests run one at a time on a worker thread.
 
 A request is checked against `Limits` before it is queued (steps, batch, resampling, outpainting
-rounds, guidance, image sizes and a total work budget), so one request cannot exhaust the machine.
-The queue is bounded: a full queue refuses new work (HTTP 429) instead of growing. Only the worker
-thread touches the model.
+rounds and canvas size, guidance, image sizes, prompt lengths and a total work budget), so one request
+cannot exhaust the machine. The queue is bounded: a full queue refuses new work (HTTP 429) instead of
+growing. Only the worker thread runs the model; a text-conditioned checkpoint's text encoder is loaded
+once, on the first request with prompts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import binascii
 import io
 import itertools
 import logging
+import math
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +34,7 @@ from ..samplers import SAMPLERS
 from ..sampling import generate
 from ..utils.images import make_grid, to_uint8
 
-__all__ = ["Limits", "StudioError", "Job", "Studio", "conditioning_kind"]
+__all__ = ["Limits", "StudioError", "Job", "Studio", "conditioning_kind", "guidable"]
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +59,19 @@ class Limits:
     max_cfg: float = 20.0
     """Largest guidance scale."""
     max_work: int = 64_000
-    """Budget of images x denoiser steps (x resampling x rounds) per request."""
+    """Budget of images x denoiser steps (x resampling x rounds) per request; an outpainting request also
+    counts its result as images x the model-size tiles in the final picture."""
     max_image_side: int = 4096
-    """Largest side of an uploaded image, in pixels."""
+    """Largest side of an uploaded image, and of an outpainted picture (after scaling the image to the
+    model's side across the direction, and after all rounds), in pixels."""
+    max_prompt_chars: int = 1000
+    """Characters per prompt (the text encoder reads only its first `text.max_length` tokens anyway)."""
     keep_jobs: int = 64
     """Finished jobs kept for download; older ones are forgotten."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_batch", "max_queue", "max_resample", "max_times", "max_work", "keep_jobs"):
+        names = ("max_steps", "max_batch", "max_queue", "max_resample", "max_times", "max_work", "max_image_side")
+        for name in (*names, "max_prompt_chars", "keep_jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"studio limit {name} must be >= 1, got {getattr(self, name)}")
         if self.max_cfg < 1:
@@ -131,50 +139,93 @@ def _png(arr: np.ndarray) -> bytes:
 def conditioning_kind(config: Config) -> str:
     """'text' (prompts), 'class' (labels) or 'none' (unconditional), as the page shows controls for."""
     m = config.model
-    # Text-conditioned models are another issue's work; whichever of these fields it adds marks one.
-    if any(getattr(m, name, None) for name in ("text_encoder", "text_conditioned", "text_dim")):
+    if m.text_conditional:
         return "text"
     return "class" if m.conditional else "none"
 
 
+def guidable(config: Config) -> bool:
+    """Whether classifier-free guidance applies: the model learned a null class or a null text."""
+    m = config.model
+    if m.text_conditional:
+        return m.caption_dropout_prob > 0
+    return m.conditional and m.class_dropout_prob > 0
+
+
+# Numbers sent as strings must be plain ASCII decimals: str.isdigit() and float() also take other
+# scripts' digits ("٣"), superscripts ("²") and "1_000", which a request should not be read as.
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,30}", re.ASCII)
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,4})?", re.ASCII)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value), shortened: error messages echo the request, which may be a huge string or number."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python converts to text
+        return f"an integer of {value.bit_length()} bits"
+    if len(text) <= limit:
+        return text
+    if isinstance(value, int):
+        return f"{text[:20]}... ({len(text.lstrip('-'))} digits)"
+    return text[: limit - 3] + "..."
+
+
 def _int(payload: dict, key: str, default: int, lo: int, hi: int) -> int:
+    """A whole number from a JSON integer, an integral float, or an ASCII decimal string."""
     value = payload.get(key, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value.strip())
-        else:
-            raise StudioError(f"{key} must be a whole number, got {value!r}")
-    if not lo <= value <= hi:
-        raise StudioError(f"{key} must be between {lo} and {hi}, got {value}")
-    return value
+    if isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        number = int(value.strip())
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise StudioError(f"{key} must be a whole number, got {_shown(value)}")
+    if not lo <= number <= hi:
+        raise StudioError(f"{key} must be between {lo} and {hi}, got {_shown(value)}")
+    return number
 
 
 def _float(payload: dict, key: str, default: float, lo: float, hi: float) -> float:
+    """A finite number from a JSON number or an ASCII decimal string, within [lo, hi]."""
     value = payload.get(key, default)
     if value is None:
         value = default
-    if isinstance(value, str):
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        number = float(value.strip())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
-            value = float(value)
-        except ValueError:
-            raise StudioError(f"{key} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise StudioError(f"{key} must be a number, got {value!r}")
-    if not lo <= value <= hi:
-        raise StudioError(f"{key} must be between {lo:g} and {hi:g}, got {value:g}")
-    return float(value)
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range (JSON allows any number of digits)
+            number = math.inf if value > 0 else -math.inf
+    else:
+        raise StudioError(f"{key} must be a number, got {_shown(value)}")
+    if math.isnan(number):
+        raise StudioError(f"{key} must be a number, got {_shown(value)}")
+    if not lo <= number <= hi:
+        raise StudioError(f"{key} must be between {lo:g} and {hi:g}, got {_shown(value)}")
+    return number
+
+
+def _bool(payload: dict, key: str, default: bool) -> bool:
+    """A JSON true or false (a string such as "false" is refused, not read as true)."""
+    value = payload.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, bool):
+        raise StudioError(f"{key} must be true or false, got {_shown(value)}")
+    return value
 
 
 def _choice(payload: dict, key: str, default: str, choices: tuple[str, ...] | list[str]) -> str:
     value = payload.get(key, default)
     if value is None:
         value = default
-    if value not in choices:
-        raise StudioError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise StudioError(f"{key} must be one of {', '.join(choices)}, got {_shown(value)}")
     return value
 
 
@@ -214,6 +265,8 @@ class Studio:
         self.jobs_lock = threading.Lock()
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=self.limits.max_queue)
         self.ids = itertools.count(1)
+        self._text_encoder: Any = None
+        self._text_encoder_lock = threading.Lock()
         self.worker = threading.Thread(target=self._work, name="ditkit-studio-worker", daemon=True)
         self.worker.start()
 
@@ -223,7 +276,7 @@ class Studio:
         """Model facts, defaults and limits for the page."""
         m, sc, lim = self.config.model, self.config.sample, self.limits
         kind = conditioning_kind(self.config)
-        guidable = kind != "none" and m.class_dropout_prob > 0
+        guided = guidable(self.config)
         return {
             "checkpoint": self.name,
             "conditioning": kind,
@@ -232,14 +285,14 @@ class Studio:
             "height": m.input_hw[0],
             "width": m.input_hw[1],
             "inpaint_model": m.inpaint,
-            "guidance": guidable,
+            "guidance": guided,
             "samplers": list(SAMPLERS),
             "methods": list(METHODS),
             "directions": list(DIRECTIONS),
             "defaults": {
                 "sampler": sc.sampler,
                 "steps": sc.steps,
-                "cfg_scale": sc.cfg_scale if guidable else 1.0,
+                "cfg_scale": sc.cfg_scale if guided else 1.0,
                 "eta": sc.eta,
                 "seed": sc.seed,
             },
@@ -249,12 +302,48 @@ class Studio:
                 "max_queue": lim.max_queue,
                 "max_resample": lim.max_resample,
                 "max_times": lim.max_times,
-                "max_cfg": lim.max_cfg if guidable else 1.0,
+                "max_cfg": lim.max_cfg if guided else 1.0,
                 "max_work": lim.max_work,
+                "max_image_side": lim.max_image_side,
+                "max_prompt_chars": lim.max_prompt_chars,
             },
         }
 
+    def text_encoder(self) -> Any:
+        """The text encoder the checkpoint's config names (`config.text`), loaded on first use, once.
+
+        StudioError(500) when it cannot be loaded (not installed, or not available offline): the
+        message says what to install or download, since the request itself was fine."""
+        with self._text_encoder_lock:
+            if self._text_encoder is None:
+                from ..config import ConfigError
+                from ..text import load_text_encoder
+
+                device = next(self.model.parameters()).device
+                try:
+                    self._text_encoder = load_text_encoder(self.config.text, device=device)
+                except (ConfigError, OSError, ValueError) as err:
+                    log.error("studio: cannot load the text encoder: %s", err)
+                    raise StudioError(f"the studio cannot load this checkpoint's text encoder: {err}", 500) from None
+            return self._text_encoder
+
     # ----- validation ------------------------------------------------------------------------
+
+    def _prompts(self, payload: dict) -> list[str]:
+        prompts, lim = payload.get("prompts"), self.limits
+        if not isinstance(prompts, list) or not prompts:
+            raise StudioError("prompts must be a non-empty list of strings (one image per prompt)")
+        if len(prompts) > lim.max_batch:
+            raise StudioError(f"at most {lim.max_batch} images per request, got {len(prompts)} prompts")
+        for value in prompts:
+            if not isinstance(value, str) or not value.strip():
+                raise StudioError(f"prompts must be non-empty strings, got {_shown(value)}")
+            if len(value) > lim.max_prompt_chars:
+                raise StudioError(
+                    f"prompts must be at most {lim.max_prompt_chars} characters, got one of {len(value)}: "
+                    f"{_shown(value)}"
+                )
+        return prompts
 
     def validate(self, payload: Any) -> dict[str, Any]:
         """Check a request against the model and the limits; return the parameters a job runs with."""
@@ -264,15 +353,25 @@ class Studio:
         known |= {"image", "mask", "method", "resample", "jump", "direction", "times", "overlap", "nrow"}
         unknown = sorted(set(payload) - known)
         if unknown:
-            raise StudioError(f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+            shown = ", ".join(_shown(k, 40) if not k.isidentifier() else k for k in unknown[:10])
+            raise StudioError(f"unknown field(s) {shown}; expected some of {', '.join(sorted(known))}")
         m, sc, lim = self.config.model, self.config.sample, self.limits
-        p: dict[str, Any] = {"kind": _choice(payload, "kind", "sample", KINDS)}
+        p: dict[str, Any] = {"kind": _choice(payload, "kind", "sample", KINDS), "prompts": None}
         kind = conditioning_kind(self.config)
         if kind == "text":
-            raise StudioError("prompts are not supported yet: this ditkit samples class-conditional models only")
-        if payload.get("prompts"):
+            if payload.get("labels") is not None:
+                raise StudioError("this model is text-conditioned: it takes prompts, not labels")
+            if p["kind"] != "sample":
+                raise StudioError(
+                    f"{p['kind']} is not available for text-conditioned models yet (ditkit.inpainting takes class "
+                    "labels only): use kind 'sample'"
+                )
+            p["prompts"] = self._prompts(payload)
+            p["labels"] = None
+            n = len(p["prompts"])
+        elif payload.get("prompts"):
             raise StudioError("this model takes no prompts (it is not text-conditioned)")
-        if kind == "class":
+        elif kind == "class":
             labels = payload.get("labels")
             if not isinstance(labels, list) or not labels:
                 raise StudioError(f"labels must be a non-empty list of class labels in 0..{m.num_classes - 1}")
@@ -280,7 +379,9 @@ class Studio:
                 raise StudioError(f"at most {lim.max_batch} images per request, got {len(labels)} labels")
             for value in labels:
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < m.num_classes:
-                    raise StudioError(f"class labels must be whole numbers in 0..{m.num_classes - 1}, got {value!r}")
+                    raise StudioError(
+                        f"class labels must be whole numbers in 0..{m.num_classes - 1}, got {_shown(value)}"
+                    )
             p["labels"] = labels
             n = len(labels)
         else:
@@ -288,16 +389,17 @@ class Studio:
                 raise StudioError("this model is unconditional: it takes a batch size, not labels")
             n = _int(payload, "batch", 8, 1, lim.max_batch)
             p["labels"] = n
-        guidable = kind == "class" and m.class_dropout_prob > 0
-        default_cfg = sc.cfg_scale if guidable else 1.0
-        p["cfg_scale"] = _float(payload, "cfg_scale", default_cfg, 0.0, lim.max_cfg if guidable else 1.0)
-        if not guidable and p["cfg_scale"] != 1.0:
-            raise StudioError("this model cannot be guided (no null class): cfg_scale must be 1")
+        guided = guidable(self.config)
+        default_cfg = sc.cfg_scale if guided else 1.0
+        p["cfg_scale"] = _float(payload, "cfg_scale", default_cfg, 0.0, lim.max_cfg if guided else 1.0)
+        if not guided and p["cfg_scale"] != 1.0:
+            null = "null text: trained without caption dropout" if kind == "text" else "null class"
+            raise StudioError(f"this model cannot be guided (no {null}): cfg_scale must be 1")
         p["sampler"] = _choice(payload, "sampler", sc.sampler, list(SAMPLERS))
         p["steps"] = _int(payload, "steps", sc.steps, 1, lim.max_steps)
         p["seed"] = _int(payload, "seed", sc.seed, 0, 2**63 - 1)
         p["eta"] = _float(payload, "eta", sc.eta, 0.0, 1.0) if p["sampler"] == "ddim" else None
-        p["preview"] = bool(payload.get("preview", True))
+        p["preview"] = _bool(payload, "preview", True)
         p["nrow"] = _int(payload, "nrow", min(n, 8), 1, lim.max_batch)
         work = n * p["steps"] * (2 if p["sampler"] == "heun" else 1)
         if p["kind"] != "sample":
@@ -329,21 +431,38 @@ class Studio:
             p["times"] = _int(payload, "times", 1, 1, lim.max_times)
             p["overlap"] = _float(payload, "overlap", 0.5, 0.1, 0.9)
             work *= p["times"]
-            across = h if p["direction"] in ("left", "right") else w
+            sideways = p["direction"] in ("left", "right")
+            across, window = (h, w) if sideways else (w, h)  # the model's side across / along the direction
             iw, ih = image.size
-            if p["direction"] in ("left", "right"):
-                image = image.resize((max(1, round(iw * across / ih)), across), Image.Resampling.LANCZOS)
-            else:
-                image = image.resize((across, max(1, round(ih * across / iw))), Image.Resampling.LANCZOS)
-            p["image"] = _image_tensor(image)
-            along = p["image"].shape[3] if p["direction"] in ("left", "right") else p["image"].shape[2]
-            if along < round(p["overlap"] * (w if p["direction"] in ("left", "right") else h)):
-                raise StudioError("the image is too short along the direction for this overlap")
+            # The image is scaled so that its side across the direction is the model's; the other side
+            # follows and then grows by each round (as ditkit.inpainting.outpaint does). Bound the final
+            # picture before resizing: a 4096x1 upload would otherwise become 8x32768 on an 8 px model.
+            along = max(1, round((iw / ih if sideways else ih / iw) * across))
+            keep = max(1, round(p["overlap"] * window))
+            final = along + p["times"] * (window - keep)
+            if final > lim.max_image_side:
+                side = "wide" if sideways else "tall"
+                raise StudioError(
+                    f"outpainting {p['direction']} would make a picture {final} px {side} (the {iw}x{ih} px image "
+                    f"scaled to the model's {across} px, plus {p['times']} round(s)); the largest side allowed is "
+                    f"{lim.max_image_side} px: crop the image or use fewer rounds"
+                )
+            if along < keep:
+                raise StudioError(
+                    f"the image is too short along the direction for this overlap: scaled to the model's {across} px "
+                    f"it is {along} px {'wide' if sideways else 'tall'}, and overlap {p['overlap']:g} keeps {keep} px"
+                )
+            size = (along, across) if sideways else (across, along)
+            p["image"] = _image_tensor(image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image)
+            # The picture is held (and returned) whole for every image: count it in model-size tiles.
+            work += n * math.ceil(final / window)
         if work > lim.max_work:
             raise StudioError(
                 f"this request needs {work:,} image-steps; the limit is {lim.max_work:,} "
-                "(fewer images, steps, resampling or rounds)"
+                "(fewer images, steps, resampling or rounds, or a smaller picture to outpaint)"
             )
+        if p["prompts"] is not None:
+            self.text_encoder()  # loaded now, so that a missing encoder is this request's answer
         return p
 
     # ----- queue -----------------------------------------------------------------------------
@@ -422,19 +541,21 @@ class Studio:
             job = self.queue.get()
             job.status = "running"
             start = time.perf_counter()
+            # Every result field is set before `status` says the job finished: a poll that reads "done"
+            # (or "error") must also find its images and seconds.
             try:
-                images = self._run(job)
+                images = self._run(job).detach().float().cpu()
                 with job.lock:
-                    job.images = images.detach().float().cpu()
-                job.status = "done"
+                    job.images = images
+                status = "done"
             except ValueError as err:  # a request the model refuses: its message is for the user
-                job.error, job.status = str(err), "error"
+                job.error, status = str(err), "error"
             except Exception:  # a bug: the details go to the log, not to the page
                 log.exception("studio job %s failed", job.id)
-                job.error, job.status = "internal error while sampling (details are in the server log)", "error"
-            finally:
-                job.seconds = round(time.perf_counter() - start, 3)
-                self.queue.task_done()
+                job.error, status = "internal error while sampling (details are in the server log)", "error"
+            job.seconds = round(time.perf_counter() - start, 3)
+            job.status = status
+            self.queue.task_done()
 
     def _callback(self, job: Job):
         def callback(info: dict[str, Any]) -> None:
@@ -450,8 +571,16 @@ class Studio:
         p = job.params
         common = {"steps": p["steps"], "cfg_scale": p["cfg_scale"], "seed": p["seed"], "callback": self._callback(job)}
         if p["kind"] == "sample":
+            text = {"prompts": p["prompts"], "text_encoder": self.text_encoder()} if p["prompts"] is not None else {}
             return generate(
-                self.model, self.config, p["labels"], sampler=p["sampler"], eta=p["eta"], batch_size=64, **common
+                self.model,
+                self.config,
+                p["labels"],
+                sampler=p["sampler"],
+                eta=p["eta"],
+                batch_size=64,
+                **text,
+                **common,
             )
         options = {"method": p["method"], "sampler": p["sampler"], "resample": p["resample"], "jump": p["jump"]}
         if p["eta"] is not None and p["method"] == "trained":

@@ -9,14 +9,20 @@
     GET  /api/jobs/ID/images/K.png      one result image
 
 Every error is a JSON object {"error": message} with a 4xx status (5xx only for bugs, whose details
-go to the server log, never to the page).
+go to the server log, never to the page, and for a text-conditioned checkpoint whose text encoder
+cannot be loaded, with a message saying what to install).
+
+The server listens on IPv4 or IPv6 as the host asks (`::1`, `127.0.0.1`, a name). On a loopback
+address it answers only requests whose Host header names a loopback address or `localhost`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,9 +91,9 @@ class _Handler(BaseHTTPRequestHandler):
         its name resolve to 127.0.0.1 (DNS rebinding) could otherwise read the studio."""
         if not self.server.loopback:
             return
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise StudioError(f"requests must be addressed to this machine, not {host!r}", 403)
+        host = host_of(self.headers.get("Host") or "")
+        if host != "localhost" and not is_loopback(host):
+            raise StudioError(f"requests must be addressed to this machine, not {host[:100]!r}", 403)
 
     def _get(self) -> None:
         self._check_host()
@@ -129,18 +135,68 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length > 0 else b""
         try:
             payload = json.loads(body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StudioError(f"the request body is not valid JSON ({err})") from None
+        # ValueError: also an integer of over 4300 digits; RecursionError: nesting too deep.
+        except (ValueError, RecursionError) as err:
+            raise StudioError(f"the request body is not valid JSON ({str(err)[:200]})") from None
         job = self.studio.submit(payload)
         self._json(HTTPStatus.ACCEPTED, {"id": job.id, "position": self.studio.position(job)})
 
 
+def host_of(header: str) -> str:
+    """The host of a Host header, lower-case, without its port: '[::1]:8000' -> '::1', 'a:80' -> 'a'."""
+    header = header.strip().lower()
+    if header.startswith("["):  # an IPv6 literal (RFC 3986): [addr] or [addr]:port
+        addr, bracket, rest = header[1:].partition("]")
+        return addr if bracket and (not rest or rest.startswith(":")) else header
+    if header.count(":") == 1:  # name:port or v4:port; more colons: a bare IPv6 address, no port
+        return header.split(":", 1)[0]
+    return header
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback IP address (127.0.0.0/8, ::1, ::ffff:127.x.x.x); names are not."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])  # without an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    loopback = False
+    """Whether the server listens on a loopback address only (then Host headers are checked)."""
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    """IPv4 or IPv6, as `host` (an address or a name) asks; IPv4 when a name has both."""
+    if not host:
+        return socket.AF_INET  # "": every IPv4 interface, as the standard library's servers take it
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host.split("%", 1)[0]).version == 6 else socket.AF_INET
+    except ValueError:
+        pass
+    try:
+        families = [info[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    except socket.gaierror as err:
+        raise ValueError(f"cannot listen on host {host!r}: {err}") from None
+    if socket.AF_INET in families or not families:
+        return socket.AF_INET
+    return families[0]
+
+
 def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for `studio` (port 0 picks a free port: see `server.server_address`)."""
+    """An HTTP server for `studio` on `host` (IPv4 or IPv6); port 0 picks a free port (`server.server_address`)."""
     handler = type("StudioHandler", (_Handler,), {"studio": studio})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    server.loopback = host in ("127.0.0.1", "localhost", "::1")
+    host = host.strip("[]")  # "[::1]" as written in URLs
+    server_class = _Server6 if _family(host, port) == socket.AF_INET6 else _Server
+    server = server_class((host, port), handler)
+    server.loopback = is_loopback(server.server_address[0])
     return server
 
 
@@ -159,10 +215,11 @@ def serve(
 
     model, config = load_model(checkpoint, weights, resolve_device(device))
     server = make_server(Studio(model, config, name=str(checkpoint), limits=limits), host, port)
-    url_host = f"[{host}]" if ":" in host else host
+    bound = server.server_address[0]
+    url_host = f"[{bound}]" if ":" in bound else bound
     print(f"ditkit studio: serving {checkpoint} at http://{url_host}:{server.server_address[1]}/ (Ctrl+C stops)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach this machine can use the studio")
+    if not server.loopback:
+        print(f"warning: listening on {host or bound}: anyone who can reach this machine can use the studio")
     if ready is not None:
         ready.set()
     try:

@@ -95,6 +95,7 @@ function summary(body) {
   if (body.cfg_scale !== undefined) parts.push(`cfg ${body.cfg_scale}`);
   if (body.eta !== undefined) parts.push(`eta ${body.eta}`);
   if (body.labels) parts.push(`labels ${body.labels.join(",")}`);
+  if (body.prompts) parts.push(`prompts: ${body.prompts.join(" | ")}`);
   if (body.batch) parts.push(`${body.batch} images`);
   if (body.kind !== "sample") parts.push(body.kind + (body.direction ? ` ${body.direction} x${body.times}` : ""));
   return parts.join(" · ");
@@ -229,7 +230,8 @@ function renderStatus(node, s) {
       edit.className = "small"; edit.textContent = "edit";
       edit.title = "use as the source image for inpainting / outpainting";
       edit.addEventListener("click", () => editResult(url).catch((err) => showError(err.message)));
-      fig.append(img, a, edit);
+      fig.append(img, a);
+      if (state.info.conditioning !== "text") fig.append(edit);
       links.append(fig);
     });
   }
@@ -346,6 +348,10 @@ async function start() {
   $("#resample").max = info.limits.max_resample;
   $("#times").max = info.limits.max_times;
   if (info.inpaint_model) $("#method").value = "trained";
+  if (info.conditioning === "text") {  // ditkit.inpainting takes class labels only: sampling from prompts only
+    $("#tab-inpaint").hidden = true;
+    $("#tab-outpaint").hidden = true;
+  }
   for (const tab of document.querySelectorAll("nav button")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("#run").addEventListener("click", run);
   $("#file").addEventListener("change", async (e) => {
