@@ -463,6 +463,13 @@ def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_fold
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     latents = generate(model, saved, [0, 2], steps=2, cfg_scale=1.0, decode=False)
     assert latents.shape == (2, 4, 8, 8)
+    # The images are those latents decoded with the measured statistics the checkpoint recorded:
+    # raw = z / scale + shift, then the VAE's decoder (clamped, as generate returns them).
+    vae = build_autoencoder(AutoencoderConfig(kind="kl", path=str(kl_path)))
+    scale, shift = (torch.tensor(v).view(1, -1, 1, 1) for v in (saved.autoencoder.scale, saved.autoencoder.shift))
+    with torch.no_grad():
+        by_hand = vae.decode_raw(latents / scale + shift).clamp(-1, 1)
+    torch.testing.assert_close(by_hand, images, atol=1e-5, rtol=1e-5)
     # A resume keeps the statistics the run was trained with instead of measuring them again.
     import ditkit.train as train_module
 
