@@ -427,6 +427,15 @@ def test_text_conditioned_checkpoint_samples_from_prompts(tiny_bert, tmp_path, m
         one = studio.get(c.run({"prompts": ["top bar"], "steps": 2, "seed": 1})["id"]).images
         other = studio.get(c.run({"prompts": ["bottom bar"], "steps": 2, "seed": 1})["id"]).images
         assert (one - other).abs().max() > 1e-3
+        # Inpainting and outpainting from prompts: one result per prompt, the same as ditkit.inpainting's.
+        image = png_data_url(np.full((8, 8), 200, np.uint8))
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, 4:] = 255  # white = fill
+        body = {"prompts": ["top bar", "bottom bar"], "kind": "inpaint", "image": image, "mask": png_data_url(mask)}
+        s = c.run({**body, "steps": 2, "seed": 1})
+        assert s["status"] == "done" and s["images"] == 2, s
+        s = c.run({"prompts": ["top bar"], "kind": "outpaint", "image": image, "steps": 2, "seed": 1, "times": 1})
+        assert s["status"] == "done" and studio.get(s["id"]).images.shape == (1, 1, 8, 12), s
         assert loads == [1]  # one encoder for every request
         refused = [
             ({"labels": [0]}, "it takes prompts, not labels"),
@@ -437,7 +446,6 @@ def test_text_conditioned_checkpoint_samples_from_prompts(tiny_bert, tmp_path, m
             ({"prompts": ["a" * 1001]}, "prompts must be at most 1000 characters, got one of 1001"),
             ({"prompts": ["top"] * 65}, "at most 64 images per request, got 65 prompts"),
             ({"prompts": ["top"], "cfg_scale": 21}, "cfg_scale must be between 0 and 20"),
-            ({"prompts": ["top"], "kind": "outpaint"}, "outpaint is not available for text-conditioned models"),
         ]
         for body, message in refused:
             status, reply = c.json("/api/jobs", body)

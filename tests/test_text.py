@@ -1,5 +1,6 @@
 """Text conditioning: TextCond/TextEmbedder in the DiT, encoders, the embedding cache, captioned data."""
 
+import copy
 import dataclasses
 import json
 import re
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_tiny_bert
+from conftest import off_identity_init_, save_tiny_bert
 from ditkit.config import Config, ConfigError, DataConfig, ModelConfig, SampleConfig, TextConfig, TrainConfig
 from ditkit.diffusion import ModelDenoiser, build_process
 from ditkit.models import DiT
@@ -530,6 +531,20 @@ def test_train_then_sample_from_prompts(tiny_bert, tmp_path, capsys):
     )
     with pytest.raises(ValueError, match="prompts"):
         generate(model, saved, [0, 1])
+    # Inpainting and outpainting from prompts (RePaint here; guided with the learned null text).
+    from ditkit.inpainting import inpaint, outpaint
+
+    known = torch.zeros(1, 1, 8, 8)
+    known[..., :4] = 1
+    steered = off_identity_init_(copy.deepcopy(model), 0.2)  # 3 steps leave the fill saturated whatever the text
+    fills = {p: inpaint(steered, saved, images[:1], known, prompts=[p, p], steps=2) for p in ("top bar", "bottom bar")}
+    for filled in fills.values():
+        assert filled.shape == (2, 1, 8, 8) and torch.equal(filled[..., :4], images[:1, ..., :4].expand(2, -1, -1, -1))
+    assert (fills["top bar"] - fills["bottom bar"]).abs().max() > 0.1  # same noise: only the prompt differs
+    with pytest.raises(ValueError, match="takes prompts, not labels"):
+        inpaint(model, saved, images[:1], known, [0], prompts=["top bar"])
+    wider = outpaint(model, saved, images[:1], prompts=["top bar"], steps=2)
+    assert wider.shape == (1, 1, 8, 12) and torch.equal(wider[..., :8], images[:1])
     out = tmp_path / "grid.png"
     argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "top bar", "--prompt", "bottom bar"]
     assert main([*argv, "--per-class", "2", "--cfg-scale", "3", "--out", str(out), "--no-progress"]) == 0

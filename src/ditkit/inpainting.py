@@ -18,6 +18,7 @@ PNGs (the CLI, the studio page) are the other way round, white = paint here, as 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +32,7 @@ from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, bui
 from .distributed import stream_seed
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
-from .sampling import resolve_clip_denoised
+from .sampling import default_cfg_scale, request_conditions, resolve_clip_denoised
 
 __all__ = [
     "Direction",
@@ -150,26 +151,16 @@ def stream_masks(
     return torch.cat(masks)
 
 
-def _labels(config: Config, labels: torch.Tensor | list[int] | int, device: torch.device) -> torch.Tensor:
-    m = config.model
-    if isinstance(labels, int):
-        if m.conditional:
-            raise ValueError("a class-conditional model needs one label per image, not a count")
-        return torch.zeros(labels, dtype=torch.long, device=device)
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-    if m.conditional and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= m.num_classes):
-        raise ValueError(f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}")
-    return labels
-
-
 @torch.no_grad()
 def inpaint(
     model: nn.Module,
     config: Config,
     image: torch.Tensor,
     known_mask: torch.Tensor,
-    labels: torch.Tensor | list[int] | int,
+    labels: torch.Tensor | list[int] | int | None = None,
     *,
+    prompts: Sequence[str] | None = None,
+    text_encoder=None,
     method: InpaintMethod = "auto",
     steps: int | None = None,
     sampler: str | None = None,
@@ -181,7 +172,8 @@ def inpaint(
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Fill the unknown region (known_mask 0) of `image` (1 or N, C, H, W) in [-1, 1]; one result per label.
+    """Fill the unknown region (known_mask 0) of `image` (1 or N, C, H, W) in [-1, 1]; one result per label
+    (or per prompt, for a text-conditioned model: encoded with `text_encoder`, as in `generate`).
 
     'auto' takes 'trained' for a model with `model.inpaint`, else 'repaint'. `jump`, `resample` and
     `eta` (default 1: DDPM steps) belong to 'repaint'; `sampler` to 'trained', where `eta` goes to a
@@ -197,7 +189,8 @@ def inpaint(
     if method == "trained" and not m.inpaint:
         raise ValueError("method 'trained' needs a model trained with model.inpaint=true; use 'repaint'")
     device = next(model.parameters()).device
-    labels = _labels(config, labels, device)
+    scale = default_cfg_scale(config, cfg_scale)
+    labels, cond = request_conditions(config, labels, prompts, scale, device, text_encoder)
     n = len(labels)
     shape = (m.in_channels, *m.input_hw)
     if image.dim() != 4 or tuple(image.shape[1:]) != shape or image.shape[0] not in (1, n):
@@ -217,17 +210,13 @@ def inpaint(
         )
     else:
         base = ModelDenoiser(model, process, config.diffusion.prediction)
-    scale = (sc.cfg_scale if m.conditional else 1.0) if cfg_scale is None else cfg_scale
     if scale != 1.0:
-        if not m.conditional or m.class_dropout_prob == 0:
-            raise ValueError("this model has no null class, so it cannot be guided: use cfg_scale=1")
         base = ClassifierFreeGuidance(base, scale, interval=sc.guidance_interval)
     denoiser = ClampDenoised(base, -1.0, 1.0) if resolve_clip_denoised(config) else base
     generator = torch.Generator(device).manual_seed(sc.seed if seed is None else seed)
     steps = sc.steps if steps is None else steps
     grid = process.timesteps(steps, device=device, spacing=sc.spacing)
     x = process.prior((n, *shape), generator=generator, device=device)
-    cond = labels if m.conditional else None
     if method == "repaint":
         out = sample_repaint(
             denoiser,
@@ -274,7 +263,7 @@ def outpaint(
     model: nn.Module,
     config: Config,
     image: torch.Tensor,
-    labels: torch.Tensor | list[int] | int,
+    labels: torch.Tensor | list[int] | int | None = None,
     *,
     direction: Direction = "right",
     times: int = 1,
@@ -288,6 +277,7 @@ def outpaint(
     Each round the window keeps `overlap` of its extent from the current picture and generates the rest,
     so the picture grows by round((1 - overlap) * side) pixels per round. The side across the direction
     must be the model's; along it the picture may have any length >= the overlap. Returns (N, C, H', W').
+    A text-conditioned model takes `prompts=[...]` (and optionally `text_encoder`) among `inpaint_options`.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")

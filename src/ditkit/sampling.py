@@ -15,7 +15,7 @@ from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
-__all__ = ["generate", "resolve_clip_denoised"]
+__all__ = ["generate", "resolve_clip_denoised", "request_conditions", "default_cfg_scale"]
 
 
 def resolve_clip_denoised(config: Config, clip_denoised: bool | None = None) -> bool:
@@ -23,6 +23,66 @@ def resolve_clip_denoised(config: Config, clip_denoised: bool | None = None) -> 
     else (both unset) exactly for pixel-space models, since the data range bounds x0 only in pixel space."""
     clip = config.sample.clip_denoised if clip_denoised is None else clip_denoised
     return config.autoencoder.kind == "pixel" if clip is None else bool(clip)
+
+
+def default_cfg_scale(config: Config, cfg_scale: float | None) -> float:
+    """`cfg_scale`, or `config.sample.cfg_scale` for a conditional model (1, no guidance, otherwise);
+    refuses an explicit scale for an unconditional model."""
+    guidable = config.model.conditional or config.model.text_conditional
+    if not guidable and cfg_scale not in (None, 1.0):
+        raise ValueError("an unconditional model cannot be guided: leave cfg_scale unset or 1")
+    return (config.sample.cfg_scale if guidable else 1.0) if cfg_scale is None else cfg_scale
+
+
+def request_conditions(
+    config: Config,
+    labels: torch.Tensor | list[int] | int | None,
+    prompts: Sequence[str] | None,
+    cfg_scale: float,
+    device: torch.device,
+    text_encoder=None,
+) -> tuple[torch.Tensor, object]:
+    """What a sampling request asks for: (labels, conds), checked against the model.
+
+    `labels` comes back as (N,) longs on `device`, one per image (zeros that only count the images for
+    unconditional and text models). `conds` is what the network is conditioned on: the labels of a
+    class-conditional model, the prompts encoded with `text_encoder` (loaded from `config.text` when not
+    given) for a text-conditioned one, None for an unconditional one. Guidance (`cfg_scale` != 1) needs
+    a model trained with label or caption dropout.
+    """
+    m = config.model
+    text = m.text_conditional
+    if text != (prompts is not None):
+        raise ValueError(
+            "a text-conditioned model samples from prompts=[...]" if text else "this model takes no prompts (no text)"
+        )
+    if text and labels is not None:
+        raise ValueError("a text-conditioned model takes prompts, not labels")
+    conds = None
+    if text:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        from .text import load_text_encoder
+
+        encoder = text_encoder if text_encoder is not None else load_text_encoder(config.text, device=device)
+        conds = encoder.encode(list(prompts)).to(device) if len(prompts) else None
+        labels = torch.zeros(len(prompts), dtype=torch.long)  # only counts the images
+    elif labels is None:
+        raise ValueError("pass labels (class labels, or a number of images for an unconditional model)")
+    if isinstance(labels, int):
+        if m.conditional:
+            raise ValueError("a class-conditional model needs one label per image, not a count")
+        labels = torch.zeros(labels, dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if m.conditional and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= m.num_classes):
+        raise ValueError(f"class labels must be in [0, {m.num_classes - 1}], got {labels.tolist()}")
+    if cfg_scale != 1.0 and text and m.caption_dropout_prob == 0:
+        raise ValueError("this model was trained without caption dropout, so it has no null text: use cfg_scale=1")
+    if cfg_scale != 1.0 and not text and m.class_dropout_prob == 0:
+        raise ValueError("this model was trained without label dropout, so it has no null class: use cfg_scale=1")
+    if m.conditional:
+        conds = labels
+    return labels, conds
 
 
 @torch.no_grad()
@@ -79,18 +139,7 @@ def generate(
     """
     sc = config.sample
     steps = sc.steps if steps is None else steps
-    conditional = config.model.conditional
-    text = config.model.text_conditional
-    if text != (prompts is not None):
-        raise ValueError(
-            "a text-conditioned model samples from prompts=[...]" if text else "this model takes no prompts (no text)"
-        )
-    if text and labels is not None:
-        raise ValueError("a text-conditioned model takes prompts, not labels")
-    guidable = conditional or text
-    if not guidable and cfg_scale not in (None, 1.0):
-        raise ValueError("an unconditional model cannot be guided: leave cfg_scale unset or 1")
-    cfg_scale = (sc.cfg_scale if guidable else 1.0) if cfg_scale is None else cfg_scale
+    cfg_scale = default_cfg_scale(config, cfg_scale)
     sampler_name = sc.sampler if sampler is None else sampler
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}; choose from {', '.join(SAMPLERS)}")
@@ -102,30 +151,7 @@ def generate(
         raise ValueError(f"sampler {sampler_name!r} takes no eta (got eta={eta})")
     seed = sc.seed if seed is None else seed
     device = next(model.parameters()).device
-    conds = None
-    if text:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
-        from .text import load_text_encoder
-
-        encoder = text_encoder if text_encoder is not None else load_text_encoder(config.text, device=device)
-        conds = encoder.encode(list(prompts)).to(device) if len(prompts) else None
-        labels = torch.zeros(len(prompts), dtype=torch.long)  # only counts the images
-    elif labels is None:
-        raise ValueError("pass labels (class labels, or a number of images for an unconditional model)")
-    if isinstance(labels, int):
-        if conditional:
-            raise ValueError("a class-conditional model needs one label per image, not a count")
-        labels = torch.zeros(labels, dtype=torch.long)
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-    if conditional and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= config.model.num_classes):
-        raise ValueError(f"class labels must be in [0, {config.model.num_classes - 1}], got {labels.tolist()}")
-    if cfg_scale != 1.0 and text and config.model.caption_dropout_prob == 0:
-        raise ValueError("this model was trained without caption dropout, so it has no null text: use cfg_scale=1")
-    if cfg_scale != 1.0 and not text and config.model.class_dropout_prob == 0:
-        raise ValueError("this model was trained without label dropout, so it has no null class: use cfg_scale=1")
-    if conditional:
-        conds = labels
+    labels, conds = request_conditions(config, labels, prompts, cfg_scale, device, text_encoder)
     process = build_process(config.diffusion)
     # The variance channels are only meaningful when the hybrid loss trained them.
     learned_variance = config.model.learn_sigma and config.diffusion.vlb_weight > 0

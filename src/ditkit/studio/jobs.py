@@ -361,11 +361,6 @@ class Studio:
         if kind == "text":
             if payload.get("labels") is not None:
                 raise StudioError("this model is text-conditioned: it takes prompts, not labels")
-            if p["kind"] != "sample":
-                raise StudioError(
-                    f"{p['kind']} is not available for text-conditioned models yet (ditkit.inpainting takes class "
-                    "labels only): use kind 'sample'"
-                )
             p["prompts"] = self._prompts(payload)
             p["labels"] = None
             n = len(p["prompts"])
@@ -570,8 +565,8 @@ class Studio:
     def _run(self, job: Job) -> torch.Tensor:
         p = job.params
         common = {"steps": p["steps"], "cfg_scale": p["cfg_scale"], "seed": p["seed"], "callback": self._callback(job)}
+        text = {"prompts": p["prompts"], "text_encoder": self.text_encoder()} if p["prompts"] is not None else {}
         if p["kind"] == "sample":
-            text = {"prompts": p["prompts"], "text_encoder": self.text_encoder()} if p["prompts"] is not None else {}
             return generate(
                 self.model,
                 self.config,
@@ -586,7 +581,9 @@ class Studio:
         if p["eta"] is not None and p["method"] == "trained":
             options["eta"] = p["eta"]
         if p["kind"] == "inpaint":
-            return inpaint(self.model, self.config, p["image"], p["known_mask"], p["labels"], **options, **common)
+            return inpaint(
+                self.model, self.config, p["image"], p["known_mask"], p["labels"], **options, **text, **common
+            )
         return outpaint(
             self.model,
             self.config,
@@ -596,5 +593,6 @@ class Studio:
             times=p["times"],
             overlap=p["overlap"],
             **options,
+            **text,
             **common,
         )

@@ -230,8 +230,7 @@ function renderStatus(node, s) {
       edit.className = "small"; edit.textContent = "edit";
       edit.title = "use as the source image for inpainting / outpainting";
       edit.addEventListener("click", () => editResult(url).catch((err) => showError(err.message)));
-      fig.append(img, a);
-      if (state.info.conditioning !== "text") fig.append(edit);
+      fig.append(img, a, edit);
       links.append(fig);
     });
   }
@@ -348,10 +347,6 @@ async function start() {
   $("#resample").max = info.limits.max_resample;
   $("#times").max = info.limits.max_times;
   if (info.inpaint_model) $("#method").value = "trained";
-  if (info.conditioning === "text") {  // ditkit.inpainting takes class labels only: sampling from prompts only
-    $("#tab-inpaint").hidden = true;
-    $("#tab-outpaint").hidden = true;
-  }
   for (const tab of document.querySelectorAll("nav button")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("#run").addEventListener("click", run);
   $("#file").addEventListener("change", async (e) => {
