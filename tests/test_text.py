@@ -6,6 +6,7 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -545,6 +546,15 @@ def test_train_then_sample_from_prompts(tiny_bert, tmp_path, capsys):
         inpaint(model, saved, images[:1], known, [0], prompts=["top bar"])
     wider = outpaint(model, saved, images[:1], prompts=["top bar"], steps=2)
     assert wider.shape == (1, 1, 8, 12) and torch.equal(wider[..., :8], images[:1])
+    # The same from the command line: --prompt, one result each.
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "src.png")
+    Image.fromarray(np.where(np.arange(8)[None, :] >= 4, 255, 0).astype(np.uint8).repeat(8, 0)).save(tmp_path / "m.png")
+    paint = ["inpaint", "--checkpoint", str(tmp_path / "run"), "--image", str(tmp_path / "src.png"), "--mask",
+             str(tmp_path / "m.png"), "--steps", "2", "--no-progress"]  # fmt: skip
+    assert main([*paint, "--prompt", "top bar", "--prompt", "bottom bar", "--out", str(tmp_path / "f.png")]) == 0
+    assert "wrote 2 inpainted image(s)" in capsys.readouterr().out
+    assert main([*paint, "--classes", "1", "--out", str(tmp_path / "g.png")]) == 2
+    assert "drop --classes, use --prompt" in capsys.readouterr().err
     out = tmp_path / "grid.png"
     argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "top bar", "--prompt", "bottom bar"]
     assert main([*argv, "--per-class", "2", "--cfg-scale", "3", "--out", str(out), "--no-progress"]) == 0

@@ -330,7 +330,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _paint_setup(args: argparse.Namespace):
-    """Model, config, labels and the output path shared by `inpaint` and `outpaint`."""
+    """Model, config, the request ({'labels': ...} or, for a text model, {'prompts': [...]}) and the output
+    path shared by `inpaint` and `outpaint`."""
     from pathlib import Path
 
     from .train import load_model, resolve_device
@@ -339,13 +340,21 @@ def _paint_setup(args: argparse.Namespace):
     if out.exists():
         raise ValueError(f"--out {out} already exists; choose a new file (nothing was written)")
     model, config = load_model(args.checkpoint, args.weights, resolve_device(args.device))
+    if config.model.text_conditional:
+        if args.classes:
+            raise ValueError("this checkpoint is text-conditioned: drop --classes, use --prompt")
+        if not args.prompt:
+            raise ValueError('this checkpoint is text-conditioned: give one or more --prompt "..." (one result each)')
+        return model, config, {"prompts": list(args.prompt)}, out
+    if args.prompt:
+        raise ValueError("--prompt: this checkpoint is not text-conditioned (model.text_dim=0); use --classes")
     if config.model.conditional:
         labels: list[int] | int = list(args.classes) if args.classes else [0]
     else:
         if args.classes:
             raise ValueError("this model is unconditional (model.num_classes=0): drop --classes")
         labels = args.num
-    return model, config, labels, out
+    return model, config, {"labels": labels}, out
 
 
 def _paint_options(args: argparse.Namespace) -> dict[str, object]:
@@ -381,10 +390,10 @@ def _save_results(images: torch.Tensor, out, nrow: int, scale: int) -> None:
 def _cmd_inpaint(args: argparse.Namespace) -> int:
     from .inpainting import inpaint, load_image, load_mask
 
-    model, config, labels, out = _paint_setup(args)
+    model, config, request, out = _paint_setup(args)
     image = load_image(args.image, config)
     known = load_mask(args.mask, config.model.input_hw)
-    images = inpaint(model, config, image, known, labels, **_paint_options(args))
+    images = inpaint(model, config, image, known, **request, **_paint_options(args))
     _save_results(images, out, nrow=min(len(images), 8), scale=args.scale)
     print(f"wrote {len(images)} inpainted image(s) to {out}")
     return 0
@@ -393,7 +402,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
 def _cmd_outpaint(args: argparse.Namespace) -> int:
     from .inpainting import load_image, outpaint
 
-    model, config, labels, out = _paint_setup(args)
+    model, config, request, out = _paint_setup(args)
     image = load_image(args.image, config, resize=False)
     h, w = config.model.input_hw
     across = h if args.direction in ("left", "right") else w
@@ -407,7 +416,7 @@ def _cmd_outpaint(args: argparse.Namespace) -> int:
         model,
         config,
         image,
-        labels,
+        **request,
         direction=args.direction,
         times=args.times,
         overlap=args.overlap,
@@ -446,6 +455,7 @@ def _add_studio_parsers(sub) -> None:
             p.add_argument("--overlap", type=float, default=0.5, help="fraction of each window kept from the image")
         p.add_argument("--out", required=True, help="PNG file to write (refused if it exists)")
         p.add_argument("--classes", type=int, nargs="*", help="class labels, one result each (default: 0)")
+        p.add_argument("--prompt", action="append", help="text-conditioned models: a prompt, one result each (repeat)")
         p.add_argument("--num", type=positive_int, default=1, help="results, for an unconditional model")
         p.add_argument(
             "--method", choices=["auto", "repaint", "trained"], default="auto", help="auto: trained if the model has it"
