@@ -32,6 +32,7 @@ import time
 import torch
 
 from ditkit import bench
+from ditkit.bench import SavedBytes
 from ditkit.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from ditkit.diffusion import build_process, diffusion_loss
 from ditkit.models import DiT
@@ -48,23 +49,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-class SavedBytes:
-    """Counts bytes autograd saves for backward (each storage once, parameters excluded)."""
-
-    def __init__(self, params: set[int]) -> None:
-        self.params, self.seen, self.bytes = params, set(), 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            key = t.untyped_storage().data_ptr()
-        except RuntimeError:  # tensors without storage (e.g. some views under compile)
-            return t
-        if key not in self.params and key not in self.seen:
-            self.seen.add(key)
-            self.bytes += t.untyped_storage().nbytes()
-        return t
 
 
 def measure(
@@ -96,7 +80,6 @@ def measure(
         model.y_embedder.eval()
         drop = torch.rand(batch, generator=g, device=device) < model_config.class_dropout_prob
         y = torch.where(drop, torch.full_like(y, model_config.num_classes), y)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def step(counter: SavedBytes | None = None) -> None:
         hooks = (
@@ -130,7 +113,7 @@ def measure(
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     else:
-        counter = SavedBytes(params)
+        counter = SavedBytes(model.parameters())
         step(counter)
         memory = counter.bytes
     return {"img_per_s": img_s, "memory_mb": memory / 2**20, "first_step_s": first_step_s}

@@ -181,3 +181,39 @@ def test_feature_cache_interval_one_is_exact_and_sampling_runs_fewer_block_passe
     assert len(calls) == 2  # 6 denoiser calls, blocks run on calls 0 and 3
     assert cached.shape == plain.shape and torch.isfinite(cached).all()
     assert (cached - plain).abs().mean() < 0.5
+
+
+def test_saved_bytes_count_each_activation_once_and_no_parameters():
+    """A weight used twice and an activation saved by two ops: 1 activation's bytes (x, then h), not 4 tensors."""
+    from ditkit.bench import saved_activation_bytes
+
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def step() -> torch.Tensor:
+        h = torch.tanh(x @ w)  # saves x and w; tanh saves h
+        return (h @ w).sum() + (h * h).sum()  # saves h and w again, h twice more
+
+    h_bytes = x_bytes = 8 * 16 * 4
+    assert saved_activation_bytes(step, exclude=[w]) == x_bytes + h_bytes
+    assert saved_activation_bytes(step) == x_bytes + h_bytes + w.numel() * 4  # the weight once, if not excluded
+
+
+def test_bench_sides_train_on_the_same_conditioning():
+    """No label dropout on either side (diffusers' blocks each drop labels with their own draws in train
+    mode), and guidance at scale 1 is refused (ditkit's pass would be half diffusers')."""
+    pytest.importorskip("diffusers")
+    from ditkit.bench import BenchSettings, _train_steps, paired_models
+
+    cpu = torch.device("cpu")
+    settings = BenchSettings(preset="DiT-S/8", input_size=8, num_classes=10, batch=8, device=cpu.type)
+    ours, theirs, _ = paired_models(settings, cpu)
+    _train_steps(ours, theirs, settings, "fp32", cpu)
+    assert theirs.training
+    x, t, y = torch.randn(8, 4, 8, 8), torch.full((8,), 500.0), torch.arange(8)
+    with torch.no_grad():
+        a, b = (theirs(x, timestep=t, class_labels=y).sample for _ in range(2))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # no random label dropout left
+        torch.testing.assert_close(ours(x, t, y), a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cfg_scale must not be 1"):
+        BenchSettings(cfg_scale=1.0)
