@@ -515,13 +515,16 @@ def test_train_then_sample_from_prompts(tiny_bert, tmp_path, capsys):
         ),
         data=DataConfig(dataset="mnist", image_size=8, channels=1, holdout=0),
         train=TrainConfig(
-            out_dir=str(tmp_path / "run"), steps=3, batch_size=8, log_every=1, ckpt_every=3, device="cpu"
+            out_dir=str(tmp_path / "run"), steps=3, batch_size=8, log_every=1, ckpt_every=3, device="cpu",
+            sample_every=3,
         ),
         sample=SampleConfig(steps=2, cfg_scale=2.0),
         text=TextConfig(encoder=tiny_bert, max_length=4),
-    )
+    )  # fmt: skip
     result = train(config, progress=False, dataset=_bars())
     assert (tmp_path / "run" / "text_embeddings.safetensors").is_file()
+    # The in-training grid samples the dataset's captions (a count instead of prompts stopped training).
+    assert Image.open(tmp_path / "run" / "samples" / "step_0000003.png").size[0] > 0
     model, saved = load_model(result.checkpoint)
     assert saved.text.encoder == tiny_bert and saved.model.text_dim == 16
     images = generate(model, saved, prompts=["top bar", "bottom bar", "top bar"])

@@ -120,17 +120,35 @@ class RunLog:
 
 
 @torch.no_grad()
-def save_sample_grid(ema: nn.Module, config: Config, path: Path, num_images: int = 16) -> Path:
-    """Sample `num_images` images from the EMA model (classes cycled) with config.sample and save a PNG grid."""
+def save_sample_grid(
+    ema: nn.Module,
+    config: Config,
+    path: Path,
+    num_images: int = 16,
+    prompts: list[str] | None = None,
+    text_encoder=None,
+) -> Path:
+    """Sample `num_images` images from the EMA model (classes cycled; for a text-conditioned model one
+    per prompt of `prompts`) with config.sample and save a PNG grid."""
     from .sampling import generate
     from .utils.images import save_grid
 
     was_training = ema.training
     ema.eval()
     m = config.model
-    labels: torch.Tensor | int = torch.arange(num_images) % m.num_classes if m.conditional else num_images
-    cfg = None if m.class_dropout_prob > 0 or not m.conditional else 1.0
-    images = generate(ema, config, labels, cfg_scale=cfg, batch_size=num_images)
-    ema.train(was_training)
+    try:
+        if m.text_conditional:
+            if not prompts:
+                raise ValueError("a text-conditioned model's sample grid needs prompts")
+            cfg = None if m.caption_dropout_prob > 0 else 1.0
+            images = generate(
+                ema, config, prompts=prompts, text_encoder=text_encoder, cfg_scale=cfg, batch_size=len(prompts)
+            )
+        else:
+            labels: torch.Tensor | int = torch.arange(num_images) % m.num_classes if m.conditional else num_images
+            cfg = None if m.class_dropout_prob > 0 or not m.conditional else 1.0
+            images = generate(ema, config, labels, cfg_scale=cfg, batch_size=num_images)
+    finally:
+        ema.train(was_training)
     nrow = min(m.num_classes, 8) if m.conditional else 4
     return save_grid(images, path, nrow=nrow, scale=max(1, 64 // max(m.input_hw)))

@@ -413,10 +413,20 @@ def _train(
         full.load_state_dict(weights)
         return full
 
+    grid_text: dict = {}  # a text model's grid: prompts from the dataset's captions, checked before step 1
+    if tc.sample_every and config.model.text_conditional and env.is_main:
+        from .evaluation.in_training import dataset_prompts
+
+        grid_text["prompts"] = dataset_prompts(config, dataset, 16, f"train.sample_every={tc.sample_every}")
+
     def sample_grid() -> None:
         full = full_ema()
         if env.is_main:
-            save_sample_grid(full, config, out_dir / "samples" / f"{checkpoint_name(step)}.png")
+            if grid_text and "text_encoder" not in grid_text:  # loaded once, at the first grid
+                from .text import load_text_encoder
+
+                grid_text["text_encoder"] = load_text_encoder(config.text, device=device)
+            save_sample_grid(full, config, out_dir / "samples" / f"{checkpoint_name(step)}.png", **grid_text)
         barrier(env)
 
     run_log = RunLog(config, out_dir) if env.is_main else None

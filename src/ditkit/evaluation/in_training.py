@@ -35,7 +35,7 @@ from .evaluate import build_feature_net, score_features
 from .features import compute_features, iter_cache_images, reference_from_features
 from .inception import InceptionWeightsError
 
-__all__ = ["InTrainingEvaluator", "MAX_REFERENCE_IMAGES"]
+__all__ = ["InTrainingEvaluator", "MAX_REFERENCE_IMAGES", "dataset_prompts"]
 
 MAX_REFERENCE_IMAGES = 5000
 """At most this many training images form the reference statistics (computed once per run)."""
@@ -71,17 +71,18 @@ def _real_images(dataset: Dataset, limit: int, device: torch.device | str = "cpu
     return np.concatenate(list(_real_batches(dataset, limit, device)))
 
 
-def _eval_prompts(config: Config, dataset: Dataset) -> list[str]:
-    """Captions of `train.eval_num` items spread evenly over a captioned dataset (one prompt per sample)."""
+def dataset_prompts(config: Config, dataset: Dataset, n: int, setting: str) -> list[str]:
+    """Captions of `n` items spread evenly over a captioned dataset (one prompt per sample), for the
+    text-conditioned samples `setting` (a config key, named in the error) asks for during training."""
     captions = getattr(dataset, "captions", None)
     if captions is None:
         raise ConfigError(
-            f"train.eval_every={config.train.eval_every}: the text-conditioned model (model.text_dim="
-            f"{config.model.text_dim}) samples from prompts, which in-training evaluation takes from the "
-            f"dataset's captions, but the training dataset ({type(dataset).__name__}, data.dataset="
-            f"{config.data.dataset!r}) has none: train on captioned data or set train.eval_every=0"
+            f"{setting}: the text-conditioned model (model.text_dim={config.model.text_dim}) samples from "
+            f"prompts, which training takes from the dataset's captions, but the training dataset "
+            f"({type(dataset).__name__}, data.dataset={config.data.dataset!r}) has none: train on captioned "
+            f"data or set {setting.split('=')[0]}=0"
         )
-    picks = _spread_indices(len(dataset), config.train.eval_num)
+    picks = _spread_indices(len(dataset), n)
     # Captioned datasets give each item's caption row as its label (CaptionedImageDataset: caption_ids).
     rows = getattr(dataset, "caption_ids", None)
     if rows is None:
@@ -120,7 +121,9 @@ class InTrainingEvaluator:
         if config.model.text_conditional:  # refuse uncaptioned data now, not at the first evaluation
             from ..text import caption_table
 
-            self.prompts = _eval_prompts(config, dataset)
+            self.prompts = dataset_prompts(
+                config, dataset, config.train.eval_num, f"train.eval_every={config.train.eval_every}"
+            )
             self.text = _PrecomputedText(self.prompts, caption_table(config, self.prompts))
         try:
             self.net = build_feature_net(self.kind, image_size=config.data.image_size, device=device)
