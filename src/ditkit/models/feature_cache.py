@@ -58,7 +58,8 @@ class CachedBlock(nn.Module):
 def feature_cache(model: nn.Module, interval: int) -> Iterator[_Clock]:
     """Within the context, `model`'s blocks run fully on every `interval`-th call only (1: no caching).
 
-    Yields a counter with `computed` and `reused` pass counts.
+    Yields a counter with `computed` and `reused` pass counts. At interval 1 the model is left as it
+    is and nothing counts its passes: both stay 0.
     """
     if interval < 1:
         raise ValueError(f"feature cache interval must be >= 1, got {interval}")
