@@ -160,9 +160,12 @@ def test_demo_smoke(tmp_path):
     grid = Image.open(tmp_path / "demo" / "samples.png")
     assert grid.size == ((2 * 30 + 2) * 3, (10 * 30 + 2) * 3)  # 10 rows (one per class) of 2, upscaled x3
     assert (tmp_path / "demo" / "loss_curve.png").is_file()
-    # Running it again reuses the finished classifier and run.
+    # Running it again reuses the finished classifier and run: their files are not written again.
+    kept = [tmp_path / "demo" / "classifier" / "model.safetensors", *(tmp_path / "demo" / "run").rglob("*.safetensors")]
+    stamps = {path: path.stat().st_mtime_ns for path in kept}
     again = run_demo(tmp_path / "demo", smoke=True, progress=False)
     assert again["train_steps"] == 6 and again["conditional_accuracy"] == metrics["conditional_accuracy"]
+    assert len(stamps) > 1 and {path: path.stat().st_mtime_ns for path in kept} == stamps
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")))

@@ -440,6 +440,8 @@ def _train(
             embedder.eval()  # label / caption dropout is drawn per sample below, not by the embedder
     last_path, window_loss, window_n, last_loss, nonfinite_run, skipped = None, 0.0, 0, float("nan"), 0, 0
     saved_step = None
+    if same_run:  # this step is already saved here: a finished run resumed again is not written again
+        last_path, saved_step = resume_path, step
     window_start = loop_start = _clock()
     try:
         while step < tc.steps:
