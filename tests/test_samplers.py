@@ -154,7 +154,8 @@ def test_cfg_on_gaussian_denoisers_equals_guiding_eps(process):
 
 def test_guidance_rejects_bad_arguments():
     den = _tiny_denoiser()
-    with pytest.raises(ValueError):
-        ClassifierFreeGuidance(den, -1.0)
+    for scale in (-1.0, float("nan"), float("inf")):  # NaN passed `< 0` and made every sample NaN
+        with pytest.raises(ValueError, match="guidance scale must be a finite number >= 0"):
+            ClassifierFreeGuidance(den, scale)
     with pytest.raises(ValueError):
         ClassifierFreeGuidance(den, 2.0, channels=0)

@@ -534,3 +534,19 @@ def test_a_damaged_metrics_file_stops_a_roll_back_before_anything_moves(tmp_path
         train(make_tiny_config(run, steps=3), resume=run / "checkpoints" / "step_0000002", progress=False, dataset=data)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert not list(run.glob("abandoned-*"))
+
+
+def test_device_names_are_checked_where_they_are_given():
+    from ditkit.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'bogus' is not a device name"):
+        resolve_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': this machine .* has no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="device 'cuda:99': this machine has"):
+            resolve_device("cuda:99")
+    with pytest.raises(ConfigError, match="train.device must be 'auto', 'cpu', 'cuda'.*got 'gpu'"):
+        make_tiny_config("unused", device="gpu")

@@ -430,6 +430,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 off = " (0: off)" if name in ("grad_checkpoint_every", "sample_every") else ""
                 raise ConfigError(f"train.{name} must be >= 0{off}, got {getattr(self, name)}")
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?", self.device):
+            raise ConfigError(
+                f"train.device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu[:N]', got {self.device!r}"
+            )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.eval_every < 0:

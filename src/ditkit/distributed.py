@@ -28,6 +28,7 @@ from torch import nn
 __all__ = [
     "DistEnv",
     "init_distributed",
+    "resolve_device",
     "shutdown_distributed",
     "wrap_model",
     "full_state_dict",
@@ -70,6 +71,26 @@ class DistEnv:
         return self.world_size > 1 or dist.is_initialized()
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device, and must be a
+    device this machine has (ValueError naming the value otherwise, instead of a failure deep inside)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a device name ('auto', 'cpu', 'cuda', 'cuda:1', ...): {err}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine (or this PyTorch build) has no CUDA GPU; use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    return device
+
+
 def init_distributed(device_name: str = "auto") -> DistEnv:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any.
 
@@ -85,7 +106,7 @@ def init_distributed(device_name: str = "auto") -> DistEnv:
     elif world_size > 1:
         device = torch.device("cpu")
     else:
-        device = torch.device("cuda" if use_cuda and device_name == "auto" else device_name)
+        device = resolve_device(device_name)
         if device.type == "cuda" and device.index is None:  # set_device needs an index: the current GPU
             device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":

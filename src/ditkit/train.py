@@ -59,6 +59,7 @@ from .distributed import (
     init_distributed,
     load_full_optimizer_state,
     local_tensor,
+    resolve_device,
     shard_blocks,
     shutdown_distributed,
     tf32,
@@ -101,13 +102,6 @@ DATA_POSITION_KEYS = {
     "seed": "train.seed",
 }
 """What a saved data position (epoch, batch in epoch) means depends on these; a checkpoint records them."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(config: Config, seed: int | None = None) -> DiT:

@@ -11,6 +11,8 @@ through unguided, taken from the conditional half (as the DiT release samples).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..diffusion.denoiser import Denoiser
@@ -29,8 +31,8 @@ class ClassifierFreeGuidance(Denoiser):
         channels: int | None = None,
         interval: tuple[float, float] | None = None,
     ) -> None:
-        if scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        if not math.isfinite(scale) or scale < 0:  # NaN passes `< 0` and makes every sample NaN
+            raise ValueError(f"guidance scale must be a finite number >= 0, got {scale}")
         if interval is not None and not interval[0] <= interval[1]:
             raise ValueError(f"guidance interval must satisfy lo <= hi, got {interval}")
         if channels is not None and channels < 1:
