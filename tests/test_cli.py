@@ -224,3 +224,104 @@ def test_integer_options_out_of_range_are_refused_by_the_parser(argv, message, c
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_so_without_a_nan_loss(tmp_path, config_file, capsys):
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
+    assert "finished at step 1, loss " in capsys.readouterr().out
+    argv = ["train", "--config", str(config_file), "--no-progress", "--resume", str(tmp_path / "run"), "train.steps=1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the run had already finished at step 1 (train.steps=1); nothing was trained" in out
+    assert "nan" not in out
+
+
+def test_sample_grid_refuses_npz_options_and_bad_out_before_loading(tmp_path, capsys):
+    missing = ["sample", "--checkpoint", str(tmp_path / "no-such-run"), "--out", str(tmp_path / "g.png")]
+    for extra, message in [
+        (["--batch-size", "4"], "--batch-size: only for mass sampling with --npz"),
+        (["--num-samples", "4"], "--num-samples: only for mass sampling with --npz"),
+        (["--no-balanced-classes"], "--balanced-classes: only for mass sampling with --npz"),
+        (["--cuda-graph", "--feature-cache", "2"], "--cuda-graph cannot be combined with --feature-cache 2"),
+    ]:
+        assert main(missing + extra) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    for out, message in [
+        ("cnoext", "--out cnoext: no image file extension"),
+        ("grid.foo", "--out grid.foo: unknown image file extension '.foo'"),
+        (str(tmp_path / "folder"), f"--out {tmp_path / 'folder'} is a folder"),
+    ]:
+        assert main(["sample", "--checkpoint", str(tmp_path / "no-such-run"), "--out", out, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err  # the checkpoint was not looked at yet
+    with pytest.raises(SystemExit):
+        main(["sample", "--checkpoint", "unused", "--feature-cache", "0"])
+    assert "argument --feature-cache: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_sample_grid_takes_guidance_channels(tmp_path, config_file, capsys, monkeypatch):
+    import ditkit.sampling
+
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
+    seen = []
+    real = ditkit.sampling.generate
+    monkeypatch.setattr(ditkit.sampling, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
+    base = ["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "1", "--per-class", "1", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "g.png"), "--guidance-channels", "1"]) == 0
+    assert seen[-1]["guidance_channels"] == 1 and (tmp_path / "g.png").is_file()
+    assert main(base + ["--out", str(tmp_path / "h.png"), "--guidance-channels", "2"]) == 2
+    assert "--guidance-channels 2: this model has 1 input channel(s)" in capsys.readouterr().err
+
+
+def test_a_file_where_a_folder_is_written_is_refused(tmp_path, config_file, capsys):
+    user = tmp_path / "a.png"
+    user.write_bytes(b"the user's own file")
+    argv = ["convert", "to-diffusers", "--checkpoint", str(tmp_path / "run"), "--out", str(user)]
+    assert main(argv) == 2
+    assert f"--out {user} is a file, not a folder" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "cache",
+                "--config",
+                str(config_file),
+                "--out",
+                str(user),
+                "autoencoder.kind=kl",
+                "autoencoder.path=unused",
+            ]
+        )
+        == 2
+    )
+    assert f"(--out) {user} is a file, not a folder" in capsys.readouterr().err
+    assert user.read_bytes() == b"the user's own file"
+
+
+def test_bench_json_refuses_an_existing_file_before_timing(tmp_path, capsys, monkeypatch):
+    import ditkit.bench
+
+    monkeypatch.setattr(ditkit.bench, "run_bench", lambda settings: pytest.fail("timed before checking --json"))
+    kept = tmp_path / "bench.json"
+    kept.write_text("the user's own results")
+    assert main(["bench", "--device", "cpu", "--json", str(kept)]) == 2
+    assert f"--json {kept} already exists" in capsys.readouterr().err
+    assert kept.read_text() == "the user's own results"
+    with pytest.raises(ValueError, match="already exists"):
+        ditkit.bench.write_json({}, kept)
+    assert kept.read_text() == "the user's own results"
+
+
+@pytest.mark.parametrize("command", ["demo", "text-demo"])
+def test_demo_refuses_a_folder_of_other_files(tmp_path, command, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "samples.png").write_bytes(b"the user's own picture")
+    (folder / "notes.txt").write_text("keep me")
+    assert main([command, "--out", str(folder), "--smoke", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {folder} is not empty and not a previous {command} folder (it holds notes.txt)" in err
+    (folder / "notes.txt").unlink()  # only demo-named files, but no demo config.yaml: still someone else's
+    assert main([command, "--out", str(folder), "--smoke", "--no-progress"]) == 2
+    assert "no readable demo config.yaml" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["samples.png"]
+    assert (folder / "samples.png").read_bytes() == b"the user's own picture"

@@ -17,6 +17,7 @@ from ditkit.data import DataError, load_mnist
 from ditkit.data.cache import build_cache
 from ditkit.evaluation import ClassifierResult, save_classifier, train_classifier
 from ditkit.evaluation.commands import _image_size
+from ditkit.evaluation.evaluate import evaluate_npz
 from ditkit.evaluation.features import (
     ClassifierFeatures,
     npz_array_info,
@@ -249,3 +250,25 @@ def test_rgb_images_reach_a_gray_judge_the_same_way_from_a_folder_and_an_npz(tmp
     np.testing.assert_array_equal(from_npz["pool"], gray_feats)
     a, b = (FeatureStats(r["mu"], r["sigma"]) for r in (from_folder, from_npz))
     assert np.trace(b.sigma) > 0 and frechet_distance(a, b) == 0.0
+
+
+def test_eval_json_refuses_an_existing_file_up_front_and_creates_missing_folders(digits, tmp_path, monkeypatch, capsys):
+    root, _, _ = digits
+    kept = tmp_path / "mine.json"
+    kept.write_text("the user's own file")
+    opts = ["--features", "classifier", "--classifier", str(root / "judge"), "--no-progress"]
+    computed = []
+    real_compute = features.compute_features
+    monkeypatch.setattr(
+        "ditkit.evaluation.evaluate.compute_features", lambda *a: computed.append(1) or real_compute(*a)
+    )
+    argv = ["eval", "--samples", str(root / "holdout.npz"), "--ref", str(root / "train.npz"), *opts]
+    assert main([*argv, "--json", str(kept)]) == 2
+    assert f"--json {kept} already exists" in capsys.readouterr().err
+    assert kept.read_text() == "the user's own file" and not computed  # refused before any feature
+    with pytest.raises(ValueError, match="already exists"):  # the Python API too
+        evaluate_npz(root / "holdout.npz", root / "train.npz", ClassifierFeatures(digits[1].model), json_out=kept)
+    assert not computed
+    new = tmp_path / "new" / "dir" / "m.json"
+    assert main([*argv, "--json", str(new)]) == 0
+    assert json.loads(new.read_text()) == json.loads(capsys.readouterr().out)

@@ -131,3 +131,49 @@ def test_protocol_presets_apply_and_refuse_a_checkpoint_without_their_autoencode
     assert code == 2 and "sd-vae-ft-ema" in capsys.readouterr().err and not (tmp_path / "p.npz").exists()
     with pytest.raises(ValueError, match="unknown evaluation protocol"):
         get_protocol("dit-xl2-1024")
+
+
+def test_a_refused_setting_leaves_no_parts_folder_and_the_corrected_command_runs(tmp_path, checkpoint, capsys):
+    out = tmp_path / "s.npz"
+    base = ["sample", "--checkpoint", str(checkpoint), "--npz", str(out), "--num", "2", "--steps", "2"]
+    base += ["--device", "cpu", "--no-progress"]
+    refused = [
+        (["--guidance-channels", "2"], "--guidance-channels 2: this model has 1 input channel(s)"),
+        (["--steps", "5000"], "--steps 5000: this model's process has 1000 timesteps"),
+        (["--prompt", "a seven"], "--prompt: mass sampling with --npz"),
+        (["--sampler", "euler", "--eta", "0.5"], "takes no eta"),  # refused by generate(), after the manifest
+    ]
+    for extra, message in refused:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "s.npz.parts").exists(), extra
+    # A parts folder that holds no finished part (left by an older version) is taken over, not refused.
+    (tmp_path / "s.npz.parts").mkdir()
+    (tmp_path / "s.npz.parts" / "manifest.json").write_text('{"num": 2, "sampling": {"steps": 0}}\n')
+    assert main(base + ["--sampler", "euler", "--feature-cache", "2"]) == 0
+    with np.load(out) as data:
+        assert data["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_other_settings_are_named_with_both_values(tmp_path, checkpoint, monkeypatch, capsys):
+    out = tmp_path / "s.npz"
+    base = ["sample", "--checkpoint", str(checkpoint), "--npz", str(out), "--num", "4", "--batch-size", "2"]
+    base += ["--sampler", "euler", "--device", "cpu", "--no-progress"]
+    real_generate, calls = mass.generate, []
+
+    def failing(*args, **kwargs):  # interrupted after the first part
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(kwargs)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(mass, "generate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        main(base + ["--steps", "2", "--feature-cache", "2"])
+    assert calls[0]["feature_cache_interval"] == 2  # passed through, not ignored
+    assert (tmp_path / "s.npz.parts" / "part_000000.npz").is_file()
+    assert main(base + ["--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.steps: 2 in the folder, 3 now" in err
+    assert "sampling.feature_cache_interval: 2 in the folder, unset (the checkpoint's default) now" in err
+    assert (tmp_path / "s.npz.parts" / "part_000000.npz").is_file()  # the finished part is kept

@@ -7,6 +7,7 @@ import dataclasses
 import faulthandler
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import get_args
@@ -17,7 +18,15 @@ from .bench import ALLOCATOR_MODES
 from .checkpoint import CheckpointError
 from .config import MODEL_PRESETS, ConfigError, ModelConfig, Spacing, load_config
 from .data import DataError
-from .evaluation.commands import add_eval_commands, add_npz_sampling_options, cmd_sample_npz
+from .evaluation.commands import (
+    add_eval_commands,
+    add_npz_sampling_options,
+    check_guidance_channels,
+    check_sampling_steps,
+    cmd_sample_npz,
+    prepare_json_out,
+    refuse_npz_only_options,
+)
 from .samplers import SAMPLERS
 from .utils.args import port_number, positive_int
 
@@ -29,7 +38,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"finished at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
+    if math.isfinite(result.final_loss):
+        print(f"finished at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
+    elif args.resume and result.step >= config.train.steps:  # no step ran: there is no loss to report
+        print(
+            f"the run had already finished at step {result.step} (train.steps={config.train.steps}); nothing "
+            f"was trained; checkpoint: {result.checkpoint} (raise train.steps to train further)"
+        )
+    else:
+        print(f"stopped at step {result.step} before a training step finished; checkpoint: {result.checkpoint}")
     return 0
 
 
@@ -64,6 +81,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, run_bench, write_json
 
+    json_out = prepare_json_out(args.json) if args.json else None  # before anything is timed
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     settings = BenchSettings(
         preset=args.preset,
@@ -82,8 +100,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         allocator=args.allocator,
     )
     results = run_bench(settings)
-    if args.json:
-        print(f"wrote {write_json(results, args.json)}")
+    if json_out is not None:
+        print(f"wrote {write_json(results, json_out)}")
     return 0
 
 
@@ -94,12 +112,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.npz or args.protocol:
         return cmd_sample_npz(args)
+    refuse_npz_only_options(args)
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    if Path(args.out).exists() and not args.overwrite:  # checked before the model loads or anything samples
-        raise ValueError(f"--out {args.out} already exists; choose a new file or pass --overwrite (nothing written)")
+    _check_image_out(args.out, args.overwrite)  # before the model loads or anything samples
+    if args.cuda_graph and args.feature_cache != 1:
+        raise ValueError(f"--cuda-graph cannot be combined with --feature-cache {args.feature_cache}")
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, args.weights, device)
+    check_guidance_channels(args.guidance_channels, config)
+    check_sampling_steps(args.steps, config)
     if args.vae is not None:
         if config.autoencoder.kind == "pixel":
             raise ValueError("--vae: this checkpoint is a pixel-space model; it has no autoencoder")
@@ -120,6 +142,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_image_out(out: str, overwrite: bool) -> None:
+    """`ditkit sample --out`: a new (or, with --overwrite, existing) file in an image format PIL writes."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file name such as {path / 'samples.png'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {out} already exists; choose a new file or pass --overwrite (nothing written)")
+    extensions = Image.registered_extensions()
+    if path.suffix.lower() not in extensions:
+        raise ValueError(
+            f"--out {out}: {'no' if not path.suffix else 'unknown'} image file extension"
+            f"{' ' + repr(path.suffix) if path.suffix else ''}; give one such as .png, .jpg or .webp"
+        )
+    if extensions[path.suffix.lower()] not in Image.SAVE:  # PIL reads the format but cannot write it
+        raise ValueError(f"--out {out}: PIL cannot write {extensions[path.suffix.lower()]} files; use .png")
+
+
 def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
     """`generate` keyword arguments from `ditkit sample`'s flags (unset flags: the checkpoint's config)."""
     return dict(
@@ -134,6 +175,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
         progress=not args.no_progress,
         feature_cache_interval=args.feature_cache,
         cuda_graph=args.cuda_graph,
+        guidance_channels=args.guidance_channels,
     )
 
 
@@ -208,14 +250,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # refuses a folder of other files itself
 
     run_demo(args.out, smoke=args.smoke, progress=not args.no_progress)
     return 0
 
 
 def _cmd_text_demo(args: argparse.Namespace) -> int:
-    from .text_demo import run_text_demo
+    from .text_demo import run_text_demo  # refuses a folder of other files itself
 
     run_text_demo(args.out, smoke=args.smoke, progress=not args.no_progress)
     return 0
@@ -231,6 +273,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"usage: ditkit convert {args.format} {flag} SRC --out DIR")
     else:
         out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        option = "--out" if args.out is not None else "OUT_DIR"
+        raise ValueError(f"{option} {out} is a file, not a folder; choose a new folder (nothing was written)")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder (nothing was written)")
     if args.format == "official":
@@ -507,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per class; for an unconditional model, the number of samples (default 8)",
     )
     p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's sample.cfg_scale)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the checkpoint's sample.steps)")
     p.add_argument(
         "--sampler", choices=sorted(SAMPLERS), help="sampling algorithm (default: the checkpoint's sample.sampler)"
     )
@@ -532,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights to sample")
     p.add_argument(
         "--feature-cache",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="run the transformer blocks on every K-th step only, reusing their residuals between (faster, "
@@ -554,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--scale", type=positive_int, default=2, help="integer upscaling of the written grid")
-    p.add_argument("--out", default="samples.png", help="PNG file to write (an existing file is refused)")
+    p.add_argument(
+        "--out", default="samples.png", help="image file of the grid (.png, .jpg, ...; an existing file is refused)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_npz_sampling_options(p)
@@ -572,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (medians reported)")
     p.add_argument("--gemm-size", type=int, help="side of the reference GEMM (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
-    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument(
+        "--json", help="write the results as JSON to this new file (an existing one is refused; folders are created)"
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -617,13 +666,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="train a DiT on the bundled digits and judge its samples")
-    p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    p.add_argument(
+        "--out",
+        default="outputs/demo",
+        help="output folder: new, empty or a previous demo's, which is resumed (default outputs/demo)",
+    )
     p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("text-demo", help="train a text-conditioned DiT on captioned digits, prompt it in new wordings")
-    p.add_argument("--out", default="outputs/text-demo", help="output folder (default outputs/text-demo)")
+    p.add_argument(
+        "--out",
+        default="outputs/text-demo",
+        help="output folder: new, empty or a previous text demo's, which is resumed (default outputs/text-demo)",
+    )
     p.add_argument("--smoke", action="store_true", help="a seconds-long version for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_text_demo)

@@ -5,7 +5,8 @@
 3. Sample with DDIM + classifier-free guidance, write a grid (one row per class), the loss curve
    and metrics.json with the classifier's accuracy on the conditional samples.
 
-Running it again resumes an unfinished run and reuses finished parts.
+Running it again resumes an unfinished run and reuses finished parts; a folder that holds anything
+else is refused, so the demo never overwrites a user's files.
 """
 
 from __future__ import annotations
@@ -19,14 +20,59 @@ from typing import Any
 import torch
 
 from .checkpoint import find_latest_checkpoint
-from .config import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, TrainConfig, save_config
+from .config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from .data import load_mnist
 from .evaluation import ClassifierResult, classify, load_classifier, save_classifier, train_classifier
 from .sampling import generate
 from .train import load_model, train
 from .utils.images import plot_loss_curve, save_grid
 
-__all__ = ["demo_config", "run_demo"]
+__all__ = ["demo_config", "run_demo", "check_demo_folder"]
+
+DEMO_ENTRIES = frozenset({"config.yaml", "classifier", "run", "loss_curve.png", "samples.png", "metrics.json"})
+"""Everything a demo (or the text demo) writes into its folder."""
+
+
+def check_demo_folder(out_dir: str | Path, *, text: bool = False) -> None:
+    """Refuse an `out_dir` that is a file, or a non-empty folder other than a previous (text) demo's.
+
+    A previous demo folder holds only the demo's own entries, among them the config.yaml it wrote (a
+    digits run into its `run/` folder, text-conditioned for the text demo); it is resumed, not refused.
+    """
+    out = Path(out_dir)
+    name = "text-demo" if text else "demo"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a new or empty {name} folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in DEMO_ENTRIES)
+    refusal = f"--out {out} is not empty and not a previous {name} folder"
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{refusal} (it holds {shown}); choose a new or empty folder (nothing was written)")
+    entries = {entry.name: entry for entry in out.iterdir()}
+    if "config.yaml" not in entries and all(n in ("classifier", "run") and e.is_dir() for n, e in entries.items()):
+        return  # a demo stopped before its config.yaml (or a judge placed for it): its own folders, no files
+    try:
+        saved = load_config(out / "config.yaml")
+    except (ConfigError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{refusal} (no readable demo config.yaml in it); choose a new or empty folder (nothing was written)"
+        ) from err
+    if saved.data.dataset != "mnist" or Path(saved.train.out_dir).name != "run" or saved.model.text_conditional != text:
+        raise ValueError(
+            f"{refusal} (its config.yaml describes another job); choose a new or empty folder (nothing was written)"
+        )
 
 
 def demo_config(out_dir: str | Path, smoke: bool = False) -> Config:
@@ -123,6 +169,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo into `out_dir`; returns (and writes) the metrics."""
     out_dir = Path(out_dir)
+    check_demo_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = demo_config(out_dir, smoke)
     samples_per_class = samples_per_class or (2 if smoke else 100)

@@ -26,7 +26,7 @@ from .config import (
 )
 from .data import load_mnist
 from .data.captions import TensorCaptionDataset
-from .demo import demo_config, demo_judge, demo_train, run_metrics, sampling_autocast
+from .demo import check_demo_folder, demo_config, demo_judge, demo_train, run_metrics, sampling_autocast
 from .evaluation import classify
 from .sampling import generate
 from .text import load_text_encoder
@@ -94,6 +94,7 @@ def run_text_demo(
 ) -> dict[str, Any]:
     """Run the whole text demo into `out_dir`; returns (and writes) the metrics."""
     out_dir = Path(out_dir)
+    check_demo_folder(out_dir, text=True)  # a folder of other files is refused, a previous text demo reused
     out_dir.mkdir(parents=True, exist_ok=True)
     config = text_demo_config(out_dir, smoke)
     samples_per_prompt = samples_per_prompt or (1 if smoke else 25)

@@ -450,6 +450,8 @@ def build_cache(
         raise ValueError(f"shard_mb (--shard-mb) must be above 0, got {shard_mb}")
     if batch_size < 1:
         raise ValueError(f"batch_size (--batch-size) must be at least 1, got {batch_size}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir (--out) {out_dir} is a file, not a folder; choose a new or empty folder")
     if config.autoencoder.kind == "pixel":
         raise CacheError("autoencoder.kind='pixel' trains on images directly; a latent cache needs 'kl' or 'tiny'")
     config = resolve_autoencoder(config)

@@ -19,7 +19,15 @@ from ..utils.args import positive_int
 from .inception import InceptionWeightsError
 from .protocols import PROTOCOLS, Protocol, get_protocol
 
-__all__ = ["add_npz_sampling_options", "cmd_sample_npz", "add_eval_commands"]
+__all__ = [
+    "add_npz_sampling_options",
+    "refuse_npz_only_options",
+    "check_guidance_channels",
+    "check_sampling_steps",
+    "prepare_json_out",
+    "cmd_sample_npz",
+    "add_eval_commands",
+]
 
 
 def add_npz_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -35,7 +43,9 @@ def add_npz_sampling_options(p: argparse.ArgumentParser) -> None:
         "since torchrun's own parser takes --num for its --numa-binding",
     )
     g.add_argument(
-        "--batch-size", type=positive_int, default=64, help="samples per batch and per resumable part (default 64)"
+        "--batch-size",
+        type=positive_int,
+        help="samples per batch and per resumable part (default 64)",
     )
     g.add_argument(
         "--balanced-classes",
@@ -43,8 +53,33 @@ def add_npz_sampling_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="labels i %% num_classes (default: the protocol's, else seeded uniform labels)",
     )
-    g.add_argument("--guidance-channels", type=int, help="guide only the first N channels (3: the DiT release)")
+    g.add_argument(
+        "--guidance-channels",
+        type=positive_int,
+        metavar="N",
+        help="guide only the first N channels (3: the DiT release; also for grids without --npz)",
+    )
     g.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a paper's settings; explicit flags win")
+
+
+NPZ_ONLY_OPTIONS = {"num": "--num-samples", "batch_size": "--batch-size", "balanced_classes": "--balanced-classes"}
+"""Options of `ditkit sample` that mean something only with --npz (dest -> flag)."""
+
+
+def refuse_npz_only_options(args: argparse.Namespace) -> None:
+    """A grid (no --npz) refuses the mass-sampling options instead of ignoring them."""
+    given = [flag for dest, flag in NPZ_ONLY_OPTIONS.items() if getattr(args, dest, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for mass sampling with --npz OUT.npz (this command writes a grid)")
+
+
+def check_guidance_channels(channels: int | None, config: Config) -> None:
+    """`--guidance-channels N` must name some of the model's input channels."""
+    if channels is not None and channels > config.model.in_channels:
+        raise ValueError(
+            f"--guidance-channels {channels}: this model has {config.model.in_channels} input channel(s); "
+            f"give 1 to {config.model.in_channels}"
+        )
 
 
 def _pick(explicit: object, protocol: Protocol | None, field: str, default: object = None) -> object:
@@ -86,6 +121,10 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         raise ValueError("--protocol needs --npz OUT.npz (protocols describe mass sampling for metrics)")
     if args.classes:
         raise ValueError("--classes picks grid rows; with --npz use --balanced-classes (or seeded uniform labels)")
+    if args.prompt:
+        raise ValueError("--prompt: mass sampling with --npz is for class-conditional and unconditional models")
+    if args.cuda_graph and args.feature_cache != 1:
+        raise ValueError(f"--cuda-graph cannot be combined with --feature-cache {args.feature_cache}")
     num = _pick(args.num, protocol, "num_samples")
     if num is None:
         raise ValueError("--npz needs --num N (or a --protocol)")
@@ -96,6 +135,13 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     model, config = load_model(args.checkpoint, args.weights, device)
     config = _apply_autoencoder(config, protocol, getattr(args, "vae", None))
+    # Checked before the parts folder and its manifest are written.
+    if config.model.text_conditional:
+        raise ValueError(
+            "--npz: this checkpoint is text-conditioned; mass sampling to .npz takes class-conditional or "
+            'unconditional models (sample a text model as a grid with --prompt "...")'
+        )
+    check_guidance_channels(args.guidance_channels, config)
     sampling = {
         "steps": _pick(args.steps, protocol, "steps"),
         "cfg_scale": _pick(args.cfg_scale, protocol if config.model.conditional else None, "cfg_scale"),
@@ -105,11 +151,14 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
         "clip_denoised": _pick(args.clip_denoised, protocol, "clip_denoised"),
         "guidance_channels": _pick(args.guidance_channels, protocol, "guidance_channels"),
+        # 1 (off) is left out, so the settings of runs from before the option still match on resume.
+        "feature_cache_interval": args.feature_cache if args.feature_cache != 1 else None,
     }
+    check_sampling_steps(sampling["steps"], config)
     job = MassSamplingJob(
         num=int(num),
         seed=args.seed,
-        part_size=args.batch_size,
+        part_size=args.batch_size or 64,
         balanced_classes=bool(_pick(args.balanced_classes, protocol, "balanced_classes", False)),
         sampling={k: v for k, v in sampling.items() if v is not None},
         source=f"{resolve_checkpoint(args.checkpoint).resolve()}:{args.weights}",  # a run folder's newest, pinned
@@ -123,7 +172,15 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         barrier = dist.barrier
     try:
         out = run_mass_sampling(
-            model, config, args.npz, job, rank=rank, world_size=world, barrier=barrier, progress=not args.no_progress
+            model,
+            config,
+            args.npz,
+            job,
+            rank=rank,
+            world_size=world,
+            barrier=barrier,
+            cuda_graph=args.cuda_graph,
+            progress=not args.no_progress,
         )
     finally:
         if world > 1:
@@ -131,6 +188,26 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"wrote {job.num} samples to {out}")
     return 0
+
+
+def prepare_json_out(path: str, option: str = "--json") -> Path:
+    """A new JSON file to write at the end of a command, checked before anything is computed: an existing
+    path is refused, missing parent folders are created now (so a bad location fails first, not last)."""
+    out = Path(path)
+    if out.exists():
+        raise ValueError(f"{option} {path} already exists; choose a new file (nothing was written)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot create its folder {out.parent} ({err.strerror or err})") from err
+    return out
+
+
+def check_sampling_steps(steps: object, config: Config) -> None:
+    """The discrete (vp) process samples at most `diffusion.num_timesteps` steps (`--steps` is >= 1)."""
+    limit = config.diffusion.num_timesteps
+    if steps is not None and config.diffusion.process == "vp" and int(steps) > limit:
+        raise ValueError(f"--steps {steps}: this model's process has {limit} timesteps; give 1 to {limit}")
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -143,7 +220,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         help="reference: image folder, ADM reference .npz, ref-stats .npz, or 'mnist' (the bundled digits)",
     )
     _feature_options(p)
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--json", help="also write the metrics to this new JSON file (an existing one is refused; folders are created)"
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("ref-stats", help="save reference statistics (mu/sigma + features) of an image folder or .npz")
@@ -206,6 +285,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_npz
     from .features import iter_npz_images
 
+    if args.json:
+        prepare_json_out(args.json)
     # Refuse a bad or empty sample file before loading or training a network.
     if next(iter_npz_images(args.samples, 1), None) is None:
         raise DataError(f"{args.samples}: arr_0 holds no sample images (0 images)")

@@ -119,7 +119,13 @@ def evaluate_npz(
     progress: bool = True,
     json_out: str | Path | None = None,
 ) -> dict[str, float | int | str]:
-    """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference."""
+    """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference.
+
+    `json_out`, a new file (an existing one is refused before anything is computed), also receives the
+    metrics; missing folders of it are created.
+    """
+    if json_out is not None and Path(json_out).exists():  # checked before anything is computed
+        raise ValueError(f"{json_out} already exists; choose a new file for the metrics (nothing was written)")
     kind = getattr(net, "kind", "inception")
     shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
     if shape[0] < 2:  # checked first (before the reference is computed) and naming the file
@@ -137,5 +143,6 @@ def evaluate_npz(
     result = score_features(features, ref, labels, kind)
     result["samples"] = str(samples)
     if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result

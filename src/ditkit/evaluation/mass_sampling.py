@@ -139,22 +139,53 @@ def _part_ok(path: Path, expected: int) -> bool:
         return False
 
 
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """'key: A in the folder, B now' for every setting (nested ones as 'sampling.steps') that differs."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [
+            line
+            for key in sorted(set(saved) | set(now))
+            for line in _differences(saved.get(key), now.get(key), f"{prefix}{key}.")
+        ]
+    if saved == now:
+        return []
+    unset = "unset (the checkpoint's default)" if prefix.startswith("sampling.") else "unset"
+    shown = [unset if value is None else json.dumps(value) for value in (saved, now)]
+    return [f"{prefix[:-1]}: {shown[0]} in the folder, {shown[1]} now"]
+
+
+def _finished_parts(parts_dir: Path) -> list[Path]:
+    """Part files renamed into place (not the temporaries `_save_part` writes first)."""
+    return sorted(p for p in parts_dir.glob("part_*.npz") if not p.name.endswith(".tmp.npz"))
+
+
 def _prepare_parts_dir(parts_dir: Path, manifest: dict[str, Any], rank: int, barrier: Callable[[], None]) -> None:
     manifest_file = parts_dir / "manifest.json"
     if rank == 0:
         parts_dir.mkdir(parents=True, exist_ok=True)
-        if manifest_file.is_file():
-            saved = json.loads(manifest_file.read_text())
-            if saved != manifest:
-                diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
-                raise ValueError(
-                    f"{parts_dir} holds parts of a run with other settings (differs in: {', '.join(diff)}); "
-                    "rerun with the same settings to resume, or choose another --npz"
-                )
+        saved = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+        if saved is not None and saved != manifest and _finished_parts(parts_dir):
+            raise ValueError(
+                f"{parts_dir} holds parts of a run with other settings ({'; '.join(_differences(saved, manifest))}); "
+                "rerun with the same settings to resume, or choose another --npz"
+            )
+        if saved == manifest:
             log.info("resuming from %s", parts_dir)
-        else:
+        else:  # new, or a folder without a finished part (nothing to lose): these settings take it over
             manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
     barrier()
+
+
+def _remove_if_empty(parts_dir: Path) -> None:
+    """Remove a parts folder that holds no finished part (only the manifest or unfinished temporaries)."""
+    if not parts_dir.is_dir() or _finished_parts(parts_dir):
+        return
+    for p in parts_dir.iterdir():
+        if p.name != "manifest.json" and not p.name.endswith(".tmp.npz"):
+            return  # something that is not ours: leave the folder as it is
+    for p in parts_dir.iterdir():
+        p.unlink()
+    parts_dir.rmdir()
 
 
 def run_mass_sampling(
@@ -167,12 +198,15 @@ def run_mass_sampling(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     autoencoder: Autoencoder | None = None,
+    cuda_graph: bool | None = None,
     progress: bool = True,
 ) -> Path | None:
     """Sample `job.num` images into the .npz `out`; every rank calls this, rank 0 returns the path.
 
     A latent model's samples are decoded with `autoencoder`, built once from `config.autoencoder`
-    when not given.
+    when not given. `cuda_graph` is passed to `generate`; it changes speed, not the samples, so it is
+    not part of the job's settings. A run that fails before its first part is written removes the parts
+    folder again (one process); a parts folder without finished parts is taken over by new settings.
     """
     out = Path(out)
     if out.exists():
@@ -181,6 +215,29 @@ def run_mass_sampling(
         autoencoder = build_autoencoder(config, device=next(model.parameters()).device)
     parts_dir = out.with_name(out.name + ".parts")
     _prepare_parts_dir(parts_dir, job.manifest(), rank, barrier)
+    try:
+        return _sample_parts(
+            model, config, out, job, parts_dir, rank, world_size, barrier, autoencoder, cuda_graph, progress
+        )
+    except BaseException:
+        if world_size == 1:  # a run that failed before its first part leaves nothing behind
+            _remove_if_empty(parts_dir)
+        raise
+
+
+def _sample_parts(
+    model: nn.Module,
+    config: Config,
+    out: Path,
+    job: MassSamplingJob,
+    parts_dir: Path,
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None],
+    autoencoder: Autoencoder | None,
+    cuda_graph: bool | None,
+    progress: bool,
+) -> Path | None:
     conditional = config.model.conditional
     labels = sample_labels(job.num, config.model.num_classes, job.balanced_classes, job.seed) if conditional else None
     mine = [k for k in range(job.num_parts) if k % world_size == rank]
@@ -200,6 +257,7 @@ def run_mass_sampling(
             sample_seeds=seeds,
             batch_size=job.part_size,
             autoencoder=autoencoder,
+            cuda_graph=cuda_graph,
             **job.sampling,
         )
         _save_part(path, to_uint8(x), labels[start:stop] if labels is not None else None)
