@@ -102,6 +102,16 @@ def test_bench_notes_a_page_fault_gap_between_the_sides():
         BenchSettings(allocator="jemalloc")
 
 
+def test_bench_refuses_a_device_this_machine_lacks(capsys):
+    from ditkit.cli import main
+
+    assert main(["bench", "--preset", "DiT-S/8", "--input-size", "8", "--device", "bogus"]) == 2
+    assert "device 'bogus' is not a device name" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # it used to fail deep inside with "Torch not compiled with CUDA"
+        assert main(["bench", "--preset", "DiT-S/8", "--input-size", "8", "--device", "cuda"]) == 2
+        assert "has no CUDA GPU" in capsys.readouterr().err
+
+
 def test_interleaved_measurements_count_the_pages_a_call_first_touches():
     pytest.importorskip("resource")  # POSIX only
     from ditkit.bench import interleaved_measurements

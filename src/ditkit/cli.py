@@ -82,7 +82,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, run_bench, write_json
 
     json_out = prepare_json_out(args.json) if args.json else None  # before anything is timed
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import resolve_device
+
+    device = str(resolve_device(args.device))  # a missing or malformed device is refused before measuring
     settings = BenchSettings(
         preset=args.preset,
         input_size=args.input_size,
