@@ -209,6 +209,8 @@ def test_a_native_crash_prints_the_python_stack(tmp_path):
         (["sample", "--checkpoint", "unused", "--scale", "0"], "argument --scale: must be at least 1, got 0"),
         (["inpaint", "--checkpoint", "c", "--image", "a.png", "--mask", "m.png", "--out", "o.png", "--num", "0"],
          "argument --num: must be at least 1, got 0"),
+        (["outpaint", "--checkpoint", "c", "--image", "a.png", "--out", "o.png", "--steps", "0"],
+         "argument --steps: must be at least 1, got 0"),
         (["sample", "--checkpoint", "unused", "--npz", "s.npz", "--batch-size", "0"],
          "argument --batch-size: must be at least 1, got 0"),
         (["eval", "--samples", "s.npz", "--ref", "r.npz", "--batch-size", "-2"],

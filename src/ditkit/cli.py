@@ -509,7 +509,7 @@ def _add_studio_parsers(sub) -> None:
         )
         p.add_argument("--resample", type=int, default=5, help="RePaint resampling count (default 5)")
         p.add_argument("--jump", type=int, default=1, help="RePaint jump length")
-        p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+        p.add_argument("--steps", type=positive_int, help="sampling steps (default: the checkpoint's sample.steps)")
         p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler of the 'trained' method")
         p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the noise")

@@ -100,7 +100,7 @@ def _npy_header(f, shape: tuple[int, ...], dtype: np.dtype) -> None:
     np.lib.format.write_array_header_1_0(f, header)
 
 
-def write_npz_stream(path: str | Path, parts: list[Path], with_labels: bool) -> Path:
+def write_npz_stream(path: str | Path, parts: list[Path], with_labels: bool, progress: bool = True) -> Path:
     """Concatenate part files (arr_0 images, arr_1 labels) into one uncompressed .npz, streaming, atomically."""
     path = Path(path)
     shapes = [npz_array_info(part, "arr_0")[0] for part in parts]  # headers only
@@ -109,7 +109,7 @@ def write_npz_stream(path: str | Path, parts: list[Path], with_labels: bool) -> 
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open(zipfile.ZipInfo("arr_0.npy", date_time=_ZIP_DATE), "w", force_zip64=True) as f:
             _npy_header(f, (total, *image_shape), np.uint8)
-            for part in tqdm(parts, desc="merging", unit="part", leave=False):
+            for part in tqdm(parts, desc="merging", unit="part", leave=False, disable=not progress):
                 with np.load(part) as data:
                     f.write(np.ascontiguousarray(data["arr_0"]).tobytes())
         if with_labels:
@@ -270,7 +270,7 @@ def _sample_parts(
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise RuntimeError(f"{parts_dir}: parts missing after sampling: {', '.join(missing[:5])}")
-    write_npz_stream(out, parts, conditional)
+    write_npz_stream(out, parts, conditional, progress)
     for p in parts_dir.iterdir():
         p.unlink()
     parts_dir.rmdir()
