@@ -272,3 +272,22 @@ def test_eval_json_refuses_an_existing_file_up_front_and_creates_missing_folders
     new = tmp_path / "new" / "dir" / "m.json"
     assert main([*argv, "--json", str(new)]) == 0
     assert json.loads(new.read_text()) == json.loads(capsys.readouterr().out)
+
+
+def test_a_reference_made_by_another_judge_is_refused(tmp_path, capsys):
+    """Classifier statistics record which judge made them: two judges' features are different spaces
+    (the review saw FID 352 against 58 for the same images when the judges were mixed)."""
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        judge = ClassifierResult(DigitClassifier(ClassifierConfig(width=8)).eval(), 0.0)
+        save_classifier(judge, tmp_path / f"judge{seed}")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8))
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+    judge = ["--features", "classifier", "--no-progress", "--classifier"]
+    stats = str(tmp_path / "stats.npz")
+    assert main(["ref-stats", str(tmp_path / "ref.npz"), "--out", stats, *judge, str(tmp_path / "judge0")]) == 0
+    capsys.readouterr()
+    code = main(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", stats, *judge, str(tmp_path / "judge1")])
+    assert code == 2 and f"the reference {stats} was made with another digit judge" in capsys.readouterr().err
+    assert main(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", stats, *judge, str(tmp_path / "judge0")]) == 0

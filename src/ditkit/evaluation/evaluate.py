@@ -12,10 +12,12 @@ from ..data import DataError, load_mnist
 from .classifier import ClassifierResult, load_classifier, save_classifier, train_classifier
 from .features import (
     REFERENCE_KIND_KEY,
+    REFERENCE_NET_KEY,
     ClassifierFeatures,
     FeatureNet,
     InceptionFeatures,
     compute_features,
+    feature_net_id,
     iter_npz_images,
     npz_array_info,
     npz_keys,
@@ -82,7 +84,7 @@ def bundled_digits_reference(
     GPU too."""
     images = load_mnist(image_size, "train").images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 1)
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    return reference_from_features(compute_features(net, batches, len(images), progress), net.kind)
+    return reference_from_features(compute_features(net, batches, len(images), progress), net.kind, feature_net_id(net))
 
 
 def score_features(
@@ -134,10 +136,18 @@ def evaluate_npz(
         # The samples' batch size, so that `ref-stats` of the same digits gives the same numbers on a GPU
         # too (cuDNN may pick another fp32 convolution algorithm for another batch shape).
         ref = bundled_digits_reference(net, shape[1], batch_size, progress)
+    ref_name = "given as statistics" if isinstance(ref, dict) else str(ref)
     if not isinstance(ref, dict):
         ref = reference_from_source(ref, net, batch_size, progress)
     elif str(ref.get(REFERENCE_KIND_KEY, kind)) != kind:
         raise DataError(f"the reference holds {ref[REFERENCE_KIND_KEY]} statistics, not {kind}")
+    made_by, scoring = ref.get(REFERENCE_NET_KEY), feature_net_id(net)
+    if made_by is not None and scoring is not None and str(made_by) != scoring:
+        # Another judge's features live in another space: the FID would be meaningless, not just off.
+        raise DataError(
+            f"the reference {ref_name} was made with another digit judge ({made_by}) than the one scoring these "
+            f"samples ({scoring}); make the reference with the same judge (ditkit ref-stats --classifier ...)"
+        )
     features = compute_features(net, iter_npz_images(samples, batch_size), shape[0], progress)
     labels = read_npz_array(samples, "arr_1") if "arr_1" in npz_keys(samples) else None
     result = score_features(features, ref, labels, kind)

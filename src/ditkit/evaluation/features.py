@@ -11,6 +11,7 @@ Image files are read in batches: an .npz is streamed member by member from its z
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,10 +47,15 @@ __all__ = [
     "reference_from_source",
     "save_reference",
     "REFERENCE_KIND_KEY",
+    "REFERENCE_NET_KEY",
+    "feature_net_id",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 REFERENCE_KIND_KEY = "ditkit_features"
+REFERENCE_NET_KEY = "ditkit_feature_net"
+"""Which network of its kind made a reference (a digit judge's weights): statistics of one judge do not
+compare with another's, so `evaluate_npz` refuses the mix. Absent for Inception (one standard network)."""
 """Key of a reference .npz that names the feature network its statistics came from."""
 
 FeatureNet = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -260,9 +266,26 @@ def compute_features(
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def reference_from_features(features: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-    """Reference statistics (mu/sigma, spatial mu_s/sigma_s, pool features) of computed features."""
+def feature_net_id(net: FeatureNet) -> str | None:
+    """'classifier:<sha256 of its weights, 16 hex>' for a digit judge; None for Inception (always the same)."""
+    classifier = getattr(net, "classifier", None)
+    if classifier is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(classifier.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return "classifier:" + digest.hexdigest()[:16]
+
+
+def reference_from_features(
+    features: dict[str, np.ndarray], kind: str, net_id: str | None = None
+) -> dict[str, np.ndarray]:
+    """Reference statistics (mu/sigma, spatial mu_s/sigma_s, pool features) of computed features, with
+    `net_id` (`feature_net_id` of the network that computed them) when given."""
     ref = {REFERENCE_KIND_KEY: np.array(kind), "pool": features["pool"].astype(np.float32)}
+    if net_id is not None:
+        ref[REFERENCE_NET_KEY] = np.array(net_id)
     stats = FeatureStats.from_features(features["pool"])
     ref["mu"], ref["sigma"] = stats.mu, stats.sigma
     if "spatial" in features:
@@ -291,7 +314,7 @@ def reference_from_source(
     kind = getattr(net, "kind", "inception")
     if is_latent_cache(source):  # decode its posterior means where the feature network runs
         n, batches = iter_cache_images(source, batch_size, device=getattr(net, "device", "cpu"))
-        return reference_from_features(compute_features(net, batches, n, progress), kind)
+        return reference_from_features(compute_features(net, batches, n, progress), kind, feature_net_id(net))
     if source.is_dir():
         # Read as RGB whatever the judge takes: a 1-channel judge converts to gray itself
         # (`rgb_to_gray`), the one conversion that .npz images and samples go through too.
@@ -299,7 +322,7 @@ def reference_from_source(
         if n == 1:
             raise DataError(f"{source}: 1 image; reference statistics need at least 2 (a covariance)")
         feats = compute_features(net, iter_folder_images(source, batch_size, 3), n, progress)
-        return reference_from_features(feats, kind)
+        return reference_from_features(feats, kind, feature_net_id(net))
     if not source.is_file():
         raise DataError(f"reference {source}: no such file or folder")
     keys = npz_keys(source)
@@ -314,9 +337,9 @@ def reference_from_source(
         if shape[0] < 2:
             raise DataError(f"{source}: 1 image in arr_0; reference statistics need at least 2 (a covariance)")
         ref = reference_from_features(
-            compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind
+            compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind, feature_net_id(net)
         )
-    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool", REFERENCE_NET_KEY):
         if key in keys:
             ref[key] = read_npz_array(source, key)
     if "mu" not in ref or "sigma" not in ref:
