@@ -207,6 +207,8 @@ def test_a_native_crash_prints_the_python_stack(tmp_path):
     "argv, message",
     [
         (["sample", "--checkpoint", "unused", "--scale", "0"], "argument --scale: must be at least 1, got 0"),
+        (["sample", "--checkpoint", "unused", "--scale", "two"], "argument --scale: must be a whole number, got 'two'"),
+        (["serve", "--checkpoint", "unused", "--port", "http"], "argument --port: must be a whole number, got 'http'"),
         (["inpaint", "--checkpoint", "c", "--image", "a.png", "--mask", "m.png", "--out", "o.png", "--num", "0"],
          "argument --num: must be at least 1, got 0"),
         (["outpaint", "--checkpoint", "c", "--image", "a.png", "--out", "o.png", "--steps", "0"],
@@ -327,3 +329,18 @@ def test_demo_refuses_a_folder_of_other_files(tmp_path, command, capsys):
     assert "no readable demo config.yaml" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["samples.png"]
     assert (folder / "samples.png").read_bytes() == b"the user's own picture"
+    # A run/ folder of the user's own (not the demo's files) is not taken for a demo stopped early.
+    other = tmp_path / "theirs"
+    (other / "run").mkdir(parents=True)
+    (other / "run" / "notes.txt").write_text("keep me")
+    assert main([command, "--out", str(other), "--smoke", "--no-progress"]) == 2
+    assert "no readable demo config.yaml" in capsys.readouterr().err
+    assert [p.name for p in (other / "run").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["inpaint", "outpaint"])
+def test_paint_refuses_an_output_name_pil_cannot_write_before_sampling(tmp_path, capsys, command):
+    """Checked before the checkpoint is even loaded (it does not exist here), not after all the sampling."""
+    argv = [command, "--checkpoint", str(tmp_path / "missing"), "--image", "a.png", "--out", str(tmp_path / "o.foo")]
+    assert main([*argv, *(["--mask", "m.png"] if command == "inpaint" else [])]) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "unknown image file extension '.foo'" in err

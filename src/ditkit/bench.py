@@ -486,7 +486,7 @@ FAULT_NOTE_MIB = 64
 """Page faults per iteration, one side against the other, from which `ditkit bench` prints a note."""
 
 
-def _report(record: dict, progress: Callable[[str], None], allocator: str = "system") -> None:
+def _report(record: dict, progress: Callable[[str], None], allocator: str) -> None:
     progress(_line(record))
     faults = record.get("page_fault_mib_per_iteration")
     if faults and abs(faults["ditkit"] - faults["diffusers"]) >= FAULT_NOTE_MIB:

@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_OLD_STEP_DIR = re.compile(r"^\.(step_(\d+))\.old-\d+$")  # set aside by an interrupted same-name replace
-_TMP_STEP_DIR = re.compile(r"^\.(step_(\d+))\.tmp-\d+$")  # an interrupted (or running) write
+_OLD_DIR = re.compile(r"^\.(.+)\.old-\d+$")  # a checkpoint set aside by an interrupted same-name replace
+_OLD_STEP_DIR = re.compile(r"^\.(step_(\d+))\.old-\d+$")
 log = logging.getLogger(__name__)
 REQUIRED_FILES = ("config.json", "model.safetensors", "ema.safetensors")
 
@@ -220,10 +220,8 @@ def find_latest_checkpoint(folder: str | Path) -> Path | None:
     save_checkpoint or prune_checkpoints.
     """
     folder = Path(folder)
-    candidates = sorted([(step, 1, path) for step, path in _step_dirs(folder)] + [
-        (step, 0, path) for step, path in _old_step_dirs(folder)
-    ])  # fmt: skip
-    for _, _, path in reversed(candidates):
+    # `_old_step_dirs` holds only steps whose step_N is missing, so no step appears twice.
+    for _, path in reversed(sorted(_step_dirs(folder) + _old_step_dirs(folder))):
         if _complete(path):
             return path
     return None
@@ -241,14 +239,11 @@ def _recover_replaced(folder: Path, name: str | None = None) -> None:
     if not folder.is_dir():
         return
     for child in folder.iterdir():
-        if name is None:
-            match = _OLD_STEP_DIR.match(child.name)
-            target = match.group(1) if match else None
-        else:
-            prefix = f".{name}.old-"
-            tail = child.name[len(prefix) :]
-            target = name if child.name.startswith(prefix) and tail.isdigit() else None
-        if target is None or not child.is_dir():
+        match = _OLD_DIR.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        target = match.group(1)
+        if (target != name) if name is not None else not _STEP_DIR.match(target):
             continue
         final = folder / target
         if not final.exists():
@@ -293,18 +288,8 @@ def prune_checkpoints(folder: str | Path, keep_last: int, keep: str | Path | Non
 
 def checkpoints_after(folder: str | Path, step: int) -> list[Path]:
     """Every checkpoint under `folder` for a step after `step`: step_N, and the `.old` leftover of an
-    interrupted same-name replace (possibly the only copy). Not the `.tmp` of an interrupted write: a
+    interrupted same-name replace that is the only copy. Not the `.tmp` of an interrupted write: a
     half-written save is no checkpoint, and the next save or prune deletes it, so an ordinary
     crash-resume is not mistaken for a roll-back."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    out = []
-    for child in folder.iterdir():
-        match = _STEP_DIR.match(child.name)
-        number = match.group(1) if match else None
-        found = _OLD_STEP_DIR.match(child.name)
-        number = found.group(2) if found else number
-        if number is not None and int(number) > step and child.is_dir():
-            out.append(child)
-    return sorted(out)
+    return sorted(path for number, path in _step_dirs(folder) + _old_step_dirs(folder) if number > step)

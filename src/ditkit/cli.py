@@ -145,7 +145,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _check_image_out(out: str, overwrite: bool) -> None:
-    """`ditkit sample --out`: a new (or, with --overwrite, existing) file in an image format PIL writes."""
+    """`--out` of sample/inpaint/outpaint: a new (or, with --overwrite, existing) file in a format PIL writes."""
     from PIL import Image
 
     path = Path(out)
@@ -386,6 +386,7 @@ def _paint_setup(args: argparse.Namespace):
     out = Path(args.out)
     if out.exists():
         raise ValueError(f"--out {out} already exists; choose a new file (nothing was written)")
+    _check_image_out(args.out, overwrite=True)  # before any sampling: a name PIL cannot write
     model, config = load_model(args.checkpoint, args.weights, resolve_device(args.device))
     if config.model.text_conditional:
         if args.classes:

@@ -61,8 +61,8 @@ def check_demo_folder(out_dir: str | Path, *, text: bool = False) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(f"{refusal} (it holds {shown}); choose a new or empty folder (nothing was written)")
     entries = {entry.name: entry for entry in out.iterdir()}
-    if "config.yaml" not in entries and all(n in ("classifier", "run") and e.is_dir() for n, e in entries.items()):
-        return  # a demo stopped before its config.yaml (or a judge placed for it): its own folders, no files
+    if "config.yaml" not in entries and all(_demo_subfolder(n, e) for n, e in entries.items()):
+        return  # a demo stopped before its config.yaml (or a judge placed for it): its own folders only
     try:
         saved = load_config(out / "config.yaml")
     except (ConfigError, OSError, ValueError) as err:
@@ -73,6 +73,23 @@ def check_demo_folder(out_dir: str | Path, *, text: bool = False) -> None:
         raise ValueError(
             f"{refusal} (its config.yaml describes another job); choose a new or empty folder (nothing was written)"
         )
+
+
+_SUBFOLDER_FILES = {
+    "classifier": {"classifier.json", "model.safetensors"},
+    "run": {"checkpoints", "config.json", "metrics.jsonl", "loss_curve.png", "samples", "text_embeddings.safetensors"},
+}
+"""What a demo writes into its classifier/ and run/ folders (training adds abandoned-* folders too)."""
+
+
+def _demo_subfolder(name: str, entry: Path) -> bool:
+    """Whether `entry` is a demo's classifier/ or run/ folder holding nothing but what the demo writes."""
+    own = _SUBFOLDER_FILES.get(name)
+    return (
+        own is not None
+        and entry.is_dir()
+        and all(child.name in own or child.name.startswith("abandoned-") for child in entry.iterdir())
+    )
 
 
 def demo_config(out_dir: str | Path, smoke: bool = False) -> Config:

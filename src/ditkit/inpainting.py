@@ -17,7 +17,6 @@ PNGs (the CLI, the studio page) are the other way round, white = paint here, as 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -30,9 +29,9 @@ from torch import nn
 from .config import Config, ConfigError
 from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, prediction_target
 from .distributed import stream_seed
-from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
+from .samplers import ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
-from .sampling import default_cfg_scale, request_conditions, resolve_clip_denoised
+from .sampling import default_cfg_scale, request_conditions, resolve_clip_denoised, resolve_sampler
 
 __all__ = [
     "Direction",
@@ -233,14 +232,8 @@ def inpaint(
             progress=progress,
         )
     else:
-        name = sc.sampler if sampler is None else sampler
-        if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-        takes_eta = "eta" in inspect.signature(SAMPLERS[name]).parameters
-        if eta and not takes_eta:  # as generate(): an explicit request the sampler cannot honour
-            raise ValueError(f"sampler {name!r} takes no eta (got eta={eta})")
-        options = {"eta": sc.eta if eta is None else eta} if takes_eta else {}
-        out = SAMPLERS[name](
+        sampler_fn, options = resolve_sampler(config, sampler, eta)
+        out = sampler_fn(
             denoiser, x, grid, cond=cond, generator=generator, callback=callback, progress=progress, **options
         )
     out = out.clamp(-1, 1)

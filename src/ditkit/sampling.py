@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
-__all__ = ["generate", "resolve_clip_denoised", "request_conditions", "default_cfg_scale"]
+__all__ = ["generate", "resolve_clip_denoised", "request_conditions", "default_cfg_scale", "resolve_sampler"]
 
 
 def resolve_clip_denoised(config: Config, clip_denoised: bool | None = None) -> bool:
@@ -23,6 +23,21 @@ def resolve_clip_denoised(config: Config, clip_denoised: bool | None = None) -> 
     else (both unset) exactly for pixel-space models, since the data range bounds x0 only in pixel space."""
     clip = config.sample.clip_denoised if clip_denoised is None else clip_denoised
     return config.autoencoder.kind == "pixel" if clip is None else bool(clip)
+
+
+def resolve_sampler(config: Config, sampler: str | None, eta: float | None) -> tuple[Callable, dict[str, float]]:
+    """The sampler function (`sampler`, else `config.sample.sampler`) and its keyword options: `eta` (else
+    `config.sample.eta`) for a sampler that takes one; an explicit eta for one that does not is an error
+    (config.sample.eta is DDIM's and is ignored there)."""
+    name = config.sample.sampler if sampler is None else sampler
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    fn = SAMPLERS[name]
+    if "eta" in inspect.signature(fn).parameters:
+        return fn, {"eta": config.sample.eta if eta is None else eta}
+    if eta:
+        raise ValueError(f"sampler {name!r} takes no eta (got eta={eta})")
+    return fn, {}
 
 
 def default_cfg_scale(config: Config, cfg_scale: float | None) -> float:
@@ -140,15 +155,7 @@ def generate(
     sc = config.sample
     steps = sc.steps if steps is None else steps
     cfg_scale = default_cfg_scale(config, cfg_scale)
-    sampler_name = sc.sampler if sampler is None else sampler
-    if sampler_name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler_name!r}; choose from {', '.join(SAMPLERS)}")
-    sampler_fn = SAMPLERS[sampler_name]
-    options: dict[str, float] = {}
-    if "eta" in inspect.signature(sampler_fn).parameters:
-        options["eta"] = sc.eta if eta is None else eta
-    elif eta:  # an explicit request the sampler cannot honour; config.sample.eta is DDIM's and is ignored
-        raise ValueError(f"sampler {sampler_name!r} takes no eta (got eta={eta})")
+    sampler_fn, options = resolve_sampler(config, sampler, eta)
     seed = sc.seed if seed is None else seed
     device = next(model.parameters()).device
     labels, conds = request_conditions(config, labels, prompts, cfg_scale, device, text_encoder)

@@ -61,12 +61,12 @@ def encoder_fingerprint(folder: str | Path) -> str:
         if p.is_file() and (p.name.startswith(_FINGERPRINT_NAMES) or p.name.endswith(_WEIGHT_SUFFIXES))
     )
     for p in files:
-        size = p.stat().st_size
-        digest.update(f"{p.name}\0{size}\0".encode())
-        if size <= _HASH_LIMIT:
+        stat = p.stat()
+        digest.update(f"{p.name}\0{stat.st_size}\0".encode())
+        if stat.st_size <= _HASH_LIMIT:
             digest.update(file_sha256(p).encode())
         else:
-            digest.update(f"mtime_ns={p.stat().st_mtime_ns}".encode())
+            digest.update(f"mtime_ns={stat.st_mtime_ns}".encode())
     return "sha256:" + digest.hexdigest()
 
 

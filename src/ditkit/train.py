@@ -166,7 +166,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = [local_tensor(p) for p in ema.parameters()]  # FSDP: both sharded alike, update the shards
     params = [local_tensor(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
         local_tensor(ema_buffer).copy_(local_tensor(buffer))
 
 
@@ -237,9 +237,11 @@ def _train(
     if dataset is None:
         dataset = _training_dataset(config)
     autoencoder = build_autoencoder(config, device=device)
+    resume_path = resolve_checkpoint(resume) if resume is not None else None
+    saved = load_config_from_checkpoint(resume_path) if resume_path is not None else None
     ae = config.autoencoder
     if ae.stats == "data" and ae.scale is None and ae.shift is None:
-        saved_ae = load_config_from_checkpoint(resolve_checkpoint(resume)).autoencoder if resume is not None else None
+        saved_ae = saved.autoencoder if saved is not None else None
         if saved_ae is not None and (saved_ae.scale is not None or saved_ae.shift is not None):
             # A resumed run keeps the normalisation it was trained with: measuring again (on another
             # device, or after the data changed) could silently change what the model is fed.
@@ -261,10 +263,8 @@ def _train(
     local_batch = tc.batch_size // world  # this rank's share of the global batch
     micro = local_batch // accum  # images per forward/backward pass
 
-    resume_path, same_run = None, False
-    if resume is not None:
-        resume_path = resolve_checkpoint(resume)
-        saved = load_config_from_checkpoint(resume_path)
+    same_run = False
+    if resume_path is not None:
         _check_same_model(saved, config, resume_path)
         # The run folder a checkpoint belongs to is the one whose checkpoints/ holds it.
         same_run = resume_path.resolve().parent == ckpt_dir.resolve()
@@ -407,19 +407,17 @@ def _train(
         full.load_state_dict(weights)
         return full
 
-    grid_text: dict = {}  # a text model's grid: prompts from the dataset's captions, checked before step 1
+    grid_text: dict = {}  # a text model's grid: 16 dataset captions, embedded once from the run's cache
     if tc.sample_every and config.model.text_conditional and env.is_main:
-        from .evaluation.in_training import dataset_prompts
+        from .evaluation.in_training import PrecomputedText, dataset_prompts
+        from .text import caption_table
 
-        grid_text["prompts"] = dataset_prompts(config, dataset, 16, f"train.sample_every={tc.sample_every}")
+        prompts = dataset_prompts(config, dataset, 16, f"train.sample_every={tc.sample_every}")
+        grid_text = {"prompts": prompts, "text_encoder": PrecomputedText(prompts, caption_table(config, prompts))}
 
     def sample_grid() -> None:
         full = full_ema()
         if env.is_main:
-            if grid_text and "text_encoder" not in grid_text:  # loaded once, at the first grid
-                from .text import load_text_encoder
-
-                grid_text["text_encoder"] = load_text_encoder(config.text, device=device)
             save_sample_grid(full, config, out_dir / "samples" / f"{checkpoint_name(step)}.png", **grid_text)
         barrier(env)
 
@@ -564,6 +562,8 @@ def _over_budget(env: DistEnv, max_minutes: float | None, seconds: float) -> boo
     its own clock; one rank over the budget stops them all, so all take the same branch)."""
     if max_minutes is None:
         return False  # no collective at all: a run without a budget is not slowed or changed
+    if not env.distributed:
+        return seconds >= max_minutes * 60  # one process: nothing to agree on, no tensor, no sync
     over = torch.tensor(float(seconds >= max_minutes * 60), device=env.device)
     return bool(all_sum(env, over) > 0)
 

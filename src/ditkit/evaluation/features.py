@@ -11,6 +11,7 @@ Image files are read in batches: an .npz is streamed member by member from its z
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zipfile
 from collections.abc import Callable, Iterator
@@ -53,10 +54,10 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 REFERENCE_KIND_KEY = "ditkit_features"
+"""Key of a reference .npz that names the feature network its statistics came from."""
 REFERENCE_NET_KEY = "ditkit_feature_net"
 """Which network of its kind made a reference (a digit judge's weights): statistics of one judge do not
 compare with another's, so `evaluate_npz` refuses the mix. Absent for Inception (one standard network)."""
-"""Key of a reference .npz that names the feature network its statistics came from."""
 
 FeatureNet = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """uint8 (N, C, H, W) images -> {'pool': (N, D), optionally 'spatial' and 'logits'}; has `.kind`."""
@@ -98,6 +99,15 @@ class ClassifierFeatures:
 
     def __init__(self, classifier: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         self.classifier, self.device = classifier.to(device).eval(), torch.device(device)
+
+    @functools.cached_property
+    def net_id(self) -> str:
+        """Which judge this is (`feature_net_id`): a hash of its weights, computed once."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.classifier.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return "classifier:" + digest.hexdigest()[:16]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -268,14 +278,7 @@ def compute_features(
 
 def feature_net_id(net: FeatureNet) -> str | None:
     """'classifier:<sha256 of its weights, 16 hex>' for a digit judge; None for Inception (always the same)."""
-    classifier = getattr(net, "classifier", None)
-    if classifier is None:
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in sorted(classifier.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return "classifier:" + digest.hexdigest()[:16]
+    return getattr(net, "net_id", None)
 
 
 def reference_from_features(

@@ -97,15 +97,16 @@ def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield images[start : start + size]
 
 
-class _PrecomputedText:
-    """A stand-in text encoder for `generate`: the embeddings of the evaluation prompts, encoded once."""
+class PrecomputedText:
+    """A stand-in text encoder for `generate`: the embeddings of a fixed list of prompts (in-training
+    evaluation's, or the sample grid's), encoded once, e.g. from the run's text-embedding cache."""
 
     def __init__(self, prompts: list[str], cond: TextCond) -> None:
         self.prompts, self.cond = prompts, cond
 
     def encode(self, captions: list[str]) -> TextCond:
         if list(captions) != self.prompts:
-            raise ValueError("the in-training evaluator encodes only its own prompts")
+            raise ValueError("this stand-in encoder holds only the prompts it was built with")
         return self.cond
 
 
@@ -117,14 +118,14 @@ class InTrainingEvaluator:
         self.config, self.batch_size = config, batch_size
         self.kind = "classifier" if config.data.dataset == "mnist" else "inception"
         self.prompts: list[str] | None = None
-        self.text: _PrecomputedText | None = None
+        self.text: PrecomputedText | None = None
         if config.model.text_conditional:  # refuse uncaptioned data now, not at the first evaluation
             from ..text import caption_table
 
             self.prompts = dataset_prompts(
                 config, dataset, config.train.eval_num, f"train.eval_every={config.train.eval_every}"
             )
-            self.text = _PrecomputedText(self.prompts, caption_table(config, self.prompts))
+            self.text = PrecomputedText(self.prompts, caption_table(config, self.prompts))
         try:
             self.net = build_feature_net(self.kind, image_size=config.data.image_size, device=device)
         except InceptionWeightsError as err:
