@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_config, make_tiny_dataset, off_identity_init_
 from ditkit.config import ModelConfig
-from ditkit.models import DiT
+from ditkit.models import DiT, fused
 from ditkit.models.cuda_graph import CUDAGraphForward, WeightCasts
+from ditkit.models.fused import for_graph_capture
 from ditkit.sampling import generate
 from ditkit.train import load_model, train
 
@@ -57,9 +58,13 @@ def test_graph_replay_equals_eager_for_new_inputs_and_shapes(precision):
         for n, seed in [(6, 0), (6, 1), (4, 2), (6, 3)]:
             x, t, y = _inputs(n, seed)
             out = graphed(x, t, y)
-            reference = model(x, t, y)
+            with for_graph_capture():  # eager with the kernels a graph records at every size (models.fused)
+                reference = model(x, t, y)
             assert out.dtype == reference.dtype
             torch.testing.assert_close(out, reference, rtol=0, atol=0)  # same kernels, same numbers
+            plain = model(x, t, y)  # small batches run eager without the fused kernels: same math
+            tol = 1e-5 if precision == "fp32" else 2e-2
+            assert (plain - out).abs().max() <= tol * plain.abs().max()
             if held is None:
                 held, held_copy = out, out.clone()
     assert len(graphed.graphs) == 2  # batch 6 and batch 4, each captured once
@@ -79,7 +84,9 @@ def test_graph_replays_see_weights_changed_in_place(cast_weights):
         # autocast caches its casts of the weights, and an eager call after an in-place change would
         # read the stale cast.
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            return graphed(x, t, y), model(x, t, y)
+            with for_graph_capture():  # eager on the kernels the graph recorded
+                reference = model(x, t, y)
+            return graphed(x, t, y), reference
 
     first, reference = both()
     torch.testing.assert_close(first, reference, rtol=0, atol=0)
@@ -124,10 +131,13 @@ def test_generate_with_cuda_graphs_equals_eager(sampler, tmp_path):
     off_identity_init_(model)
     labels = [0, 1, 2, 3, 1]
     kwargs = dict(sampler=sampler, steps=4, cfg_scale=3.0, batch_size=3, seed=5)
-    eager = generate(model, config, labels, cuda_graph=False, **kwargs)
+    with for_graph_capture():  # eager on the kernels the graphs record (models.fused)
+        eager = generate(model, config, labels, cuda_graph=False, **kwargs)
     graphed = generate(model, config, labels, cuda_graph=True, **kwargs)
     assert eager.device.type == "cuda"
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
+    plain = generate(model, config, labels, cuda_graph=False, **kwargs)  # small: no fused kernels eagerly
+    torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
 
 
 def _loss_curve(run: Path) -> list[float]:
@@ -169,7 +179,12 @@ def test_default_adamw_is_fused_on_cuda():
 
 
 @cuda
-def test_resume_on_cuda_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("every_size", [False, True], ids=["size-rule", "fused-kernels-every-size"])
+def test_resume_on_cuda_is_bitwise_identical(tmp_path, monkeypatch, every_size):
+    """Also with the fused kernels forced onto the tiny model: their backward sums in fixed tiles (no
+    atomics), so training stays deterministic."""
+    if every_size:
+        monkeypatch.setitem(fused._state, "min_elements", 0)
     data = make_tiny_dataset(20)
     cfg = dict(device=DEVICE, ckpt_every=100, precision="bf16")
     straight = train(make_tiny_config(tmp_path / "a", steps=7, **cfg), progress=False, dataset=data)

@@ -34,6 +34,7 @@ except ImportError:  # Windows
 from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import build_process, diffusion_loss
 from .models import DiT, count_macs
+from .models.fused import fused_kernels_available, fused_kernels_enabled
 
 __all__ = [
     "BenchSettings",
@@ -438,6 +439,9 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         "allocator_mallopt": mallopt,
         "gmacs_per_forward": macs / 1e9,
         "compiled": settings.compile,
+        # ditkit's fused GPU kernels (models.fused: Triton norm+modulation and gated residual, the
+        # cuBLASLt GELU epilogue); DITKIT_FUSED_KERNELS=0 times ditkit without them.
+        "fused_kernels": device.type == "cuda" and fused_kernels_enabled() and fused_kernels_available(),
         "gemm_gflops": {},
         "gemm_gflops_by_backend": {},
         "runs": [],

@@ -31,6 +31,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .fused import for_graph_capture
+
 __all__ = ["CUDAGraphForward", "WeightCasts"]
 
 # The layers whose parameters autocast casts on every call (F.linear and the convolutions are on its
@@ -164,12 +166,13 @@ class CUDAGraphForward:
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast:  # warm-up off the capture: cuBLAS handles, allocator blocks
+        # warm-up off the capture: cuBLAS handles, allocator blocks, the fused kernels' compilation
+        with torch.cuda.stream(side), autocast, for_graph_capture():
             forward(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), autocast:
+        with torch.cuda.graph(graph, pool=self._pool), autocast, for_graph_capture():
             output = forward(*inputs)
         return _Captured(graph, inputs, output)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 __all__ = [
     "sincos_pos_embed_2d",
     "timestep_embedding",
@@ -84,6 +86,9 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     input differs from the all-fp32 route by bf16 rounding only, which autocast applies anyway.
     """
     dtype = compute_dtype(x)
+    out = fused.norm_modulate(x, shift, scale, eps, dtype)  # one pass on a GPU (see `fused`)
+    if out is not None:
+        return out
     if dtype == x.dtype:
         return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
     with torch.autocast(x.device.type, enabled=False):  # CUDA autocast would put the norm back in fp32
@@ -93,6 +98,9 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """adaLN-Zero's x + gate * branch with a per-sample gate (N, D), in one pass; x keeps its dtype."""
+    out = fused.gated_residual(x, gate, branch)  # a GPU kernel that also fuses the backward (see `fused`)
+    if out is not None:
+        return out
     return torch.addcmul(x, gate.unsqueeze(1).to(branch.dtype), branch)
 
 
@@ -321,13 +329,17 @@ class Mlp(nn.Module):
         return self.fc2(h)
 
     def _fused_fc1(self, x: torch.Tensor) -> torch.Tensor | None:
-        """act(fc1(x)) as one oneDNN matmul with a GELU post-op, for bf16 or fp32 inference on CPU; else None.
+        """act(fc1(x)) as one matmul with the GELU fused in, for inference; else None.
+
+        On CPU: one oneDNN matmul with a GELU post-op (bf16 or fp32). On CUDA: cuBLASLt's GELU epilogue
+        (`fused.linear_gelu_tanh`, tanh GELU only), which saves writing and re-reading the
+        pre-activation, the largest tensor of the block.
 
         PyTorch's eager tanh-GELU is slow on CPU (on this project's machine it costs as much as the matmul
         before it in bf16), and the fused kernel never rounds the pre-activation to bf16, so it is also
         the more accurate of the two. Training keeps the unfused pair: backward needs the pre-activation.
         """
-        if x.device.type != "cpu":
+        if x.device.type not in ("cpu", "cuda"):
             return None
         # oneDNN's op has no autograd formula: any gradient through fc1 (its weights, or the input when
         # the model is frozen and a gradient w.r.t. x is wanted, or earlier layers train) needs the pair.
@@ -338,6 +350,10 @@ class Mlp(nn.Module):
         if torch.compiler.is_compiling() or _has_hooks(self.fc1):  # a hook on fc1 must see fc1 run
             return None
         dtype = compute_dtype(x)
+        if x.device.type == "cuda":  # cuBLASLt's GELU epilogue is the tanh approximation only
+            if self.act.approximate != "tanh":
+                return None
+            return fused.linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias, dtype)
         if not ((dtype == torch.bfloat16 and _onednn_bf16()) or (dtype == torch.float32 and _onednn_fp32())):
             return None
         algorithm = "tanh" if self.act.approximate == "tanh" else "none"
