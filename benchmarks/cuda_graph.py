@@ -1,7 +1,7 @@
 """CUDA-graph sampling forwards on a GPU: eager, graphs that replay autocast's weight casts, graphs on cast copies.
 
     python benchmarks/cuda_graph.py [--presets DiT-S/2 DiT-B/2 DiT-XL/2] [--batches 32 256]
-        [--calls 20] [--repeats 7] [--json out.json]
+        [--calls 20] [--repeats 7] [--text-dim 384] [--json out.json]
 
 Each timed call is `--calls` inference forwards of ditkit's DiT under bf16 autocast at one batch (a
 guided sampling step's batch is twice the image count), as `generate` makes them:
@@ -10,7 +10,9 @@ guided sampling step's batch is twice the image count), as `generate` makes them
   casts every linear and convolution weight to bf16 at every replay, as eager autocast does;
 - graph, cast copies: `CUDAGraphForward(model)` (the default), whose graph reads bf16 copies of those
   weights, re-cast only when a weight changes.
-The three run interleaved in one process (`ditkit.bench.interleaved_medians`); the table gives ms
+With `--text-dim` the model is text-conditioned (caption tokens and pooled embedding, half the rows
+the null text, as a guided batch has). The three run interleaved in one process
+(`ditkit.bench.interleaved_medians`); the table gives ms
 per forward and the ratios. All three give the same numbers (tests/test_cuda.py).
 """
 
@@ -25,6 +27,7 @@ from ditkit.bench import interleaved_medians
 from ditkit.config import MODEL_PRESETS, ModelConfig
 from ditkit.models import DiT
 from ditkit.models.cuda_graph import CUDAGraphForward
+from ditkit.models.text import TextCond
 from ditkit.utils.args import positive_int
 
 
@@ -35,6 +38,10 @@ def main() -> None:
     parser.add_argument("--input-size", type=positive_int, default=32)
     parser.add_argument("--calls", type=positive_int, default=20, help="forwards per timed call")
     parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument(
+        "--text-dim", type=int, default=0, help="time a text-conditioned model instead (tokens + pooled, this width)"
+    )
+    parser.add_argument("--text-tokens", type=positive_int, default=32, help="caption tokens with --text-dim")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -44,12 +51,21 @@ def main() -> None:
     print(f"{'preset':9s} {'batch':>5s} {'eager ms':>9s} {'graph+casts ms':>15s} {'graph ms':>9s} {'vs casts':>9s}")
     for preset in args.presets:
         torch.manual_seed(0)
-        config = ModelConfig(input_size=args.input_size, in_channels=4, num_classes=1000, **MODEL_PRESETS[preset])
+        text = dict(num_classes=0, text_dim=args.text_dim, text_mode="both")
+        text = text if args.text_dim else dict(num_classes=1000)
+        config = ModelConfig(input_size=args.input_size, in_channels=4, **text, **MODEL_PRESETS[preset])
         model = DiT(config).to(device).eval()
         for batch in args.batches:
             x = torch.randn(batch, 4, args.input_size, args.input_size, device=device)
             t = torch.randint(0, 1000, (batch,), device=device).float()
-            y = torch.randint(0, 1001, (batch,), device=device)
+            if args.text_dim:  # half the rows real captions of random lengths, half the null text (guidance)
+                tokens = torch.randn(batch, args.text_tokens, args.text_dim, device=device)
+                lengths = torch.randint(1, args.text_tokens + 1, (batch,), device=device)
+                mask = torch.arange(args.text_tokens, device=device)[None] < lengths[:, None]
+                null = torch.arange(batch, device=device) >= batch // 2
+                y = TextCond(tokens, mask, torch.randn(batch, args.text_dim, device=device), null)
+            else:
+                y = torch.randint(0, 1001, (batch,), device=device)
             networks = {
                 "eager": model,
                 "graph_with_casts": CUDAGraphForward(model, cast_weights=False),
@@ -79,7 +95,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args)}
+            json.dump({**info, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from ditkit.config import ModelConfig
 from ditkit.models import DiT, fused
 from ditkit.models.cuda_graph import CUDAGraphForward, WeightCasts
 from ditkit.models.fused import for_graph_capture
+from ditkit.models.text import TextCond
 from ditkit.sampling import generate
 from ditkit.train import load_model, train
+from test_text import random_cond, tiny_text_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"
@@ -138,6 +140,35 @@ def test_generate_with_cuda_graphs_equals_eager(sampler, tmp_path):
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-6)
     plain = generate(model, config, labels, cuda_graph=False, **kwargs)  # small: no fused kernels eagerly
     torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["pooled", "tokens", "both"])
+def test_text_models_replay_from_graphs_and_empty_captions_are_still_refused(mode):
+    """A text condition's tensors get static buffers (one graph per shape and null-ness); replays equal
+    eager forwards on the same kernels exactly; the empty-caption check, which a graph cannot make,
+    runs before every replay."""
+    model = tiny_text_model(mode).to(DEVICE)
+    graphed = CUDAGraphForward(model)
+    x, t = torch.randn(3, 1, 8, 8, device=DEVICE), torch.tensor([1.0, 500.0, 999.0], device=DEVICE)
+    first, second = random_cond(seed=0).to(DEVICE), random_cond(seed=1).to(DEVICE)
+    guided = TextCond.cat([first, first.as_null()])
+    calls = [(x, t, first), (x, t, second), (torch.cat([x, x]), torch.cat([t, t]), guided)]
+    with torch.no_grad():
+        for args in calls:
+            out = graphed(*args)
+            with for_graph_capture():
+                torch.testing.assert_close(out, model(*args), rtol=0, atol=0)
+    assert len(graphed.graphs) == 2  # batch 3 without null rows, batch 6 with them
+    empty = random_cond(real=(2, 0, 3)).to(DEVICE)
+    with torch.no_grad():
+        if mode == "pooled":  # no token attention: an empty row is fine, as eagerly
+            out = graphed(x, t, empty)
+            with for_graph_capture():
+                torch.testing.assert_close(out, model(x, t, empty), rtol=0, atol=0)
+        else:
+            with pytest.raises(ValueError, match="a caption has no unmasked token"):
+                graphed(x, t, empty)
 
 
 def _loss_curve(run: Path) -> list[float]:

@@ -199,6 +199,28 @@ def test_token_text_model_traces_as_one_graph_and_still_rejects_empty_captions(m
 
 
 @pytest.mark.slow
+def test_text_conditions_round_trip_through_a_graphs_static_buffers_and_the_host_check():
+    """CUDAGraphForward's flattening of a call (CPU-checkable part): leaves and rebuild round trip, the
+    layout tells null-ness apart, and the host-side caption check matches the forward's."""
+    from ditkit.models.cuda_graph import _layout, _leaves, _rebuild
+
+    cond = random_cond()
+    args = (torch.zeros(3, 1, 8, 8), torch.ones(3), cond)
+    leaves = _leaves(args)
+    assert len(leaves) == 6 and leaves[2] is cond.tokens and leaves[5] is None
+    rebuilt = _rebuild(args, [None if v is None else v.clone() for v in leaves])
+    assert torch.equal(rebuilt[0], args[0]) and isinstance(rebuilt[2], TextCond)
+    assert torch.equal(rebuilt[2].tokens, cond.tokens) and torch.equal(rebuilt[2].mask, cond.mask)
+    assert _layout(args) != _layout((*args[:2], cond.as_null())) and _layout((args[0], "x")) is None
+    empty = random_cond(real=(2, 0, 3))
+    with pytest.raises(ValueError, match="a caption has no unmasked token"):
+        empty.check_rows()
+    TextCond(empty.tokens, empty.mask, empty.pooled, torch.tensor([False, True, False])).check_rows()
+    tiny_text_model("pooled").text_embedder.check(empty)  # pooled only: no attention over tokens
+    with pytest.raises(ValueError, match="no unmasked token"):
+        tiny_text_model("tokens").text_embedder.check(empty)
+
+
 def test_compiled_token_text_model_still_rejects_empty_captions():
     model = tiny_text_model("tokens")
     compiled = torch.compile(model)

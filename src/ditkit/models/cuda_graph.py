@@ -11,8 +11,9 @@ same shapes at every step, which is exactly the case graphs serve.
 captures one forward into a graph whose inputs are static buffers, and from then on copies the
 arguments into those buffers and replays. Every graph of one wrapper shares one memory pool. It
 steps aside, calling the model eagerly, wherever a graph would be wrong or impossible: CPU tensors,
-gradients enabled, a model in training mode, a torch.compile'd model, a conditioning that is not a
-plain tensor (text), or keyword arguments. Replay is the same kernels on the same data, so outputs equal eager ones
+gradients enabled, a model in training mode, a torch.compile'd model, arguments other than tensors,
+None and text conditions (`TextCond`, whose tensors get static buffers like any input), or keyword
+arguments. Replay is the same kernels on the same data, so outputs equal eager ones
 (`tests/test_cuda.py`, whose GPU tests run where CUDA is present).
 
 Under autocast, eager PyTorch casts every linear and convolution weight to the autocast dtype at every
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .fused import for_graph_capture
+from .text import TextCond
 
 __all__ = ["CUDAGraphForward", "WeightCasts"]
 
@@ -107,7 +109,7 @@ class CUDAGraphForward:
             raise AttributeError(name)
         return getattr(self.model, name)
 
-    def _key(self, args: tuple[torch.Tensor | None, ...]) -> tuple | None:
+    def _key(self, args: tuple) -> tuple | None:
         """The graph key of a call, or None when the call must run eagerly."""
         if torch.is_grad_enabled() or self.model.training or torch.compiler.is_compiling():
             return None
@@ -116,38 +118,47 @@ class CUDAGraphForward:
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
             return None
+        layout = _layout(args)
+        if layout is None:
+            return None
         key: list = [x.device]
-        for a in args:
-            if a is None:
+        for leaf in _leaves(args):
+            if leaf is None:
                 key.append(None)
-            elif isinstance(a, torch.Tensor) and a.device == x.device:
-                key.append((tuple(a.shape), a.dtype))
-            else:  # a TextCond or a tensor elsewhere: not captured
+            elif leaf.device == x.device:
+                key.append((tuple(leaf.shape), leaf.dtype))
+            else:  # a tensor elsewhere: not captured
                 return None
         amp = torch.is_autocast_enabled("cuda")
-        key.append((amp, torch.get_autocast_dtype("cuda") if amp else None))
+        key.append((layout, (amp, torch.get_autocast_dtype("cuda") if amp else None)))
         return tuple(key)
 
-    def __call__(self, *args: torch.Tensor | None, **kwargs) -> torch.Tensor:
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
         key = None if kwargs else self._key(args)
         if key is None:
             return self.model(*args, **kwargs)
+        embedder = getattr(self.model, "text_embedder", None)
+        for a in args:  # what the text embedder checks eagerly, checked here: a graph cannot raise
+            if isinstance(a, TextCond) and embedder is not None:
+                embedder.check(a)
         with torch.cuda.device(args[0].device):  # the model's GPU, whichever is current
             captured = self.graphs.get(key)
+            amp = key[-1][1]
             if captured is None:
-                captured = self.graphs[key] = self._capture(args, key[-1])
-            elif key[-1][0] and self.cast_weights:
-                self._casts[key[-1][1]].refresh()
-            for static, a in zip(captured.inputs, args):
+                captured = self.graphs[key] = self._capture(args, amp)
+            elif amp[0] and self.cast_weights:
+                self._casts[amp[1]].refresh()
+            for static, leaf in zip(captured.inputs, _leaves(args)):
                 if static is not None:
-                    static.copy_(a)
+                    static.copy_(leaf)
             captured.graph.replay()
         # A copy, so that the next replay (which rewrites the static output) cannot change what the
         # caller holds.
         return captured.output.clone()
 
-    def _capture(self, args: tuple[torch.Tensor | None, ...], amp: tuple[bool, torch.dtype | None]) -> _Captured:
-        inputs = [None if a is None else a.clone() for a in args]
+    def _capture(self, args: tuple, amp: tuple[bool, torch.dtype | None]) -> _Captured:
+        inputs = [None if leaf is None else leaf.clone() for leaf in _leaves(args)]
+        static_args = _rebuild(args, inputs)
         # Autocast's cache of cast weights lives until the caller's autocast region ends; a graph that
         # read from it would read freed memory later. Capture with the cache off: the weights' casts
         # join the graph, unless (cast_weights, the default) the forward reads WeightCasts' copies.
@@ -168,11 +179,49 @@ class CUDAGraphForward:
         side.wait_stream(torch.cuda.current_stream())
         # warm-up off the capture: cuBLAS handles, allocator blocks, the fused kernels' compilation
         with torch.cuda.stream(side), autocast, for_graph_capture():
-            forward(*inputs)
+            forward(*static_args)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), autocast, for_graph_capture():
-            output = forward(*inputs)
+            output = forward(*static_args)
         return _Captured(graph, inputs, output)
+
+
+def _layout(args: tuple) -> tuple | None:
+    """The structure of a call's arguments (None, tensor, or a text condition with or without null
+    rows), or None when an argument is of a kind graphs do not take."""
+    layout = []
+    for a in args:
+        if a is None or isinstance(a, torch.Tensor):
+            layout.append(None if a is None else "tensor")
+        elif isinstance(a, TextCond):
+            layout.append(("text", a.null is not None))
+        else:
+            return None
+    return tuple(layout)
+
+
+def _leaves(args: tuple) -> list[torch.Tensor | None]:
+    """The tensors of a call's arguments in a fixed order (a TextCond gives tokens, mask, pooled, null)."""
+    leaves: list[torch.Tensor | None] = []
+    for a in args:
+        if isinstance(a, TextCond):
+            leaves.extend([a.tokens, a.mask, a.pooled, a.null])
+        else:
+            leaves.append(a)
+    return leaves
+
+
+def _rebuild(args: tuple, leaves: list[torch.Tensor | None]) -> tuple:
+    """`args` with their tensors replaced, in `_leaves` order, by `leaves` (the graph's static buffers)."""
+    rebuilt, i = [], 0
+    for a in args:
+        if isinstance(a, TextCond):
+            rebuilt.append(TextCond(*leaves[i : i + 4]))
+            i += 4
+        else:
+            rebuilt.append(leaves[i])
+            i += 1
+    return tuple(rebuilt)

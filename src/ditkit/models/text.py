@@ -59,6 +59,15 @@ class TextCond:
         null = None if self.null is None else self.null[index]
         return TextCond(self.tokens[index], self.mask[index], self.pooled[index], null)
 
+    def check_rows(self) -> None:
+        """Raise ValueError if a row that is not the null text has no unmasked token (its attention
+        would be NaN). Reads the mask on the host (a device sync)."""
+        ok = self.mask.any(dim=1)  # (N,)
+        if self.tokens.shape[1] > 0:
+            ok = ok | self.null_rows  # a null row attends to the one null token
+        if not bool(ok.all()):
+            raise ValueError(_EMPTY_ROW)
+
     @property
     def null_rows(self) -> torch.Tensor:
         """(N,) bool: which rows use the null text."""
@@ -119,6 +128,11 @@ class TextEmbedder(nn.Module):
             self.null_token = nn.Parameter(torch.zeros(e))
             self.token_proj = nn.Sequential(nn.Linear(e, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
 
+    def check(self, cond: TextCond) -> None:
+        """The host-side check of `forward` (a device sync): with token conditioning every row needs a token."""
+        if self.use_tokens:
+            cond.check_rows()
+
     def forward(
         self, cond: TextCond, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -143,10 +157,11 @@ class TextEmbedder(nn.Module):
             mask = torch.where(null[:, None], first[None].expand(n, length), cond.mask)  # (N, L)
             # A row with every token masked would give NaN attention; such a caption is a caller error.
             # Compiled, the check is an asserting op in the graph (a RuntimeError with the same message):
-            # a Python branch on tensor data would break the graph in two.
+            # a Python branch on tensor data would break the graph in two. While a CUDA graph records
+            # (no host reads allowed), `CUDAGraphForward` checks every call's cond before its replay.
             if torch.compiler.is_compiling():
                 torch._assert_async(mask.any(dim=1).all(), _EMPTY_ROW)
-            elif not bool(mask.any(dim=1).all()):
-                raise ValueError(_EMPTY_ROW)
+            elif not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+                cond.check_rows()
             context = self.token_proj(tokens)  # (N, L, D)
         return pooled, context, mask
