@@ -68,6 +68,25 @@ def test_norm_modulate_fp32_matches_float64_forward_and_backward(kernels, n, t, 
         assert g.dtype == torch.float32 and _rel(g, w) < 1e-5
 
 
+def test_norm_modulate_takes_shift_and_scale_with_different_row_strides(kernels):
+    """A contiguous (N, D) shift beside a scale that is a chunk of a wider projection: each is read with
+    its own row stride."""
+    torch.manual_seed(5)
+    n, t, d = 3, 7, 16
+    x = torch.randn(n, t, d, device=DEVICE, requires_grad=True)
+    shift = torch.randn(n, d, device=DEVICE, requires_grad=True)
+    ada, (_, scale, *_) = _adaln(n, d, torch.float32)
+    assert shift.stride(0) != scale.stride(0)
+    y = fused.norm_modulate(x, shift, scale, 1e-6, torch.float32)
+    ref = modulate(F.layer_norm(x.double(), (d,), eps=1e-6), shift.double(), scale.double())
+    assert _rel(y, ref) < 1e-5
+    dy = torch.randn_like(y)
+    for g, w in zip(
+        torch.autograd.grad(y, (x, shift, ada), dy), torch.autograd.grad(ref, (x, shift, ada), dy.double())
+    ):
+        assert _rel(g, w) < 1e-5
+
+
 @pytest.mark.parametrize("low,eps", [(torch.bfloat16, 2**-7), (torch.float16, 2**-10)])
 def test_norm_modulate_in_autocast_is_at_least_as_accurate_as_the_plain_route(kernels, low, eps):
     """Under autocast the fused kernel normalises the fp32 stream and rounds once; the plain route rounds

@@ -34,7 +34,7 @@ def _block(d: int) -> tuple[int, int]:
 
 @triton.jit
 def _norm_modulate_fwd(
-    X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, mod_stride, eps, BLOCK_D: tl.constexpr
+    X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, shift_stride, scale_stride, eps, BLOCK_D: tl.constexpr
 ):  # pragma: no cover - compiled by Triton
     row = tl.program_id(0).to(tl.int64)
     sample = row // T
@@ -44,8 +44,8 @@ def _norm_modulate_fwd(
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    shift = tl.load(SHIFT + sample * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + sample * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + sample * shift_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + sample * scale_stride + cols, mask=mask, other=0.0).to(tl.float32)
     y = centred * rstd * (1.0 + scale) + shift
     tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
@@ -54,13 +54,13 @@ def _norm_modulate_fwd(
 
 @triton.jit
 def _norm_modulate_bwd(
-    X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, T, D, mod_stride, tiles, ROWS: tl.constexpr, BLOCK_D: tl.constexpr
+    X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, T, D, scale_stride, tiles, ROWS: tl.constexpr, BLOCK_D: tl.constexpr
 ):  # pragma: no cover - compiled by Triton
     sample = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    gain = 1.0 + tl.load(SCALE + sample * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gain = 1.0 + tl.load(SCALE + sample * scale_stride + cols, mask=mask, other=0.0).to(tl.float32)
     sum_dy = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_dy_xhat = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(ROWS):
@@ -126,7 +126,8 @@ def norm_modulate_forward(x, shift, scale, eps: float, dtype: torch.dtype):
     rstd = torch.empty_like(mean)
     block, warps = _block(d)
     grid = (n * t,)
-    _norm_modulate_fwd[grid](x, shift, scale, y, mean, rstd, t, d, shift.stride(0), eps, BLOCK_D=block, num_warps=warps)
+    strides = (shift.stride(0), scale.stride(0))
+    _norm_modulate_fwd[grid](x, shift, scale, y, mean, rstd, t, d, *strides, eps, BLOCK_D=block, num_warps=warps)
     return y, mean, rstd
 
 

@@ -10,7 +10,8 @@ backward, `_triton_kernels`), and fc1's GELU runs in the matmul's epilogue (cuBL
 Every function here returns None where it does not apply (CPU tensors, Triton missing, under
 `torch.compile`, which fuses these ops itself, shapes the kernels do not take, or the kernels switched
 off), and the caller then runs the plain PyTorch ops. `use_fused_kernels(False)` (a context manager)
-or the environment variable `DITKIT_FUSED_KERNELS=0` switches them off, e.g. to compare.
+or the environment variable `DITKIT_FUSED_KERNELS=0` switches them off, e.g. to compare; CUDA graphs
+already captured keep replaying the kernels they recorded.
 """
 
 from __future__ import annotations
