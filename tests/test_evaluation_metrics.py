@@ -175,3 +175,39 @@ def test_classifier_features_batches_the_penultimate_layer():
     feats = classifier_features(model, images, batch_size=4)
     assert feats.shape == (10, model.feature_dim)
     torch.testing.assert_close(feats, model.features(images), atol=1e-5, rtol=1e-5)
+
+
+def test_features_do_not_depend_on_how_the_source_array_is_strided():
+    """A one-channel NHWC view of an NCHW tensor (the bundled digits' route) passes numpy's contiguity
+    check with its own strides; its features must equal those of the same images read from a file
+    (a contiguous copy). They were 1e-6 apart (other convolution kernels), FIDs 1e-6 relative."""
+    from ditkit.evaluation.features import ClassifierFeatures, compute_features
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    torch.manual_seed(0)
+    net = ClassifierFeatures(DigitClassifier(ClassifierConfig(width=8)))
+    nchw = torch.randint(0, 256, (40, 1, 14, 14), dtype=torch.uint8)
+    view = nchw.permute(0, 2, 3, 1).numpy()  # (N, H, W, 1), strides of the NCHW tensor
+    assert view.flags.c_contiguous and view.strides != np.ascontiguousarray(view.copy()).strides
+    from_view = compute_features(net, (view[i : i + 20] for i in range(0, 40, 20)), progress=False)
+    from_copy = compute_features(net, (view[i : i + 20].copy() for i in range(0, 40, 20)), progress=False)
+    assert all(np.array_equal(from_view[k], from_copy[k]) for k in from_copy)
+
+
+def test_the_same_seed_trains_the_same_judge_whatever_the_global_random_state():
+    """Dropout draws from the global generator; training seeds it (and leaves the caller's state alone)."""
+    from ditkit.data.datasets import TensorImageDataset
+    from ditkit.evaluation.classifier import train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 8, 8), generator=g, dtype=torch.uint8)
+    data = TensorImageDataset(images, torch.arange(64) % 10, [str(k) for k in range(10)])
+    weights = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        judge = train_classifier(data, data, epochs=1, batch_size=16, progress=False)
+        weights.append(judge.model.state_dict())
+        after = torch.rand(1)
+        torch.manual_seed(state)
+        assert torch.equal(after, torch.rand(1))  # the caller's generator as it was
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
