@@ -292,10 +292,21 @@ def test_outpainted_picture_is_bounded_and_counted_in_the_work_budget(client):
     wide = png_data_url(np.zeros((8, 1000), np.uint8))
     p = client.studio.validate({"labels": [0], "kind": "outpaint", "image": wide, "times": 1, "steps": 1})
     assert tuple(p["image"].shape) == (1, 1, 8, 1000)
-    # 1 image x 1 step x 1 round, plus the 1004 px result held as ceil(1004 / 8) = 126 model-size tiles.
+    # 1 image x 1 step x 2 guided passes x 1 round, plus the 1004 px result held as ceil(1004 / 8) = 126
+    # model-size tiles.
     studio = tiny_studio(limits=Limits(max_work=100))
-    with pytest.raises(StudioError, match="this request needs 127 image-steps; the limit is 100"):
-        studio.validate({"labels": [0], "kind": "outpaint", "image": wide, "times": 1, "steps": 1})
+    with pytest.raises(StudioError, match="this request needs 128 image-steps; the limit is 100"):
+        studio.validate({"labels": [0], "kind": "outpaint", "image": wide, "times": 1, "steps": 1, "cfg_scale": 2})
+
+
+def test_the_work_budget_counts_both_passes_of_a_guided_step():
+    """Guidance evaluates every image twice per step (conditional and unconditional); it counts double."""
+    studio = tiny_studio(limits=Limits(max_work=100))
+    assert studio.validate({"labels": [0] * 10, "steps": 10, "cfg_scale": 1})["cfg_scale"] == 1
+    with pytest.raises(StudioError, match="this request needs 200 image-steps; the limit is 100"):
+        studio.validate({"labels": [0] * 10, "steps": 10, "cfg_scale": 2})
+    with pytest.raises(StudioError, match="this request needs 200 image-steps"):
+        studio.validate({"labels": [0] * 10, "steps": 10, "cfg_scale": 1, "sampler": "heun"})
 
 
 def test_finished_status_is_published_after_its_results(client, monkeypatch):
@@ -454,7 +465,9 @@ def test_text_conditioned_checkpoint_samples_from_prompts(tiny_bert, tmp_path, m
         c.close()
 
 
-def test_text_guidance_follows_caption_dropout_and_a_missing_encoder_is_named(tiny_bert, tmp_path):
+def test_text_guidance_follows_caption_dropout_and_a_missing_encoder_is_named(tiny_bert, tmp_path, monkeypatch):
+    import ditkit.text
+
     studio = tiny_text_studio(tmp_path, tiny_bert, caption_dropout_prob=0.0)  # class_dropout_prob is 0.1
     info = studio.info()
     assert info["conditioning"] == "text" and not info["guidance"] and info["limits"]["max_cfg"] == 1.0
@@ -468,6 +481,12 @@ def test_text_guidance_follows_caption_dropout_and_a_missing_encoder_is_named(ti
         assert status == 500 and "cannot load this checkpoint's text encoder" in reply["error"], reply
         assert f"text.encoder={missing}" in reply["error"]
         assert c.json("/api/jobs", {"prompts": ["top bar"], "steps": 0})[0] == 400  # bad input first, no load
+        loads = []
+        real_load = ditkit.text.load_text_encoder
+        monkeypatch.setattr(ditkit.text, "load_text_encoder", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+        # a failed load is answered again without loading again
+        assert c.json("/api/jobs", {"prompts": ["top bar"], "steps": 2}) == (status, reply)
+        assert loads == [] and "restart the studio" in reply["error"]
     finally:
         c.close()
 

@@ -59,8 +59,9 @@ class Limits:
     max_cfg: float = 20.0
     """Largest guidance scale."""
     max_work: int = 64_000
-    """Budget of images x denoiser steps (x resampling x rounds) per request; an outpainting request also
-    counts its result as images x the model-size tiles in the final picture."""
+    """Budget of images x denoiser steps (x2 for Heun, x2 under guidance, x resampling x rounds) per
+    request; an outpainting request also counts its result as images x the model-size tiles in the final
+    picture."""
     max_image_side: int = 4096
     """Largest side of an uploaded image, and of an outpainted picture (after scaling the image to the
     model's side across the direction, and after all rounds), in pixels."""
@@ -266,6 +267,7 @@ class Studio:
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=self.limits.max_queue)
         self.ids = itertools.count(1)
         self._text_encoder: Any = None
+        self._text_encoder_error: str | None = None  # why it could not be loaded, answered without retrying
         self._text_encoder_lock = threading.Lock()
         self.worker = threading.Thread(target=self._work, name="ditkit-studio-worker", daemon=True)
         self.worker.start()
@@ -313,9 +315,11 @@ class Studio:
         """The text encoder the checkpoint's config names (`config.text`), loaded on first use, once.
 
         StudioError(500) when it cannot be loaded (not installed, or not available offline): the
-        message says what to install or download, since the request itself was fine."""
+        message says what to install or download, since the request itself was fine. A failed load is
+        not retried by later requests (a hub lookup alone can take half a minute): they get the same
+        answer until the studio is restarted."""
         with self._text_encoder_lock:
-            if self._text_encoder is None:
+            if self._text_encoder is None and self._text_encoder_error is None:
                 from ..config import ConfigError
                 from ..text import load_text_encoder
 
@@ -324,7 +328,12 @@ class Studio:
                     self._text_encoder = load_text_encoder(self.config.text, device=device)
                 except (ConfigError, OSError, ValueError) as err:
                     log.error("studio: cannot load the text encoder: %s", err)
-                    raise StudioError(f"the studio cannot load this checkpoint's text encoder: {err}", 500) from None
+                    self._text_encoder_error = (
+                        f"the studio cannot load this checkpoint's text encoder: {err} "
+                        "(restart the studio once it is available)"
+                    )
+            if self._text_encoder_error is not None:
+                raise StudioError(self._text_encoder_error, 500)
             return self._text_encoder
 
     # ----- validation ------------------------------------------------------------------------
@@ -396,7 +405,9 @@ class Studio:
         p["eta"] = _float(payload, "eta", sc.eta, 0.0, 1.0) if p["sampler"] == "ddim" else None
         p["preview"] = _bool(payload, "preview", True)
         p["nrow"] = _int(payload, "nrow", min(n, 8), 1, lim.max_batch)
-        work = n * p["steps"] * (2 if p["sampler"] == "heun" else 1)
+        # Network evaluations per image: Heun evaluates twice per step, guidance runs the conditional and the
+        # unconditional pass (one batch of twice the images).
+        work = n * p["steps"] * (2 if p["sampler"] == "heun" else 1) * (2 if p["cfg_scale"] != 1 else 1)
         if p["kind"] != "sample":
             method = _choice(payload, "method", "auto", METHODS)
             p["method"] = ("trained" if m.inpaint else "repaint") if method == "auto" else method
