@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -556,3 +557,50 @@ def test_serves_on_ipv6_loopback(client):
     server = make_server(client.studio, "[::1]", 0)  # as written in URLs
     assert server.server_address[0] == "::1"
     server.server_close()
+
+
+def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(monkeypatch):
+    """POST /api/jobs/ID/cancel: a running job stops at its next step without images, a queued one never
+    runs and takes no place in the queue, and a finished job answers 409."""
+    studio = tiny_studio(limits=Limits(max_queue=1))
+    gate = threading.Event()
+    real_callback = studio._callback
+
+    def held_callback(job):  # the first job waits at its first step until the test lets it go on
+        inner = real_callback(job)
+
+        def callback(info):
+            inner(info)
+            if job.id == "1":
+                gate.wait(timeout=30)
+
+        return callback
+
+    monkeypatch.setattr(studio, "_callback", held_callback)
+    c = Client(studio)
+    try:
+        running = c.json("/api/jobs", {"labels": [0], "steps": 50})[1]["id"]
+        deadline = time.time() + 30
+        while studio.get(running).step == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert studio.get(running).status == "running"
+        queued = c.json("/api/jobs", {"labels": [1], "steps": 5})[1]["id"]
+        assert c.json("/api/jobs", {"labels": [1], "steps": 5})[0] == 429  # max_queue=1: full
+        status, reply = c.json(f"/api/jobs/{queued}/cancel", {})
+        assert status == 200 and reply["status"] == "cancelled"
+        later = c.json("/api/jobs", {"labels": [2], "steps": 3})  # the cancelled job takes no place
+        assert later[0] == 202, later
+        status, reply = c.json(f"/api/jobs/{running}/cancel", {})
+        assert status == 200 and reply["status"] == "running"  # stops at its next step
+        gate.set()
+        job = studio.wait(studio.get(running))
+        assert job.status == "cancelled" and job.images is None and job.step < 50
+        done = studio.wait(studio.get(later[1]["id"]))
+        assert done.status == "done" and studio.get(queued).step == 0  # the cancelled one never ran
+        status, reply = c.json(f"/api/jobs/{done.id}/cancel", {})
+        assert status == 409 and "already finished (done)" in reply["error"]
+        assert c.json("/api/jobs/999/cancel", {})[0] == 404
+        assert c.json(f"/api/jobs/{done.id}/cancel", raw=b"{}", content_type="text/plain")[0] == 415
+    finally:
+        gate.set()
+        c.close()

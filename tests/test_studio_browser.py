@@ -200,8 +200,23 @@ def test_page_samples_compares_inpaints_and_shows_errors(browser, studio_url):
     browser.wait_for("document.querySelector('#result-A .downloads figure img')?.naturalWidth === 16")
     browser.screenshot("05_outpaint.png")
 
-    # A bad request: the server's message shows in the page.
+    # Cancel a long request while it runs: the page says so and offers the run button again.
     click(browser, "#tab-sample")
+    set_value(browser, "#A-steps", 1000)
+    click(browser, "#run")
+    browser.wait_for(
+        "document.querySelector('#result-A .status')?.dataset.status === 'running'"
+        " && !document.querySelector('#result-A button.cancel').hidden"
+    )
+    click(browser, "#result-A button.cancel")
+    browser.wait_for("document.querySelector('#result-A .status')?.dataset.status === 'cancelled'")
+    assert browser.js("document.querySelector('#result-A .status').textContent").startswith("cancelled at step")
+    assert browser.js("document.querySelector('#result-A button.cancel').hidden")
+    browser.wait_for("!document.querySelector('#run').disabled")
+    assert browser.js("document.querySelector('#error').hidden")
+    browser.screenshot("06_cancelled.png")
+
+    # A bad request: the server's message shows in the page.
     set_value(browser, "#A-steps", 5000)
     click(browser, "#run")
     message = browser.wait_for(
@@ -209,4 +224,4 @@ def test_page_samples_compares_inpaints_and_shows_errors(browser, studio_url):
     )
     assert "steps must be between 1 and 1000, got 5000" in message
     assert "Traceback" not in browser.js("document.body.innerText")
-    browser.screenshot("06_error.png")
+    browser.screenshot("07_error.png")

@@ -87,6 +87,14 @@ class StudioError(Exception):
         self.status = status
 
 
+FINISHED = ("done", "error", "cancelled")
+"""Statuses of a job that will not change again (the others: queued, running)."""
+
+
+class _Cancelled(Exception):
+    """Raised from the progress callback to stop a cancelled job's sampling."""
+
+
 @dataclass
 class Job:
     """One request and what it produced."""
@@ -105,6 +113,7 @@ class Job:
     images: torch.Tensor | None = None
     nrow: int = 8
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    cancel_requested: bool = False
 
     def progress(self) -> float:
         """Fraction done in [0, 1]."""
@@ -264,7 +273,9 @@ class Studio:
         self.limits = limits or Limits()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=self.limits.max_queue)
+        # Unbounded: max_queue counts the jobs still waiting (`submit`), so that cancelled ones, which
+        # stay in the queue until the worker passes them, take no place.
+        self.queue: queue.Queue[Job] = queue.Queue()
         self.ids = itertools.count(1)
         self._text_encoder: Any = None
         self._text_encoder_error: str | None = None  # why it could not be loaded, answered without retrying
@@ -478,18 +489,28 @@ class Studio:
         params = self.validate(payload)
         job = Job(id=str(next(self.ids)), params=params, nrow=params["nrow"])
         with self.jobs_lock:
-            try:
-                self.queue.put_nowait(job)
-            except queue.Full:
+            if sum(j.status == "queued" for j in self.jobs.values()) >= self.limits.max_queue:
                 raise StudioError(
                     f"the studio is busy ({self.limits.max_queue} requests waiting); try again shortly", 429
-                ) from None
+                )
+            self.queue.put_nowait(job)
             self.jobs[job.id] = job
             self._forget_old()
         return job
 
+    def cancel(self, job: Job) -> Job:
+        """Stop a job: a queued one never starts, a running one stops at its next step (its images are
+        not kept). StudioError(409) for a job that has already finished."""
+        with job.lock:
+            if job.status in FINISHED:
+                raise StudioError(f"job {job.id} has already finished ({job.status})", 409)
+            job.cancel_requested = True
+            if job.status == "queued":
+                job.status = "cancelled"
+        return job
+
     def _forget_old(self) -> None:
-        finished = [k for k, j in self.jobs.items() if j.status in ("done", "error")]
+        finished = [k for k, j in self.jobs.items() if j.status in FINISHED]
         for key in finished[: max(0, len(self.jobs) - self.limits.keep_jobs)]:
             del self.jobs[key]
 
@@ -545,7 +566,11 @@ class Studio:
     def _work(self) -> None:
         while True:
             job = self.queue.get()
-            job.status = "running"
+            with job.lock:  # against a cancel arriving now
+                if job.cancel_requested:
+                    self.queue.task_done()
+                    continue
+                job.status = "running"
             start = time.perf_counter()
             # Every result field is set before `status` says the job finished: a poll that reads "done"
             # (or "error") must also find its images and seconds.
@@ -554,6 +579,8 @@ class Studio:
                 with job.lock:
                     job.images = images
                 status = "done"
+            except _Cancelled:
+                status = "cancelled"
             except ValueError as err:  # a request the model refuses: its message is for the user
                 job.error, status = str(err), "error"
             except Exception:  # a bug: the details go to the log, not to the page
@@ -565,6 +592,8 @@ class Studio:
 
     def _callback(self, job: Job):
         def callback(info: dict[str, Any]) -> None:
+            if job.cancel_requested:  # stops the sampler between steps
+                raise _Cancelled
             job.step, job.num_steps = int(info["i"]) + 1, int(info["num_steps"])
             job.round, job.rounds = int(info.get("round", 0)), int(info.get("rounds", 1))
             if job.params["preview"]:

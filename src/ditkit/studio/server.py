@@ -3,7 +3,8 @@
     GET  /                              the page (static/index.html, static/app.js; no CDN)
     GET  /api/info                      model facts, defaults and limits
     POST /api/jobs                      queue a request -> 202 {"id", "position"}; 400 bad input, 429 busy
-    GET  /api/jobs/ID                   status: queued/running/done/error, step i of n, progress, URLs
+    GET  /api/jobs/ID                   status: queued/running/done/error/cancelled, step i of n, progress, URLs
+    POST /api/jobs/ID/cancel            stop a queued or running job -> 200 status; 409 if it has finished
     GET  /api/jobs/ID/preview.png       the latest denoised estimate while sampling
     GET  /api/jobs/ID/grid.png          the result grid
     GET  /api/jobs/ID/images/K.png      one result image
@@ -41,6 +42,7 @@ MAX_BODY = 16 * 1024 * 1024
 """Largest request body accepted (an uploaded image travels as base64 inside the JSON)."""
 
 _JOB = re.compile(r"^/api/jobs/(\d+)(?:/(preview\.png|grid\.png|images/(\d+)\.png))?$")
+_CANCEL = re.compile(r"^/api/jobs/(\d+)/cancel$")
 
 
 def _static(name: str) -> bytes:
@@ -120,7 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         self._check_host()
-        if self.path.split("?", 1)[0] != "/api/jobs":
+        path = self.path.split("?", 1)[0]
+        cancel = _CANCEL.match(path)
+        if path != "/api/jobs" and cancel is None:
             raise StudioError(f"cannot POST to {self.path}", 404)
         # JSON only: a cross-site form cannot send this content type without a CORS preflight,
         # which the studio never grants.
@@ -138,6 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
         # ValueError: also an integer of over 4300 digits; RecursionError: nesting too deep.
         except (ValueError, RecursionError) as err:
             raise StudioError(f"the request body is not valid JSON ({str(err)[:200]})") from None
+        if cancel is not None:
+            job = self.studio.cancel(self.studio.get(cancel.group(1)))
+            return self._json(200, self.studio.status(job))
         job = self.studio.submit(payload)
         self._json(HTTPStatus.ACCEPTED, {"id": job.id, "position": self.studio.position(job)})
 

@@ -203,8 +203,20 @@ function renderStatus(node, s) {
   }
   if (s.status === "done") line = `done in ${s.seconds}s: ${s.images} image${s.images === 1 ? "" : "s"}`;
   if (s.status === "error") line = `error: ${s.error}`;
+  if (s.status === "cancelled") line = s.step ? `cancelled at step ${s.step} of ${s.num_steps}` : "cancelled";
   text.textContent = line;
   text.dataset.status = s.status;
+  const cancel = $("button.cancel", node);
+  cancel.hidden = !(s.status === "queued" || s.status === "running");
+  cancel.onclick = () => {
+    cancel.disabled = true;
+    const stop = api(`/api/jobs/${s.id}/cancel`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+    });
+    // a job that finished in the meantime answers 409: its final status arrives with the next poll
+    stop.catch((err) => { if (!/already finished/.test(err.message)) showError(err.message); })
+      .finally(() => { cancel.disabled = false; });
+  };
   const preview = $("img.preview", node);
   if (s.has_preview && s.status === "running") {
     preview.src = `/api/jobs/${s.id}/preview.png?step=${s.step}-${s.round}`;
@@ -244,7 +256,7 @@ async function poll(slot, id) {
     for (;;) {
       const s = await api(`/api/jobs/${id}`);
       renderStatus(node, s);
-      if (s.status === "done" || s.status === "error") break;
+      if (s.status === "done" || s.status === "error" || s.status === "cancelled") break;
       await new Promise((r) => setTimeout(r, 150));
     }
   } catch (err) {
@@ -295,6 +307,7 @@ async function run() {
     $("img.grid", node).hidden = true;
     $("img.preview", node).hidden = true;
     $(".downloads", node).textContent = "";
+    $("button.cancel", node).hidden = true;
   }
   let started = 0;
   for (const [slot, body] of bodies) {
