@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from .config import Config, ConfigError
-from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, prediction_target
+from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, diffusion_loss
 from .distributed import stream_seed
 from .samplers import ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
@@ -118,22 +118,18 @@ def inpaint_loss(
     otherwise they come from `generator`. Only the first C output channels are trained: a `learn_sigma`
     model's variance channels get no loss.
     """
-    n, channels, height, width = x0.shape
+    n, _, height, width = x0.shape
+    # Drawn here, in this order (t, noise, mask), so that a given generator gives the same batch as ever.
     if t is None:
         t = process.sample_t(n, generator=generator, device=x0.device)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = process.add_noise(x0, noise, t)
     if known_mask is None:
         known_mask = random_known_masks(n, height, width, generator=generator, device=x0.device)
-    known_mask = known_mask.to(x0.dtype)
-    x_in = torch.cat([x_t, mask_channels(x0, known_mask)], dim=1)  # (N, 2C + 1, H, W)
-    out = model(x_in, process.model_time(t), cond, generator=generator)
-    derivatives = {}
-    if prediction == "flow":  # the velocity target needs d alpha/dt, d sigma/dt (as in diffusion_loss)
-        derivatives = dict(alpha_dot=process.alpha_dot(t), sigma_dot=process.sigma_dot(t))
-    target = prediction_target(prediction, x0.float(), noise.float(), process.alpha(t), process.sigma(t), **derivatives)
-    return (out[:, :channels].float() - target).pow(2).mean()
+    masked = mask_channels(x0, known_mask.to(x0.dtype))  # (N, C + 1, H, W): with x_t, the 2C + 1 input
+    return diffusion_loss(
+        model, process, x0, cond, generator=generator, prediction=prediction, t=t, noise=noise, extra_input=masked
+    )
 
 
 def stream_masks(

@@ -23,6 +23,7 @@ def diffusion_loss(
     vlb_weight: float = 0.0,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    extra_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the network's output and its target ('eps': the added noise; 'v'; 'x0'; 'flow').
 
@@ -31,6 +32,8 @@ def diffusion_loss(
     `vlb_weight` > 0, adds vlb_weight * T * mean_t(L_t) (the hybrid loss of Nichol & Dhariwal 2021) on the
     extra (variance) channels, with the predicted mean detached; otherwise the extra channels are ignored.
     `t` (N,) and `noise` (shape of x0) may be given instead, e.g. drawn per sample by the training loop.
+    `extra_input` (N, E, H, W) is appended to x_t as the network's input (a mask-conditioned model's mask
+    and masked image, `ditkit.inpainting.inpaint_loss`); the loss is on the first C output channels as ever.
     """
     n, channels = x0.shape[:2]
     if t is None:
@@ -38,7 +41,8 @@ def diffusion_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = process.add_noise(x0, noise, t)
-    out = model(x_t, process.model_time(t), cond, generator=generator)
+    x_in = x_t if extra_input is None else torch.cat([x_t, extra_input], dim=1)
+    out = model(x_in, process.model_time(t), cond, generator=generator)
     alpha, sigma = process.alpha(t), process.sigma(t)
     derivatives = {}
     if prediction == "flow":
