@@ -20,6 +20,7 @@ from ditkit.evaluation.commands import _image_size
 from ditkit.evaluation.evaluate import evaluate_npz
 from ditkit.evaluation.features import (
     ClassifierFeatures,
+    folder_images,
     npz_array_info,
     reference_from_source,
     rgb_to_gray,
@@ -107,6 +108,14 @@ def test_folder_and_precomputed_references_agree(digits, tmp_path):
     images = _nhwc(train_set)[:40]
     for i, img in enumerate(images):
         Image.fromarray(img[..., 0]).save(folder / f"{i:03d}.png")
+    # What tools leave beside images (a notebook's checkpoint copies, a hidden file) is not read, as in training.
+    hidden = tmp_path / "pngs" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (5, *images.shape[1:3]), dtype=np.uint8)
+    for i, img in enumerate(noise):
+        Image.fromarray(img).save(hidden / f"{i:03d}-checkpoint.png")
+    Image.fromarray(noise[0]).save(folder / ".hidden.png")
+    assert len(folder_images(tmp_path / "pngs")) == 40
     np.savez(tmp_path / "same.npz", arr_0=images)
     from_folder = reference_from_source(tmp_path / "pngs", net, batch_size=16, progress=False)
     from_npz = reference_from_source(tmp_path / "same.npz", net, batch_size=7, progress=False)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data import DataError
+from ..data.datasets import IMAGE_EXTENSIONS, _open_image, list_images
 from ..distributed import tf32
 from .metrics import FeatureStats
 
@@ -38,6 +38,7 @@ __all__ = [
     "npz_array_info",
     "iter_npz_images",
     "read_npz_array",
+    "folder_images",
     "iter_folder_images",
     "iter_cache_images",
     "cache_image_size",
@@ -52,7 +53,6 @@ __all__ = [
     "feature_net_id",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 REFERENCE_KIND_KEY = "ditkit_features"
 """Key of a reference .npz that names the feature network its statistics came from."""
 REFERENCE_NET_KEY = "ditkit_feature_net"
@@ -186,22 +186,27 @@ def read_npz_array(path: str | Path, key: str) -> np.ndarray:
         return data[key]
 
 
-def iter_folder_images(folder: str | Path, batch_size: int, channels: int = 3) -> Iterator[np.ndarray]:
-    """Yield (b, H, W, C) uint8 batches of the images under `folder` (recursively, sorted by path)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def folder_images(folder: str | Path) -> list[Path]:
+    """The images an evaluation reads from `folder`: those training reads (`ditkit.data.list_images`: any
+    depth, sorted, hidden files and folders such as `.ipynb_checkpoints` skipped); DataError if none."""
+    files = list_images(Path(folder))
     if not files:
-        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return files
+
+
+def iter_folder_images(
+    folder: str | Path, batch_size: int, channels: int = 3, files: list[Path] | None = None
+) -> Iterator[np.ndarray]:
+    """Yield (b, H, W, C) uint8 batches of the images under `folder` (`folder_images`, or `files` when the
+    caller has listed them already)."""
+    files = folder_images(folder) if files is None else files
     mode = "RGB" if channels == 3 else "L"
     size = None
     for start in range(0, len(files), batch_size):
         batch = []
         for path in files[start : start + batch_size]:
-            try:
-                with Image.open(path) as img:
-                    arr = np.asarray(img.convert(mode), dtype=np.uint8)
-            except OSError as err:
-                raise DataError(f"{path}: not a readable image ({err})") from err
+            arr = np.asarray(_open_image(path, mode), dtype=np.uint8)
             size = size or arr.shape[:2]
             if arr.shape[:2] != size:
                 raise DataError(
@@ -326,10 +331,10 @@ def reference_from_source(
     if source.is_dir():
         # Read as RGB whatever the judge takes: a 1-channel judge converts to gray itself
         # (`rgb_to_gray`), the one conversion that .npz images and samples go through too.
-        n = sum(1 for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if n == 1:
+        files = folder_images(source)
+        if len(files) == 1:
             raise DataError(f"{source}: 1 image; reference statistics need at least 2 (a covariance)")
-        feats = compute_features(net, iter_folder_images(source, batch_size, 3), n, progress)
+        feats = compute_features(net, iter_folder_images(source, batch_size, 3, files), len(files), progress)
         return reference_from_features(feats, kind, feature_net_id(net))
     if not source.is_file():
         raise DataError(f"reference {source}: no such file or folder")
