@@ -448,6 +448,9 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     }
     gemm_size = settings.gemm_size or (8192 if device.type == "cuda" else 2048)
     results["settings"]["gemm_size"] = gemm_size
+    if device.type == "cuda":
+        state = "on" if results["fused_kernels"] else "off (DITKIT_FUSED_KERNELS=0, or Triton missing)"
+        progress(f"ditkit's fused GPU kernels: {state}")
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         rates = gemm_rates(gemm_size, dtype, device)
