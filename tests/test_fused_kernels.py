@@ -238,3 +238,20 @@ def test_mlp_inference_with_the_gelu_epilogue_matches_the_pair(precision):
     erf = Mlp(64, 256, act="gelu").cuda()
     with torch.no_grad():
         assert erf._fused_fc1(x) is None  # the epilogue is the tanh GELU only
+
+
+def test_old_gpus_take_the_plain_ops(monkeypatch):
+    """Triton needs compute capability 7.0 (PyTorch's own bar), and 8.0 for bf16: an older GPU keeps the
+    plain ops instead of failing to compile at its first forward."""
+
+    class OnGpu:  # stands in for a CUDA tensor on this CPU-only test machine
+        is_cuda = True
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(fused, "_kernels", lambda: object())  # as if Triton were importable
+    for capability, fp32, bf16 in [((6, 1), False, False), ((7, 5), True, False), ((9, 0), True, True)]:
+        monkeypatch.setattr(fused, "_capability", lambda device, c=capability: c)
+        assert fused._gpu_takes(OnGpu(), torch.float32) is fp32
+        assert fused._gpu_takes(OnGpu(), torch.float32, torch.bfloat16) is bf16
+        assert fused.fused_kernels_available("cuda") is fp32
+    assert fused.fused_kernels_available("cpu") and fused.fused_kernels_available()

@@ -604,3 +604,43 @@ def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(monkeypatch):
     finally:
         gate.set()
         c.close()
+
+
+def test_a_cancel_after_the_last_step_still_cancels_and_cancelled_jobs_cannot_pile_up(monkeypatch):
+    """A cancel answered while the job's result was being made ends the job cancelled (not done, with
+    images); and submit-then-cancel while one job runs is bounded (cancelled jobs wait in the queue for
+    the worker to pass them, holding nothing of their request)."""
+    studio = tiny_studio(limits=Limits(max_queue=2, keep_jobs=3))
+    real_run = studio._run
+
+    def run_then_cancel(job):
+        images = real_run(job)  # every step done
+        if job.id == "1":
+            assert studio.cancel(job).status == "running"  # answered 200 "running" by the API
+        return images
+
+    monkeypatch.setattr(studio, "_run", run_then_cancel)
+    job = studio.wait(studio.submit({"labels": [0], "steps": 2}))
+    assert job.status == "cancelled" and job.images is None
+    with pytest.raises(StudioError, match="already finished .cancelled."):
+        studio.cancel(job)
+
+    gate = threading.Event()
+    monkeypatch.setattr(studio, "_run", lambda job: gate.wait(30) and real_run(job))
+    busy = studio.submit({"labels": [0], "steps": 2})
+    while busy.status != "running":
+        time.sleep(0.01)
+    accepted = 0
+    with pytest.raises(StudioError, match="busy"):
+        for _ in range(50):
+            cancelled = studio.cancel(studio.submit({"labels": [1], "steps": 2}))
+            assert cancelled.params == {"kind": "sample"}  # its inputs are dropped
+            accepted += 1
+    assert accepted == 2 + 3 and studio.queue.qsize() == 5  # max_queue + keep_jobs
+    gate.set()
+    studio.wait(busy)
+    deadline = time.time() + 30
+    while studio.queue.unfinished_tasks and time.time() < deadline:
+        time.sleep(0.01)
+    assert studio.queue.qsize() == 0
+    assert studio.wait(studio.submit({"labels": [1], "steps": 2})).status == "done"  # room again

@@ -198,7 +198,6 @@ def test_token_text_model_traces_as_one_graph_and_still_rejects_empty_captions(m
     assert torch.isfinite(model.eval()(x, t, null_row)).all()
 
 
-@pytest.mark.slow
 def test_text_conditions_round_trip_through_a_graphs_static_buffers_and_the_host_check():
     """CUDAGraphForward's flattening of a call (CPU-checkable part): leaves and rebuild round trip, the
     layout tells null-ness apart, and the host-side caption check matches the forward's."""
@@ -221,6 +220,7 @@ def test_text_conditions_round_trip_through_a_graphs_static_buffers_and_the_host
         tiny_text_model("tokens").text_embedder.check(empty)
 
 
+@pytest.mark.slow
 def test_compiled_token_text_model_still_rejects_empty_captions():
     model = tiny_text_model("tokens")
     compiled = torch.compile(model)

@@ -441,7 +441,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         "compiled": settings.compile,
         # ditkit's fused GPU kernels (models.fused: Triton norm+modulation and gated residual, the
         # cuBLASLt GELU epilogue); DITKIT_FUSED_KERNELS=0 times ditkit without them.
-        "fused_kernels": device.type == "cuda" and fused_kernels_enabled() and fused_kernels_available(),
+        "fused_kernels": device.type == "cuda" and fused_kernels_enabled() and fused_kernels_available(device),
         "gemm_gflops": {},
         "gemm_gflops_by_backend": {},
         "runs": [],

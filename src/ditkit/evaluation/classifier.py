@@ -65,10 +65,11 @@ def train_classifier(
     """Train a DigitClassifier with shift augmentation and a one-cycle LR schedule; report held-out accuracy.
 
     The same `seed` gives the same judge whatever the caller's random state: initialisation, batch order,
-    shifts and dropout all draw from seeded generators, and the caller's global generator is left as it was.
+    shifts and dropout all draw from seeded generators, and the caller's CPU generator is left as it was
+    (training runs on CPU; GPU generators are not touched).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout draws from the global generator
+        torch.default_generator.manual_seed(seed)  # dropout draws from the global CPU generator
         return _train_classifier(train_set, holdout_set, epochs, batch_size, lr, seed, progress)
 
 

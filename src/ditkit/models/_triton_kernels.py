@@ -18,12 +18,20 @@ scheduling (no atomics).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 MAX_D = 16384
 ROWS = 16
+
+
+def _on(x: torch.Tensor):
+    """Triton launches on the current CUDA device and stream: make that x's device (e.g. cuda:1 while
+    the thread's current device is 0), as PyTorch's own ops do."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _block(d: int) -> tuple[int, int]:
@@ -127,7 +135,8 @@ def norm_modulate_forward(x, shift, scale, eps: float, dtype: torch.dtype):
     block, warps = _block(d)
     grid = (n * t,)
     strides = (shift.stride(0), scale.stride(0))
-    _norm_modulate_fwd[grid](x, shift, scale, y, mean, rstd, t, d, *strides, eps, BLOCK_D=block, num_warps=warps)
+    with _on(x):
+        _norm_modulate_fwd[grid](x, shift, scale, y, mean, rstd, t, d, *strides, eps, BLOCK_D=block, num_warps=warps)
     return y, mean, rstd
 
 
@@ -136,7 +145,8 @@ def gated_residual_forward(x, gate, branch):
     n, t, d = x.shape
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     block, warps = _block(d)
-    _gated_residual_fwd[(n * t,)](x, gate, branch, out, t, d, gate.stride(0), BLOCK_D=block, num_warps=warps)
+    with _on(x):
+        _gated_residual_fwd[(n * t,)](x, gate, branch, out, t, d, gate.stride(0), BLOCK_D=block, num_warps=warps)
     return out
 
 
@@ -162,10 +172,11 @@ class NormModulate(torch.autograd.Function):
         dshift = torch.empty((n, tiles, d), dtype=torch.float32, device=x.device)
         dscale = torch.empty_like(dshift)
         block, warps = _block(d)
-        _norm_modulate_bwd[(n, tiles)](
-            x, scale, dy, mean, rstd, dx, dshift, dscale, t, d, ctx.stride, tiles,
-            ROWS=ROWS, BLOCK_D=block, num_warps=warps,
-        )  # fmt: skip
+        with _on(x):
+            _norm_modulate_bwd[(n, tiles)](
+                x, scale, dy, mean, rstd, dx, dshift, dscale, t, d, ctx.stride, tiles,
+                ROWS=ROWS, BLOCK_D=block, num_warps=warps,
+            )  # fmt: skip
         shift_dtype, scale_dtype = ctx.dtypes
         return dx, dshift.sum(1).to(shift_dtype), dscale.sum(1).to(scale_dtype), None, None
 
@@ -189,8 +200,10 @@ class GatedResidual(torch.autograd.Function):
         dbranch = torch.empty_like(branch)
         dgate = torch.empty((n, tiles, d), dtype=torch.float32, device=branch.device)
         block, warps = _block(d)
-        _gated_residual_bwd[(n, tiles)](
-            gate, branch, dout, dbranch, dgate, t, d, gate.stride(0), tiles, ROWS=ROWS, BLOCK_D=block, num_warps=warps
-        )
+        with _on(branch):
+            _gated_residual_bwd[(n, tiles)](
+                gate, branch, dout, dbranch, dgate, t, d, gate.stride(0), tiles,
+                ROWS=ROWS, BLOCK_D=block, num_warps=warps,
+            )  # fmt: skip
         x_dtype, gate_dtype = ctx.dtypes
         return dout.to(x_dtype), dgate.sum(1).to(gate_dtype), dbranch

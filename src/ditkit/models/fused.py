@@ -41,7 +41,7 @@ A Triton launch costs more host time than the PyTorch kernels it replaces, and s
 launch-bound on a fast GPU: measured on an H100 (`benchmarks/fused_kernels.py`, bf16), eager forwards
 at 3-9 M elements ran 0.82-0.86x as fast with the kernels and training steps at 1.6-13 M 0.82-0.97x,
 while from 19 M elements up forwards ran 1.10-1.47x and XL/2 training at batch 64 1.19x. Inside a CUDA
-graph launches are free, and the kernels run at every size (1.39-1.71x faster graph forwards)."""
+graph launches are free, and the kernels run at every size (1.34-1.71x faster graph forwards)."""
 
 _state = {
     "enabled": os.environ.get("DITKIT_FUSED_KERNELS", "1") != "0",
@@ -84,9 +84,31 @@ def for_graph_capture():
         _state["graph"] = before
 
 
-def fused_kernels_available() -> bool:
-    """Whether the Triton kernels can be loaded here (Triton installed and importable beside this PyTorch)."""
-    return _kernels() is not None
+def fused_kernels_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can be loaded here (Triton installed and importable beside this PyTorch)
+    and, for a CUDA `device`, run on it (compute capability 7.0 or newer, as PyTorch asks of Triton)."""
+    if _kernels() is None:
+        return False
+    device = torch.device(device) if device is not None else None
+    return device is None or device.type != "cuda" or _capability(device) >= (7, 0)
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _gpu_takes(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """Whether Triton compiles for x's GPU in these dtypes: compute capability 7.0 (PyTorch's bar for
+    Triton), 8.0 for bf16 (native bf16 arrived with Ampere). Always true in the CPU interpreter."""
+    if not x.is_cuda:
+        return True
+    need = (8, 0) if torch.bfloat16 in dtypes else (7, 0)
+    return _capability(x.device) >= need
 
 
 @functools.cache
@@ -130,6 +152,8 @@ def norm_modulate(
     kernels = _applies(x)
     if kernels is None or dtype not in _FLOAT or not _row_params(kernels, x, shift, scale):
         return None
+    if not _gpu_takes(x, x.dtype, shift.dtype, scale.dtype, dtype):
+        return None
     if _needs_grad(x, shift, scale):
         return kernels.NormModulate.apply(x, shift, scale, eps, dtype)
     return kernels.norm_modulate_forward(x, shift, scale, eps, dtype)[0]  # no autograd node to build
@@ -140,7 +164,9 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     kernels = _applies(x)
     if kernels is None or branch.shape != x.shape or not branch.is_contiguous() or branch.dtype not in _FLOAT:
         return None
-    if not _row_params(kernels, x, gate):
+    if branch.device != x.device or not _row_params(kernels, x, gate):
+        return None
+    if not _gpu_takes(x, x.dtype, gate.dtype, branch.dtype):
         return None
     if _needs_grad(x, gate, branch):
         return kernels.GatedResidual.apply(x, gate, branch)

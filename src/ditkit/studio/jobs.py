@@ -489,7 +489,10 @@ class Studio:
         params = self.validate(payload)
         job = Job(id=str(next(self.ids)), params=params, nrow=params["nrow"])
         with self.jobs_lock:
-            if sum(j.status == "queued" for j in self.jobs.values()) >= self.limits.max_queue:
+            waiting = sum(j.status == "queued" for j in self.jobs.values())
+            # The queue also holds cancelled jobs until the worker passes them (without their inputs, see
+            # `cancel`); bound those too, so that submitting and cancelling cannot grow it without end.
+            if waiting >= self.limits.max_queue or self.queue.qsize() >= self.limits.max_queue + self.limits.keep_jobs:
                 raise StudioError(
                     f"the studio is busy ({self.limits.max_queue} requests waiting); try again shortly", 429
                 )
@@ -501,11 +504,12 @@ class Studio:
     def cancel(self, job: Job) -> Job:
         """Stop a job: a queued one never starts, a running one stops at its next step (its images are
         not kept). StudioError(409) for a job that has already finished."""
-        with job.lock:
+        with job.lock:  # the worker settles a job's final status under the same lock
             if job.status in FINISHED:
                 raise StudioError(f"job {job.id} has already finished ({job.status})", 409)
             job.cancel_requested = True
             if job.status == "queued":
+                job.params = {"kind": job.params["kind"]}  # its images and masks are not needed any more
                 job.status = "cancelled"
         return job
 
@@ -574,10 +578,9 @@ class Studio:
             start = time.perf_counter()
             # Every result field is set before `status` says the job finished: a poll that reads "done"
             # (or "error") must also find its images and seconds.
+            images = None
             try:
                 images = self._run(job).detach().float().cpu()
-                with job.lock:
-                    job.images = images
                 status = "done"
             except _Cancelled:
                 status = "cancelled"
@@ -586,8 +589,13 @@ class Studio:
             except Exception:  # a bug: the details go to the log, not to the page
                 log.exception("studio job %s failed", job.id)
                 job.error, status = "internal error while sampling (details are in the server log)", "error"
-            job.seconds = round(time.perf_counter() - start, 3)
-            job.status = status
+            with job.lock:  # a cancel answered while the last step finished still cancels (see `cancel`)
+                if status == "done" and job.cancel_requested:
+                    status = "cancelled"
+                if status == "done":
+                    job.images = images
+                job.seconds = round(time.perf_counter() - start, 3)
+                job.status = status
             self.queue.task_done()
 
     def _callback(self, job: Job):
