@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..autoencoders import Autoencoder, build_autoencoder, resolve_autoencoder
 from ..config import Config, config_to_dict
 from ..utils.files import file_sha256
+from .captions import item_caption
 from .datasets import DataError, build_dataset, image_folder_samples
 
 __all__ = [
@@ -283,13 +284,9 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def _item_captions(dataset: Dataset) -> list[str] | None:
     """Every item's caption text, in item order, for a captioned dataset (None: not captioned)."""
-    captions = getattr(dataset, "captions", None)
-    if captions is None:
+    if getattr(dataset, "captions", None) is None:
         return None
-    rows = getattr(dataset, "caption_ids", None)
-    if rows is None:  # TensorCaptionDataset: the labels are the caption rows
-        rows = dataset.labels.tolist()
-    return [captions[r] for r in rows]
+    return [item_caption(dataset, i) for i in range(len(dataset))]
 
 
 def _captions_bytes(captions: list[str]) -> bytes:

@@ -18,10 +18,23 @@ from torch.utils.data import Dataset
 
 from .datasets import IMAGE_EXTENSIONS, DataError, TensorImageDataset, _open_image, image_to_tensor, list_images
 
-__all__ = ["CaptionedImageDataset", "TensorCaptionDataset", "read_caption_pairs"]
+__all__ = ["CaptionedImageDataset", "TensorCaptionDataset", "item_caption", "read_caption_pairs"]
 
 _IMAGE_KEYS = ("image", "file_name", "path")
 _CAPTION_KEYS = ("caption", "text")
+
+
+def item_caption(dataset: Dataset, index: int) -> str:
+    """The caption text of item `index` of a captioned dataset (one with `captions`, its caption table).
+
+    The folder dataset keeps each item's row of the table as `caption_ids`; the tensor and latent-cache
+    captioned datasets as their labels; any other captioned dataset gives the row as its items' label.
+    """
+    rows = getattr(dataset, "caption_ids", None)
+    if rows is None:
+        rows = getattr(dataset, "labels", None)
+    row = dataset[index][1] if rows is None else rows[index]
+    return dataset.captions[int(row)]
 
 
 def _pick(row: dict, keys: tuple[str, ...], where: str) -> str:

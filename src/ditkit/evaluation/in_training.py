@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from ..config import Config, ConfigError
 from ..data import DataError
 from ..data.cache import CacheDataset
+from ..data.captions import item_caption
 from ..models.text import TextCond
 from ..sampling import generate
 from ..utils.images import to_uint8
@@ -82,14 +83,7 @@ def dataset_prompts(config: Config, dataset: Dataset, n: int, setting: str) -> l
             f"({type(dataset).__name__}, data.dataset={config.data.dataset!r}) has none: train on captioned "
             f"data or set {setting.split('=')[0]}=0"
         )
-    picks = _spread_indices(len(dataset), n)
-    # Captioned datasets give each item's caption row as its label (CaptionedImageDataset: caption_ids).
-    rows = getattr(dataset, "caption_ids", None)
-    if rows is None:
-        rows = getattr(dataset, "labels", None)
-    if rows is None:
-        return [captions[int(dataset[int(i)][1])] for i in picks]
-    return [captions[int(rows[int(i)])] for i in picks]
+    return [item_caption(dataset, int(i)) for i in _spread_indices(len(dataset), n)]
 
 
 def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
