@@ -255,3 +255,26 @@ def test_old_gpus_take_the_plain_ops(monkeypatch):
         assert fused._gpu_takes(OnGpu(), torch.float32, torch.bfloat16) is bf16
         assert fused.fused_kernels_available("cuda") is fp32
     assert fused.fused_kernels_available("cpu") and fused.fused_kernels_available()
+
+
+def test_kernels_that_cannot_run_here_switch_themselves_off(kernels, monkeypatch):
+    """Until a kernel has run once, a failure (Triton finding no C compiler for its launcher, a driver it
+    does not support) warns, switches the kernels off, and the plain ops give the result; once one has
+    run, errors are real and raised."""
+    monkeypatch.setitem(fused._state, "ran", False)
+
+    def broken(*args):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels, "norm_modulate_forward", broken)
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    shift, scale = torch.randn(2, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="fused GPU kernels cannot run here .RuntimeError: Failed to find C"):
+        out = norm_modulate(x, shift, scale)
+    assert not fused.fused_kernels_enabled()
+    torch.testing.assert_close(out, modulate(F.layer_norm(x, (8,), eps=1e-6), shift, scale))
+    assert fused.gated_residual(x, shift, x) is None  # off for every kernel now
+    monkeypatch.setitem(fused._state, "enabled", True)
+    monkeypatch.setitem(fused._state, "ran", True)
+    with pytest.raises(RuntimeError, match="Failed to find C compiler"):
+        fused.norm_modulate(x, shift, scale, 1e-6, torch.float32)

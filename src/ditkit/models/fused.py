@@ -11,7 +11,9 @@ Every function here returns None where it does not apply (CPU tensors, Triton mi
 `torch.compile`, which fuses these ops itself, shapes the kernels do not take, or the kernels switched
 off), and the caller then runs the plain PyTorch ops. `use_fused_kernels(False)` (a context manager)
 or the environment variable `DITKIT_FUSED_KERNELS=0` switches them off, e.g. to compare; CUDA graphs
-already captured keep replaying the kernels they recorded.
+already captured keep replaying the kernels they recorded. If the first kernel launch of the process
+fails (Triton compiles on first use and needs a C compiler for its launcher), they switch themselves
+off with a warning and the plain ops run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -50,6 +53,7 @@ _state = {
     "interpret_on_cpu": False,
     "graph": False,  # inside `for_graph_capture`
     "min_elements": MIN_EAGER_ELEMENTS,  # the tests lower it to run the kernels on small tensors
+    "ran": False,  # a kernel has run in this process (see `_first_runs`)
 }
 
 
@@ -131,6 +135,32 @@ def _applies(x: torch.Tensor):
     return _kernels()
 
 
+def _first_runs(call, *args):
+    """`call(*args)`, except that until a kernel has run once in this process a failure switches the
+    kernels off with a warning and returns None (the caller then runs the plain ops).
+
+    Triton compiles each kernel, and a C launcher for it, on first use: a machine without a C compiler,
+    or a driver or GPU this Triton does not support, fails there, where the plain ops would have worked.
+    Once a kernel has run, errors (out of memory, say) are real and are raised."""
+    if _state["ran"]:
+        return call(*args)
+    try:
+        out = call(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        warnings.warn(
+            f"ditkit: the fused GPU kernels cannot run here ({type(err).__name__}: {str(err)[:300]}); using the "
+            "plain PyTorch ops instead (DITKIT_FUSED_KERNELS=0 skips trying)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _state["enabled"] = False
+        return None
+    _state["ran"] = True
+    return out
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -155,8 +185,9 @@ def norm_modulate(
     if not _gpu_takes(x, x.dtype, shift.dtype, scale.dtype, dtype):
         return None
     if _needs_grad(x, shift, scale):
-        return kernels.NormModulate.apply(x, shift, scale, eps, dtype)
-    return kernels.norm_modulate_forward(x, shift, scale, eps, dtype)[0]  # no autograd node to build
+        return _first_runs(kernels.NormModulate.apply, x, shift, scale, eps, dtype)
+    out = _first_runs(kernels.norm_modulate_forward, x, shift, scale, eps, dtype)  # no autograd node to build
+    return None if out is None else out[0]
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor | None:
@@ -169,8 +200,8 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     if not _gpu_takes(x, x.dtype, gate.dtype, branch.dtype):
         return None
     if _needs_grad(x, gate, branch):
-        return kernels.GatedResidual.apply(x, gate, branch)
-    return kernels.gated_residual_forward(x, gate, branch)
+        return _first_runs(kernels.GatedResidual.apply, x, gate, branch)
+    return _first_runs(kernels.gated_residual_forward, x, gate, branch)
 
 
 def linear_gelu_tanh(
