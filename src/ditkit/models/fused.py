@@ -10,7 +10,8 @@ backward, `_triton_kernels`), and fc1's GELU runs in the matmul's epilogue (cuBL
 Every function here returns None where it does not apply (CPU tensors, Triton missing, under
 `torch.compile`, which fuses these ops itself, shapes the kernels do not take, or the kernels switched
 off), and the caller then runs the plain PyTorch ops. `use_fused_kernels(False)` (a context manager)
-or the environment variable `DITKIT_FUSED_KERNELS=0` switches them off, e.g. to compare; CUDA graphs
+or the environment variable `DITKIT_FUSED_KERNELS=0` switches them off, e.g. to compare
+(`DITKIT_FUSED_KERNELS=always` runs them at every size, see `MIN_EAGER_ELEMENTS`); CUDA graphs
 already captured keep replaying the kernels they recorded. If the first kernel launch of the process
 fails (Triton compiles on first use and needs a C compiler for its launcher), they switch themselves
 off with a warning and the plain ops run.
@@ -46,13 +47,14 @@ at 3-9 M elements ran 0.82-0.86x as fast with the kernels and training steps at 
 while from 19 M elements up forwards ran 1.10-1.47x and XL/2 training at batch 64 1.19x. Inside a CUDA
 graph launches are free, and the kernels run at every size (1.34-1.71x faster graph forwards)."""
 
+_SWITCH = os.environ.get("DITKIT_FUSED_KERNELS", "1")  # 0: off; 1: the size rule; always: every size
 _state = {
-    "enabled": os.environ.get("DITKIT_FUSED_KERNELS", "1") != "0",
+    "enabled": _SWITCH != "0",
     # The tests' switch for running the kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1
     # set before Triton is imported), so that their math is checked without a GPU.
     "interpret_on_cpu": False,
     "graph": False,  # inside `for_graph_capture`
-    "min_elements": MIN_EAGER_ELEMENTS,  # the tests lower it to run the kernels on small tensors
+    "min_elements": 0 if _SWITCH == "always" else MIN_EAGER_ELEMENTS,  # the tests lower it too
     "ran": False,  # a kernel has run in this process (see `_first_runs`)
 }
 
