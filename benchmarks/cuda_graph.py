@@ -19,11 +19,10 @@ per forward and the ratios. All three give the same numbers (tests/test_cuda.py)
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from ditkit.bench import interleaved_medians
+from ditkit.bench import interleaved_medians, write_rows
 from ditkit.config import MODEL_PRESETS, ModelConfig
 from ditkit.models import DiT
 from ditkit.models.cuda_graph import CUDAGraphForward
@@ -93,10 +92,8 @@ def main() -> None:
             )
             del networks
             torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args)}
-            json.dump({**info, "rows": rows}, f, indent=2)
+    if args.json:  # a new file (an existing one is refused)
+        write_rows(args.json, vars(args), rows)
 
 
 if __name__ == "__main__":

@@ -227,3 +227,13 @@ def test_bench_sides_train_on_the_same_conditioning():
         torch.testing.assert_close(ours(x, t, y), a, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cfg_scale must not be 1"):
         BenchSettings(cfg_scale=1.0)
+
+
+def test_benchmark_scripts_write_their_rows_to_a_new_file_only(tmp_path):
+    from ditkit.bench import write_rows
+
+    path = write_rows(tmp_path / "out" / "rows.json", {"calls": 10}, [{"preset": "DiT-S/2", "ms": 1.5}])
+    data = json.loads(path.read_text())
+    assert data["settings"] == {"calls": 10} and data["rows"][0]["ms"] == 1.5 and data["torch"] == torch.__version__
+    with pytest.raises(ValueError, match="already exists"):
+        write_rows(path, {}, [])

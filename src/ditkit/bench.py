@@ -532,3 +532,10 @@ def write_json(results: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def write_rows(path: str | Path, settings: dict, rows: list) -> Path:
+    """A benchmark script's results (`benchmarks/`): the device, PyTorch's version, the settings and
+    the measured rows, written by `write_json` (to a new file only)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    return write_json({"device": device, "torch": torch.__version__, "settings": settings, "rows": rows}, path)
