@@ -280,13 +280,18 @@ def test_kernels_that_cannot_run_here_switch_themselves_off(kernels, monkeypatch
         fused.norm_modulate(x, shift, scale, 1e-6, torch.float32)
 
 
-@pytest.mark.parametrize("value,enabled,min_elements", [("0", False, 2**24), ("1", True, 2**24), ("always", True, 0)])
+@pytest.mark.parametrize(
+    "value,enabled,min_elements",
+    [("0", False, 2**24), ("1", True, 2**24), ("always", True, 0), ("off", True, 2**24)],
+)
 def test_the_environment_switch(value, enabled, min_elements):
-    """DITKIT_FUSED_KERNELS: 0 off, 1 (default) the size rule, always every size; read at import."""
+    """DITKIT_FUSED_KERNELS: 0 off, 1 (default) the size rule, always every size; read at import. Any
+    other value is named in a warning and taken as the default."""
     import subprocess
     import sys
 
     code = "from ditkit.models import fused; print(fused._state['enabled'], fused._state['min_elements'])"
     env = {**os.environ, "DITKIT_FUSED_KERNELS": value}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [str(enabled), str(min_elements)]
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(enabled), str(min_elements)]
+    assert ("DITKIT_FUSED_KERNELS='off' is not 0, 1 or always" in done.stderr) == (value == "off")

@@ -48,6 +48,9 @@ while from 19 M elements up forwards ran 1.10-1.47x and XL/2 training at batch 6
 graph launches are free, and the kernels run at every size (1.34-1.71x faster graph forwards)."""
 
 _SWITCH = os.environ.get("DITKIT_FUSED_KERNELS", "1")  # 0: off; 1: the size rule; always: every size
+if _SWITCH not in ("0", "1", "always"):
+    warnings.warn(f"DITKIT_FUSED_KERNELS={_SWITCH!r} is not 0, 1 or always; taking 1 (the default)", stacklevel=2)
+    _SWITCH = "1"
 _state = {
     "enabled": _SWITCH != "0",
     # The tests' switch for running the kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1
