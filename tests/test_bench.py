@@ -237,3 +237,17 @@ def test_benchmark_scripts_write_their_rows_to_a_new_file_only(tmp_path):
     assert data["settings"] == {"calls": 10} and data["rows"][0]["ms"] == 1.5 and data["torch"] == torch.__version__
     with pytest.raises(ValueError, match="already exists"):
         write_rows(path, {}, [])
+
+
+@pytest.mark.parametrize("script", ["fused_kernels.py", "cuda_graph.py"])
+def test_gpu_benchmark_scripts_refuse_an_existing_json_before_measuring(tmp_path, script):
+    """Refused at the start (before the GPU check, so it runs here), not after a whole GPU run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    existing = tmp_path / "rows.json"
+    existing.write_text("keep")
+    path = Path(__file__).parent.parent / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path), "--json", str(existing)], capture_output=True, text=True)
+    assert done.returncode == 2 and "already exists" in done.stderr and existing.read_text() == "keep"

@@ -344,3 +344,19 @@ def test_paint_refuses_an_output_name_pil_cannot_write_before_sampling(tmp_path,
     argv = [command, "--checkpoint", str(tmp_path / "missing"), "--image", "a.png", "--out", str(tmp_path / "o.foo")]
     assert main([*argv, *(["--mask", "m.png"] if command == "inpaint" else [])]) == 2
     assert "--out" in (err := capsys.readouterr().err) and "unknown image file extension '.foo'" in err
+
+
+@pytest.mark.parametrize("command", ["inpaint", "outpaint"])
+def test_paint_names_too_many_steps_as_the_flag(tmp_path, config_file, capsys, command):
+    """As `ditkit sample` does: --steps beyond the process's timesteps is named as the flag, and nothing
+    is written."""
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
+    out = tmp_path / "o.png"
+    argv = [command, "--checkpoint", str(tmp_path / "run"), "--image", str(tmp_path / "a.png"), "--out", str(out)]
+    argv += ["--steps", "5000", "--no-progress"] + (["--mask", str(tmp_path / "m.png")] if command == "inpaint" else [])
+    assert main(argv) == 2
+    assert "--steps 5000: this model's process has 1000 timesteps" in capsys.readouterr().err and not out.exists()

@@ -187,6 +187,9 @@ def test_eval_of_an_empty_sample_file_names_it(tmp_path, monkeypatch, capsys):
     code = main(["eval", "--samples", str(tmp_path / "one.npz"), "--ref", "mnist", "--features", "classifier",
                  "--classifier", str(tmp_path / "judge")])  # fmt: skip
     assert code == 2 and "one.npz: 1 sample image(s) in arr_0; FID needs at least 2" in capsys.readouterr().err
+    code = main(["eval", "--samples", str(tmp_path / "one.npz"), "--ref", "mnist", "--features", "classifier"])
+    assert code == 2 and "one.npz: 1 sample image(s) in arr_0" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before a judge was trained (minutes) for it
 
 
 def test_ref_stats_of_an_npz_without_images_names_the_file_and_key(tmp_path, monkeypatch, capsys):

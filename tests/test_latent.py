@@ -300,7 +300,6 @@ def test_resumed_cache_refuses_images_changed_since_the_interruption(kl_path, tm
 
 
 def test_cache_refuses_other_autoencoder_weights_at_the_same_path(kl_path, tmp_path, monkeypatch):
-    monkeypatch.delattr("hashlib.file_digest", raising=False)  # Python 3.10 (which ditkit supports) has none
     vae_path = tmp_path / "vae"
     shutil.copytree(kl_path, vae_path)
     config = resolve_autoencoder(latent_config(vae_path, _own_images(tmp_path / "img")))

@@ -159,3 +159,7 @@ def test_guidance_rejects_bad_arguments():
             ClassifierFreeGuidance(den, scale)
     with pytest.raises(ValueError):
         ClassifierFreeGuidance(den, 2.0, channels=0)
+    # More channels than the model has would guide all of them, silently, as if channels were None.
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 700.0]), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="guidance channels=5 but the model has 4 channels"):
+        ClassifierFreeGuidance(den, 2.0, channels=5)(x, t, y)

@@ -550,3 +550,18 @@ def test_device_names_are_checked_where_they_are_given():
             resolve_device("cuda:99")
     with pytest.raises(ConfigError, match="train.device must be 'auto', 'cpu', 'cuda'.*got 'gpu'"):
         make_tiny_config("unused", device="gpu")
+
+
+def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    """Rolling back to an older checkpoint with a setting that fails at start-up (in-training evaluation
+    whose judge weights are missing) changes nothing: later checkpoints, metrics and config.json stay."""
+    monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "no-weights"))
+    run, data = tmp_path / "run", make_tiny_dataset(20)
+    train(make_tiny_config(run, steps=4, ckpt_every=2), progress=False, dataset=data)
+    files = {p: p.read_bytes() for p in [run / "metrics.jsonl", run / "config.json"]}
+    config = make_tiny_config(run, steps=6, ckpt_every=2, eval_every=2)
+    config.data.dataset = "cifar10"  # judged by Inception, whose weights are not here
+    with pytest.raises(ConfigError, match="Inception-v3 weights"):
+        train(config, resume=run / "checkpoints" / "step_0000002", progress=False, dataset=data)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    assert not list(run.glob("abandoned-*")) and all(p.read_bytes() == b for p, b in files.items())

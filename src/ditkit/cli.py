@@ -388,6 +388,7 @@ def _paint_setup(args: argparse.Namespace):
         raise ValueError(f"--out {out} already exists; choose a new file (nothing was written)")
     _check_image_out(args.out, overwrite=True)  # before any sampling: a name PIL cannot write
     model, config = load_model(args.checkpoint, args.weights, resolve_device(args.device))
+    check_sampling_steps(args.steps, config)  # named as --steps, as `ditkit sample` does
     if config.model.text_conditional:
         if args.classes:
             raise ValueError("this checkpoint is text-conditioned: drop --classes, use --prompt")

@@ -336,6 +336,21 @@ def _train(
             epoch, batch_in_epoch = epoch + 1, 0
         log.info("resumed from %s at step %d", resume_path, step)
 
+    # Whatever can still refuse this run is set up before a resume rolls the run's records back below.
+    evaluator = None
+    if tc.eval_every and env.is_main:
+        from .evaluation.in_training import InTrainingEvaluator
+
+        evaluator = InTrainingEvaluator(config, dataset, device)
+
+    grid_text: dict = {}  # a text model's grid: 16 dataset captions, embedded once from the run's cache
+    if tc.sample_every and config.model.text_conditional and env.is_main:
+        from .evaluation.in_training import PrecomputedText, dataset_prompts
+        from .text import caption_table
+
+        prompts = dataset_prompts(config, dataset, 16, f"train.sample_every={tc.sample_every}")
+        grid_text = {"prompts": prompts, "text_encoder": PrecomputedText(prompts, caption_table(config, prompts))}
+
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if same_run:
@@ -389,12 +404,6 @@ def _train(
         barrier(env)
         return path
 
-    evaluator = None
-    if tc.eval_every and env.is_main:
-        from .evaluation.in_training import InTrainingEvaluator
-
-        evaluator = InTrainingEvaluator(config, dataset, device)
-
     def full_ema() -> nn.Module:
         """The whole EMA model on rank 0, for sampling there; under FSDP every rank must call this (the
         gather is a collective), and ranks other than 0 get their own shard back."""
@@ -406,14 +415,6 @@ def _train(
         full = DiT(config.model).to(device).requires_grad_(False).eval()
         full.load_state_dict(weights)
         return full
-
-    grid_text: dict = {}  # a text model's grid: 16 dataset captions, embedded once from the run's cache
-    if tc.sample_every and config.model.text_conditional and env.is_main:
-        from .evaluation.in_training import PrecomputedText, dataset_prompts
-        from .text import caption_table
-
-        prompts = dataset_prompts(config, dataset, 16, f"train.sample_every={tc.sample_every}")
-        grid_text = {"prompts": prompts, "text_encoder": PrecomputedText(prompts, caption_table(config, prompts))}
 
     def sample_grid() -> None:
         full = full_ema()

@@ -231,7 +231,13 @@ def _check_fingerprints(path: Path, manifest: dict, now: dict[str, dict | None],
     problems = []
     for key, value in now.items():
         if manifest[key] is not None and value is not None:
-            problem = _fingerprint_mismatch(key, manifest[key], value, manifest, path, times_only_warn)
+            try:
+                problem = _fingerprint_mismatch(key, manifest[key], value, manifest, path, times_only_warn)
+            except (KeyError, TypeError, AttributeError) as err:  # an entry edited by hand or cut short
+                raise CacheError(
+                    f"{path / MANIFEST}: its {key!r} entry is malformed ({type(err).__name__}: {err}); "
+                    + _REBUILD.format(path=path)
+                ) from None
             if problem:
                 problems.append(problem)
     if problems:

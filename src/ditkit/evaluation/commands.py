@@ -282,14 +282,15 @@ def _net(args: argparse.Namespace, size_from: str):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data import DataError
-    from .evaluate import evaluate_npz
+    from .evaluate import check_sample_count, evaluate_npz
     from .features import iter_npz_images
 
     if args.json:
         prepare_json_out(args.json)
-    # Refuse a bad or empty sample file before loading or training a network.
+    # Refuse a bad, empty or one-image sample file before loading or training a network.
     if next(iter_npz_images(args.samples, 1), None) is None:
         raise DataError(f"{args.samples}: arr_0 holds no sample images (0 images)")
+    check_sample_count(args.samples)
     net = _net(args, args.samples)
     result = evaluate_npz(
         args.samples, args.ref, net, batch_size=args.batch_size, progress=not args.no_progress, json_out=args.json

@@ -87,6 +87,15 @@ def bundled_digits_reference(
     return reference_from_features(compute_features(net, batches, len(images), progress), net.kind, feature_net_id(net))
 
 
+def check_sample_count(samples: str | Path) -> tuple[int, ...]:
+    """The shape of a sample file's arr_0 (a header read); DataError naming the file when it has fewer
+    than the 2 images a covariance needs."""
+    shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
+    if shape[0] < 2:
+        raise DataError(f"{samples}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
+    return shape
+
+
 def score_features(
     features: dict[str, np.ndarray],
     ref: dict[str, np.ndarray],
@@ -129,9 +138,7 @@ def evaluate_npz(
     if json_out is not None and Path(json_out).exists():  # checked before anything is computed
         raise ValueError(f"{json_out} already exists; choose a new file for the metrics (nothing was written)")
     kind = getattr(net, "kind", "inception")
-    shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
-    if shape[0] < 2:  # checked first (before the reference is computed) and naming the file
-        raise DataError(f"{samples}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
+    shape = check_sample_count(samples)  # first, before the reference is computed
     if isinstance(ref, str) and ref == BUNDLED_DIGITS and not Path(ref).exists():
         # The samples' batch size, so that `ref-stats` of the same digits gives the same numbers on a GPU
         # too (cuDNN may pick another fp32 convolution algorithm for another batch shape).

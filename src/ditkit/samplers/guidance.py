@@ -83,6 +83,8 @@ class ClassifierFreeGuidance(Denoiser):
         conditional, unconditional = both[:n], both[n:]
         guided = unconditional + self.scale * (conditional - unconditional)
         if self.channels is not None:
+            if self.channels > guided.shape[1]:  # would silently guide every channel
+                raise ValueError(f"guidance channels={self.channels} but the model has {guided.shape[1]} channels")
             # Legacy: guide the first `channels` channels, keep the conditional prediction elsewhere.
             guided = torch.cat([guided[:, : self.channels], conditional[:, self.channels :]], dim=1)
         if inside is not None:

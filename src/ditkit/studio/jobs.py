@@ -492,9 +492,14 @@ class Studio:
             waiting = sum(j.status == "queued" for j in self.jobs.values())
             # The queue also holds cancelled jobs until the worker passes them (without their inputs, see
             # `cancel`); bound those too, so that submitting and cancelling cannot grow it without end.
-            if waiting >= self.limits.max_queue or self.queue.qsize() >= self.limits.max_queue + self.limits.keep_jobs:
+            if waiting >= self.limits.max_queue:
+                raise StudioError(f"the studio is busy ({waiting} requests waiting); try again shortly", 429)
+            if self.queue.qsize() >= self.limits.max_queue + self.limits.keep_jobs:
+                passed = self.queue.qsize() - waiting
                 raise StudioError(
-                    f"the studio is busy ({self.limits.max_queue} requests waiting); try again shortly", 429
+                    f"the studio is busy ({waiting} requests waiting, {passed} cancelled ones not yet passed by "
+                    "the running job); try again shortly",
+                    429,
                 )
             self.queue.put_nowait(job)
             self.jobs[job.id] = job
