@@ -303,3 +303,14 @@ def test_a_reference_made_by_another_judge_is_refused(tmp_path, capsys):
     code = main(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", stats, *judge, str(tmp_path / "judge1")])
     assert code == 2 and f"the reference {stats} was made with another digit judge" in capsys.readouterr().err
     assert main(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", stats, *judge, str(tmp_path / "judge0")]) == 0
+
+
+def test_a_sample_file_without_images_is_named_with_its_keys(tmp_path):
+    """Not '0 sample image(s) in arr_0' for a file that has no arr_0 at all (statistics, say)."""
+    from ditkit.evaluation.evaluate import check_sample_count
+
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(DataError, match=r"stats.npz: no array 'arr_0' \(has mu, sigma\)"):
+        check_sample_count(tmp_path / "stats.npz")
+    np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    assert check_sample_count(tmp_path / "two.npz") == (2, 8, 8, 3)

@@ -90,7 +90,7 @@ def bundled_digits_reference(
 def check_sample_count(samples: str | Path) -> tuple[int, ...]:
     """The shape of a sample file's arr_0 (a header read); DataError naming the file when it has fewer
     than the 2 images a covariance needs."""
-    shape, _ = npz_array_info(samples, "arr_0") if "arr_0" in npz_keys(samples) else ((0,), None)
+    shape, _ = npz_array_info(samples, "arr_0")  # names the file and its keys when arr_0 is missing
     if shape[0] < 2:
         raise DataError(f"{samples}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
     return shape
