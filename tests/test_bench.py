@@ -37,6 +37,7 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
             faults = run["page_fault_mib_per_iteration"]
             assert set(faults) == {"ditkit", "diffusers"} and all(v >= 0 for v in faults.values())
     assert results["gmacs_per_forward"] > 0
+    assert results["fused_kernels"] is False and results["gelu_epilogue"] is False  # CUDA only
     assert isinstance(results["allocator_env"], dict)
     assert "ditkit/diffusers" in capsys.readouterr().out
 
@@ -251,3 +252,12 @@ def test_gpu_benchmark_scripts_refuse_an_existing_json_before_measuring(tmp_path
     path = Path(__file__).parent.parent / "benchmarks" / script
     done = subprocess.run([sys.executable, str(path), "--json", str(existing)], capture_output=True, text=True)
     assert done.returncode == 2 and "already exists" in done.stderr and existing.read_text() == "keep"
+
+
+def test_bench_says_the_gelu_epilogue_runs_where_the_triton_kernels_do_not():
+    # The cuBLASLt GELU epilogue needs no Triton: without Triton the bench must not call everything off.
+    from ditkit.bench import fused_state
+
+    assert fused_state(True, True).startswith("on")
+    assert "GELU epilogue on" in fused_state(False, True) and "Triton kernels off" in fused_state(False, True)
+    assert fused_state(False, False) == "off (DITKIT_FUSED_KERNELS=0)"

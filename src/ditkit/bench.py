@@ -108,6 +108,15 @@ class BenchSettings:
             )
 
 
+def fused_state(triton_kernels: bool, gelu_epilogue: bool) -> str:
+    """What the bench prints about ditkit's fused GPU kernels (`models.fused`) on CUDA."""
+    if triton_kernels:
+        return "on (Triton norm+modulation and gated residual, cuBLASLt GELU epilogue)"
+    if gelu_epilogue:
+        return "Triton kernels off (Triton missing or unusable); cuBLASLt GELU epilogue on"
+    return "off (DITKIT_FUSED_KERNELS=0)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -439,9 +448,11 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         "allocator_mallopt": mallopt,
         "gmacs_per_forward": macs / 1e9,
         "compiled": settings.compile,
-        # ditkit's fused GPU kernels (models.fused: Triton norm+modulation and gated residual, the
-        # cuBLASLt GELU epilogue); DITKIT_FUSED_KERNELS=0 times ditkit without them.
+        # ditkit's fused GPU kernels (models.fused): the Triton norm+modulation and gated residual, and
+        # the cuBLASLt GELU epilogue of inference's fc1, which needs no Triton and so is recorded apart;
+        # DITKIT_FUSED_KERNELS=0 times ditkit without either.
         "fused_kernels": device.type == "cuda" and fused_kernels_enabled() and fused_kernels_available(device),
+        "gelu_epilogue": device.type == "cuda" and fused_kernels_enabled(),
         "gemm_gflops": {},
         "gemm_gflops_by_backend": {},
         "runs": [],
@@ -449,8 +460,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     gemm_size = settings.gemm_size or (8192 if device.type == "cuda" else 2048)
     results["settings"]["gemm_size"] = gemm_size
     if device.type == "cuda":
-        state = "on" if results["fused_kernels"] else "off (DITKIT_FUSED_KERNELS=0, or Triton missing)"
-        progress(f"ditkit's fused GPU kernels: {state}")
+        progress(f"ditkit's fused GPU kernels: {fused_state(results['fused_kernels'], results['gelu_epilogue'])}")
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         rates = gemm_rates(gemm_size, dtype, device)

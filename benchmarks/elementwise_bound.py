@@ -1,0 +1,132 @@
+"""How fast could ditkit get with its non-matmul work made free? An ablation against diffusers' DiT.
+
+    python benchmarks/elementwise_bound.py [--preset DiT-S/2] [--batch 32] [--train-batch 16]
+        [--precision bf16] [--repeats 5] [--device cpu]
+
+The question this answers is whether fused kernels for the elementwise work between the matmuls could
+reach a given ratio against diffusers (issue 9's bf16 CPU target is 1.5x). It times ditkit's DiT with
+pieces of that work *removed*, not fused: the model then computes something else, so the outputs are
+meaningless and only the times count. Each variant removes one piece, and `all` removes every one:
+
+- `no-norm-mod`: LayerNorm + adaLN modulation replaced by the cast to the matmul dtype;
+- `no-gate`: the gated residual x + gate * branch replaced by x + branch;
+- `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v;
+- `no-gelu`: the MLP's GELU dropped (fc1 runs as a plain linear, also in inference).
+
+A removed piece costs nothing, which no kernel achieves, so the `all` row is an upper bound on what
+fusing them could give. Inference forwards run at --batch (a guided sampling step at batch 16 is one
+forward at 32), forward + backward (the training step without the optimizer) at --train-batch; the
+diffusers model (same weights, `ditkit bench`'s export) is timed in the same interleaved rounds.
+glibc is told to keep freed memory first, as `ditkit bench` does by default, so page faults do not
+skew either side (docs/speed.md, "The C allocator's share").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+from unittest import mock
+
+import torch
+
+import ditkit.models.dit as dit_module
+import ditkit.models.layers as layers
+from ditkit.bench import BenchSettings, interleaved_medians, paired_forwards, paired_models, retain_freed_memory
+from ditkit.config import MODEL_PRESETS
+
+
+def _no_norm_mod(x, shift, scale, eps=1e-6):
+    return x.to(layers.compute_dtype(x))
+
+
+def _no_gate(x, gate, branch):
+    return x + branch
+
+
+def _no_softmax(q, k, v, mask):
+    return (q @ k.transpose(-2, -1)) @ v
+
+
+PIECES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "no-norm-mod": lambda: mock.patch.object(dit_module, "norm_modulate", _no_norm_mod),
+    "no-gate": lambda: mock.patch.object(dit_module, "gated_residual", _no_gate),
+    "no-softmax": lambda: mock.patch.object(layers, "_matmul_attention", _no_softmax),
+}
+
+
+@contextlib.contextmanager
+def _no_gelu(model: torch.nn.Module):
+    """The MLPs' GELU removed: fc1 is a plain linear (also where inference would fuse the GELU into it)."""
+    mlps = [m for m in model.modules() if isinstance(m, layers.Mlp)]
+    acts = [m.act for m in mlps]
+    try:
+        for m in mlps:
+            m.act = torch.nn.Identity()
+        with mock.patch.object(layers.Mlp, "_fused_fc1", lambda self, x: None):
+            yield
+    finally:
+        for m, act in zip(mlps, acts):
+            m.act = act
+
+
+def _variant(names: tuple[str, ...], model: torch.nn.Module) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for name in names:
+        stack.enter_context(_no_gelu(model) if name == "no-gelu" else PIECES[name]())
+    return stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="DiT-S/2", choices=list(MODEL_PRESETS))
+    parser.add_argument("--batch", type=int, default=32, help="inference forward batch")
+    parser.add_argument("--train-batch", type=int, default=16, help="forward + backward batch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()
+    ours, theirs, _ = paired_models(BenchSettings(preset=args.preset, device=args.device), device)
+    variants = {"ditkit": ()} | {f"ditkit {n}": (n,) for n in [*PIECES, "no-gelu"]}
+    variants["ditkit all"] = (*PIECES, "no-gelu")
+
+    def timed(fns: dict[str, Callable[[], torch.Tensor]], wrap: Callable[[Callable], Callable]) -> dict[str, float]:
+        calls: dict[str, Callable[[], object]] = {"diffusers": wrap(fns["diffusers"])}
+        for label, names in variants.items():
+
+            def call(names=names):
+                with _variant(names, ours):
+                    return wrap(fns["ditkit"])()
+
+            calls[label] = call
+        return interleaved_medians(calls, args.repeats, device)
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+    ours.eval()
+    theirs.eval()
+    with amp:
+        with torch.no_grad():
+            inference = timed(paired_forwards(ours, theirs, args.batch, device), lambda fn: fn)
+
+        def backward(fn):
+            return lambda: fn().float().square().mean().backward()
+
+        ours.train()
+        theirs.train()
+        training = timed(paired_forwards(ours, theirs, args.train_batch, device), backward)
+    print(f"{args.preset} {args.precision} on {device}; ratio = diffusers' time / this row's time")
+    heads = f"forward b{args.batch}", f"fwd+bwd b{args.train_batch}"
+    print(f"{'':20s} {heads[0]:>14s} {'ratio':>7s} {heads[1]:>14s} {'ratio':>7s}")
+    for label in ["diffusers", *variants]:
+        f, t = inference[label], training[label]
+        print(
+            f"{label:20s} {f * 1e3:11.1f} ms {inference['diffusers'] / f:6.2f}x "
+            f"{t * 1e3:11.1f} ms {training['diffusers'] / t:6.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
