@@ -336,6 +336,61 @@ def test_cache_from_before_fingerprints_loads_with_a_warning(kl_path, tmp_path, 
     assert "sources" not in json.loads((tmp_path / "cache" / "cache.json").read_text())  # not certified afterwards
 
 
+def _other_weights(src: Path, dst: Path) -> None:
+    """A copy of the VAE folder `src` at `dst` with other weights (the same config and file names)."""
+    vae = diffusers.AutoencoderKL.from_pretrained(src)
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.add_(0.01)
+    vae.save_pretrained(dst)
+
+
+def test_cache_check_reads_relative_paths_from_where_the_cache_was_built(kl_path, tmp_path, monkeypatch, caplog):
+    """A relative data.root / autoencoder.path names folders from the folder `ditkit cache` ran in; a
+    reader starting in another folder must check those, not whatever the same names mean there."""
+    built_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    _own_images(built_in / "img")
+    shutil.copytree(kl_path, built_in / "vae")
+    _own_images(elsewhere / "img", count=4)  # other images and weights under the same relative names
+    _other_weights(kl_path, elsewhere / "vae")
+    monkeypatch.chdir(built_in)
+    config = resolve_autoencoder(latent_config("vae", "img"))
+    build_cache(config, tmp_path / "cache", shard_items=3, progress=False)
+    manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert (manifest["data"]["root"], manifest["autoencoder"]["path"]) == ("img", "vae")  # settings as given
+    monkeypatch.chdir(elsewhere)
+    verify_cache(tmp_path / "cache")  # the project's files are unchanged: no false alarm from ./img, ./vae here
+    monkeypatch.chdir(tmp_path)  # neither name exists from here: still checked, not skipped
+    with caplog.at_level("INFO", logger="ditkit.data.cache"):
+        verify_cache(tmp_path / "cache")
+    assert "not here" not in caplog.text
+    (built_in / "img" / "c0" / "0.png").unlink()
+    with pytest.raises(CacheError, match=rf"data.root=img \(at {re.escape(str(built_in / 'img'))}\).*now holds 5"):
+        verify_cache(tmp_path / "cache")
+    _own_images(built_in / "img")
+    _other_weights(kl_path, built_in / "vae")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(CacheError, match=rf"autoencoder.path=vae \(at {re.escape(str(built_in / 'vae'))}\) changed"):
+        verify_cache(tmp_path / "cache")
+
+
+def test_cache_without_recorded_folders_checks_relative_paths_from_the_current_folder(kl_path, tmp_path, monkeypatch):
+    """A cache from before the build folder was recorded keeps the old behaviour (relative to the current
+    folder), and a refusal says that is where it looked."""
+    built_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    _own_images(built_in / "img")
+    _own_images(elsewhere / "img", count=4)
+    monkeypatch.chdir(built_in)
+    build_cache(resolve_autoencoder(latent_config(kl_path, "img")), tmp_path / "cache", shard_items=3, progress=False)
+    manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert manifest["sources"].pop("root") == str(built_in / "img")
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    verify_cache(tmp_path / "cache")  # from the folder it was built in, as before
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(CacheError, match=r"data.root=img \(at .*elsewhere.img, from the current folder: this cache"):
+        verify_cache(tmp_path / "cache")
+
+
 def _cache_cmd(kl_path, root, out) -> list[str]:
     return [
         sys.executable,
@@ -425,14 +480,27 @@ def test_unreadable_tar_member_is_named_or_skipped(tmp_path):
     assert len(skipping) == 1 and skipping.num_skipped == 1
 
 
-def test_tar_handles_opened_before_fork_are_not_shared_with_workers(tmp_path):
+def test_tar_workers_read_through_the_parents_handles_without_moving_them(tmp_path, monkeypatch):
     # skip_bad_files decodes every member up front, so the main process holds an open shard handle when
-    # the DataLoader forks. Workers must not use it: an inherited handle shares its file offset with the
-    # parent and siblings, and concurrent seek + read returned other members' bytes.
+    # the DataLoader forks. Workers share it: an inherited handle shares its file offset with the parent
+    # and siblings (concurrent seek + read returned other members' bytes), so members are read with
+    # os.pread, which never uses that offset; with it, reopening the shard in each worker is not needed.
+    import pickle
+
+    from ditkit.data import tar as tar_module
+
     _write_tar(tmp_path / "a.tar", [(f"k/{i:02d}", _png((5 * i, 0, 0)), i) for i in range(40)])
     ds = TarShardDataset(tmp_path, image_size=8, skip_bad_files=True)
     fd = ds._files[0].fileno()
     offset = os.lseek(fd, 0, os.SEEK_CUR)
+    parent = os.getpid()
+
+    def open_in_the_parent_only(*args, **kwargs):
+        if os.getpid() != parent:
+            raise AssertionError("a worker reopened a shard its parent had open")
+        return open(*args, **kwargs)
+
+    monkeypatch.setattr(tar_module, "open", open_in_the_parent_only, raising=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context="fork")
     red, labels = [], []
     for images, label in loader:
@@ -441,6 +509,10 @@ def test_tar_handles_opened_before_fork_are_not_shared_with_workers(tmp_path):
     assert labels == list(range(40)) and red == [5 * i for i in labels]  # every item is its own member
     assert os.lseek(fd, 0, os.SEEK_CUR) == offset  # the workers never moved the parent's file offset
     assert ds[7][1] == 7 and round((float(ds[7][0][0, 0, 0]) + 1) * 127.5) == 35
+    # A spawned worker gets a pickled copy: no handles, opened again where first read.
+    monkeypatch.undo()
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._files == {} and copy[7][1] == 7 and round((float(copy[7][0][0, 0, 0]) + 1) * 127.5) == 35
 
 
 def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_folder, tmp_path, monkeypatch):

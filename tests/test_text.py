@@ -449,6 +449,38 @@ def test_embedding_cache_writers_never_share_a_temporary_file(tiny_bert, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.safetensors"]  # both replaced, nothing left over
 
 
+def test_embedding_cache_removes_temporary_files_of_killed_writers(tiny_bert, tmp_path):
+    """A run killed while saving leaves its `.tmp-HOST-PID` file: the next load or save of the cache removes
+    it once that process is gone, but never the file of a live writer, nor one of another machine's
+    (its pid means nothing here; that machine's next run removes it)."""
+    import socket
+    import subprocess
+
+    from ditkit.text import TextEmbeddingCache, TextEncoder
+
+    host, path = socket.gethostname(), tmp_path / "text.safetensors"
+    enc = TextEncoder(tiny_bert, max_length=4)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a writer killed mid-save: its pid is no process now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [f"text.safetensors.tmp-{host}-{ended.pid}", f"text.safetensors.tmp-{ended.pid}"]  # older name: no host
+        kept = [
+            f"text.safetensors.tmp-{host}-{live.pid}",  # being written right now
+            f"text.safetensors.tmp-other-node-7-{ended.pid}",  # another machine's, in a multi-node run
+            f"other.safetensors.tmp-{host}-{ended.pid}",  # another cache's
+        ]
+        for use in (lambda: TextEmbeddingCache(path), lambda: TextEmbeddingCache(path).update(enc, ["top"])):
+            for name in stale + kept:
+                (tmp_path / name).write_bytes(b"partial")
+            use()
+            assert sorted(p.name for p in tmp_path.iterdir() if p != path) == sorted(kept)
+        assert TextEmbeddingCache(path).captions == ["top"]
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_missing_encoder_gives_the_documented_error(tmp_path, monkeypatch):
     from ditkit.text import TextEncoder, TextEncoderError
 
@@ -487,6 +519,27 @@ def test_captioned_folder_csv_and_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "imgs/zzz.png", "caption": "x"}) + "\n")
     with pytest.raises(DataError, match="line 1: image .*zzz.png does not exist"):
         CaptionedImageDataset(tmp_path / "bad.jsonl", 8, 1)
+
+
+def test_captions_of_a_captioned_dataset_of_ones_own():
+    """train(dataset=...) takes any dataset with a `captions` table whose items' labels are its rows (what
+    TextBatches looks up); the prompts of in-training evaluation and sample grids come from those labels
+    too, also without the `caption_ids` or `labels` of ditkit's own captioned datasets."""
+    from ditkit.data.captions import item_caption
+    from ditkit.evaluation.in_training import dataset_prompts
+
+    class Rows(torch.utils.data.Dataset):
+        captions = ["top bar", "bottom bar", "a bar"]
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int):
+            return torch.zeros(1, 8, 8), [2, 0, 1, 0][index]
+
+    expected = ["a bar", "top bar", "bottom bar", "top bar"]
+    assert [item_caption(Rows(), i) for i in range(4)] == expected
+    assert dataset_prompts(Config(), Rows(), 4, "train.sample_every=1") == expected
 
 
 def _bars(n=32):

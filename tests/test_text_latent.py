@@ -96,6 +96,49 @@ def test_cached_caption_batches_equal_direct_encoding(kl_path, captioned_folder,
     assert torch.equal(cond_images.tokens, cond.tokens) and torch.equal(cond_images.pooled, cond.pooled)
 
 
+def test_captioned_cache_lists_and_reads_captions_once_and_its_check_reads_none(
+    kl_path, captioned_folder, tiny_bert, tmp_path, monkeypatch
+):
+    """Caption files count in the fingerprint by size and time, like the images: building reads each
+    once (for the dataset; its file list is fingerprinted, not listed again) and checking reads none."""
+    import pathlib
+
+    from ditkit.data import cache as cache_module
+    from ditkit.data import captions as captions_module
+    from ditkit.data import datasets as datasets_module
+    from ditkit.data.cache import verify_cache
+
+    data = tmp_path / "data"  # a copy: a caption is edited below
+    data.mkdir()
+    for path in captioned_folder.iterdir():
+        (data / path.name).write_bytes(path.read_bytes())
+    reads, listings = [], []
+    read_text, list_images = pathlib.Path.read_text, datasets_module.list_images
+
+    def counting_read_text(self, *args, **kwargs):
+        if self.suffix == ".txt":
+            reads.append(self.name)
+        return read_text(self, *args, **kwargs)
+
+    def counting_list_images(folder):
+        listings.append(folder)
+        return list_images(folder)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", counting_read_text)
+    for module in (datasets_module, captions_module, cache_module):
+        monkeypatch.setattr(module, "list_images", counting_list_images, raising=False)
+    config = resolve_autoencoder(text_latent_config(kl_path, data, tiny_bert, tmp_path / "run"))
+    build_cache(config, tmp_path / "cache", shard_items=4, progress=False)
+    assert sorted(reads) == [f"{k:02d}.txt" for k in range(8)] and listings == [data]
+    reads.clear()
+    verify_cache(tmp_path / "cache")
+    assert reads == []
+    (data / "03.txt").write_text("the digit seven\n")  # an edited caption is still seen: its size changed
+    with pytest.raises(CacheError, match=r"it now holds 16 files of \d+ bytes; the cache was built from 16 of"):
+        verify_cache(tmp_path / "cache")
+    assert reads == []
+
+
 def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 

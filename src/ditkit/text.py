@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def encoder_fingerprint(folder: str | Path) -> str:
     Each file contributes its name and size, and its contents when it is at most 1 GiB; a larger weight
     file contributes its modification time (mtime_ns) instead, so that a 10 GB T5-XXL encoder is not read
     at every load: a copied or re-downloaded big file changes the fingerprint (a harmless re-encode),
-    and new weights written in place change it too.
+    and new weights written in place change it too. (`ditkit.data.cache.autoencoder_fingerprint` differs
+    on purpose: a mismatch there refuses a latent cache, so it hashes contents only, and only the weights.)
     """
     digest = hashlib.sha256()
     files = sorted(
@@ -214,11 +216,26 @@ def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu") ->
     return TextEncoder(config.encoder, max_length=config.max_length, pooling=config.pooling, device=device)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine exists (True where that cannot be told)."""
+    if os.name == "nt":  # there os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
 class TextEmbeddingCache:
     """Text embeddings of unique captions in one safetensors file, rows keyed by caption.
 
     The file holds `tokens` (K, L, E), `mask` (K, L), `pooled` (K, E) and, in its metadata, the
     captions in row order and the encoder that made them. `update` encodes only captions not yet in it.
+    Saves go through `<file>.tmp-<host>-<pid>`; loading or saving removes those that writers killed
+    mid-save left on this machine.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -226,8 +243,40 @@ class TextEmbeddingCache:
         self.captions: list[str] = []
         self.encoder_info: dict[str, object] | None = None
         self.table: TextCond | None = None
+        self._remove_stale_temporaries()
         if self.path.exists():
             self._read()
+
+    def _temporary(self) -> Path:
+        """This process's temporary file for a save (see `_write`)."""
+        return self.path.with_name(f"{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of writers on this machine that are gone (killed while saving).
+
+        Another live process's file may be mid-write, so it stays; so does another machine's, whose pid
+        says nothing here (the text cache may sit on a shared file system of a multi-node run): that
+        machine's next load or save removes it. Files named `.tmp-<pid>` (no host: an older ditkit's)
+        count as this machine's.
+        """
+        prefix = f"{self.path.name}.tmp-"
+        try:
+            names = [p.name for p in self.path.parent.iterdir() if p.name.startswith(prefix)]
+        except OSError:  # no folder yet: nothing left over
+            return
+        host, own = socket.gethostname(), os.getpid()
+        for name in names:
+            writer_host, _, pid = name[len(prefix) :].rpartition("-")
+            if not pid.isdigit() or writer_host not in ("", host) or int(pid) == own or _pid_alive(int(pid)):
+                continue
+            try:
+                (self.path.parent / name).unlink()
+            except FileNotFoundError:  # another process removed it first
+                continue
+            except OSError as err:
+                log.warning("cannot remove %s, left by a killed run: %s", self.path.parent / name, err)
+                continue
+            log.info("removed %s, left by a run killed while saving the text-embedding cache", self.path.parent / name)
 
     def _read(self) -> None:
         try:
@@ -308,8 +357,10 @@ class TextEmbeddingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Each process writes its own temporary file: under torchrun every rank may encode the same new
         # captions and save at once, and two writers of one shared .tmp could interleave into a corrupt
-        # file. The replace is atomic, and every rank's table holds the same embeddings.
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        # file. The replace is atomic, and every rank's table holds the same embeddings. The host in the
+        # name tells leftovers of killed writers on this machine from files other machines are writing.
+        self._remove_stale_temporaries()
+        tmp = self._temporary()
         tensors = {
             "tokens": self.table.tokens.contiguous(),
             "mask": self.table.mask.contiguous(),

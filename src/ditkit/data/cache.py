@@ -26,7 +26,10 @@ cache whose `cache.json` does not say `complete`.
 Settings alone cannot tell that the images were replaced under the same names, or that other weights
 were saved at the same autoencoder path: the cache would silently serve (or, resumed, mix in) latents
 of the old ones. So the manifest also fingerprints the source file list (relative path, size, mtime)
-and the autoencoder's weight files (content hash); a re-run or `verify_cache` refuses a mismatch.
+and the autoencoder's weight files (content hash); a re-run or `verify_cache` refuses a mismatch. Each
+fingerprint records the absolute folder it was taken at (`root`, and `path` for a local autoencoder):
+a relative `data.root` or `autoencoder.path` means a folder of the directory `ditkit cache` ran in, so
+a reader started elsewhere checks that folder, not what the same name means from its own directory.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from ..autoencoders import Autoencoder, build_autoencoder, resolve_autoencoder
 from ..config import Config, config_to_dict
 from ..utils.files import file_sha256
 from .captions import item_caption
-from .datasets import DataError, build_dataset, image_folder_samples
+from .datasets import DataError, build_dataset, image_folder_samples, list_images
 
 __all__ = [
     "CacheError",
@@ -94,36 +97,48 @@ def _settings(config: Config, dtype: str, shard_items: int) -> dict:
     }
 
 
-def _source_files(dataset: str, root: str) -> tuple[Path, list[Path]] | None:
-    """(folder the names are relative to, every file the dataset reads), listed without decoding anything.
+def _source_files(data: dict, dataset: Dataset | None = None) -> tuple[Path, list[Path]] | None:
+    """(folder the names are relative to, every file the dataset `data` describes reads), decoding nothing.
 
-    None for the bundled MNIST digits, which have no files of the user's to change.
+    Lists the files itself, or takes the list `dataset` (built from `data`) made, so that `build_cache`
+    lists them once. The two must agree, hence side by side. Reads no file, except a .csv/.jsonl caption
+    list, which is the only place that names its images. None for the bundled MNIST digits, which have no
+    files of the user's to change.
     """
-    if dataset == "mnist":
+    if data["dataset"] == "mnist":
         return None
-    path = Path(root)
+    path = Path(data["root"])
     base = path if path.is_dir() else path.parent
-    if dataset == "tar":
+    if data["dataset"] == "tar":
         from .tar import find_shards
 
-        return base, find_shards(path)
-    if dataset == "captions":
+        return base, list(dataset.shards) if dataset is not None else find_shards(path)
+    if data["dataset"] == "captions":
         from .captions import read_caption_pairs
 
-        images = [image for image, _ in read_caption_pairs(path)]
+        if dataset is not None:
+            images = list(dataset.paths)
+        elif path.is_dir():  # as read_caption_pairs lists them, without reading the .txt captions
+            images = list_images(path)
+        else:
+            images = [image for image, _ in read_caption_pairs(path)]
         texts = [image.with_suffix(".txt") for image in images] if path.is_dir() else [path]  # the captions' files
         return base, images + texts
-    return base, [image for image, _ in image_folder_samples(path)[1]]
+    return base, list(dataset.files) if dataset is not None else [image for image, _ in image_folder_samples(path)[1]]
 
 
-def source_fingerprint(data: dict) -> dict | None:
+def source_fingerprint(data: dict, dataset: Dataset | None = None) -> dict | None:
     """Fingerprint of the files `data` (the manifest's `data` settings) reads: names, sizes, mtimes.
 
     Two digests, so a mismatch can say whether names/sizes changed or only modification times (files
-    edited in place, or copied without keeping their times). Stats every file, reads none.
-    None for bundled data.
+    edited in place, or copied without keeping their times), and `root`, the absolute folder they were
+    taken at. Stats every file and reads none: the caption .txt files of a captioned folder count by
+    size and time like the images (their text is hashed into the manifest's `captions` when building),
+    so checking a cache costs no more for captioned data. The one exception is a .csv/.jsonl caption
+    list, read for the images it names. `dataset`: the dataset built from `data`, whose file list is used
+    instead of listing the files again. None for bundled data.
     """
-    listed = _source_files(data["dataset"], data["root"])
+    listed = _source_files(data, dataset)
     if listed is None:
         return None
     base, files = listed
@@ -135,6 +150,7 @@ def source_fingerprint(data: dict) -> dict | None:
         full.update(b"%s\0%d\0%d\n" % (name, stat.st_size, stat.st_mtime_ns))
         total += stat.st_size
     return {
+        "root": str(Path(data["root"]).absolute()),
         "files": len(files),
         "bytes": total,
         "names_sizes_sha256": names_sizes.hexdigest(),
@@ -161,7 +177,12 @@ def autoencoder_fingerprint(ae: dict) -> dict | None:
 
     Only the weights diffusers loads by default (`diffusion_pytorch_model.safetensors`, else `.bin`), so
     e.g. an added fp16 variant does not count as a change; config.json is left out because its settings
-    are compared already and re-saving it rewrites `_diffusers_version`. Reads ~0.3 s per 300 MB.
+    are compared already and re-saving it rewrites `_diffusers_version`. Reads ~0.3 s per 300 MB. For a
+    local folder, `path` is its absolute path (a hub id is looked up again by id, so a new revision counts).
+
+    Not `ditkit.text.encoder_fingerprint`, on purpose: a mismatch here refuses the cache (an hours-long
+    rebuild), so a false alarm must not come from file times or a rewritten config.json, while a text
+    encoder's mismatch only re-encodes captions, and its tokenizer files count too.
     """
     folder = _autoencoder_folder(ae)
     if folder is None:
@@ -175,12 +196,24 @@ def autoencoder_fingerprint(ae: dict) -> dict | None:
     digest = hashlib.sha256()
     for file in files:
         digest.update(b"%s\0%s\n" % (file.name.encode(), file_sha256(file).encode()))
-    return {"files": [f.name for f in files], "sha256": digest.hexdigest()}
+    local = Path(ae["path"]).expanduser()
+    where = {"path": str(local.absolute())} if local.exists() else {}
+    return {**where, "files": [f.name for f in files], "sha256": digest.hexdigest()}
 
 
 _REBUILD = (
     "build a new cache into another folder with `ditkit cache --out NEW`, or delete {path} yourself and rebuild it"
 )
+
+
+def _where(setting: str, value: str, built: dict, now: dict, field: str) -> str:
+    """`setting=value`, plus the absolute folder `now` was taken at (`field`) where it says more than `value`."""
+    at = now.get(field)
+    if at is None or at == value:
+        return f"{setting}={value}"
+    if field not in built:  # a cache from before the folder was recorded: relative to the current one
+        return f"{setting}={value} (at {at}, from the current folder: this cache does not record where it was built)"
+    return f"{setting}={_shown(value, at)}"
 
 
 def _fingerprint_mismatch(
@@ -194,12 +227,13 @@ def _fingerprint_mismatch(
         return None
     if key == "autoencoder_weights":
         ae = manifest["autoencoder"]
-        where = ae["path"] + (f" (subfolder {ae['subfolder']!r})" if ae.get("subfolder") else "")
+        where = _where("autoencoder.path", ae["path"], built, now, "path")
+        where += f" (subfolder {ae['subfolder']!r})" if ae.get("subfolder") else ""
         return (
-            f"the autoencoder weights at autoencoder.path={where} changed since the cache {path} was encoded "
+            f"the autoencoder weights at {where} changed since the cache {path} was encoded "
             f"(sha256 of {', '.join(now['files'])} is {now['sha256'][:12]}..., was {built['sha256'][:12]}...)"
         )
-    root = manifest["data"]["root"]
+    root = _where("data.root", manifest["data"]["root"], built, now, "root")
     if (built["files"], built["bytes"]) != (now["files"], now["bytes"]):
         what = (
             f"it now holds {now['files']} files of {now['bytes']} bytes; "
@@ -213,10 +247,10 @@ def _fingerprint_mismatch(
             "copied without keeping their times (`cp -r` instead of `cp -a` / `rsync -a`)"
         )
         if times_only_warn:
-            log.warning("the images under data.root=%s may have changed since the cache %s was built: %s; "
+            log.warning("the images under %s may have changed since the cache %s was built: %s; "
                         "training on its latents as they are", root, path, what)  # fmt: skip
             return None
-    return f"the images under data.root={root} changed since the cache {path} was built: {what}"
+    return f"the images under {root} changed since the cache {path} was built: {what}"
 
 
 def _check_fingerprints(path: Path, manifest: dict, now: dict[str, dict | None], times_only_warn: bool = False) -> None:
@@ -244,13 +278,26 @@ def _check_fingerprints(path: Path, manifest: dict, now: dict[str, dict | None],
         raise CacheError("; ".join(problems) + ". Its latents would be of the old files; " + _REBUILD.format(path=path))
 
 
+def _recorded(fingerprint: object, field: str, configured: str) -> str:
+    """The absolute folder a fingerprint recorded (`field`), else the manifest's setting `configured`."""
+    at = fingerprint.get(field) if isinstance(fingerprint, dict) else None
+    return at if isinstance(at, str) else configured
+
+
+def _shown(configured: str, at: str) -> str:
+    """A setting's value for messages, with the folder it was resolved to when that differs."""
+    return configured if at == configured else f"{configured} (at {at})"
+
+
 def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
     """Refuse (CacheError) a cache whose source images or autoencoder weights changed since it was built.
 
     For readers (training from `data.cache`): compares the manifest's fingerprints with the files now
-    at the manifest's `data.root` and `autoencoder.path`. Either being absent on this machine (a cache
-    copied to a node without the images) skips that check with an info message; a cache from an older
-    ditkit without fingerprints loads with a warning. Stats every source image (seconds for ImageNet).
+    at the folders its `data.root` and `autoencoder.path` named when it was built (recorded absolute, so
+    the reader's current directory does not matter; caches from before that was recorded: relative to
+    it). Either being absent on this machine (a cache copied to a node without the images) skips that
+    check with an info message; a cache from an older ditkit without fingerprints loads with a warning.
+    Stats every source image (seconds for ImageNet).
     """
     path = Path(path)
     manifest = read_manifest(path) if manifest is None else manifest
@@ -260,22 +307,24 @@ def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
         return
     data, ae = manifest["data"], manifest["autoencoder"]
     if manifest["sources"] is not None:
-        if not Path(data["root"]).exists():
-            log.info(
-                "data.root=%s of the cache %s is not here: not checking whether its images changed", data["root"], path
-            )
+        root = _recorded(manifest["sources"], "root", data["root"])
+        if not Path(root).exists():
+            log.info("data.root=%s of the cache %s is not here: not checking whether its images changed",
+                     _shown(data["root"], root), path)  # fmt: skip
         else:
             try:
-                now["sources"] = source_fingerprint(data)
+                now["sources"] = source_fingerprint({**data, "root": root})
             except (DataError, OSError) as err:  # e.g. the folder now holds no shards, or a file vanished
                 raise CacheError(
-                    f"the images under data.root={data['root']} changed since the cache {path} was built ({err}); "
-                    + _REBUILD.format(path=path)
+                    f"the images under data.root={_shown(data['root'], root)} changed since the cache {path} was "
+                    f"built ({err}); " + _REBUILD.format(path=path)
                 ) from err
     if manifest["autoencoder_weights"] is not None:
-        now["autoencoder_weights"] = autoencoder_fingerprint(ae)
+        at = _recorded(manifest["autoencoder_weights"], "path", ae["path"])
+        now["autoencoder_weights"] = autoencoder_fingerprint({**ae, "path": at})
         if now["autoencoder_weights"] is None:
-            log.info("autoencoder.path=%s is not here: not checking whether its weights changed", ae["path"])
+            log.info("autoencoder.path=%s is not here: not checking whether its weights changed",
+                     _shown(ae["path"], at))  # fmt: skip
     # Readers only warn where nothing but file times changed: a copy made without keeping them (`cp -r`,
     # routine when staging data on a node) would otherwise block training until an hours-long rebuild.
     # build_cache still refuses that case, since resuming it would mix latents of old and new files.
@@ -485,7 +534,7 @@ def build_cache(
         else {"file": CAPTIONS, "unique": len(set(captions)), "sha256": hashlib.sha256(captions_file).hexdigest()},
     )
     fingerprints = {
-        "sources": source_fingerprint(settings["data"]),
+        "sources": source_fingerprint(settings["data"], dataset),  # the files the dataset listed, not listed again
         "autoencoder_weights": autoencoder_fingerprint(settings["autoencoder"]),
     }
     if (out / MANIFEST).exists():

@@ -28,7 +28,8 @@ def item_caption(dataset: Dataset, index: int) -> str:
     """The caption text of item `index` of a captioned dataset (one with `captions`, its caption table).
 
     The folder dataset keeps each item's row of the table as `caption_ids`; the tensor and latent-cache
-    captioned datasets as their labels; any other captioned dataset gives the row as its items' label.
+    captioned datasets as their labels; any other captioned dataset (one's own, given to
+    `train(dataset=...)`) gives the row as its items' label, which is all that training reads of it.
     """
     rows = getattr(dataset, "caption_ids", None)
     if rows is None:

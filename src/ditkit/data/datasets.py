@@ -205,6 +205,7 @@ class ImageFolderDataset(Dataset):
                 )
         if not samples:
             raise DataError(f"image folder {self.root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+        self.files = [path for path, _ in samples]  # every image listed, skipped ones too (the cache fingerprints them)
         self.skipped_files: list[Path] = []
         if skip_bad_files:
             good = []

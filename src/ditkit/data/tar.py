@@ -7,10 +7,11 @@ integer class label. Collections too large for a folder of files stay in a few b
 member offsets are indexed once, so any sample is one positioned read (what shuffled training needs),
 not a sequential stream.
 
-Shard handles belong to one process: forked DataLoader workers inherit the parent's open files, and an
-inherited file shares its offset with the parent and every sibling, so a seek in one worker followed by
-a read could return bytes another worker seeked to. Members are therefore read with `os.pread`, which
-does not use the shared offset, and a process that finds handles opened by another pid reopens its own.
+Forked DataLoader workers inherit the parent's open shard handles, and an inherited file shares its
+offset with the parent and every sibling, so a seek in one worker followed by a read could return bytes
+another worker seeked to. Members are therefore read with `os.pread`, which neither uses nor moves that
+offset: a handle serves every process that inherits it (and every thread), so none is reopened. Only
+pickling (spawn workers) drops the handles, which the new process then opens lazily for itself.
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ class TarShardDataset(Dataset):
         self.labeled = with_label > 0
         self._num_classes = max(entry[4] for entry in index) + 1 if self.labeled else 0
         self._files: dict[int, io.BufferedReader] = {}
-        self._files_pid = os.getpid()  # the process that opened `_files`
         self.skipped_files: list[str] = []
         if skip_bad_files:
             good = []
@@ -123,16 +123,12 @@ class TarShardDataset(Dataset):
 
     def _read_member(self, shard_id: int, offset: int, size: int, name: str) -> bytes:
         """`size` bytes at `offset` of a shard, safe in forked workers and threads (see the module docstring)."""
-        if self._files_pid != os.getpid():  # a forked child: these handles share the parent's file offset
-            for handle in self._files.values():
-                handle.close()  # closes only this process's descriptor; the parent's stays open
-            self._files, self._files_pid = {}, os.getpid()
         handle = self._files.get(shard_id)
-        if handle is None:  # opened lazily, so each DataLoader worker gets its own handles
+        if handle is None:  # opened lazily: a shard nobody reads costs no descriptor
             handle = self._files[shard_id] = open(self.shards[shard_id], "rb")
         if hasattr(os, "pread"):  # positioned read: never moves nor reads the (possibly shared) offset
             data = os.pread(handle.fileno(), size, offset)
-        else:  # Windows: no fork, so per-process handles are enough
+        else:  # Windows: no fork, so no handle is shared between processes
             handle.seek(offset)
             data = handle.read(size)
         if len(data) != size:
@@ -153,4 +149,4 @@ class TarShardDataset(Dataset):
         return image_to_tensor(self._decode(entry), self.image_size), label
 
     def __getstate__(self) -> dict:  # open file handles do not cross process boundaries (spawn, pickling)
-        return {**self.__dict__, "_files": {}, "_files_pid": None}
+        return {**self.__dict__, "_files": {}}
