@@ -149,6 +149,28 @@ def test_random_known_masks_cover_every_kind_and_are_reproducible():
     assert (cols_known[:, 0] == 1).any() and (cols_known[:, -1] == 1).any()
 
 
+def test_stream_masks_builds_the_batch_at_once_with_each_samples_own_mask(monkeypatch):
+    """Each training mask is the one its own stream gives alone (random_known_masks(1, ...) seeded by
+    stream_seed), so splitting the batch changes nothing; the masks are built in one batched call."""
+    import ditkit.inpainting as inpainting
+    from ditkit.distributed import stream_seed
+
+    cpu = torch.device("cpu")
+    expected = torch.cat(
+        [
+            random_known_masks(1, 12, 10, generator=torch.Generator().manual_seed(stream_seed(5, 3, j)))
+            for j in range(2, 42)
+        ]
+    )
+    real_build, builds = inpainting._masks_from_shapes, []
+    monkeypatch.setattr(inpainting, "_masks_from_shapes", lambda *a: builds.append(a[0].shape[0]) or real_build(*a))
+    masks = inpainting.stream_masks(12, 10, range(2, 42), seed=5, batch_index=3, device=cpu)
+    assert builds == [40]  # one build for the batch, not one per sample
+    assert torch.equal(masks, expected)
+    parts = [inpainting.stream_masks(12, 10, r, seed=5, batch_index=3, device=cpu) for r in (range(2, 9), range(9, 42))]
+    assert torch.equal(torch.cat(parts), expected)
+
+
 def test_inpaint_loss_trains_a_mask_model_and_matches_plain_loss_for_base_shapes():
     model, _ = _tiny_model(inpaint=True)
     process = build_process(DiffusionConfig())

@@ -255,6 +255,14 @@ def test_epoch_batch_sampler_covers_each_epoch_and_resumes_mid_epoch():
         EpochBatchSampler(2, 3, seed=0)
 
 
+def test_a_sampler_started_past_the_end_of_an_epoch_starts_the_next_and_says_so():
+    """The sampler owns the rule (train reads the position back from it instead of repeating it)."""
+    sampler = EpochBatchSampler(10, 3, seed=1, start_epoch=2, start_batch=5)  # 3 batches per epoch
+    assert (sampler.start_epoch, sampler.start_batch) == (3, 0)
+    assert next(iter(sampler)) == next(iter(EpochBatchSampler(10, 3, seed=1, start_epoch=3)))
+    assert (EpochBatchSampler(10, 3, seed=1, start_epoch=2, start_batch=2).start_batch) == 2  # valid: kept
+
+
 def test_build_model_seed_is_reproducible_and_leaves_global_rng(tiny_config):
     state = torch.get_rng_state()
     a, b = build_model(tiny_config, seed=3), build_model(tiny_config, seed=3)
@@ -387,7 +395,7 @@ def test_resume_refuses_a_change_of_what_the_data_position_means(tmp_path, chang
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
 
 
-def test_checkpoint_without_data_position_settings_still_resumes_and_wraps(tmp_path):
+def test_checkpoint_without_data_position_settings_still_resumes_and_wraps(tmp_path, caplog):
     """An older checkpoint (no num_items / batch_size / seed) resumes; a saved position past the end of an
     epoch (its settings changed under it) rolls over instead of growing forever."""
     data, run = make_tiny_dataset(20), tmp_path / "run"  # 2 batches of 8 per epoch
@@ -399,9 +407,13 @@ def test_checkpoint_without_data_position_settings_still_resumes_and_wraps(tmp_p
         del state[key]
     state["epoch"], state["batch_in_epoch"] = 0, 8  # as a run with a larger dataset would have saved it
     torch.save(state, path / "state.pt")
-    result = train(make_tiny_config(run, steps=5, ckpt_every=100), resume=run, progress=False, dataset=data)
+    with caplog.at_level("WARNING", logger="ditkit.train"):
+        result = train(make_tiny_config(run, steps=5, ckpt_every=100), resume=run, progress=False, dataset=data)
     saved = load_state(result.checkpoint)
     assert result.step == 5 and (saved["epoch"], saved["batch_in_epoch"]) == (2, 1)
+    assert "(epoch 0, batch 8) lies past the end of an epoch of 2 batches; continuing at the start of epoch 1" in (
+        caplog.text
+    )
 
 
 def test_max_minutes_counts_the_whole_loop_and_is_checked_before_each_step(tmp_path, monkeypatch):
@@ -520,6 +532,21 @@ def test_update_ema_copies_buffers():
     train_mod.update_ema(ema, model, 0.5)
     assert torch.equal(ema[1].running_mean, model[1].running_mean)
     assert torch.allclose(ema[0].weight, model[0].weight - 0.5)
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+    train_mod.update_ema(ema, model, 0.5, copy_buffers=False)
+    assert torch.equal(ema[1].running_mean, torch.full((3,), 2.0))
+    assert torch.allclose(ema[0].weight, model[0].weight - 0.25)
+
+
+def test_training_skips_the_ema_buffer_walk_for_a_dit_which_has_no_buffers(tmp_path, monkeypatch):
+    """A DiT has no buffers (a sin-cos pos_embed is a frozen Parameter), so each step's EMA update
+    does not walk both models' modules looking for some."""
+    assert list(build_model(make_tiny_config("unused"), seed=0).buffers()) == []
+    real, seen = train_mod.update_ema, []
+    monkeypatch.setattr(train_mod, "update_ema", lambda *a, **k: seen.append(k) or real(*a, **k))
+    train(make_tiny_config(tmp_path / "run", steps=2), progress=False, dataset=make_tiny_dataset(20))
+    assert seen == [{"copy_buffers": False}] * 2
 
 
 def test_a_damaged_metrics_file_stops_a_roll_back_before_anything_moves(tmp_path):
@@ -565,3 +592,112 @@ def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(tmp_path, monkeyp
         train(config, resume=run / "checkpoints" / "step_0000002", progress=False, dataset=data)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert not list(run.glob("abandoned-*")) and all(p.read_bytes() == b for p, b in files.items())
+
+
+def test_prune_keeps_the_newest_and_refuses_to_keep_none(tmp_path, tiny_config):
+    """The checkpoint a run has just written is always the newest, so keep_last >= 1 keeps it; keeping
+    none would delete it, and is refused."""
+    model = build_model(tiny_config, seed=0)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path / f"step_{step:07d}", config=tiny_config, model=model, ema=model)
+    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+        ckpt_mod.prune_checkpoints(tmp_path, 0)
+    assert len(list(tmp_path.iterdir())) == 3
+    ckpt_mod.prune_checkpoints(tmp_path, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000003"]
+
+
+def test_resuming_a_run_whose_newest_checkpoint_is_left_under_its_old_name(tmp_path):
+    """A crash between the two renames of a same-name replace leaves checkpoint N only as
+    .step_N.old-PID: --resume RUN_DIR picks it, continues exactly, and the first save puts it back."""
+    import os
+
+    data = make_tiny_dataset(20)
+    train(make_tiny_config(tmp_path / "straight", steps=6), progress=False, dataset=data)
+    run = tmp_path / "run"
+    train(make_tiny_config(run, steps=4), progress=False, dataset=data)
+    ckpts = run / "checkpoints"
+    old = ckpts / ".step_0000004.old-99999"
+    os.replace(ckpts / "step_0000004", old)
+    done = train(make_tiny_config(run, steps=4), resume=run, progress=False, dataset=data)  # nothing to do
+    assert done.step == 4 and done.checkpoint == old and old.is_dir()
+    result = train(make_tiny_config(run, steps=6), resume=run, progress=False, dataset=data)
+    assert result.step == 6 and not old.exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    assert _steps_in(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6] and not list(run.glob("abandoned-*"))
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "step_0000006")
+    assert all(torch.equal(v, straight[k]) for k, v in _weights(result.checkpoint).items())
+
+
+def test_a_resume_reads_metrics_jsonl_once(tmp_path, monkeypatch):
+    import ditkit.monitor as monitor
+
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    train(make_tiny_config(run, steps=3, ckpt_every=2), progress=False, dataset=data)  # step 3 logged, not saved
+    real, reads = monitor._read_metrics, []
+    monkeypatch.setattr(monitor, "_read_metrics", lambda path: reads.append(path) or real(path))
+    train(make_tiny_config(run, steps=4, ckpt_every=2), resume=run / "checkpoints" / "step_0000002",
+          progress=False, dataset=data)  # fmt: skip
+    assert reads == [run / "metrics.jsonl"]
+    assert _steps_in(run / "metrics.jsonl") == [1, 2, 3, 4]  # the step 3 of the timeline left behind is gone
+
+
+def test_a_text_run_loads_its_text_encoder_once(tmp_path, monkeypatch):
+    """The batch source encodes (or reads from the cache) every caption once; the sample grid's prompts
+    are looked up in its table, so the encoder is not loaded again for them."""
+    import ditkit.text as text
+    from conftest import save_tiny_bert
+    from ditkit.config import Config, ModelConfig, TextConfig
+    from ditkit.data.captions import TensorCaptionDataset
+
+    words = ["top", "bottom", "bar", "left"]
+    (tmp_path / "bert").mkdir()
+    encoder = save_tiny_bert(tmp_path / "bert", words, max_positions=16)
+    base = make_tiny_config(tmp_path / "run", steps=1, ckpt_every=1, sample_every=1)
+    model = ModelConfig(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=0, learn_sigma=False,
+                        text_dim=16, caption_dropout_prob=0.1)  # fmt: skip
+    config = Config(model=model, data=base.data, train=base.train, sample=base.sample,
+                    text=TextConfig(encoder=encoder, max_length=4))  # fmt: skip
+    captions = [f"{words[i % 4]} {words[(i // 4) % 4]}" for i in range(20)]
+    data = TensorCaptionDataset(make_tiny_dataset(20).images, captions)
+    real_load, loads = text.load_text_encoder, []
+    monkeypatch.setattr(text, "load_text_encoder", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    grids = []
+    monkeypatch.setattr(train_mod, "save_sample_grid", lambda *a, **k: grids.append(k))
+    train(config, progress=False, dataset=data)
+    assert len(loads) == 1 and len(grids) == 1
+    prompts, cond = grids[0]["prompts"], grids[0]["text_encoder"].cond
+    direct = text.TextEncoder(encoder, max_length=4).encode(prompts)
+    assert len(prompts) == 16 and set(prompts) <= set(captions)
+    for name in ("tokens", "mask", "pooled"):
+        torch.testing.assert_close(getattr(cond, name), getattr(direct, name))
+
+
+def test_a_latent_cache_is_verified_once_per_machine_and_a_failure_stops_every_rank(monkeypatch):
+    """Under torchrun only local rank 0 of each machine checks the cache (it stats every image and hashes
+    the VAE); what it finds is gathered, so every rank raises (none is left waiting in a collective)."""
+    from ditkit.data.cache import CacheError
+    from ditkit.distributed import DistEnv
+
+    checked, report_of_rank_0 = [], [None]
+
+    def verify_cache(path, manifest):
+        checked.append(path)
+        if report_of_rank_0[0] is not None:
+            raise CacheError("the images changed")
+
+    def all_gather_object(reports, mine):  # 2 machines x 2 ranks; the other machine's rank 2 found nothing
+        reports[:] = [report_of_rank_0[0], mine, None, None]
+
+    monkeypatch.setattr(train_mod, "verify_cache", verify_cache)
+    monkeypatch.setattr(train_mod.dist, "all_gather_object", all_gather_object)
+    cpu = torch.device("cpu")
+    for rank in range(4):
+        train_mod._verify_cache_once_per_machine("c", {}, DistEnv(rank, 4, rank % 2, cpu))
+    assert checked == ["c", "c"]  # ranks 0 and 2, one per machine
+    report_of_rank_0[0] = "CacheError: the images changed"
+    with pytest.raises(CacheError, match="the images changed"):
+        train_mod._verify_cache_once_per_machine("c", {}, DistEnv(0, 4, 0, cpu))
+    with pytest.raises(CacheError, match="data.cache=c failed its check on rank 0: CacheError: the images changed"):
+        train_mod._verify_cache_once_per_machine("c", {}, DistEnv(1, 4, 1, cpu))
+    assert len(checked) == 3

@@ -90,6 +90,9 @@ def runs(tmp_path_factory):
             "train.eval_num=4",
         ],
         [str(root / "ddp_nan"), "train.steps=4", "--nan-calls", "2"],
+        # A fake clock on which rank 0's steps take 10 s and rank 1's 20 s: rank 1 uses up the minute
+        # in step 3, rank 0 would only in step 6.
+        [str(root / "ddp_budget"), "train.steps=50", "train.max_minutes=1", "--step-seconds", "10,20"],
         DITKIT_CACHE=str(root / "judge_cache"),
     )
     return root
@@ -162,6 +165,19 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_all(runs, tmp_path, monkeypatc
     assert _max_diff(_weights(runs / "single", 4), _weights(runs / "ddp_nan", 4)) > 1e-4  # other data seen
     records = [json.loads(line) for line in open(runs / "ddp_nan" / "metrics.jsonl")]
     assert [r["skipped_steps"] for r in records] == [2, 2, 2, 2]
+
+
+def test_max_minutes_stops_every_rank_at_the_same_step_with_no_collective_of_its_own(runs):
+    """Under DDP one rank over the budget stops both at the same step (a rank that stopped alone would
+    leave the other waiting in a collective); the verdict rides on each step's loss all-reduce, so
+    the ranks agree by a collective of their own only before the first step and after a checkpoint."""
+    run = runs / "ddp_budget"
+    assert _metric_steps(run) == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+    assert load_state(run / "checkpoints" / "step_0000003")["train_seconds"] == 30.0  # rank 0's clock
+    # 3 steps' all-reduces + the agreement before step 1 and after step 2's checkpoint (an all-reduce
+    # of its own before every step, as before, made 3 + 4).
+    assert [int((run / f"all_sums-{rank}").read_text()) for rank in (0, 1)] == [5, 5]
 
 
 def _worker(run: Path, *args: str, env: dict | None = None) -> subprocess.Popen:

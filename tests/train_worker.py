@@ -11,6 +11,10 @@ Test-only instruments (patched in here, not in the library):
 --pause-at-step K  after the optimizer update of step K (before its checkpoint), write this process's
                    id to RUN_DIR/paused-RANK and sleep, so a test can kill -9 it at a known point.
 --nan-calls K      the last rank's loss is NaN for its first K loss calls (non-finite guard under DDP).
+--step-seconds S0,S1,...
+                   a fake clock for train.max_minutes: it starts at 0 and each loss call of rank r
+                   advances it by S_r seconds; RUN_DIR/all_sums-RANK receives how many all_sum
+                   collectives (loss, non-finite and budget agreement) the rank ran.
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--resume")
     parser.add_argument("--pause-at-step", type=int)
     parser.add_argument("--nan-calls", type=int, default=0)
+    parser.add_argument("--step-seconds")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     base = config_to_dict(make_tiny_config(args.out_dir))
     config = config_from_dict(apply_overrides(base, args.overrides))
     real_ema, real_loss, calls = train_mod.update_ema, train_mod.diffusion_loss, {"ema": 0, "loss": 0}
+    real_clock, real_all_sum, now, all_sums = train_mod._clock, train_mod.all_sum, [0.0], [0]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    step_seconds = [float(s) for s in args.step_seconds.split(",")][rank] if args.step_seconds else None
 
     def update_ema(*a, **k):
         real_ema(*a, **k)
@@ -56,13 +64,24 @@ def run(argv: list[str]) -> None:
         loss = real_loss(*a, **k)
         calls["loss"] += 1
         last_rank = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        if step_seconds is not None:
+            now[0] += step_seconds
         return loss * float("nan") if last_rank and calls["loss"] <= args.nan_calls else loss
 
+    def all_sum(*a, **k):
+        all_sums[0] += 1
+        return real_all_sum(*a, **k)
+
     train_mod.update_ema, train_mod.diffusion_loss = update_ema, diffusion_loss
+    if step_seconds is not None:
+        train_mod._clock, train_mod.all_sum = (lambda: now[0]), all_sum
     try:
         train_mod.train(config, resume=args.resume, progress=False, dataset=make_tiny_dataset(20))
     finally:
         train_mod.update_ema, train_mod.diffusion_loss = real_ema, real_loss
+        train_mod._clock, train_mod.all_sum = real_clock, real_all_sum
+        if step_seconds is not None:
+            Path(args.out_dir, f"all_sums-{rank}").write_text(str(all_sums[0]))
 
 
 def main() -> None:

@@ -269,18 +269,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def prune_checkpoints(folder: str | Path, keep_last: int, keep: str | Path | None = None) -> None:
-    """Delete all but the `keep_last` newest step_* checkpoints under `folder` (never `keep`, the
-    checkpoint just written), and the temporary folders of writes that a crash interrupted; put back
-    checkpoints an interrupted same-name replace left aside. Call it from the only process that
-    writes there."""
+def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
+    """Delete all but the `keep_last` (at least 1) newest step_* checkpoints under `folder`, and the
+    temporary folders of writes that a crash interrupted; put back checkpoints an interrupted same-name
+    replace left aside. Call it from the only process that writes there.
+
+    The checkpoint a run has just written is the newest there (a run resumed from an older checkpoint
+    first moves the later ones aside, see ditkit.train), so it is always among those kept.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (the checkpoint just written), got {keep_last}")
     folder = Path(folder)
     _recover_replaced(folder)
     dirs = _step_dirs(folder)
-    protected = Path(keep).resolve() if keep is not None else None
     for _, path in dirs[: max(0, len(dirs) - keep_last)]:
-        if path.resolve() != protected:
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
     for stale in Path(folder).glob(".step_*.tmp-*"):
         if stale.is_dir() and not stale.name.endswith(f".tmp-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)

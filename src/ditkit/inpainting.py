@@ -58,22 +58,30 @@ def _uniform(generator: torch.Generator | None, device: torch.device, *shape: in
     return torch.rand(shape, generator=generator, device=device)
 
 
-def random_known_masks(
-    n: int, height: int, width: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """(n, 1, H, W) float masks, 1 = known: a mix of rectangles, brush strokes, sides and empty masks."""
-    device = torch.device(device)
-    rows = torch.arange(height, device=device).view(1, height, 1).float()  # (1, H, 1)
-    cols = torch.arange(width, device=device).view(1, 1, width).float()  # (1, 1, W)
+def _draw_mask_shapes(
+    n: int, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of `n` training masks, in their stream order: (kind (n,), u (n, 8), points (n, 3, 2, 2))."""
     kind = torch.multinomial(torch.tensor(MASK_PROBS, device=device), n, replacement=True, generator=generator)
     u = _uniform(generator, device, n, 8)  # per-image shape parameters, all drawn at once
+    points = _uniform(generator, device, n, 3, 2, 2)  # brush stroke ends, as fractions of (H, W)
+    return kind, u, points
+
+
+def _masks_from_shapes(
+    kind: torch.Tensor, u: torch.Tensor, points: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """(n, 1, H, W) float masks, 1 = known, from the draws of `_draw_mask_shapes` (no randomness here)."""
+    n, device = kind.shape[0], kind.device
+    rows = torch.arange(height, device=device).view(1, height, 1).float()  # (1, H, 1)
+    cols = torch.arange(width, device=device).view(1, 1, width).float()  # (1, 1, W)
     # Rectangle hole: 20-70 % of each side, anywhere.
     rh, rw = (0.2 + 0.5 * u[:, 0]) * height, (0.2 + 0.5 * u[:, 1]) * width
     top, left = u[:, 2] * (height - rh), u[:, 3] * (width - rw)
     hole = (rows >= top.view(-1, 1, 1)) & (rows < (top + rh).view(-1, 1, 1))
     hole = hole & (cols >= left.view(-1, 1, 1)) & (cols < (left + rw).view(-1, 1, 1))  # (n, H, W)
     # Brush: 3 straight strokes between random points, radius 6-15 % of the shorter side.
-    points = _uniform(generator, device, n, 3, 2, 2) * torch.tensor([height, width], device=device)  # (n, S, 2, 2)
+    points = points * torch.tensor([height, width], device=device)  # (n, S, 2, 2)
     radius = (0.06 + 0.09 * u[:, 4]).view(-1, 1, 1, 1) * min(height, width)
     pix = torch.stack(torch.broadcast_tensors(rows, cols), dim=-1).view(1, 1, height, width, 2)  # (1, 1, H, W, 2)
     a, b = points[:, :, 0].view(n, 3, 1, 1, 2), points[:, :, 1].view(n, 3, 1, 1, 2)
@@ -98,6 +106,14 @@ def random_known_masks(
     unknown = torch.where((kind == 2).view(-1, 1, 1), brush, unknown)
     unknown = torch.where((kind == 3).view(-1, 1, 1), band, unknown)
     return (~unknown).float().unsqueeze(1)  # (n, 1, H, W)
+
+
+def random_known_masks(
+    n: int, height: int, width: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n, 1, H, W) float masks, 1 = known: a mix of rectangles, brush strokes, sides and empty masks."""
+    device = torch.device(device)
+    return _masks_from_shapes(*_draw_mask_shapes(n, generator, device), height, width)
 
 
 def inpaint_loss(
@@ -138,12 +154,16 @@ def stream_masks(
     """(n, 1, H, W) training masks, one per position of the global batch, each from its own stream (as
     `ditkit.distributed.draw_streams` draws t and noise), so a sample's mask does not depend on how the
     batch is split over ranks or accumulation steps."""
+    # Only the few draws are per sample (each from its own stream, in the order random_known_masks draws
+    # them, so each mask is the one a lone random_known_masks(1, ...) call on that stream gives); the
+    # masks are then built for the whole batch at once: a mask per sample took 3x as long at batch 64.
     g = torch.Generator(device)
-    masks = []
+    draws = []
     for j in positions:
         g.manual_seed(stream_seed(seed, batch_index, j))
-        masks.append(random_known_masks(1, height, width, generator=g, device=device))
-    return torch.cat(masks)
+        draws.append(_draw_mask_shapes(1, g, device))
+    kind, u, points = (torch.cat(parts) for parts in zip(*draws))
+    return _masks_from_shapes(kind, u, points, height, width)
 
 
 @torch.no_grad()

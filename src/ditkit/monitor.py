@@ -9,14 +9,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .config import Config, ConfigError, config_to_dict
 
-__all__ = ["RunLog", "MetricsError", "check_metrics", "truncate_metrics", "save_sample_grid"]
+__all__ = ["RunLog", "MetricsError", "MetricsFile", "check_metrics", "truncate_metrics", "save_sample_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,17 @@ class MetricsError(ValueError):
     """metrics.jsonl cannot be read; the message names the file and line."""
 
 
-def _read_metrics(path: Path) -> tuple[list[tuple[str, Any]], tuple[int, str] | None, bool]:
-    """(line, record) pairs of metrics.jsonl, its cut last line as (number, text) or None, and whether
-    the file lacks its final newline. Raises MetricsError for an invalid line that is not the last."""
+class MetricsFile(NamedTuple):
+    """metrics.jsonl as read: (line, record) pairs, its cut last line as (number, text) or None, and
+    whether the file lacks its final newline."""
+
+    records: list[tuple[str, Any]]
+    cut: tuple[int, str] | None
+    no_final_newline: bool
+
+
+def _read_metrics(path: Path) -> MetricsFile:
+    """metrics.jsonl, parsed. Raises MetricsError for an invalid line that is not the last."""
     text = path.read_text()
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     records, cut = [], None
@@ -40,25 +48,31 @@ def _read_metrics(path: Path) -> tuple[list[tuple[str, Any]], tuple[int, str] | 
                     f"{path} line {number} is not valid JSON ({err}); fix or remove that line, then resume again"
                 ) from err
             cut = (number, line)
-    return records, cut, bool(text) and not text.endswith("\n")
+    return MetricsFile(records, cut, bool(text) and not text.endswith("\n"))
 
 
-def check_metrics(path: Path) -> None:
-    """Raise MetricsError (naming the file and line) if truncate_metrics would refuse `path`; reads only."""
-    if path.is_file():
-        _read_metrics(path)
+def check_metrics(path: Path) -> MetricsFile | None:
+    """Raise MetricsError (naming the file and line) if truncate_metrics would refuse `path`; reads only.
+
+    Returns the parsed file (None if there is none), which truncate_metrics takes instead of reading
+    the file again, as long as nothing has written to it in between.
+    """
+    return _read_metrics(path) if path.is_file() else None
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Path, last_step: int, parsed: MetricsFile | None = None) -> None:
     """Drop records after `last_step` (logged by a run that died after its last checkpoint); atomic.
 
     A last line that is not valid JSON (cut by a crash or a full disk in the middle of a write) is
     dropped with a warning; an invalid line anywhere else is not something a crash leaves, so it
-    raises MetricsError naming the file and line instead of being silently discarded.
+    raises MetricsError naming the file and line instead of being silently discarded. `parsed` is
+    check_metrics' result for the file as it is now (it is read here without one).
     """
-    if not path.is_file():
-        return
-    records, cut, no_final_newline = _read_metrics(path)
+    if parsed is None:
+        if not path.is_file():
+            return
+        parsed = _read_metrics(path)
+    records, cut, no_final_newline = parsed
     if cut is not None:
         log.warning("%s: dropped its last line %d, not valid JSON (cut by a crash?): %r", path, *cut)
     kept = [line for line, record in records if not (isinstance(record, dict) and record.get("step", 0) > last_step)]
