@@ -360,3 +360,40 @@ def test_paint_names_too_many_steps_as_the_flag(tmp_path, config_file, capsys, c
     argv += ["--steps", "5000", "--no-progress"] + (["--mask", str(tmp_path / "m.png")] if command == "inpaint" else [])
     assert main(argv) == 2
     assert "--steps 5000: this model's process has 1000 timesteps" in capsys.readouterr().err and not out.exists()
+
+
+def test_sampling_steps_have_one_rule_the_process_s():
+    """`--steps` is checked by the rule `timesteps` itself applies (`NoiseProcess.check_num_steps`): the same
+    limit for the CLI and the library, each error naming where the value came from, the value and the range."""
+    from ditkit.config import Config, DiffusionConfig, ModelConfig
+    from ditkit.diffusion import build_process
+    from ditkit.evaluation.commands import check_sampling_steps
+
+    vp = Config(diffusion=DiffusionConfig(num_timesteps=50))
+    check_sampling_steps(50, vp)
+    assert len(build_process(vp.diffusion).timesteps(50)) == 51
+    with pytest.raises(ValueError, match=r"^--steps 51: this model's process has 50 timesteps; give 1 to 50$"):
+        check_sampling_steps(51, vp)
+    with pytest.raises(ValueError, match=r"^num_steps 51: this model's process has 50 timesteps; give 1 to 50$"):
+        build_process(vp.diffusion).timesteps(51)
+    flow = Config(model=ModelConfig(learn_sigma=False), diffusion=DiffusionConfig(process="flow", num_timesteps=50))
+    check_sampling_steps(5000, flow)  # a continuous process takes any number of steps
+    assert len(build_process(flow.diffusion).timesteps(5000)) == 5001
+    with pytest.raises(ValueError, match=r"^num_steps 0: give 1 or more sampling steps$"):
+        build_process(flow.diffusion).timesteps(0)
+
+
+@pytest.mark.parametrize("command", ["inpaint", "outpaint"])
+def test_paint_refuses_an_existing_out_or_a_folder_before_loading(tmp_path, capsys, command):
+    """One --out check for sample, inpaint and outpaint; paint has no --overwrite, so none is offered."""
+    argv = [command, "--checkpoint", str(tmp_path / "missing"), "--image", "a.png"]
+    argv += ["--mask", "m.png"] if command == "inpaint" else []
+    kept = tmp_path / "mine.png"
+    kept.write_bytes(b"the user's own file")
+    assert main([*argv, "--out", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {kept} already exists; choose a new file (nothing was written)" in err and "--overwrite" not in err
+    assert kept.read_bytes() == b"the user's own file"
+    (tmp_path / "folder").mkdir()
+    assert main([*argv, "--out", str(tmp_path / "folder")]) == 2
+    assert f"--out {tmp_path / 'folder'} is a folder; give an image file name" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`ditkit eval` / `ditkit ref-stats` with the offline digit-classifier features, and reference sources."""
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,52 @@ def test_a_sample_file_without_images_is_named_with_its_keys(tmp_path):
         check_sample_count(tmp_path / "stats.npz")
     np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     assert check_sample_count(tmp_path / "two.npz") == (2, 8, 8, 3)
+
+
+def test_a_reference_of_another_width_without_a_judge_id_is_refused_early(tmp_path, capsys, monkeypatch):
+    """A classifier reference written before judge ids existed, by a judge of another width: named with the
+    file and both widths before any sample's features are computed, not a bare shape error at the FID."""
+    torch.manual_seed(0)
+    save_classifier(ClassifierResult(DigitClassifier(ClassifierConfig(width=8)).eval(), 0.0), tmp_path / "judge")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+    old = tmp_path / "old.npz"  # 16-wide statistics (a width-4 judge's), no ditkit_feature_net
+    feats = rng.normal(size=(10, 16))
+    pool = feats.astype(np.float32)
+    np.savez(old, ditkit_features=np.array("classifier"), mu=feats.mean(0), sigma=np.cov(feats.T), pool=pool)
+    computed = []
+    real_compute = features.compute_features
+    monkeypatch.setattr(
+        "ditkit.evaluation.evaluate.compute_features", lambda *a: computed.append(1) or real_compute(*a)
+    )
+    judge = ["--features", "classifier", "--classifier", str(tmp_path / "judge"), "--no-progress"]
+    assert main(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", str(old), *judge]) == 2
+    err = capsys.readouterr().err
+    assert f"the reference {old} holds 16-wide 'mu' features" in err and "gives 32-wide ones" in err
+    assert not computed
+    net = ClassifierFeatures(DigitClassifier(ClassifierConfig(width=4)).eval())  # the width it was made with
+    assert np.isfinite(evaluate_npz(tmp_path / "s.npz", old, net, progress=False)["fid"])
+
+
+def test_eval_opens_the_sample_file_once_and_checks_json_out_as_the_cli_does(digits, tmp_path, monkeypatch, capsys):
+    root, judge, train_set = digits
+    np.savez(tmp_path / "ref.npz", arr_0=_nhwc(train_set)[:40])
+    opened = []
+    real_zip = zipfile.ZipFile
+    monkeypatch.setattr(
+        zipfile,
+        "ZipFile",
+        lambda file, *a, **k: opened.append(Path(getattr(file, "name", file)).name) or real_zip(file, *a, **k),
+    )
+    net = ClassifierFeatures(judge.model)
+    result = evaluate_npz(root / "holdout.npz", tmp_path / "ref.npz", net, progress=False)
+    assert opened.count("holdout.npz") == 1 and 0 <= result["class_accuracy"] <= 1
+    opened.clear()
+    opts = ["--features", "classifier", "--classifier", str(root / "judge"), "--no-progress"]
+    argv = ["eval", "--samples", str(root / "holdout.npz"), "--ref", str(tmp_path / "ref.npz"), *opts]
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["fid"] == result["fid"]
+    assert opened.count("holdout.npz") == 1
+    kept = tmp_path / "kept.json"
+    kept.write_text("mine")
+    with pytest.raises(ValueError, match=rf"^json_out {kept} already exists; choose a new file"):
+        evaluate_npz(root / "holdout.npz", tmp_path / "ref.npz", net, json_out=kept)

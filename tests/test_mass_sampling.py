@@ -178,3 +178,17 @@ def test_other_settings_are_named_with_both_values(tmp_path, checkpoint, monkeyp
     assert "sampling.steps: 2 in the folder, 3 now" in err
     assert "sampling.feature_cache_interval: 2 in the folder, unset (the checkpoint's default) now" in err
     assert (tmp_path / "s.npz.parts" / "part_000000.npz").is_file()  # the finished part is kept
+
+
+def test_cuda_graph_with_feature_cache_is_refused_by_one_check(tmp_path, checkpoint, capsys):
+    """generate's refusal, which the CLI asks in its flags' names before loading (no checkpoint exists here)
+    or writing a parts folder, for grids and --npz alike."""
+    missing = ["sample", "--checkpoint", str(tmp_path / "no-such-run"), "--cuda-graph", "--feature-cache", "2"]
+    for extra in ([], ["--npz", str(tmp_path / "s.npz"), "--num", "2"]):
+        assert main(missing + extra) == 2
+        assert "--cuda-graph cannot be combined with --feature-cache 2" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz.parts").exists() and not (tmp_path / "s.npz").exists()
+    model, config = load_model(checkpoint)
+    message = r"^cuda_graph=True cannot be combined with feature_cache_interval 3: feature caching changes"
+    with pytest.raises(ValueError, match=message):
+        generate(model, config, [0], cuda_graph=True, feature_cache_interval=3)

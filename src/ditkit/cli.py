@@ -108,18 +108,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .sampling import generate
+    from .sampling import check_cuda_graph, generate
     from .train import load_model, resolve_device
     from .utils.images import save_grid
 
+    # generate's own refusal, asked here in the flags' names before a model loads (grids and --npz alike).
+    check_cuda_graph(args.cuda_graph, args.feature_cache, names=("--cuda-graph", "--feature-cache"))
     if args.npz or args.protocol:
         return cmd_sample_npz(args)
     refuse_npz_only_options(args)
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     _check_image_out(args.out, args.overwrite)  # before the model loads or anything samples
-    if args.cuda_graph and args.feature_cache != 1:
-        raise ValueError(f"--cuda-graph cannot be combined with --feature-cache {args.feature_cache}")
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, args.weights, device)
     check_guidance_channels(args.guidance_channels, config)
@@ -144,15 +144,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_image_out(out: str, overwrite: bool) -> None:
-    """`--out` of sample/inpaint/outpaint: a new (or, with --overwrite, existing) file in a format PIL writes."""
+def _check_image_out(out: str, overwrite: bool | None) -> None:
+    """`--out` of sample/inpaint/outpaint: a new (or, with --overwrite, existing) file in a format PIL writes.
+
+    `overwrite=None`: the command has no --overwrite option, so an existing file is refused without offering it.
+    """
     from PIL import Image
 
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"--out {out} is a folder; give an image file name such as {path / 'samples.png'}")
     if path.exists() and not overwrite:
-        raise ValueError(f"--out {out} already exists; choose a new file or pass --overwrite (nothing written)")
+        offer = "" if overwrite is None else " or pass --overwrite"
+        raise ValueError(f"--out {out} already exists; choose a new file{offer} (nothing was written)")
     extensions = Image.registered_extensions()
     if path.suffix.lower() not in extensions:
         raise ValueError(
@@ -384,9 +388,7 @@ def _paint_setup(args: argparse.Namespace):
     from .train import load_model, resolve_device
 
     out = Path(args.out)
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new file (nothing was written)")
-    _check_image_out(args.out, overwrite=True)  # before any sampling: a name PIL cannot write
+    _check_image_out(args.out, overwrite=None)  # before any sampling: an existing file, a name PIL cannot write
     model, config = load_model(args.checkpoint, args.weights, resolve_device(args.device))
     check_sampling_steps(args.steps, config)  # named as --steps, as `ditkit sample` does
     if config.model.text_conditional:

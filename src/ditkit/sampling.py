@@ -15,7 +15,29 @@ from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 
-__all__ = ["generate", "resolve_clip_denoised", "request_conditions", "default_cfg_scale", "resolve_sampler"]
+__all__ = [
+    "generate",
+    "resolve_clip_denoised",
+    "request_conditions",
+    "default_cfg_scale",
+    "resolve_sampler",
+    "check_cuda_graph",
+]
+
+
+def check_cuda_graph(
+    cuda_graph: bool | None,
+    feature_cache_interval: int,
+    names: tuple[str, str] = ("cuda_graph=True", "feature_cache_interval"),
+) -> None:
+    """Refuse an explicit CUDA-graph request together with feature caching (`feature_cache_interval` != 1):
+    the cache changes the graph per step, so it cannot be honoured. `names` are how the caller spells the two
+    settings in the error (the CLI passes its flags, so it can refuse before loading anything)."""
+    if cuda_graph and feature_cache_interval != 1:
+        raise ValueError(
+            f"{names[0]} cannot be combined with {names[1]} {feature_cache_interval}: "
+            "feature caching changes the graph per step"
+        )
 
 
 def resolve_clip_denoised(config: Config, clip_denoised: bool | None = None) -> bool:
@@ -162,10 +184,7 @@ def generate(
     process = build_process(config.diffusion)
     # The variance channels are only meaningful when the hybrid loss trained them.
     learned_variance = config.model.learn_sigma and config.diffusion.vlb_weight > 0
-    if cuda_graph and feature_cache_interval != 1:  # an explicit request that cannot be honoured
-        raise ValueError(
-            "cuda_graph=True cannot be combined with feature caching: the cache changes the graph per step"
-        )
+    check_cuda_graph(cuda_graph, feature_cache_interval)
     use_graph = sc.cuda_graph if cuda_graph is None else cuda_graph
     network = CUDAGraphForward(model) if use_graph and device.type == "cuda" and feature_cache_interval == 1 else model
     denoiser = ModelDenoiser(network, process, config.diffusion.prediction, learned_variance=learned_variance)

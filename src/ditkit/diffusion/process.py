@@ -61,6 +61,19 @@ class NoiseProcess(ABC):
     ) -> torch.Tensor:
         """Training timesteps, (n,) float."""
 
+    max_steps: int | None = None
+    """Most sampling steps `timesteps` grids (None: any number >= 1)."""
+
+    def check_num_steps(self, num_steps: int, name: str = "num_steps") -> None:
+        """Refuse a number of sampling steps this process cannot grid (1 to `max_steps`); the ValueError names
+        `name` (the argument or flag it came from, such as '--steps'), the value and the allowed range."""
+        limit = self.max_steps
+        if num_steps >= 1 and (limit is None or num_steps <= limit):
+            return
+        if limit is None:
+            raise ValueError(f"{name} {num_steps}: give 1 or more sampling steps")
+        raise ValueError(f"{name} {num_steps}: this model's process has {limit} timesteps; give 1 to {limit}")
+
     @abstractmethod
     def timesteps(self, num_steps: int, device: torch.device | str = "cpu", spacing: str = "linear") -> torch.Tensor:
         """Sampling grid: num_steps + 1 decreasing times from t_max to t_min (float, (num_steps + 1,)).
@@ -247,6 +260,7 @@ class DiscreteVP(NoiseProcess):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
         self.betas = betas
         self.num_timesteps = len(betas)
+        self.max_steps = self.num_timesteps  # one network call per step, at most one per trained step
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,)
         # Index 0 is t = -1 (clean data), index k + 1 is step k.
         self._log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), self.alphas_cumprod.log()])
@@ -300,8 +314,7 @@ class DiscreteVP(NoiseProcess):
         fractional t (the network's timestep embedding takes any real t). 'karras': Karras et al.'s
         rho = 7 spacing of sigma / alpha over the same range.
         """
-        if not 1 <= num_steps <= self.num_timesteps:
-            raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+        self.check_num_steps(num_steps)
         if spacing not in ("linear", "logsnr", "karras"):
             raise ValueError(f"unknown spacing {spacing!r}; expected 'linear', 'logsnr' or 'karras'")
         if num_steps == 1:
@@ -381,8 +394,7 @@ class LinearFlow(NoiseProcess):
         'linear': 1, 1 - 1/n, ..., 1/n. 'logsnr' / 'karras': the first time is 1 (pure noise), the other
         n - 1 spaced in lambda = log((1 - t) / t) over [1 - t_eps, t_eps], ending at t_eps.
         """
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.check_num_steps(num_steps)
         if spacing not in ("linear", "logsnr", "karras"):
             raise ValueError(f"unknown spacing {spacing!r}; expected 'linear', 'logsnr' or 'karras'")
         if spacing == "linear" or num_steps == 1:

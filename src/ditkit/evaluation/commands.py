@@ -111,7 +111,8 @@ def _apply_autoencoder(config: Config, protocol: Protocol | None, vae: str | Non
 
 
 def cmd_sample_npz(args: argparse.Namespace) -> int:
-    """`ditkit sample --npz OUT`: mass sampling, one process or one per torchrun rank."""
+    """`ditkit sample --npz OUT`: mass sampling, one process or one per torchrun rank (`ditkit.cli` has refused
+    --cuda-graph with --feature-cache already, as for grids)."""
     from ..checkpoint import resolve_checkpoint
     from ..train import load_model, resolve_device
     from .mass_sampling import MassSamplingJob, run_mass_sampling
@@ -123,8 +124,6 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
         raise ValueError("--classes picks grid rows; with --npz use --balanced-classes (or seeded uniform labels)")
     if args.prompt:
         raise ValueError("--prompt: mass sampling with --npz is for class-conditional and unconditional models")
-    if args.cuda_graph and args.feature_cache != 1:
-        raise ValueError(f"--cuda-graph cannot be combined with --feature-cache {args.feature_cache}")
     num = _pick(args.num, protocol, "num_samples")
     if num is None:
         raise ValueError("--npz needs --num N (or a --protocol)")
@@ -204,10 +203,12 @@ def prepare_json_out(path: str, option: str = "--json") -> Path:
 
 
 def check_sampling_steps(steps: object, config: Config) -> None:
-    """The discrete (vp) process samples at most `diffusion.num_timesteps` steps (`--steps` is >= 1)."""
-    limit = config.diffusion.num_timesteps
-    if steps is not None and config.diffusion.process == "vp" and int(steps) > limit:
-        raise ValueError(f"--steps {steps}: this model's process has {limit} timesteps; give 1 to {limit}")
+    """`--steps` (when given) against the rule of the checkpoint's noise process (`NoiseProcess.check_num_steps`),
+    before anything samples."""
+    from ..diffusion import build_process
+
+    if steps is not None:
+        build_process(config.diffusion).check_num_steps(int(steps), name="--steps")
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -261,12 +262,16 @@ def _image_size(path: str) -> int:
     return shape[1]
 
 
-def _net(args: argparse.Namespace, size_from: str):
+def _net(args: argparse.Namespace, size_from: str | int):
+    """The feature network of `args`; `size_from` is the source whose image height picks the cached digit
+    judge, or that height when the caller has read it already."""
     from ..train import resolve_device
     from .evaluate import build_feature_net
 
     # The image size picks (or trains) the cached judge; a judge folder given with --classifier needs none.
-    size = _image_size(size_from) if args.features == "classifier" and not args.classifier else 28
+    size = 28
+    if args.features == "classifier" and not args.classifier:
+        size = size_from if isinstance(size_from, int) else _image_size(size_from)
     try:
         return build_feature_net(
             args.features,
@@ -283,18 +288,21 @@ def _net(args: argparse.Namespace, size_from: str):
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data import DataError
     from .evaluate import check_sample_count, evaluate_npz
-    from .features import iter_npz_images
+    from .features import NpzReader
 
     if args.json:
         prepare_json_out(args.json)
-    # Refuse a bad, empty or one-image sample file before loading or training a network.
-    if next(iter_npz_images(args.samples, 1), None) is None:
-        raise DataError(f"{args.samples}: arr_0 holds no sample images (0 images)")
-    check_sample_count(args.samples)
-    net = _net(args, args.samples)
-    result = evaluate_npz(
-        args.samples, args.ref, net, batch_size=args.batch_size, progress=not args.no_progress, json_out=args.json
-    )
+    with NpzReader(args.samples) as samples:  # opened once, for the checks and the scoring
+        # Refuse a bad, empty or one-image sample file before loading or training a network.
+        first = samples.iter_images(1)
+        if next(first, None) is None:
+            raise DataError(f"{args.samples}: arr_0 holds no sample images (0 images)")
+        first.close()
+        shape = check_sample_count(samples)
+        net = _net(args, shape[1])
+        result = evaluate_npz(
+            samples, args.ref, net, batch_size=args.batch_size, progress=not args.no_progress, json_out=args.json
+        )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -10,18 +10,16 @@ import torch
 
 from ..data import DataError, load_mnist
 from .classifier import ClassifierResult, load_classifier, save_classifier, train_classifier
+from .commands import prepare_json_out
 from .features import (
     REFERENCE_KIND_KEY,
-    REFERENCE_NET_KEY,
     ClassifierFeatures,
     FeatureNet,
     InceptionFeatures,
+    NpzReader,
+    check_reference_net,
     compute_features,
     feature_net_id,
-    iter_npz_images,
-    npz_array_info,
-    npz_keys,
-    read_npz_array,
     reference_from_features,
     reference_from_source,
 )
@@ -87,12 +85,15 @@ def bundled_digits_reference(
     return reference_from_features(compute_features(net, batches, len(images), progress), net.kind, feature_net_id(net))
 
 
-def check_sample_count(samples: str | Path) -> tuple[int, ...]:
-    """The shape of a sample file's arr_0 (a header read); DataError naming the file when it has fewer
-    than the 2 images a covariance needs."""
-    shape, _ = npz_array_info(samples, "arr_0")  # names the file and its keys when arr_0 is missing
+def check_sample_count(samples: str | Path | NpzReader) -> tuple[int, ...]:
+    """The shape of a sample file's arr_0 (a header read; `samples` is a path or the open file); DataError
+    naming the file when it has fewer than the 2 images a covariance needs."""
+    if not isinstance(samples, NpzReader):
+        with NpzReader(samples) as npz:
+            return check_sample_count(npz)
+    shape, _ = samples.array_info("arr_0")  # names the file and its keys when arr_0 is missing
     if shape[0] < 2:
-        raise DataError(f"{samples}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
+        raise DataError(f"{samples.path}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
     return shape
 
 
@@ -122,7 +123,7 @@ def score_features(
 
 
 def evaluate_npz(
-    samples: str | Path,
+    samples: str | Path | NpzReader,
     ref: str | Path | dict[str, np.ndarray],
     net: FeatureNet,
     *,
@@ -132,11 +133,25 @@ def evaluate_npz(
 ) -> dict[str, float | int | str]:
     """Score an ADM-format sample .npz (arr_0 images, optional arr_1 labels) against a reference.
 
-    `json_out`, a new file (an existing one is refused before anything is computed), also receives the
-    metrics; missing folders of it are created.
+    `samples` is the file's path, or the file already open (`NpzReader`, which a caller that has checked
+    it keeps open); a path is opened once here. `json_out`, a new file (an existing one is refused before
+    anything is computed), also receives the metrics; missing folders of it are created first.
     """
-    if json_out is not None and Path(json_out).exists():  # checked before anything is computed
-        raise ValueError(f"{json_out} already exists; choose a new file for the metrics (nothing was written)")
+    json_path = prepare_json_out(str(json_out), "json_out") if json_out is not None else None
+    if not isinstance(samples, NpzReader):
+        with NpzReader(samples) as npz:
+            return _evaluate(npz, ref, net, batch_size, progress, json_path)
+    return _evaluate(samples, ref, net, batch_size, progress, json_path)
+
+
+def _evaluate(
+    samples: NpzReader,
+    ref: str | Path | dict[str, np.ndarray],
+    net: FeatureNet,
+    batch_size: int,
+    progress: bool,
+    json_out: Path | None,
+) -> dict[str, float | int | str]:
     kind = getattr(net, "kind", "inception")
     shape = check_sample_count(samples)  # first, before the reference is computed
     if isinstance(ref, str) and ref == BUNDLED_DIGITS and not Path(ref).exists():
@@ -148,18 +163,11 @@ def evaluate_npz(
         ref = reference_from_source(ref, net, batch_size, progress)
     elif str(ref.get(REFERENCE_KIND_KEY, kind)) != kind:
         raise DataError(f"the reference holds {ref[REFERENCE_KIND_KEY]} statistics, not {kind}")
-    made_by, scoring = ref.get(REFERENCE_NET_KEY), feature_net_id(net)
-    if made_by is not None and scoring is not None and str(made_by) != scoring:
-        # Another judge's features live in another space: the FID would be meaningless, not just off.
-        raise DataError(
-            f"the reference {ref_name} was made with another digit judge ({made_by}) than the one scoring these "
-            f"samples ({scoring}); make the reference with the same judge (ditkit ref-stats --classifier ...)"
-        )
-    features = compute_features(net, iter_npz_images(samples, batch_size), shape[0], progress)
-    labels = read_npz_array(samples, "arr_1") if "arr_1" in npz_keys(samples) else None
+    check_reference_net(ref, net, ref_name)  # before any sample's features are computed
+    features = compute_features(net, samples.iter_images(batch_size), shape[0], progress)
+    labels = samples.read("arr_1") if "arr_1" in samples.keys else None
     result = score_features(features, ref, labels, kind)
-    result["samples"] = str(samples)
+    result["samples"] = str(samples.path)
     if json_out is not None:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -34,6 +34,7 @@ __all__ = [
     "FeatureNet",
     "InceptionFeatures",
     "ClassifierFeatures",
+    "NpzReader",
     "npz_keys",
     "npz_array_info",
     "iter_npz_images",
@@ -51,6 +52,7 @@ __all__ = [
     "REFERENCE_KIND_KEY",
     "REFERENCE_NET_KEY",
     "feature_net_id",
+    "check_reference_net",
 ]
 
 REFERENCE_KIND_KEY = "ditkit_features"
@@ -100,6 +102,11 @@ class ClassifierFeatures:
     def __init__(self, classifier: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         self.classifier, self.device = classifier.to(device).eval(), torch.device(device)
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of the 'pool' features."""
+        return self.classifier.feature_dim
+
     @functools.cached_property
     def net_id(self) -> str:
         """Which judge this is (`feature_net_id`): a hash of its weights, computed once."""
@@ -123,28 +130,82 @@ class ClassifierFeatures:
             return {"pool": feats, "logits": self.classifier.head(feats)}
 
 
+class NpzReader:
+    """An .npz file opened once: its array names, array headers, streamed image batches and whole arrays.
+
+    The module-level helpers (`npz_keys`, `npz_array_info`, `iter_npz_images`, `read_npz_array`) open the
+    file per call; a caller that reads several things of one file (`evaluate_npz`) opens it once here.
+    Use it as a context manager; errors are DataErrors that name the file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+            self.keys = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
+        except (zipfile.BadZipFile, OSError) as err:
+            raise DataError(f"{path}: not a readable .npz file ({err})") from err
+
+    def __enter__(self) -> NpzReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def _check_key(self, key: str) -> None:
+        if key not in self.keys:
+            raise DataError(f"{self.path}: no array {key!r} (has {', '.join(self.keys) or 'none'})")
+
+    def array_info(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one array, read from its header only."""
+        self._check_key(key)
+        try:
+            with self._zip.open(f"{key}.npy") as f:
+                shape, _, dtype = _read_npy_header(f, self.path, key)
+        except DataError:
+            raise
+        except (zipfile.BadZipFile, OSError, ValueError) as err:  # numpy's header parser raises ValueError
+            raise DataError(f"{self.path}: array {key!r} has no readable .npy header ({err})") from err
+        return shape, dtype
+
+    def iter_images(self, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
+        """Yield (b, H, W, C) uint8 batches of an ADM-style image array without loading it whole."""
+        self._check_key(key)
+        with self._zip.open(f"{key}.npy") as f:
+            shape, fortran, dtype = _read_npy_header(f, self.path, key)
+            if dtype != np.uint8 or len(shape) != 4 or fortran or shape[-1] not in (1, 3):
+                raise DataError(
+                    f"{self.path}: {key} must be uint8 images (N, H, W, C) with C = 1 or 3 in C order, "
+                    f"got {dtype} {shape}{' (Fortran order)' if fortran else ''}"
+                )
+            per_image = int(np.prod(shape[1:]))
+            for start in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - start)
+                buf = f.read(n * per_image)
+                if len(buf) != n * per_image:
+                    raise DataError(f"{self.path}: {key} is truncated at image {start}")
+                yield np.frombuffer(bytearray(buf), np.uint8).reshape(n, *shape[1:])  # writable, for torch
+
+    def read(self, key: str) -> np.ndarray:
+        """One whole array (not pickled objects)."""
+        self._check_key(key)
+        with self._zip.open(f"{key}.npy") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+
 def npz_keys(path: str | Path) -> list[str]:
     """Array names stored in an .npz file ('arr_0', 'mu', ...)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    with NpzReader(path) as npz:
+        return npz.keys
 
 
 def npz_array_info(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array of an .npz, read from its header only."""
-    keys = npz_keys(path)
-    if key not in keys:
-        raise DataError(f"{path}: no array {key!r} (has {', '.join(keys) or 'none'})")
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-            shape, _, dtype = _read_npy_header(f, path, key)
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError) as err:  # numpy's header parser raises ValueError
-        raise DataError(f"{path}: array {key!r} has no readable .npy header ({err})") from err
-    return shape, dtype
+    with NpzReader(path) as npz:
+        return npz.array_info(key)
 
 
 def _read_npy_header(f, path: str | Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -160,30 +221,14 @@ def _read_npy_header(f, path: str | Path, key: str) -> tuple[tuple[int, ...], bo
 
 def iter_npz_images(path: str | Path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
     """Yield (b, H, W, C) uint8 batches of an ADM-style .npz array without loading it whole."""
-    if key not in npz_keys(path):
-        raise DataError(f"{path}: no array {key!r} (has {', '.join(npz_keys(path)) or 'none'})")
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, fortran, dtype = _read_npy_header(f, path, key)
-        if dtype != np.uint8 or len(shape) != 4 or fortran or shape[-1] not in (1, 3):
-            raise DataError(
-                f"{path}: {key} must be uint8 images (N, H, W, C) with C = 1 or 3 in C order, "
-                f"got {dtype} {shape}{' (Fortran order)' if fortran else ''}"
-            )
-        per_image = int(np.prod(shape[1:]))
-        for start in range(0, shape[0], batch_size):
-            n = min(batch_size, shape[0] - start)
-            buf = f.read(n * per_image)
-            if len(buf) != n * per_image:
-                raise DataError(f"{path}: {key} is truncated at image {start}")
-            yield np.frombuffer(bytearray(buf), np.uint8).reshape(n, *shape[1:])  # writable, for torch
+    with NpzReader(path) as npz:
+        yield from npz.iter_images(batch_size, key)
 
 
 def read_npz_array(path: str | Path, key: str) -> np.ndarray:
     """One array of an .npz file (not pickled objects)."""
-    with np.load(path, allow_pickle=False) as data:
-        if key not in data:
-            raise DataError(f"{path}: no array {key!r} (has {', '.join(data.files)})")
-        return data[key]
+    with NpzReader(path) as npz:
+        return npz.read(key)
 
 
 def folder_images(folder: str | Path) -> list[Path]:
@@ -338,27 +383,50 @@ def reference_from_source(
         return reference_from_features(feats, kind, feature_net_id(net))
     if not source.is_file():
         raise DataError(f"reference {source}: no such file or folder")
-    keys = npz_keys(source)
-    stored_kind = str(read_npz_array(source, REFERENCE_KIND_KEY)) if REFERENCE_KIND_KEY in keys else "inception"
-    if stored_kind != kind and ("mu" in keys or "pool" in keys):
-        raise DataError(f"{source}: holds {stored_kind} statistics, but {kind} features were asked for")
-    ref: dict[str, np.ndarray] = {}
-    if "arr_0" in keys and not ("pool" in keys and "mu" in keys):
-        shape, _ = npz_array_info(source, "arr_0")
-        if not shape or not shape[0]:
-            raise DataError(f"{source}: arr_0 holds no images (shape {shape})")
-        if shape[0] < 2:
-            raise DataError(f"{source}: 1 image in arr_0; reference statistics need at least 2 (a covariance)")
-        ref = reference_from_features(
-            compute_features(net, iter_npz_images(source, batch_size), shape[0], progress), kind, feature_net_id(net)
-        )
-    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool", REFERENCE_NET_KEY):
-        if key in keys:
-            ref[key] = read_npz_array(source, key)
+    with NpzReader(source) as npz:
+        keys = npz.keys
+        stored_kind = str(npz.read(REFERENCE_KIND_KEY)) if REFERENCE_KIND_KEY in keys else "inception"
+        if stored_kind != kind and ("mu" in keys or "pool" in keys):
+            raise DataError(f"{source}: holds {stored_kind} statistics, but {kind} features were asked for")
+        ref: dict[str, np.ndarray] = {}
+        if "arr_0" in keys and not ("pool" in keys and "mu" in keys):
+            shape, _ = npz.array_info("arr_0")
+            if not shape or not shape[0]:
+                raise DataError(f"{source}: arr_0 holds no images (shape {shape})")
+            if shape[0] < 2:
+                raise DataError(f"{source}: 1 image in arr_0; reference statistics need at least 2 (a covariance)")
+            feats = compute_features(net, npz.iter_images(batch_size), shape[0], progress)
+            ref = reference_from_features(feats, kind, feature_net_id(net))
+        stored = [key for key in ("mu", "sigma", "mu_s", "sigma_s", "pool", REFERENCE_NET_KEY) if key in keys]
+        ref.update({key: npz.read(key) for key in stored})
     if "mu" not in ref or "sigma" not in ref:
         raise DataError(f"{source}: a reference needs images (arr_0) or statistics (mu, sigma); has {keys}")
     ref[REFERENCE_KIND_KEY] = np.array(kind)
     return ref
+
+
+def check_reference_net(ref: dict[str, np.ndarray], net: FeatureNet, ref_name: str) -> None:
+    """Refuse reference statistics that `net` did not make, before any sample is scored: another judge's
+    (by the id the reference records, `REFERENCE_NET_KEY`), or, for references without an id (made before
+    ids existed), statistics of another width than `net`'s features, which would otherwise fail only at the
+    FID with a bare shape error. `ref_name` (the reference's file) is named in the error."""
+    made_by, scoring = ref.get(REFERENCE_NET_KEY), feature_net_id(net)
+    if made_by is not None and scoring is not None and str(made_by) != scoring:
+        # Another judge's features live in another space: the FID would be meaningless, not just off.
+        raise DataError(
+            f"the reference {ref_name} was made with another digit judge ({made_by}) than the one scoring these "
+            f"samples ({scoring}); make the reference with the same judge (ditkit ref-stats --classifier ...)"
+        )
+    expected = getattr(net, "feature_dim", None)
+    for key in ("mu", "pool"):
+        found = np.shape(ref[key])[-1:] if key in ref else (expected,)
+        if expected is not None and found != (expected,):
+            width = f"{found[0]}-wide" if found else "scalar"
+            raise DataError(
+                f"the reference {ref_name} holds {width} {key!r} features, but the {getattr(net, 'kind', '')} "
+                f"network scoring these samples gives {expected}-wide ones: the reference was made by another "
+                "network; make it again with this one (ditkit ref-stats --classifier ...)"
+            )
 
 
 def save_reference(ref: dict[str, np.ndarray], path: str | Path) -> Path:

@@ -217,7 +217,17 @@ def run_mass_sampling(
     _prepare_parts_dir(parts_dir, job.manifest(), rank, barrier)
     try:
         return _sample_parts(
-            model, config, out, job, parts_dir, rank, world_size, barrier, autoencoder, cuda_graph, progress
+            model,
+            config,
+            job,
+            out=out,
+            parts_dir=parts_dir,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            autoencoder=autoencoder,
+            cuda_graph=cuda_graph,
+            progress=progress,
         )
     except BaseException:
         if world_size == 1:  # a run that failed before its first part leaves nothing behind
@@ -228,8 +238,9 @@ def run_mass_sampling(
 def _sample_parts(
     model: nn.Module,
     config: Config,
-    out: Path,
     job: MassSamplingJob,
+    *,
+    out: Path,
     parts_dir: Path,
     rank: int,
     world_size: int,
@@ -238,6 +249,8 @@ def _sample_parts(
     cuda_graph: bool | None,
     progress: bool,
 ) -> Path | None:
+    """This rank's missing parts of `job` into `parts_dir`; then rank 0 merges all parts into `out` (returned)
+    and removes the folder. The arguments are `run_mass_sampling`'s, with the parts folder it prepared."""
     conditional = config.model.conditional
     labels = sample_labels(job.num, config.model.num_classes, job.balanced_classes, job.seed) if conditional else None
     mine = [k for k in range(job.num_parts) if k % world_size == rank]

@@ -57,6 +57,8 @@ def _mlp_width(config: ModelConfig) -> int:
     multiply back to just under an integer (112 * (61 / 112) = 60.99999999999999); plain int() would then
     build one unit too few. Products within 1e-6 of an integer, far above float error and far below any
     deliberate fraction, are taken as that integer; every other product rounds down as it always has.
+    The snap stays here rather than in the converter: checkpoints converted so far store that inexact
+    ratio in their config.json, and only a model-side snap builds them at the width of their weights.
     """
     width = config.hidden_size * config.mlp_ratio
     nearest = round(width)
