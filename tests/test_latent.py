@@ -374,6 +374,25 @@ def test_cache_check_reads_relative_paths_from_where_the_cache_was_built(kl_path
         verify_cache(tmp_path / "cache")
 
 
+def test_a_project_moved_whole_checks_its_moved_images(kl_path, tmp_path, monkeypatch, caplog):
+    """Relative paths, and the project (images, VAE, cache) moved elsewhere: the recorded folders are gone,
+    so the copies the relative names reach from the current folder are checked, with a warning, not skipped."""
+    built_in, moved = tmp_path / "project", tmp_path / "scratch" / "project"
+    _own_images(built_in / "img")
+    shutil.copytree(kl_path, built_in / "vae")
+    monkeypatch.chdir(built_in)
+    build_cache(resolve_autoencoder(latent_config("vae", "img")), built_in / "cache", shard_items=3, progress=False)
+    moved.parent.mkdir()
+    shutil.move(built_in, moved)
+    monkeypatch.chdir(moved)
+    with caplog.at_level("WARNING", logger="ditkit.data.cache"):
+        verify_cache("cache")  # unchanged copies: accepted
+    assert f"was at {built_in / 'img'} when the cache was built, which is gone" in caplog.text
+    (moved / "img" / "c0" / "0.png").unlink()
+    with pytest.raises(CacheError, match=rf"data.root=img \(at {re.escape(str(moved / 'img'))}\).*now holds 5"):
+        verify_cache("cache")
+
+
 def test_cache_without_recorded_folders_checks_relative_paths_from_the_current_folder(kl_path, tmp_path, monkeypatch):
     """A cache from before the build folder was recorded keeps the old behaviour (relative to the current
     folder), and a refusal says that is where it looked."""

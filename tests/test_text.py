@@ -452,9 +452,12 @@ def test_embedding_cache_writers_never_share_a_temporary_file(tiny_bert, tmp_pat
 def test_embedding_cache_removes_temporary_files_of_killed_writers(tiny_bert, tmp_path):
     """A run killed while saving leaves its `.tmp-HOST-PID` file: the next load or save of the cache removes
     it once that process is gone, but never the file of a live writer, nor one of another machine's
-    (its pid means nothing here; that machine's next run removes it)."""
+    (its pid means nothing here; that machine's next run removes it), nor one written to lately (a writer
+    in another pid namespace looks gone)."""
+    import os
     import socket
     import subprocess
+    import time
 
     from ditkit.text import TextEmbeddingCache, TextEncoder
 
@@ -462,6 +465,8 @@ def test_embedding_cache_removes_temporary_files_of_killed_writers(tiny_bert, tm
     enc = TextEncoder(tiny_bert, max_length=4)
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()  # a writer killed mid-save: its pid is no process now
+    ended_too = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended_too.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         stale = [f"text.safetensors.tmp-{host}-{ended.pid}", f"text.safetensors.tmp-{ended.pid}"]  # older name: no host
@@ -473,8 +478,13 @@ def test_embedding_cache_removes_temporary_files_of_killed_writers(tiny_bert, tm
         for use in (lambda: TextEmbeddingCache(path), lambda: TextEmbeddingCache(path).update(enc, ["top"])):
             for name in stale + kept:
                 (tmp_path / name).write_bytes(b"partial")
+                long_ago = time.time() - 3600  # untouched for an hour
+                os.utime(tmp_path / name, (long_ago, long_ago))
+            recent = tmp_path / f"text.safetensors.tmp-{host}-{ended_too.pid}"  # a dead writer's, written just now
+            recent.write_bytes(b"partial")
             use()
-            assert sorted(p.name for p in tmp_path.iterdir() if p != path) == sorted(kept)
+            assert sorted(p.name for p in tmp_path.iterdir() if p != path) == sorted(kept + [recent.name])
+            recent.unlink()
         assert TextEmbeddingCache(path).captions == ["top"]
     finally:
         live.kill()
@@ -767,3 +777,22 @@ def test_a_clip_folders_width_is_its_text_towers_without_loading_it(tiny_bert, t
     assert enc.width == 24 and enc._model is None  # the text tower's width (not the vision tower's 8)
     out = enc.encode(["a bar"])
     assert out.tokens.shape == (1, 6, 24) and enc.model.config.hidden_size == enc.width
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_encoder_weights_that_cannot_load_are_an_error_naming_the_folder(tiny_bert, tmp_path, damage):
+    import shutil
+
+    from ditkit.text import TextEncoder, TextEncoderError
+
+    folder = tmp_path / "enc"
+    shutil.copytree(tiny_bert, folder)
+    weights = folder / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(b"\xff" * 64)  # a truncated download
+    enc = TextEncoder(str(folder), max_length=4)  # config and tokenizer load; the weights wait for a caption
+    assert enc.width == 16
+    with pytest.raises(TextEncoderError, match=f"text.encoder={folder}: cannot load"):
+        enc.encode(["top"])

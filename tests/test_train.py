@@ -671,33 +671,3 @@ def test_a_text_run_loads_its_text_encoder_once(tmp_path, monkeypatch):
     assert len(prompts) == 16 and set(prompts) <= set(captions)
     for name in ("tokens", "mask", "pooled"):
         torch.testing.assert_close(getattr(cond, name), getattr(direct, name))
-
-
-def test_a_latent_cache_is_verified_once_per_machine_and_a_failure_stops_every_rank(monkeypatch):
-    """Under torchrun only local rank 0 of each machine checks the cache (it stats every image and hashes
-    the VAE); what it finds is gathered, so every rank raises (none is left waiting in a collective)."""
-    from ditkit.data.cache import CacheError
-    from ditkit.distributed import DistEnv
-
-    checked, report_of_rank_0 = [], [None]
-
-    def verify_cache(path, manifest):
-        checked.append(path)
-        if report_of_rank_0[0] is not None:
-            raise CacheError("the images changed")
-
-    def all_gather_object(reports, mine):  # 2 machines x 2 ranks; the other machine's rank 2 found nothing
-        reports[:] = [report_of_rank_0[0], mine, None, None]
-
-    monkeypatch.setattr(train_mod, "verify_cache", verify_cache)
-    monkeypatch.setattr(train_mod.dist, "all_gather_object", all_gather_object)
-    cpu = torch.device("cpu")
-    for rank in range(4):
-        train_mod._verify_cache_once_per_machine("c", {}, DistEnv(rank, 4, rank % 2, cpu))
-    assert checked == ["c", "c"]  # ranks 0 and 2, one per machine
-    report_of_rank_0[0] = "CacheError: the images changed"
-    with pytest.raises(CacheError, match="the images changed"):
-        train_mod._verify_cache_once_per_machine("c", {}, DistEnv(0, 4, 0, cpu))
-    with pytest.raises(CacheError, match="data.cache=c failed its check on rank 0: CacheError: the images changed"):
-        train_mod._verify_cache_once_per_machine("c", {}, DistEnv(1, 4, 1, cpu))
-    assert len(checked) == 3

