@@ -10,7 +10,9 @@ meaningless and only the times count. Each variant removes one piece, and `all` 
 
 - `no-norm-mod`: LayerNorm + adaLN modulation replaced by the cast to the matmul dtype;
 - `no-gate`: the gated residual x + gate * branch replaced by x + branch;
-- `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v;
+- `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v as two plain matmuls, in
+  place of `layers.attention` whatever kernel it would pick (SDPA in fp32 or on GPU, the matmul form
+  in bf16 on CPU);
 - `no-gelu`: the MLP's GELU dropped (fc1 runs as a plain linear, also in inference).
 
 A removed piece costs nothing, which no kernel achieves, so the `all` row is an upper bound on what
@@ -44,14 +46,19 @@ def _no_gate(x, gate, branch):
     return x + branch
 
 
-def _no_softmax(q, k, v, mask):
-    return (q @ k.transpose(-2, -1)) @ v
+def _no_softmax(q, k, v, impl="auto", mask=None):
+    # Stands in for `layers.attention` (same signature), which Attention and CrossAttention call by its
+    # module-level name, so every kernel choice (SDPA or the matmul form) is replaced.
+    scores = q @ k.transpose(-2, -1)  # (N, H, T, S)
+    if mask is not None:  # padding keys still contribute nothing
+        scores = scores.masked_fill(~mask[:, None, None, :], 0.0)
+    return scores @ v  # (N, H, T, Dh)
 
 
 PIECES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "no-norm-mod": lambda: mock.patch.object(dit_module, "norm_modulate", _no_norm_mod),
     "no-gate": lambda: mock.patch.object(dit_module, "gated_residual", _no_gate),
-    "no-softmax": lambda: mock.patch.object(layers, "_matmul_attention", _no_softmax),
+    "no-softmax": lambda: mock.patch.object(layers, "attention", _no_softmax),
 }
 
 

@@ -54,6 +54,19 @@ def test_bench_refuses_empty_counts_before_measuring(flag, value, named, capsys)
     assert "GEMM" not in out.out  # nothing was measured first
 
 
+def test_bench_refuses_more_steps_than_the_process_has_before_measuring(capsys):
+    """The bench samples the default 1000-timestep vp process: 1001 steps failed only when sampling
+    started, after the GEMM and training timings."""
+    from ditkit.bench import BenchSettings
+    from ditkit.cli import main
+
+    assert main(["bench", "--preset", "DiT-S/8", "--input-size", "8", "--steps", "1001"]) == 2
+    out = capsys.readouterr()
+    assert "bench setting sample_steps (--steps) 1001: this model's process has 1000 timesteps" in out.err
+    assert "GEMM" not in out.out  # nothing was measured first
+    assert BenchSettings(sample_steps=1000).sample_steps == 1000
+
+
 _REFAULTS = """
 import json, mmap, resource, sys, torch
 import ditkit.bench as bench
@@ -261,3 +274,40 @@ def test_bench_says_the_gelu_epilogue_runs_where_the_triton_kernels_do_not():
     assert fused_state(True, True).startswith("on")
     assert "GELU epilogue on" in fused_state(False, True) and "Triton kernels off" in fused_state(False, True)
     assert fused_state(False, False) == "off (DITKIT_FUSED_KERNELS=0)"
+    # Under --compile models.fused steps aside (neither route runs): said as off, with the reason.
+    for triton, gelu in [(True, True), (False, True), (False, False)]:
+        assert fused_state(triton, gelu, compiled=True) == "off under --compile (Inductor fuses these ops itself)"
+
+
+def test_bench_records_the_fused_kernels_off_under_compile(monkeypatch):
+    """models.fused returns None while torch.compile traces, so a compiled CUDA bench must not record the
+    fused kernels or the GELU epilogue as on (checked without a GPU: CUDA faked, nothing timed)."""
+    import ditkit.bench as bench
+
+    class Stop(Exception):
+        pass
+
+    recorded = {}
+
+    def stop_at_gemm(size, dtype, device):
+        raise Stop
+
+    monkeypatch.setattr(bench, "paired_models", lambda settings, device: (None, None, None))
+    monkeypatch.setattr(bench, "count_macs", lambda config: 1)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device: "fake")
+    monkeypatch.setattr(bench, "fused_kernels_available", lambda device: True)
+    monkeypatch.setattr(bench, "fused_kernels_enabled", lambda: True)
+    monkeypatch.setattr(bench, "gemm_rates", stop_at_gemm)
+    real_state = bench.fused_state
+    # The recorded fields reach fused_state as its arguments: the spy sees what the results say.
+    monkeypatch.setattr(
+        bench, "fused_state", lambda *a: recorded.setdefault("fields", []).append(a[:2]) or real_state(*a)
+    )
+    for compile_ in (False, True):
+        lines = []
+        with pytest.raises(Stop):
+            bench.run_bench(bench.BenchSettings(device="cuda", compile=compile_, allocator="system"), lines.append)
+        recorded[compile_] = lines
+    assert recorded["fields"] == [(True, True), (False, False)]
+    assert any("fused GPU kernels: on" in line for line in recorded[False])
+    assert any("fused GPU kernels: off under --compile" in line for line in recorded[True])

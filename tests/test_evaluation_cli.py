@@ -364,3 +364,50 @@ def test_eval_opens_the_sample_file_once_and_checks_json_out_as_the_cli_does(dig
     kept.write_text("mine")
     with pytest.raises(ValueError, match=rf"^json_out {kept} already exists; choose a new file"):
         evaluate_npz(root / "holdout.npz", tmp_path / "ref.npz", net, json_out=kept)
+
+
+class _FakeInception(torch.nn.Module):
+    """Stands in for the FID Inception (no weights offline): 2048-wide 'pool', as pool_3."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        return {"pool": torch.randn(n, 2048), "logits": torch.randn(n, 1008)}
+
+
+@pytest.mark.parametrize("width", [128, 768])
+def test_a_reference_of_another_width_than_inception_is_refused_before_scoring(tmp_path, monkeypatch, width):
+    """A judge's (128-wide) or another network's statistics against Inception's 2048-wide features: named
+    with the file and the right `ditkit ref-stats` line (no --classifier), before any sample is scored."""
+    from ditkit.evaluation.features import InceptionFeatures
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    feats = rng.normal(size=(10, width))
+    ref = tmp_path / "ref.npz"  # no ditkit_features key: read as Inception statistics
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats.T))
+    computed = []
+    monkeypatch.setattr("ditkit.evaluation.evaluate.compute_features", lambda *a: computed.append(1))
+    net = InceptionFeatures(_FakeInception())
+    assert net.feature_dim == 2048
+    for given, name in [(ref, str(ref)), ({"mu": feats.mean(0), "sigma": np.cov(feats.T)}, "given as statistics")]:
+        with pytest.raises(DataError) as err:
+            evaluate_npz(tmp_path / "s.npz", given, net, progress=False)
+        message = str(err.value)
+        assert f"the reference {name} holds {width}-wide 'mu' features" in message and "gives 2048-wide" in message
+        assert (
+            "ditkit ref-stats IMAGES --out NEW.npz [--inception-weights FILE] (Inception" in message
+            and "--classifier" not in message
+        )
+    assert not computed
+
+
+def test_a_reference_without_mu_and_sigma_is_refused_with_its_keys():
+    """A statistics dict with only 'pool': a DataError naming the reference and what it holds, not a bare
+    KeyError 'mu' at the FID after every sample's features were computed."""
+    from ditkit.evaluation.features import check_reference_net
+
+    net = ClassifierFeatures(DigitClassifier(ClassifierConfig(width=4)).eval())
+    pool = np.random.default_rng(0).normal(size=(10, net.feature_dim)).astype(np.float32)
+    with pytest.raises(DataError, match=r"the reference refs/r.npz has no FID statistics.*has pool") as err:
+        check_reference_net({"pool": pool}, net, "refs/r.npz")
+    assert "--features classifier --classifier" in str(err.value)

@@ -492,6 +492,45 @@ def test_text_guidance_follows_caption_dropout_and_a_missing_encoder_is_named(ti
         c.close()
 
 
+def test_a_text_encoder_without_weights_is_refused_at_validation_once(tmp_path, monkeypatch):
+    """TextEncoder reads its weights on first use; the studio loads them while validating, so a folder
+    whose weights file is missing (an interrupted download) is the request's 500, not a queued job's
+    error, and later requests get the same answer without another load."""
+    import ditkit.text
+
+    (tmp_path / "bert").mkdir()
+    folder = save_tiny_bert(tmp_path / "bert", TEXT_WORDS, max_positions=32)
+    (tmp_path / "bert" / "model.safetensors").unlink()
+    loads = []
+    real = ditkit.text.TextEncoder.model.fget
+    monkeypatch.setattr(ditkit.text.TextEncoder, "model", property(lambda self: loads.append(1) or real(self)))
+    studio = tiny_text_studio(tmp_path, folder)
+    answers = []
+    for _ in range(2):
+        with pytest.raises(StudioError) as err:
+            studio.submit({"prompts": ["top bar"], "steps": 2})
+        answers.append((err.value.status, str(err.value)))
+    assert answers[0] == answers[1] and answers[0][0] == 500
+    assert "cannot load this checkpoint's text encoder" in answers[0][1] and f"text.encoder={folder}" in answers[0][1]
+    assert loads == [1] and not studio.jobs
+
+
+def test_steps_are_bounded_by_the_models_process_and_advertised():
+    """A vp model trained with 50 timesteps grids at most 50 sampling steps: 60 is refused at validation
+    (naming steps and the range), not queued to fail in the worker, and /api/info reports 50."""
+    cfg = make_tiny_config("unused")
+    cfg.diffusion.num_timesteps = 50
+    studio = Studio(build_model(cfg, seed=0).eval(), cfg, name="tiny")
+    assert studio.info()["limits"]["max_steps"] == 50
+    with pytest.raises(StudioError, match="steps 60: this model's process has 50 timesteps; give 1 to 50"):
+        studio.submit({"labels": [0], "steps": 60})
+    assert not studio.jobs
+    assert studio.validate({"labels": [0], "steps": 50})["steps"] == 50
+    # The studio's own limit stays the bound where it is the smaller one.
+    small = Studio(build_model(cfg, seed=0).eval(), cfg, name="tiny", limits=Limits(max_steps=20))
+    assert small.info()["limits"]["max_steps"] == 20
+
+
 def test_host_header_parsing_and_loopback_addresses():
     assert [host_of(h) for h in ("[::1]", "[::1]:8000", "localhost:80", "127.0.0.1", "::1", "[::1]x")] == [
         "::1",

@@ -32,7 +32,7 @@ except ImportError:  # Windows
     resource = None
 
 from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
-from .diffusion import build_process, diffusion_loss
+from .diffusion import NoiseProcess, build_process, diffusion_loss
 from .models import DiT, count_macs
 from .models.fused import fused_kernels_available, fused_kernels_enabled
 
@@ -96,6 +96,9 @@ class BenchSettings:
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"bench setting {name} must be at least 1, got {value}")
+        # More steps than the sampled process has timesteps would fail only when sampling starts, after
+        # the GEMM and training timings.
+        _sample_process().check_num_steps(self.sample_steps, name="bench setting sample_steps (--steps)")
         if not self.precisions or not self.what:
             raise ValueError("bench settings need at least one precision (--precision) and one workload (--what)")
         if self.cfg_scale == 1.0:
@@ -108,8 +111,16 @@ class BenchSettings:
             )
 
 
-def fused_state(triton_kernels: bool, gelu_epilogue: bool) -> str:
+def _sample_process() -> NoiseProcess:
+    """The noise process the bench trains and samples with: the default diffusion config's (1000 vp
+    timesteps, as diffusers' DDIM scheduler on the other side)."""
+    return build_process(DiffusionConfig())
+
+
+def fused_state(triton_kernels: bool, gelu_epilogue: bool, compiled: bool = False) -> str:
     """What the bench prints about ditkit's fused GPU kernels (`models.fused`) on CUDA."""
+    if compiled:  # models.fused steps aside while torch.compile traces, so neither route runs
+        return "off under --compile (Inductor fuses these ops itself)"
     if triton_kernels:
         return "on (Triton norm+modulation and gated residual, cuBLASLt GELU epilogue)"
     if gelu_epilogue:
@@ -314,7 +325,7 @@ def _train_steps(ours: DiT, theirs: torch.nn.Module, settings: BenchSettings, pr
     """One full training step (eps loss, backward, AdamW) for each implementation, same data and noise."""
     from .train import make_adamw
 
-    process = build_process(DiffusionConfig())
+    process = _sample_process()
     c = ours.config
     g = torch.Generator(device).manual_seed(0)
     x0 = torch.randn(settings.batch, c.in_channels, *c.input_hw, generator=g, device=device)
@@ -420,7 +431,7 @@ def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, devi
     from .models.cuda_graph import CUDAGraphForward
     from .samplers import ClassifierFreeGuidance, sample_ddim
 
-    process = build_process(DiffusionConfig())
+    process = _sample_process()
     # As `generate` does (sample.cuda_graph); the wrapper itself steps aside on CPU and for a compiled model.
     network = CUDAGraphForward(model) if settings.cuda_graph else model
     denoiser = ClassifierFreeGuidance(ModelDenoiser(network, process), settings.cfg_scale)
@@ -450,9 +461,13 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         "compiled": settings.compile,
         # ditkit's fused GPU kernels (models.fused): the Triton norm+modulation and gated residual, and
         # the cuBLASLt GELU epilogue of inference's fc1, which needs no Triton and so is recorded apart;
-        # DITKIT_FUSED_KERNELS=0 times ditkit without either.
-        "fused_kernels": device.type == "cuda" and fused_kernels_enabled() and fused_kernels_available(device),
-        "gelu_epilogue": device.type == "cuda" and fused_kernels_enabled(),
+        # DITKIT_FUSED_KERNELS=0 times ditkit without either, and so does --compile: models.fused steps
+        # aside while torch.compile traces (Inductor generates its own fused kernels).
+        "fused_kernels": device.type == "cuda"
+        and not settings.compile
+        and fused_kernels_enabled()
+        and fused_kernels_available(device),
+        "gelu_epilogue": device.type == "cuda" and not settings.compile and fused_kernels_enabled(),
         "gemm_gflops": {},
         "gemm_gflops_by_backend": {},
         "runs": [],
@@ -460,7 +475,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     gemm_size = settings.gemm_size or (8192 if device.type == "cuda" else 2048)
     results["settings"]["gemm_size"] = gemm_size
     if device.type == "cuda":
-        progress(f"ditkit's fused GPU kernels: {fused_state(results['fused_kernels'], results['gelu_epilogue'])}")
+        state = fused_state(results["fused_kernels"], results["gelu_epilogue"], settings.compile)
+        progress(f"ditkit's fused GPU kernels: {state}")
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         rates = gemm_rates(gemm_size, dtype, device)

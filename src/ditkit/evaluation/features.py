@@ -69,6 +69,8 @@ class InceptionFeatures:
     """The FID Inception-v3 as a FeatureNet (grayscale images are repeated to RGB)."""
 
     kind = "inception"
+    feature_dim = 2048
+    """Width of the 'pool' features: the FID graph's pool_3 (fixed by FID's definition, whatever the weights)."""
 
     def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         self.network, self.device = network.to(device).eval(), torch.device(device)
@@ -405,17 +407,30 @@ def reference_from_source(
     return ref
 
 
+def _ref_stats_hint(net: FeatureNet) -> str:
+    """How to make a reference with `net`: the `ditkit ref-stats` command line of its kind."""
+    if getattr(net, "kind", "inception") == "classifier":
+        return "ditkit ref-stats IMAGES --out NEW.npz --features classifier --classifier JUDGE_FOLDER"
+    return "ditkit ref-stats IMAGES --out NEW.npz [--inception-weights FILE] (Inception is the default --features)"
+
+
 def check_reference_net(ref: dict[str, np.ndarray], net: FeatureNet, ref_name: str) -> None:
-    """Refuse reference statistics that `net` did not make, before any sample is scored: another judge's
-    (by the id the reference records, `REFERENCE_NET_KEY`), or, for references without an id (made before
-    ids existed), statistics of another width than `net`'s features, which would otherwise fail only at the
-    FID with a bare shape error. `ref_name` (the reference's file) is named in the error."""
+    """Refuse reference statistics that cannot score `net`'s features, before any sample is scored: ones
+    without FID statistics (mu, sigma), another judge's (by the id the reference records,
+    `REFERENCE_NET_KEY`), or statistics of another width than `net`'s features (a reference made before
+    judge ids existed, or by another network, e.g. a judge's against Inception), which would otherwise
+    fail only at the FID with a bare shape error. `ref_name` (the reference's file) is named in the error."""
+    if "mu" not in ref or "sigma" not in ref:
+        raise DataError(
+            f"the reference {ref_name} has no FID statistics: it needs 'mu' and 'sigma', and has "
+            f"{', '.join(sorted(ref)) or 'nothing'}; make it with {_ref_stats_hint(net)}"
+        )
     made_by, scoring = ref.get(REFERENCE_NET_KEY), feature_net_id(net)
     if made_by is not None and scoring is not None and str(made_by) != scoring:
         # Another judge's features live in another space: the FID would be meaningless, not just off.
         raise DataError(
             f"the reference {ref_name} was made with another digit judge ({made_by}) than the one scoring these "
-            f"samples ({scoring}); make the reference with the same judge (ditkit ref-stats --classifier ...)"
+            f"samples ({scoring}); make the reference with the same judge: {_ref_stats_hint(net)}"
         )
     expected = getattr(net, "feature_dim", None)
     for key in ("mu", "pool"):
@@ -425,7 +440,7 @@ def check_reference_net(ref: dict[str, np.ndarray], net: FeatureNet, ref_name: s
             raise DataError(
                 f"the reference {ref_name} holds {width} {key!r} features, but the {getattr(net, 'kind', '')} "
                 f"network scoring these samples gives {expected}-wide ones: the reference was made by another "
-                "network; make it again with this one (ditkit ref-stats --classifier ...)"
+                f"network; make it again with this one: {_ref_stats_hint(net)}"
             )
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import Config
+from ..diffusion import build_process
 from ..inpainting import DIRECTIONS, inpaint, outpaint
 from ..samplers import SAMPLERS
 from ..sampling import generate
@@ -271,6 +272,9 @@ class Studio:
     def __init__(self, model: nn.Module, config: Config, *, name: str = "", limits: Limits | None = None) -> None:
         self.model, self.config, self.name = model, config, name
         self.limits = limits or Limits()
+        # The model's noise process bounds the steps too: a vp process trained with T timesteps grids at
+        # most T sampling steps, which is refused at validation, not after the request has queued.
+        self.process = build_process(config.diffusion)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()
         # Unbounded: max_queue counts the jobs still waiting (`submit`), so that cancelled ones, which
@@ -310,7 +314,7 @@ class Studio:
                 "seed": sc.seed,
             },
             "limits": {
-                "max_steps": lim.max_steps,
+                "max_steps": self.max_steps,
                 "max_batch": lim.max_batch,
                 "max_queue": lim.max_queue,
                 "max_resample": lim.max_resample,
@@ -322,13 +326,20 @@ class Studio:
             },
         }
 
+    @property
+    def max_steps(self) -> int:
+        """Most sampling steps per request: `Limits.max_steps`, or fewer where the model's process has fewer
+        timesteps."""
+        process_max = self.process.max_steps
+        return self.limits.max_steps if process_max is None else min(self.limits.max_steps, process_max)
+
     def text_encoder(self) -> Any:
         """The text encoder the checkpoint's config names (`config.text`), loaded on first use, once.
 
-        StudioError(500) when it cannot be loaded (not installed, or not available offline): the
-        message says what to install or download, since the request itself was fine. A failed load is
-        not retried by later requests (a hub lookup alone can take half a minute): they get the same
-        answer until the studio is restarted."""
+        StudioError(500) when it cannot be loaded (not installed, not available offline, or its weights
+        missing or corrupt): the message says what to install or download, since the request itself was
+        fine. A failed load is not retried by later requests (a hub lookup alone can take half a minute):
+        they get the same answer until the studio is restarted."""
         with self._text_encoder_lock:
             if self._text_encoder is None and self._text_encoder_error is None:
                 from ..config import ConfigError
@@ -336,7 +347,11 @@ class Studio:
 
                 device = next(self.model.parameters()).device
                 try:
-                    self._text_encoder = load_text_encoder(self.config.text, device=device)
+                    encoder = load_text_encoder(self.config.text, device=device)
+                    # TextEncoder reads its weights on first use: load them here, once, so that missing or
+                    # corrupt weights are this request's answer (and cached) instead of every job's error.
+                    _ = encoder.model
+                    self._text_encoder = encoder
                 except (ConfigError, OSError, ValueError) as err:
                     log.error("studio: cannot load the text encoder: %s", err)
                     self._text_encoder_error = (
@@ -412,6 +427,10 @@ class Studio:
             raise StudioError(f"this model cannot be guided (no {null}): cfg_scale must be 1")
         p["sampler"] = _choice(payload, "sampler", sc.sampler, list(SAMPLERS))
         p["steps"] = _int(payload, "steps", sc.steps, 1, lim.max_steps)
+        try:
+            self.process.check_num_steps(p["steps"], name="steps")
+        except ValueError as err:
+            raise StudioError(str(err)) from None
         p["seed"] = _int(payload, "seed", sc.seed, 0, 2**63 - 1)
         p["eta"] = _float(payload, "eta", sc.eta, 0.0, 1.0) if p["sampler"] == "ddim" else None
         p["preview"] = _bool(payload, "preview", True)
