@@ -10,9 +10,10 @@ meaningless and only the times count. Each variant removes one piece, and `all` 
 
 - `no-norm-mod`: LayerNorm + adaLN modulation replaced by the cast to the matmul dtype;
 - `no-gate`: the gated residual x + gate * branch replaced by x + branch;
-- `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v as two plain matmuls, in
-  place of `layers.attention` whatever kernel it would pick (SDPA in fp32 or on GPU, the matmul form
-  in bf16 on CPU);
+- `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v, ditkit's matmul form of
+  attention (in cache-sized batch slices on CPU) without the softmax. That is ditkit's own path in bf16
+  on CPU, the case this script is for; where ditkit picks SDPA (fp32, GPUs) the row swaps a fused kernel
+  for two matmuls, and is no bound;
 - `no-gelu`: the MLP's GELU dropped (fc1 runs as a plain linear, also in inference).
 
 A removed piece costs nothing, which no kernel achieves, so the `all` row is an upper bound on what
@@ -46,19 +47,37 @@ def _no_gate(x, gate, branch):
     return x + branch
 
 
-def _no_softmax(q, k, v, impl="auto", mask=None):
-    # Stands in for `layers.attention` (same signature), which Attention and CrossAttention call by its
-    # module-level name, so every kernel choice (SDPA or the matmul form) is replaced.
+_ATTENTION = layers.attention  # the original, before any patch
+
+
+def _no_softmax(q, k, v, mask):
+    """Stands in for `layers._matmul_attention`: (q k^T) v, no scaling, no softmax."""
     scores = q @ k.transpose(-2, -1)  # (N, H, T, S)
     if mask is not None:  # padding keys still contribute nothing
         scores = scores.masked_fill(~mask[:, None, None, :], 0.0)
     return scores @ v  # (N, H, T, Dh)
 
 
+def _math_attention(q, k, v, impl="auto", mask=None):
+    """`layers.attention` forced onto its matmul form (whatever the precision or device would pick, SDPA
+    included), which keeps its cache-sized batch slices on CPU; with `_no_softmax` patched in, that form
+    has no softmax."""
+    return _ATTENTION(q, k, v, "math", mask)
+
+
+@contextlib.contextmanager
+def _without_softmax():
+    with (
+        mock.patch.object(layers, "attention", _math_attention),
+        mock.patch.object(layers, "_matmul_attention", _no_softmax),
+    ):
+        yield
+
+
 PIECES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "no-norm-mod": lambda: mock.patch.object(dit_module, "norm_modulate", _no_norm_mod),
     "no-gate": lambda: mock.patch.object(dit_module, "gated_residual", _no_gate),
-    "no-softmax": lambda: mock.patch.object(layers, "attention", _no_softmax),
+    "no-softmax": _without_softmax,
 }
 
 
