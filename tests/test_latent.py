@@ -606,3 +606,12 @@ def test_reference_statistics_from_a_latent_cache_decode_its_means(kl_path, imag
     uint8 = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     direct = compute_features(net, iter([uint8]), 12, False)
     np.testing.assert_allclose(ref["mu"], direct["pool"].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_source_names_on_another_windows_drive_are_fingerprinted_by_their_absolute_path(monkeypatch):
+    # os.path.relpath raises ValueError for paths on two drives (Windows); a caption list may name such images.
+    def relpath(path, start):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(os.path, "relpath", relpath)
+    assert cache_module._relative_name(Path("/data/a.png"), Path("/work")) == str(Path("/data/a.png").absolute())

@@ -127,6 +127,15 @@ def _source_files(data: dict, dataset: Dataset | None = None) -> tuple[Path, lis
     return base, list(dataset.files) if dataset is not None else [image for image, _ in image_folder_samples(path)[1]]
 
 
+def _relative_name(file: Path, base: Path) -> str:
+    """`file` relative to `base`, or its absolute path where it has none (Windows: another drive, which a
+    caption list may name; os.path.relpath raises there)."""
+    try:
+        return os.path.relpath(file, base)
+    except ValueError:
+        return str(Path(file).absolute())
+
+
 def source_fingerprint(data: dict, dataset: Dataset | None = None) -> dict | None:
     """Fingerprint of the files `data` (the manifest's `data` settings) reads: names, sizes, mtimes.
 
@@ -145,7 +154,7 @@ def source_fingerprint(data: dict, dataset: Dataset | None = None) -> dict | Non
     names_sizes, full, total = hashlib.sha256(), hashlib.sha256(), 0
     for file in files:
         stat = file.stat()
-        name = os.fsencode(os.path.relpath(file, base))
+        name = os.fsencode(_relative_name(file, base))
         names_sizes.update(b"%s\0%d\n" % (name, stat.st_size))
         full.update(b"%s\0%d\0%d\n" % (name, stat.st_size, stat.st_mtime_ns))
         total += stat.st_size
