@@ -393,6 +393,24 @@ def test_a_project_moved_whole_checks_its_moved_images(kl_path, tmp_path, monkey
         verify_cache("cache")
 
 
+def test_a_cache_staged_alone_is_not_checked_against_a_folder_that_only_shares_its_images_name(
+    kl_path, tmp_path, monkeypatch, caplog
+):
+    """Only the cache copied to a node, under a folder named like the images' (data/cache256): the images
+    are not there, so the check is skipped as for any absent folder, not run against that folder."""
+    project, node = tmp_path / "project", tmp_path / "node"
+    _own_images(project / "data")
+    monkeypatch.chdir(project)
+    build_cache(resolve_autoencoder(latent_config(kl_path, "data")), project / "cache", shard_items=3, progress=False)
+    (node / "data").mkdir(parents=True)
+    shutil.copytree(project / "cache", node / "data" / "cache256")
+    shutil.rmtree(project)
+    monkeypatch.chdir(node)
+    with caplog.at_level("INFO", logger="ditkit.data.cache"):
+        verify_cache("data/cache256")
+    assert "is not here: not checking whether its images changed" in caplog.text
+
+
 def test_cache_without_recorded_folders_checks_relative_paths_from_the_current_folder(kl_path, tmp_path, monkeypatch):
     """A cache from before the build folder was recorded keeps the old behaviour (relative to the current
     folder), and a refusal says that is where it looked."""
@@ -455,7 +473,9 @@ def test_killed_cache_run_resumes_to_identical_files(kl_path, image_folder, tmp_
     subprocess.run(_cache_cmd(kl_path, image_folder, tmp_path / "whole"), env=env, check=True, capture_output=True)
     resumed = {p.name: p.read_bytes() for p in out.iterdir()}
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
-    assert resumed == whole
+    manifests = [json.loads(files.pop("cache.json")) for files in (resumed, whole)]
+    assert [m.pop("built_in") for m in manifests] == [str(out), str(tmp_path / "whole")]  # each its own folder
+    assert resumed == whole and manifests[0] == manifests[1]
     assert len(CacheDataset(out)) == 12
 
 

@@ -529,6 +529,10 @@ def test_steps_are_bounded_by_the_models_process_and_advertised():
     # The studio's own limit stays the bound where it is the smaller one.
     small = Studio(build_model(cfg, seed=0).eval(), cfg, name="tiny", limits=Limits(max_steps=20))
     assert small.info()["limits"]["max_steps"] == 20
+    # A checkpoint whose sample.steps exceeds the bound: a request naming no steps takes the bound.
+    cfg.sample.steps = 60
+    long = Studio(build_model(cfg, seed=0).eval(), cfg, name="tiny")
+    assert long.info()["defaults"]["steps"] == 50 and long.validate({"labels": [0]})["steps"] == 50
 
 
 def test_host_header_parsing_and_loopback_addresses():

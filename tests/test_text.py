@@ -796,3 +796,16 @@ def test_encoder_weights_that_cannot_load_are_an_error_naming_the_folder(tiny_be
     assert enc.width == 16
     with pytest.raises(TextEncoderError, match=f"text.encoder={folder}: cannot load"):
         enc.encode(["top"])
+
+
+def test_encoder_width_without_get_text_config(tiny_bert):
+    # transformers 4.40-4.44 (which ditkit accepts) have no PretrainedConfig.get_text_config.
+    import types
+
+    from ditkit.text import TextEncoder
+
+    enc = TextEncoder(tiny_bert, max_length=4)
+    enc._config = types.SimpleNamespace(hidden_size=16)
+    assert enc.width == 16
+    enc._config = types.SimpleNamespace(text_config=types.SimpleNamespace(hidden_size=24), projection_dim=8)
+    assert enc.width == 24  # a composite (CLIP-like) config: its text tower's

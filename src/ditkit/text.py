@@ -149,7 +149,7 @@ class TextEncoder:
                         model = transformers.AutoModelForTextEncoding.from_pretrained(self.path)
                     except ValueError:  # a model type without a text-encoding head: its base model
                         model = transformers.AutoModel.from_pretrained(self.path)
-            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing or corrupt weights
+            except (OSError, ValueError, SafetensorError) as err:  # missing or corrupt weights
                 raise self._load_error(err) from err
             self._model = model.to(self.device).eval().requires_grad_(False)
         return self._model
@@ -172,7 +172,11 @@ class TextEncoder:
     @property
     def width(self) -> int:
         """Embedding width E (what model.text_dim must be), from the model's config (no weights loaded)."""
-        config = self._config.get_text_config()  # a composite model's (CLIP's, mllama's) text tower
+        config = self._config
+        if hasattr(config, "get_text_config"):  # a composite model's (CLIP's, mllama's) text tower
+            config = config.get_text_config()
+        else:  # transformers < 4.45
+            config = getattr(config, "text_config", config)
         width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
         if not isinstance(width, int):
             raise TextEncoderError(

@@ -287,21 +287,32 @@ def _check_fingerprints(path: Path, manifest: dict, now: dict[str, dict | None],
         raise CacheError("; ".join(problems) + ". Its latents would be of the old files; " + _REBUILD.format(path=path))
 
 
-def _recorded(fingerprint: object, field: str, configured: str, setting: str, path: Path) -> str:
+def _recorded(fingerprint: object, field: str, configured: str, setting: str, path: Path, manifest: dict) -> str:
     """The folder to check: the absolute one a fingerprint recorded (`field`), else the manifest's setting
     `configured` (`setting`), read from the current folder.
 
-    A recorded folder that is gone while a relative `configured` exists from here is a project moved or
-    copied as a whole (the cache with its images, `rsync -a` to a node's scratch, say): that copy is
-    checked, with a warning saying so, rather than the check being skipped.
+    A recorded folder that is gone, where the relative `configured` reaches a folder from here that sits
+    where the recorded one sat relative to the cache (`built_in`, the cache's folder when it was built),
+    is the project moved or copied as a whole (the cache with its images, `rsync -a` to a node's scratch,
+    say): that copy is checked, with a warning saying so, rather than the check being skipped. Any other
+    folder of that name (the cache staged alone, under a folder that happens to share the name) is not
+    taken for the images: the check is skipped, as for a recorded folder that is absent.
     """
     at = fingerprint.get(field) if isinstance(fingerprint, dict) else None
     if not isinstance(at, str):
         return configured
-    if not Path(at).exists() and not Path(configured).is_absolute() and Path(configured).exists():
+    built_in = manifest.get("built_in")
+    if Path(at).exists() or Path(configured).is_absolute() or not isinstance(built_in, str):
+        return at
+    try:
+        moved_whole = os.path.relpath(at, built_in) == os.path.relpath(Path(configured).absolute(), path.absolute())
+    except ValueError:  # Windows: on different drives, so not where it was relative to the cache
+        moved_whole = False
+    if moved_whole and Path(configured).exists():
         log.warning(
             "%s=%s of the cache %s was at %s when the cache was built, which is gone; checking %s from the "
-            "current folder instead (%s)", setting, configured, path, at, configured, Path(configured).absolute()
+            "current folder instead (%s), which sits where it sat beside the cache (the project was moved)",
+            setting, configured, path, at, configured, Path(configured).absolute(),
         )  # fmt: skip
         return configured
     return at
@@ -330,7 +341,7 @@ def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
         return
     data, ae = manifest["data"], manifest["autoencoder"]
     if manifest["sources"] is not None:
-        root = _recorded(manifest["sources"], "root", data["root"], "data.root", path)
+        root = _recorded(manifest["sources"], "root", data["root"], "data.root", path, manifest)
         if not Path(root).exists():
             log.info("data.root=%s of the cache %s is not here: not checking whether its images changed",
                      _shown(data["root"], root), path)  # fmt: skip
@@ -343,7 +354,7 @@ def verify_cache(path: str | Path, manifest: dict | None = None) -> None:
                     f"built ({err}); " + _REBUILD.format(path=path)
                 ) from err
     if manifest["autoencoder_weights"] is not None:
-        at = _recorded(manifest["autoencoder_weights"], "path", ae["path"], "autoencoder.path", path)
+        at = _recorded(manifest["autoencoder_weights"], "path", ae["path"], "autoencoder.path", path, manifest)
         now["autoencoder_weights"] = autoencoder_fingerprint({**ae, "path": at})
         if now["autoencoder_weights"] is None:
             log.info("autoencoder.path=%s is not here: not checking whether its weights changed",
@@ -583,7 +594,8 @@ def build_cache(
         if out.exists() and any(out.iterdir()):
             raise CacheError(f"{out} exists and is not a ditkit cache; choose an empty or new folder")
         out.mkdir(parents=True, exist_ok=True)
-        manifest = {**settings, **fingerprints, "complete": False}
+        # built_in: where the cache was written, so that a reader can tell a project moved whole (see _recorded)
+        manifest = {**settings, **fingerprints, "built_in": str(out.absolute()), "complete": False}
         _write_json_atomic(out / MANIFEST, manifest)
     for stale in out.glob("*.tmp"):  # left by a killed run; never read
         stale.unlink()
@@ -617,7 +629,8 @@ def build_cache(
     bar.close()
     if not manifest.get("complete"):
         summary = _summarize(out, num_shards, c)
-        manifest = {**settings, **fingerprints, "complete": True, "num_shards": num_shards, **summary}
+        where = {"built_in": manifest["built_in"]} if "built_in" in manifest else {}  # as first written
+        manifest = {**settings, **fingerprints, **where, "complete": True, "num_shards": num_shards, **summary}
         _write_json_atomic(out / MANIFEST, manifest)
         log.info("latent cache %s complete: %d images in %d shards", out, num_items, num_shards)
     return CacheReport(out, num_items, num_shards, written, bytes_per_image, (c, h, w), manifest)

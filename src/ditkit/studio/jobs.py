@@ -308,7 +308,7 @@ class Studio:
             "directions": list(DIRECTIONS),
             "defaults": {
                 "sampler": sc.sampler,
-                "steps": sc.steps,
+                "steps": self.default_steps,
                 "cfg_scale": sc.cfg_scale if guided else 1.0,
                 "eta": sc.eta,
                 "seed": sc.seed,
@@ -332,6 +332,12 @@ class Studio:
         timesteps."""
         process_max = self.process.max_steps
         return self.limits.max_steps if process_max is None else min(self.limits.max_steps, process_max)
+
+    @property
+    def default_steps(self) -> int:
+        """Steps of a request that names none: the checkpoint's `sample.steps`, within `max_steps` (a config
+        may ask for more steps than its own process has, which would refuse every such request)."""
+        return min(self.config.sample.steps, self.max_steps)
 
     def text_encoder(self) -> Any:
         """The text encoder the checkpoint's config names (`config.text`), loaded on first use, once.
@@ -426,7 +432,7 @@ class Studio:
             null = "null text: trained without caption dropout" if kind == "text" else "null class"
             raise StudioError(f"this model cannot be guided (no {null}): cfg_scale must be 1")
         p["sampler"] = _choice(payload, "sampler", sc.sampler, list(SAMPLERS))
-        p["steps"] = _int(payload, "steps", sc.steps, 1, lim.max_steps)
+        p["steps"] = _int(payload, "steps", self.default_steps, 1, lim.max_steps)
         try:
             self.process.check_num_steps(p["steps"], name="steps")
         except ValueError as err:
