@@ -485,6 +485,39 @@ def test_override_value_may_contain_equals_sign():
     assert apply_overrides({}, ["train.out_dir=runs/a=b"]) == {"train": {"out_dir": "runs/a=b"}}
 
 
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("data.root=/data/set #7", ("data", "root"), "/data/set #7"),  # YAML would cut at the comment
+        ("train.out_dir=runs/exp #2", ("train", "out_dir"), "runs/exp #2"),
+        ("data.root=&x mydata", ("data", "root"), "&x mydata"),  # YAML would read an anchor
+        ("data.root=2024", ("data", "root"), "2024"),  # a folder named like a number
+        ("data.root=yes", ("data", "root"), "yes"),
+        ("data.root='quoted #x'", ("data", "root"), "quoted #x"),  # quotes still unquote
+        ("text.encoder=null", ("text", "encoder"), None),  # an optional string: null is None
+        ("text.encoder=~", ("text", "encoder"), None),
+        ("train.steps=5", ("train", "steps"), 5),  # other settings: YAML as before
+    ],
+)
+def test_string_overrides_keep_their_text_as_written(override, key, value):
+    cfg = load_config(None, [override])
+    assert getattr(getattr(cfg, key[0]), key[1]) == value
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, suffix):
+    # The last one used to win, silently returning every field of the first section to its default.
+    path = tmp_path / f"cfg{suffix}"
+    if suffix == ".yaml":
+        path.write_text("model:\n  depth: 2\ntrain:\n  steps: 3\nmodel:\n  hidden_size: 64\n")
+        match = r"the key 'model' appears twice in one mapping \(first on line 1\)"
+    else:
+        path.write_text('{"model": {"depth": 2}, "train": {"steps": 3}, "model": {"hidden_size": 64}}')
+        match = "gives the key 'model' twice"
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
 def test_load_config_applies_overrides_over_the_file(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("train:\n  steps: 100\n  grad_clip: 2.0\nmodel:\n  learn_sigma: true\n")

@@ -191,3 +191,31 @@ def test_mlp_width_is_unchanged_where_there_is_no_float_error():
         with torch.device("meta"):
             model = DiT(ModelConfig(**{**_TINY, "hidden_size": hidden, "mlp_ratio": ratio}))
         assert model.blocks[0].mlp.fc1.out_features == width == int(hidden * ratio)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_pixel_model_in_the_official_layout_converts_to_pixel_space(tmp_path, channels):
+    # The tensors' channel count says which space: 1 or 3 are images, not SD-VAE latents.
+    model = paper_model(in_channels=channels, input_size=8)
+    torch.save(to_official_state_dict(model), tmp_path / "pix.pt")
+    converted, config = from_official(tmp_path / "pix.pt", num_heads=4)
+    assert config.autoencoder.kind == "pixel" and (config.data.image_size, config.data.channels) == (8, channels)
+    x, t, y = inputs(model)
+    assert torch.equal(converted(x, t, y), model(x, t, y))
+
+
+def test_a_latent_model_of_another_channel_count_needs_its_autoencoder_named(tmp_path):
+    torch.save(to_official_state_dict(paper_model(in_channels=6)), tmp_path / "six.pt")
+    with pytest.raises(OfficialFormatError, match=r"six.pt: a 6-channel model .*--vae"):
+        from_official(tmp_path / "six.pt", num_heads=4)
+    _, config = from_official(tmp_path / "six.pt", num_heads=4, vae="my/vae")
+    assert (config.autoencoder.kind, config.autoencoder.path, config.autoencoder.latent_channels) == ("kl", "my/vae", 6)
+
+
+def test_files_that_are_no_plain_state_dict_are_named_errors(tmp_path):
+    (tmp_path / "text.pt").write_text("hello, not weights\n")  # the unpickler raises KeyError on it
+    with pytest.raises(OfficialFormatError, match="text.pt: not a PyTorch file of plain tensors"):
+        from_official(tmp_path / "text.pt", num_heads=4)
+    torch.save({**to_official_state_dict(paper_model()), "step": 1000}, tmp_path / "meta.pt")
+    with pytest.raises(OfficialFormatError, match="meta.pt: not a plain state dict: 'step' is not a tensor"):
+        from_official(tmp_path / "meta.pt", num_heads=4)

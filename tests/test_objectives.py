@@ -145,6 +145,22 @@ def test_flow_loss_is_zero_for_an_oracle():
     assert loss.item() < 1e-10
 
 
+def test_flow_predicts_the_velocity_by_default_and_refuses_eps(tmp_path):
+    # eps on the linear interpolant has no x0 at t = 1 (alpha = 0): every sampler's first step divided by
+    # zero (NaN latents). The prediction now defaults per process, and that pair is refused.
+    from ditkit.config import save_config
+
+    flow = load_config(None, ["diffusion.process=flow", "model.learn_sigma=false"])
+    assert flow.diffusion.prediction == "flow" and load_config(None).diffusion.prediction == "eps"
+    save_config(flow, tmp_path / "flow.yaml")
+    assert load_config(tmp_path / "flow.yaml").diffusion.prediction == "flow"  # saved resolved
+    with pytest.raises(ConfigError, match="diffusion.prediction='eps' cannot sample diffusion.process='flow'"):
+        load_config(None, ["diffusion.process=flow", "diffusion.prediction=eps", "model.learn_sigma=false"])
+    for prediction in ("v", "x0"):
+        overrides = ["diffusion.process=flow", f"diffusion.prediction={prediction}", "model.learn_sigma=false"]
+        assert load_config(None, overrides).diffusion.prediction == prediction
+
+
 def test_config_chooses_process_and_refuses_a_learned_variance_on_flow(tmp_path):
     config = load_config(None, ["diffusion.process=flow", "diffusion.prediction=flow", "model.learn_sigma=false"])
     assert isinstance(build_process(config.diffusion), LinearFlow)

@@ -293,15 +293,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _from_official(source: str, out, args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
-    from .convert.official import DEFAULT_VAE, from_official
+    from .convert.official import from_official
 
-    model, config = from_official(source, num_heads=args.num_heads, vae=args.vae or DEFAULT_VAE)
+    model, config = from_official(source, num_heads=args.num_heads, vae=args.vae)
     save_checkpoint(out, config=config, model=model, ema=model)
     m = config.model
+    pixel = config.autoencoder.kind == "pixel"
+    space = "images, pixel space" if pixel else f"latents ({config.data.image_size} px)"
     print(
         f"wrote a ditkit checkpoint to {out}: {m.depth} blocks, width {m.hidden_size}, patch {m.patch_size}, "
-        f"{m.input_hw[0]}x{m.input_hw[1]}x{m.in_channels} latents ({config.data.image_size} px), "
-        f"{m.num_classes} classes, learned sigma {m.learn_sigma}; autoencoder {config.autoencoder.path}"
+        f"{m.input_hw[0]}x{m.input_hw[1]}x{m.in_channels} {space}, {m.num_classes} classes, "
+        f"learned sigma {m.learn_sigma}" + ("" if pixel else f"; autoencoder {config.autoencoder.path}")
     )
     return 0
 

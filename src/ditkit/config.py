@@ -254,11 +254,13 @@ class DiffusionConfig:
     """beta_1 of the linear schedule (Ho et al. 2020)."""
     beta_end: float = 0.02
     """beta_T of the linear schedule (Ho et al. 2020)."""
-    prediction: PredictionName = "eps"
+    prediction: PredictionName | None = None
     """What the network predicts: 'eps' (the added noise, DDPM/DiT), 'v' = alpha * eps - sigma * x0
     (Salimans & Ho 2022), which weighs errors at high noise more and converges faster on small models,
     or 'x0' (the clean data itself), or 'flow': the velocity d x_t / dt = alpha'(t) x0 + sigma'(t) eps
-    (SiT, rectified flow; with `process: flow` it is eps - x0)."""
+    (SiT, rectified flow; with `process: flow` it is eps - x0). null (the default): 'eps' for the 'vp'
+    process, 'flow' for 'flow'. 'eps' with `process: flow` is refused: at t = 1 the noise says nothing
+    about x0 (x0 = (x_t - sigma eps) / alpha with alpha = 0), so every sampler's first step fails."""
     process: ProcessName = "vp"
     """Noise process: 'vp' (discrete variance-preserving DDPM process over `num_timesteps` steps with
     `schedule`) or 'flow' (the linear interpolant / rectified flow of SiT: x_t = (1 - t) x0 + t eps,
@@ -276,6 +278,14 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _require_finite("diffusion", self)
+        if self.prediction is None:
+            self.prediction = "flow" if self.process == "flow" else "eps"
+        if self.process == "flow" and self.prediction == "eps":
+            raise ConfigError(
+                "diffusion.prediction='eps' cannot sample diffusion.process='flow': at t = 1 the noise says nothing "
+                "about the data (x0 = (x_t - sigma eps) / alpha with alpha = 0); predict 'flow' (this process's "
+                "default), 'v' or 'x0'"
+            )
         if self.num_timesteps < 2:
             raise ConfigError(f"diffusion.num_timesteps must be >= 2, got {self.num_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -714,7 +724,27 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML loader that reads `1e-4` as a float (YAML 1.2); PyYAML's 1.1 rules need a dot (`1.0e-4`)."""
+    """YAML loader that reads `1e-4` as a float (YAML 1.2); PyYAML's 1.1 rules need a dot (`1.0e-4`).
+
+    A key given twice in one mapping is an error: PyYAML would keep the last, so a second `model:`
+    section would silently drop every field of the first back to its default.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: SafeConstructor names it below
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -741,22 +771,47 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _string_field(cls: type, path: list[str]) -> str | None:
+    """'str' or 'optional' where `path` names a `str` or `str | None` field of the dataclass `cls`, else None."""
+    for part in path[:-1]:
+        tp = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if not dataclasses.is_dataclass(tp):
+            return None
+        cls = tp
+    tp = typing.get_type_hints(cls).get(path[-1]) if dataclasses.is_dataclass(cls) else None
+    if tp is str:
+        return "str"
+    if get_origin(tp) in (typing.Union, types.UnionType) and set(get_args(tp)) == {str, type(None)}:
+        return "optional"
+    return None
+
+
+def _parse_override(item: str, cls: type | None = Config) -> tuple[list[str], Any]:
+    """(key path, value) of `section.key=value`: the value parsed as YAML, except for a string setting
+    (`cls`'s annotation says str), which takes the text as written, so that a path such as `runs/exp #2`
+    or `&x` is not cut at what YAML reads as a comment or an anchor, and `2024` or `yes` stay strings.
+    There, `null` or `~` mean None (for optional ones) and a quoted value is unquoted as YAML does."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    kind = _string_field(cls, path) if cls is not None else None
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if kind is not None and not quoted:
+        return path, None if kind == "optional" and raw.strip() in ("null", "~") else raw
     try:
         value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a plain config dict."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None = Config) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a plain config dict of the dataclass `cls` (values parsed as
+    YAML, string settings taken as written: see `_parse_override`)."""
     out = json.loads(json.dumps(data))
     for item in overrides:
-        path, value = _parse_override(item)
+        path, value = _parse_override(item, cls)
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -766,12 +821,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a JSON object, refusing a key given twice (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else _yaml_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else _yaml_load(text)
+    except _RepeatedKey as err:
+        raise ConfigError(f"config file {path} gives the key {err.key!r} twice in one object") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ConfigError(f"config file {path} is not valid {kind}: {err}") from err

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import re
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise OfficialFormatError(f"{path} does not exist")
     try:
         obj = load_weights_only(path, allowed=(argparse.Namespace,))
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except Exception as err:  # whatever the unpickler raised (KeyError for a text file), it is not one to read
         raise OfficialFormatError(
             f"{path}: not a PyTorch file of plain tensors ({load_failure_reason(err)}); ditkit reads .pt files "
             "with torch.load(weights_only=True) only, so it never runs code pickled in them"
@@ -114,28 +113,55 @@ def official_model_config(state: dict[str, torch.Tensor], num_heads: int | None 
     )
 
 
-def official_config(model: ModelConfig, vae: str = DEFAULT_VAE) -> Config:
-    """A full ditkit Config for a released model: SD-VAE latents, linear-beta eps diffusion, DDPM sampling."""
+def official_config(model: ModelConfig, vae: str | None = None) -> Config:
+    """A full ditkit Config for a model in the official layout: linear-beta eps diffusion, DDPM sampling,
+    and the space its channels say. 4 channels (the released models): SD-VAE latents (`vae`, by default
+    the ft-EMA SD-VAE the release used). 1 or 3 channels without a `vae`: pixel space (a model trained on
+    images, exported to the official layout). Any other count works in some autoencoder's latent space,
+    which the tensors cannot name: OfficialFormatError unless `vae` is given."""
+    diffusion = DiffusionConfig(schedule="linear", num_timesteps=1000, prediction="eps")
+    sample = SampleConfig(sampler="ddpm", steps=250, cfg_scale=4.0)
+    if vae is None and model.in_channels in (1, 3):
+        side = model.input_hw[0]
+        data = DataConfig(dataset="folder", root="images/train", image_size=side, channels=model.in_channels)
+        return Config(model=model, diffusion=diffusion, data=data, sample=sample)
+    if vae is None and model.in_channels != 4:
+        raise OfficialFormatError(
+            f"a {model.in_channels}-channel model works in an autoencoder's latent space that its tensors do not "
+            "name: pass the autoencoder (--vae FOLDER_OR_HUB_ID); 4-channel models default to the SD-VAE"
+        )
     side = model.input_hw[0] * SD_VAE_DOWNSAMPLE
     return Config(
         model=model,
-        diffusion=DiffusionConfig(schedule="linear", num_timesteps=1000, prediction="eps"),
+        diffusion=diffusion,
         data=DataConfig(dataset="folder", root="imagenet/train", image_size=side, channels=3, hflip=True),
         autoencoder=AutoencoderConfig(
-            kind="kl", path=vae, scale=0.18215, shift=0.0, latent_channels=model.in_channels, downsample=8
-        ),
-        sample=SampleConfig(sampler="ddpm", steps=250, cfg_scale=4.0),
+            kind="kl",
+            path=vae or DEFAULT_VAE,
+            scale=0.18215,
+            shift=0.0,
+            latent_channels=model.in_channels,
+            downsample=SD_VAE_DOWNSAMPLE,
+        ),  # fmt: skip
+        sample=sample,
     )
 
 
-def from_official(path: str | Path, *, num_heads: int | None = None, vae: str = DEFAULT_VAE) -> tuple[DiT, Config]:
-    """A ditkit DiT (eval mode) and its Config from an official DiT .pt file."""
+def from_official(path: str | Path, *, num_heads: int | None = None, vae: str | None = None) -> tuple[DiT, Config]:
+    """A ditkit DiT (eval mode) and its Config from an official DiT .pt file (`official_config` says which
+    space it works in; `vae` names its autoencoder)."""
     state = load_official_state_dict(path)
     try:
         model_config = official_model_config(state, num_heads)
-    except ConfigError as err:  # official_model_config sees tensors only; say which file they came from
+        config = official_config(model_config, vae)
+    except ConfigError as err:  # these see tensors only; say which file they came from
         raise OfficialFormatError(f"{path}: {err}") from err
-    config = official_config(model_config, vae)
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise OfficialFormatError(
+            f"{path}: not a plain state dict: {', '.join(map(repr, not_tensors[:5]))} "
+            f"{'is not a tensor' if len(not_tensors) == 1 else 'are not tensors'}"
+        )
     with torch.device("meta"):
         model = DiT(config.model)
     try:
