@@ -22,9 +22,8 @@ import argparse
 
 import torch
 
-from ditkit.bench import interleaved_medians, write_rows
+from ditkit.bench import cuda_script_device, interleaved_medians, write_rows
 from ditkit.config import MODEL_PRESETS, ModelConfig
-from ditkit.evaluation.commands import prepare_json_out
 from ditkit.models import DiT
 from ditkit.models.cuda_graph import CUDAGraphForward
 from ditkit.models.text import TextCond
@@ -44,14 +43,7 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=positive_int, default=32, help="caption tokens with --text-dim")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.json:  # refused now, not after the whole run: an existing file is never overwritten
-        try:
-            prepare_json_out(args.json)
-        except ValueError as err:
-            parser.error(str(err))
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = cuda_script_device(parser, args.json)
     rows = []
     print(f"{'preset':9s} {'batch':>5s} {'eager ms':>9s} {'graph+casts ms':>15s} {'graph ms':>9s} {'vs casts':>9s}")
     for preset in args.presets:

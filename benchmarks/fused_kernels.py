@@ -17,9 +17,8 @@ import argparse
 
 import torch
 
-from ditkit.bench import interleaved_medians, write_rows
+from ditkit.bench import cuda_script_device, interleaved_medians, write_rows
 from ditkit.config import MODEL_PRESETS, ModelConfig
-from ditkit.evaluation.commands import prepare_json_out
 from ditkit.models import DiT
 from ditkit.models.cuda_graph import CUDAGraphForward
 from ditkit.models.fused import use_fused_kernels
@@ -44,14 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.json:  # refused now, not after the whole run: an existing file is never overwritten
-        try:
-            prepare_json_out(args.json)
-        except ValueError as err:
-            parser.error(str(err))
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = cuda_script_device(parser, args.json)
     amp = torch.autocast("cuda", dtype=torch.bfloat16)
     rows = []
     head = ("preset", "workload", "batch", "plain ms", "fused ms", "speedup", "max diff")

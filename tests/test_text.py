@@ -450,10 +450,10 @@ def test_embedding_cache_writers_never_share_a_temporary_file(tiny_bert, tmp_pat
 
 
 def test_embedding_cache_removes_temporary_files_of_killed_writers(tiny_bert, tmp_path):
-    """A run killed while saving leaves its `.tmp-HOST-PID` file: the next load or save of the cache removes
-    it once that process is gone, but never the file of a live writer, nor one of another machine's
-    (its pid means nothing here; that machine's next run removes it), nor one written to lately (a writer
-    in another pid namespace looks gone)."""
+    """A run killed while saving leaves its `.tmp-HOST-PID` file: the next opening of the cache (also
+    before a save) removes it once that process is gone, but never the file of a live writer, nor one of
+    another machine's (its pid means nothing here; that machine's next run removes it), nor one written
+    to lately (a writer in another pid namespace looks gone)."""
     import os
     import socket
     import subprocess

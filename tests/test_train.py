@@ -642,9 +642,11 @@ def test_a_resume_reads_metrics_jsonl_once(tmp_path, monkeypatch):
     assert _steps_in(run / "metrics.jsonl") == [1, 2, 3, 4]  # the step 3 of the timeline left behind is gone
 
 
-def test_a_text_run_loads_its_text_encoder_once(tmp_path, monkeypatch):
-    """The batch source encodes (or reads from the cache) every caption once; the sample grid's prompts
-    are looked up in its table, so the encoder is not loaded again for them."""
+def test_a_text_run_loads_its_text_encoders_weights_once(tmp_path, monkeypatch):
+    """The batch source encodes every caption once into the text-embedding cache; the sample grid's
+    prompts are dataset captions, found there, so the encoder's weights are not loaded again for them."""
+    import transformers
+
     import ditkit.text as text
     from conftest import save_tiny_bert
     from ditkit.config import Config, ModelConfig, TextConfig
@@ -660,8 +662,10 @@ def test_a_text_run_loads_its_text_encoder_once(tmp_path, monkeypatch):
                     text=TextConfig(encoder=encoder, max_length=4))  # fmt: skip
     captions = [f"{words[i % 4]} {words[(i // 4) % 4]}" for i in range(20)]
     data = TensorCaptionDataset(make_tiny_dataset(20).images, captions)
-    real_load, loads = text.load_text_encoder, []
-    monkeypatch.setattr(text, "load_text_encoder", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    real_load, loads = transformers.AutoModelForTextEncoding.from_pretrained, []
+    monkeypatch.setattr(
+        transformers.AutoModelForTextEncoding, "from_pretrained", lambda *a, **k: loads.append(1) or real_load(*a, **k)
+    )
     grids = []
     monkeypatch.setattr(train_mod, "save_sample_grid", lambda *a, **k: grids.append(k))
     train(config, progress=False, dataset=data)

@@ -12,6 +12,7 @@ peak). FLOPs are 2 x the multiply-adds of `count_macs` (the paper's count), x3 f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -35,6 +36,7 @@ from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import NoiseProcess, build_process, diffusion_loss
 from .models import DiT, count_macs
 from .models.fused import fused_kernels_available, fused_kernels_enabled
+from .utils.files import prepare_json_out
 
 __all__ = [
     "BenchSettings",
@@ -558,6 +560,19 @@ def write_json(results: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def cuda_script_device(parser: argparse.ArgumentParser, json_out: str | None) -> torch.device:
+    """The GPU a CUDA-only benchmark script (`benchmarks/`) runs on, after refusing (`parser.error`) an
+    existing `--json` file before anything is measured, and a machine without a CUDA GPU."""
+    if json_out:  # refused now, not after the whole run: an existing file is never overwritten
+        try:
+            prepare_json_out(json_out)
+        except ValueError as err:
+            parser.error(str(err))
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    return torch.device("cuda")
 
 
 def write_rows(path: str | Path, settings: dict, rows: list) -> Path:

@@ -24,11 +24,11 @@ from .evaluation.commands import (
     check_guidance_channels,
     check_sampling_steps,
     cmd_sample_npz,
-    prepare_json_out,
     refuse_npz_only_options,
 )
 from .samplers import SAMPLERS
 from .utils.args import port_number, positive_int
+from .utils.files import prepare_json_out
 
 __all__ = ["main"]
 

@@ -126,7 +126,7 @@ class TextEncoder:
         self.device = torch.device(device)
         self._fingerprint: str | None = None  # computed on first describe(): sampling never needs it
 
-    def _load_error(self, err: OSError) -> TextEncoderError:
+    def _load_error(self, err: Exception) -> TextEncoderError:
         return TextEncoderError(
             f"text.encoder={self.path}: cannot load a transformers text encoder ({type(err).__name__}: {err}). "
             "Use a complete local model folder, "
@@ -268,8 +268,8 @@ class TextEmbeddingCache:
 
     The file holds `tokens` (K, L, E), `mask` (K, L), `pooled` (K, E) and, in its metadata, the
     captions in row order and the encoder that made them. `update` encodes only captions not yet in it.
-    Saves go through `<file>.tmp-<host>-<pid>`; loading or saving removes those that writers killed
-    mid-save left on this machine.
+    Saves go through `<file>.tmp-<host>-<pid>`; opening the cache removes those that writers killed
+    mid-save left on this machine (every `update` opens it first).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -396,7 +396,6 @@ class TextEmbeddingCache:
         # captions and save at once, and two writers of one shared .tmp could interleave into a corrupt
         # file. The replace is atomic, and every rank's table holds the same embeddings. The host in the
         # name tells leftovers of killed writers on this machine from files other machines are writing.
-        self._remove_stale_temporaries()
         tmp = self._temporary()
         tensors = {
             "tokens": self.table.tokens.contiguous(),

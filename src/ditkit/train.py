@@ -44,7 +44,7 @@ from .checkpoint import (
 from .config import Config, ConfigError, config_to_dict, save_config
 from .data import build_dataset
 from .data.cache import CacheDataset, CacheError, verify_cache
-from .data.sources import TextBatches, make_batch_source, measure_latent_stats
+from .data.sources import make_batch_source, measure_latent_stats
 from .diffusion import build_process, diffusion_loss
 from .distributed import (
     DistEnv,
@@ -68,7 +68,6 @@ from .distributed import (
 from .inpainting import inpaint_loss, stream_masks
 from .models import DiT
 from .models.dit import resize_pos_embed
-from .models.text import TextCond
 from .monitor import RunLog, check_metrics, save_sample_grid, truncate_metrics
 from .utils.images import plot_loss_curve
 
@@ -362,12 +361,10 @@ def _train(
     grid_text: dict = {}  # a text model's grid: 16 dataset captions, embedded once from the run's cache
     if tc.sample_every and config.model.text_conditional and env.is_main:
         from .evaluation.in_training import PrecomputedText, dataset_prompts
+        from .text import caption_table  # cached with the dataset's captions: no encoder weights load
 
         prompts = dataset_prompts(config, dataset, 16, f"train.sample_every={tc.sample_every}")
-        grid_text = {
-            "prompts": prompts,
-            "text_encoder": PrecomputedText(prompts, _prompt_table(source, dataset, prompts)),
-        }
+        grid_text = {"prompts": prompts, "text_encoder": PrecomputedText(prompts, caption_table(config, prompts))}
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -740,14 +737,6 @@ def compile_for_training(wrapped: nn.Module, model: DiT, scope: bool | str) -> n
             block.compile()
         return wrapped
     return torch.compile(wrapped) if scope else wrapped
-
-
-def _prompt_table(source: TextBatches, dataset: Dataset, prompts: list[str]) -> TextCond:
-    """Text embeddings of `prompts`, captions of `dataset`, from the table a text model's batch source
-    holds (a row per entry of `dataset.captions`, encoded or read from the text-embedding cache once,
-    when the source was made), so that no text encoder is loaded again for them."""
-    row = {caption: i for i, caption in enumerate(dataset.captions)}
-    return source.table[torch.tensor([row[p] for p in prompts], dtype=torch.long)]
 
 
 def _training_dataset(config: Config) -> Dataset:

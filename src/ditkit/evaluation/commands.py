@@ -16,6 +16,7 @@ import torch
 
 from ..config import Config
 from ..utils.args import positive_int
+from ..utils.files import prepare_json_out
 from .inception import InceptionWeightsError
 from .protocols import PROTOCOLS, Protocol, get_protocol
 
@@ -24,7 +25,6 @@ __all__ = [
     "refuse_npz_only_options",
     "check_guidance_channels",
     "check_sampling_steps",
-    "prepare_json_out",
     "cmd_sample_npz",
     "add_eval_commands",
 ]
@@ -187,19 +187,6 @@ def cmd_sample_npz(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"wrote {job.num} samples to {out}")
     return 0
-
-
-def prepare_json_out(path: str, option: str = "--json") -> Path:
-    """A new JSON file to write at the end of a command, checked before anything is computed: an existing
-    path is refused, missing parent folders are created now (so a bad location fails first, not last)."""
-    out = Path(path)
-    if out.exists():
-        raise ValueError(f"{option} {path} already exists; choose a new file (nothing was written)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{option} {path}: cannot create its folder {out.parent} ({err.strerror or err})") from err
-    return out
 
 
 def check_sampling_steps(steps: object, config: Config) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ..data import DataError, load_mnist
+from ..utils.files import prepare_json_out
 from .classifier import ClassifierResult, load_classifier, save_classifier, train_classifier
-from .commands import prepare_json_out
 from .features import (
     REFERENCE_KIND_KEY,
     ClassifierFeatures,

@@ -35,10 +35,7 @@ __all__ = [
     "InceptionFeatures",
     "ClassifierFeatures",
     "NpzReader",
-    "npz_keys",
     "npz_array_info",
-    "iter_npz_images",
-    "read_npz_array",
     "folder_images",
     "iter_folder_images",
     "iter_cache_images",
@@ -135,9 +132,9 @@ class ClassifierFeatures:
 class NpzReader:
     """An .npz file opened once: its array names, array headers, streamed image batches and whole arrays.
 
-    The module-level helpers (`npz_keys`, `npz_array_info`, `iter_npz_images`, `read_npz_array`) open the
-    file per call; a caller that reads several things of one file (`evaluate_npz`) opens it once here.
-    Use it as a context manager; errors are DataErrors that name the file.
+    Every read of an .npz goes through it (`npz_array_info` for a one-off header read); a caller that
+    reads several things of one file (`evaluate_npz`) keeps it open. Use it as a context manager; errors
+    are DataErrors that name the file.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -198,12 +195,6 @@ class NpzReader:
             return np.lib.format.read_array(f, allow_pickle=False)
 
 
-def npz_keys(path: str | Path) -> list[str]:
-    """Array names stored in an .npz file ('arr_0', 'mu', ...)."""
-    with NpzReader(path) as npz:
-        return npz.keys
-
-
 def npz_array_info(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array of an .npz, read from its header only."""
     with NpzReader(path) as npz:
@@ -219,18 +210,6 @@ def _read_npy_header(f, path: str | Path, key: str) -> tuple[tuple[int, ...], bo
     else:
         raise DataError(f"{path}: array {key!r} has unsupported .npy version {version}")
     return shape, fortran, dtype
-
-
-def iter_npz_images(path: str | Path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
-    """Yield (b, H, W, C) uint8 batches of an ADM-style .npz array without loading it whole."""
-    with NpzReader(path) as npz:
-        yield from npz.iter_images(batch_size, key)
-
-
-def read_npz_array(path: str | Path, key: str) -> np.ndarray:
-    """One array of an .npz file (not pickled objects)."""
-    with NpzReader(path) as npz:
-        return npz.read(key)
 
 
 def folder_images(folder: str | Path) -> list[Path]:

@@ -15,3 +15,16 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(4 * 2**20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def prepare_json_out(path: str, option: str = "--json") -> Path:
+    """A new JSON file to write at the end of a command, checked before anything is computed: an existing
+    path is refused, missing parent folders are created now (so a bad location fails first, not last)."""
+    out = Path(path)
+    if out.exists():
+        raise ValueError(f"{option} {path} already exists; choose a new file (nothing was written)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot create its folder {out.parent} ({err.strerror or err})") from err
+    return out
