@@ -552,14 +552,11 @@ def _line(r: dict) -> str:
 
 
 def write_json(results: dict, path: str | Path) -> Path:
-    """Write the results of `run_bench` as JSON to a new file (missing folders are created; an existing
-    file is refused, not overwritten)."""
-    path = Path(path)
-    if path.exists():
-        raise ValueError(f"{path} already exists; choose a new file for the results (nothing was written)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+    """Write the results of `run_bench` as JSON to a new file (`prepare_json_out`: missing folders are
+    created; an existing file is refused, not overwritten)."""
+    out = prepare_json_out(str(path))
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return out
 
 
 def cuda_script_device(parser: argparse.ArgumentParser, json_out: str | None) -> torch.device:
