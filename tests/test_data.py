@@ -276,6 +276,50 @@ def test_flat_folder_is_an_unconditional_dataset(tmp_path):
     assert image[0].eq(1).all() and image[2].eq(-1).all()  # loose.png (sorted first) is red
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".pgm"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_grey_is_rescaled_to_eight_bits_not_clipped(tmp_path, suffix, channels):
+    # Pillow's convert() clips 16-bit values to 255: a mid-grey came out white and a ramp near-binary.
+    ramp = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    if suffix == ".pgm":  # 16-bit binary PGM (Pillow opens it as mode 'I', not 'I;16')
+        (tmp_path / "ramp.pgm").write_bytes(b"P5\n16 16\n65535\n" + ramp.astype(">u2").tobytes())
+    else:
+        Image.fromarray(ramp).save(tmp_path / f"ramp{suffix}")
+    with Image.open(tmp_path / f"ramp{suffix}") as img:
+        assert img.mode in ("I;16", "I;16B", "I"), img.mode  # the 16-bit path is what is tested
+    image, _ = ImageFolderDataset(tmp_path, image_size=16, channels=channels)[0]
+    expected = torch.from_numpy((ramp >> 8).astype(np.float32)) / 127.5 - 1.0  # the high byte, in [-1, 1]
+    assert image.shape == (channels, 16, 16)
+    for channel in image:
+        torch.testing.assert_close(channel, expected, atol=0, rtol=0)
+
+
+def test_sixteen_bit_mid_grey_stays_mid_grey(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "grey.png")
+    image, _ = ImageFolderDataset(tmp_path, image_size=8, channels=3)[0]
+    assert image.unique().tolist() == [torch.tensor(128.0).div(127.5).sub(1.0).item()]  # code 128 of 255
+
+
+@pytest.mark.parametrize(
+    ("array", "mode"),
+    [(np.linspace(0, 1, 64, dtype=np.float32), "F"), (np.arange(64, dtype=np.int32) * 65536, "I")],
+)
+def test_float_and_32_bit_images_raise_naming_file_and_mode(tmp_path, array, mode):
+    # Their range is not in the file ([0, 1] or [0, 255] floats; 12-, 16- or 32-bit integers), and
+    # convert() clipped a [0, 1] float image to black: an error instead of a guess.
+    Image.fromarray(array.reshape(8, 8)).save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as img:
+        assert img.mode == mode
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    with pytest.raises(DataError) as err:
+        ds[0]
+    message = str(err.value)
+    assert str(tmp_path / "deep.tif") in message and f"mode {mode!r}" in message
+    assert "expected 8-bit or 16-bit grey, or 8-bit colour" in message
+    with pytest.raises(DataError, match="every image was unreadable"):
+        ImageFolderDataset(tmp_path, image_size=8, skip_bad_files=True)
+
+
 def test_images_in_hidden_folders_are_skipped_at_every_depth(tmp_path, caplog):
     for rel in ["cat/a.png", "cat/.ipynb_checkpoints/a-checkpoint.png", "cat/sub/b.png", "cat/sub/.thumbs/t.png"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,24 @@ def test_tiny_autoencoder_is_deterministic(tmp_path):
     assert ae.encode_distribution(images).logvar is None
     torch.testing.assert_close(ae.encode(images), ae.encode(images))
     assert ae.encode(images).shape == (2, 4, 4, 4) and ae.decode(ae.encode(images)).shape == (2, 3, 8, 8)
+    # TAESD's latents are already roughly unit-scaled: diffusers' AutoencoderTiny defaults are
+    # scaling_factor 1.0 and shift_factor 0.0 (docs/latent.md), not the KL VAE's 0.18215.
+    assert (ae.config.scale, ae.config.shift) == (1.0, 0.0)
+    assert ae.scale.eq(1).all() and ae.shift.eq(0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(ae.encode(images), tiny.encode(images).latents, atol=0, rtol=0)
+    cfg = json.loads((tmp_path / "taesd" / "config.json").read_text())
+    del cfg["scaling_factor"], cfg["shift_factor"]  # as written before diffusers recorded them
+    (tmp_path / "taesd" / "config.json").write_text(json.dumps(cfg))
+    config = Config(
+        model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=0, learn_sigma=False),
+        data=DataConfig(dataset="folder", root=str(tmp_path), image_size=8, channels=3),
+        autoencoder=AutoencoderConfig(kind="tiny", path=str(tmp_path / "taesd")),
+    )
+    resolved = resolve_autoencoder(config).autoencoder
+    assert (resolved.scale, resolved.shift) == (1.0, 0.0)
+    loaded = build_autoencoder(config.autoencoder)
+    assert (loaded.config.scale, loaded.config.shift) == (1.0, 0.0)
 
 
 @pytest.mark.parametrize("where", ["local", "hub"])
@@ -336,6 +354,67 @@ def test_cache_from_before_fingerprints_loads_with_a_warning(kl_path, tmp_path, 
     assert "sources" not in json.loads((tmp_path / "cache" / "cache.json").read_text())  # not certified afterwards
 
 
+def test_cache_reports_the_class_count_of_its_dataset(kl_path, tmp_path):
+    # Not the largest label + 1: a flat folder has no classes (every label 0), and a class folder
+    # without images still counts. Training's guard against a conditional model on unconditional data
+    # reads this count.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(3):
+        Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(flat / f"{k}.png")
+    build_cache(resolve_autoencoder(latent_config(kl_path, flat)), tmp_path / "flat-cache", progress=False)
+    assert build_dataset(DataConfig(dataset="folder", root=str(flat), image_size=16)).num_classes == 0
+    assert CacheDataset(tmp_path / "flat-cache").num_classes == 0
+    images = _own_images(tmp_path / "img")
+    (images / "c2-empty").mkdir()  # a trailing class folder with no images
+    config = resolve_autoencoder(latent_config(kl_path, images))
+    build_cache(config, tmp_path / "cache", shard_items=4, progress=False)
+    assert CacheDataset(tmp_path / "cache").num_classes == build_dataset(config.data).num_classes == 3
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["num_classes"] == 3
+    # An empty folder added before c1 moves c1's labels without changing any file the fingerprint sees.
+    (images / "c0-empty").mkdir()
+    with pytest.raises(CacheError) as err:
+        build_cache(config, tmp_path / "cache", shard_items=4, progress=False)
+    assert f"{tmp_path / 'cache'} holds a cache of 3 classes" in str(err.value) and "now has 4" in str(err.value)
+
+
+def test_cache_from_before_class_counts_loads_and_resumes_with_a_warning(kl_path, tmp_path, caplog):
+    config = resolve_autoencoder(latent_config(kl_path, _own_images(tmp_path / "img")))
+    build_cache(config, tmp_path / "cache", shard_items=4, progress=False)
+    manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    old = {k: v for k, v in manifest.items() if k != "num_classes"}
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({**old, "complete": False}, indent=2) + "\n")
+    (tmp_path / "cache" / "shard_00001.safetensors").unlink()  # an interrupted older run, resumed now
+    report = build_cache(config, tmp_path / "cache", shard_items=4, progress=False)
+    assert report.shards_written == 1 and "num_classes" not in report.manifest  # not certified afterwards
+    with caplog.at_level("WARNING", logger="ditkit.data.cache"):
+        cache = CacheDataset(tmp_path / "cache")
+    assert cache.num_classes == 2  # the largest label + 1
+    assert "did not record its dataset's number of classes: assuming 2" in caplog.text
+
+
+def test_truncated_or_garbled_shard_is_named_and_re_encoded(kl_path, tmp_path):
+    config = resolve_autoencoder(latent_config(kl_path, _own_images(tmp_path / "img", count=4)))
+    build_cache(config, tmp_path / "cache", shard_items=2, progress=False)
+    shard = tmp_path / "cache" / "shard_00001.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # an interrupted copy: the header survives
+    with pytest.raises(CacheError) as err:
+        CacheDataset(tmp_path / "cache")
+    message = str(err.value)
+    assert f"{shard}: {len(whole) // 2} bytes, but its header says its tensors end at byte {len(whole)}" in message
+    assert "truncated" in message and "copy it again" in message and "`ditkit cache` command again" in message
+    shard.write_bytes(whole[:5])  # not even the header's length
+    with pytest.raises(CacheError, match=re.escape(f"{shard}: unreadable shard header (error: ")):
+        CacheDataset(tmp_path / "cache")
+    shard.write_bytes(whole[:8] + b"{not json" + whole[17:])
+    with pytest.raises(CacheError, match=re.escape(f"{shard}: unreadable shard header (JSONDecodeError: ")):
+        CacheDataset(tmp_path / "cache")
+    # What the message promises: the same command encodes that shard again, byte for byte.
+    assert build_cache(config, tmp_path / "cache", shard_items=2, progress=False).shards_written == 1
+    assert shard.read_bytes() == whole and len(CacheDataset(tmp_path / "cache")) == 4
+
+
 def _other_weights(src: Path, dst: Path) -> None:
     """A copy of the VAE folder `src` at `dst` with other weights (the same config and file names)."""
     vae = diffusers.AutoencoderKL.from_pretrained(src)
@@ -517,6 +596,56 @@ def test_unreadable_tar_member_is_named_or_skipped(tmp_path):
     assert "a.tar:x/1.png" in str(err.value)
     skipping = TarShardDataset(tmp_path, image_size=8, skip_bad_files=True)
     assert len(skipping) == 1 and skipping.num_skipped == 1
+
+
+def _write_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_tar_sample_keys_end_at_the_first_dot_as_in_webdataset(tmp_path, caplog):
+    # WebDataset's key is the folder plus the file name up to its first dot: 0001.seg.png is the
+    # `seg.png` of sample 0001, not a sample `0001.seg` whose mask would be trained on as an image.
+    _write_members(
+        tmp_path / "a.tar",
+        [
+            ("0001.png", _png((255, 0, 0))),
+            ("0001.seg.png", _png((0, 0, 0))),
+            ("0001.cls", b"2"),
+            ("v1.0/0002.jpg", _png((0, 0, 255))),  # a dot in the folder does not end the key
+            ("v1.0/0002.cls", b"1"),
+        ],
+    )
+    ds = TarShardDataset(tmp_path, image_size=8)
+    assert [entry[3] for entry in ds.index] == ["0001.png", "v1.0/0002.jpg"] and ds.num_classes == 3
+    (red, label), (blue, other) = ds[0], ds[1]
+    assert (label, other) == (2, 1)
+    assert red[0].eq(1).all() and red[1:].eq(-1).all()  # the photo, not the black mask
+    assert blue[2].eq(1).all() and blue[:2].eq(-1).all()
+    # A sample whose only image-like member has a longer extension has no image: named, not trained on.
+    _write_members(tmp_path / "b.tar", [("0003.seg.png", _png((0, 0, 0))), ("0003.cls", b"0")])
+    with caplog.at_level("WARNING", logger="ditkit.data.tar"):
+        assert len(TarShardDataset(tmp_path, image_size=8)) == 2
+    assert f"{tmp_path / 'b.tar'}:0003.seg.png" in caplog.text
+    with pytest.raises(DataError) as err:
+        TarShardDataset(tmp_path / "b.tar", image_size=8)
+    assert "no images found" in str(err.value) and "b.tar:0003.seg.png" in str(err.value)
+
+
+def test_tar_label_that_is_not_utf8_is_named(tmp_path):
+    _write_members(tmp_path / "a.tar", [("s/0001.png", _png((1, 2, 3))), ("s/0001.cls", "3".encode("utf-16"))])
+    with pytest.raises(DataError) as err:
+        TarShardDataset(tmp_path, image_size=8)
+    message = str(err.value)
+    assert (
+        f"{tmp_path / 'a.tar'}: s/0001.cls" in message and "not UTF-8" in message and "expected an integer" in message
+    )
+    _write_members(tmp_path / "a.tar", [("s/0001.png", _png((1, 2, 3))), ("s/0001.cls", b"three")])
+    with pytest.raises(DataError, match=r"a.tar: s/0001.cls holds 'three', expected an integer"):
+        TarShardDataset(tmp_path, image_size=8)
 
 
 def test_tar_workers_read_through_the_parents_handles_without_moving_them(tmp_path, monkeypatch):

@@ -7,9 +7,10 @@ of the image *and* of its horizontal flip, so training draws a flip and a poster
 (`ditkit.data.sources.CachedBatches`) exactly as if it were encoding images.
 
 Layout of a cache folder:
-- `cache.json`: settings (autoencoder, data, dtype, shard size), `complete`, fingerprints of the source
-  files and of the autoencoder weights (`sources`, `autoencoder_weights`, see `verify_cache`), and when
-  complete the per-channel latent statistics and the measured storage error;
+- `cache.json`: settings (autoencoder, data, dtype, shard size), `complete`, the dataset's `num_classes`
+  (0 for unconditional data), fingerprints of the source files and of the autoencoder weights
+  (`sources`, `autoencoder_weights`, see `verify_cache`), and when complete the per-channel latent
+  statistics and the measured storage error;
 - `shard_00000.safetensors`, ...: `shard_items` images each, a few hundred MB (not one file per image):
   `mean`, `logvar` (N, 2, C, h, w) (index 1 of dim 1 = flipped image) and `label` (N,); with uint8
   storage, `mean`/`logvar` are uint8 codes with per-(image, flip, channel) `*_lo` and `*_step`;
@@ -462,11 +463,43 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
         return 8 + length, json.loads(f.read(length))
 
 
+_REPAIR = "copy it again from where the cache was built, or run the same `ditkit cache` command again to re-encode it"
+
+
+def _shard_layout(path: Path) -> tuple[int, dict]:
+    """(byte where the tensor data starts, header) of a shard whose header and length agree, else CacheError.
+
+    A truncated copy (an interrupted rsync) keeps an intact header; only its length gives it away, and
+    np.memmap would then fail with a bare "mmap length is greater than file size".
+    """
+    try:
+        size = path.stat().st_size
+        start, header = _safetensors_header(path)
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = (int(offset) for offset in info["data_offsets"])
+            nbytes = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_NP_DTYPES[info["dtype"]]).itemsize
+            if stop - begin != nbytes:
+                raise ValueError(f"tensor {name!r} spans {stop - begin} bytes, expected {nbytes} for its shape")
+            end = max(end, stop)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
+        # json and UTF-8 decoding errors are ValueErrors; a header that is not a mapping, AttributeError
+        raise CacheError(f"{path}: unreadable shard header ({type(err).__name__}: {err}); {_REPAIR}") from err
+    if start + end > size:
+        raise CacheError(
+            f"{path}: {size} bytes, but its header says its tensors end at byte {start + end}: the shard is "
+            f"truncated (an interrupted copy?); {_REPAIR}"
+        )
+    return start, header
+
+
 def _shard_is_complete(path: Path, count: int) -> bool:
     try:
-        _, header = _safetensors_header(path)
+        _, header = _shard_layout(path)  # a truncated shard is encoded again
         return int(json.loads(header["__metadata__"]["ditkit_cache"])["count"]) == count
-    except (OSError, ValueError, KeyError, struct.error):
+    except (OSError, ValueError, KeyError, struct.error):  # CacheError is a ValueError
         return False
 
 
@@ -571,6 +604,10 @@ def build_cache(
         "sources": source_fingerprint(settings["data"], dataset),  # the files the dataset listed, not listed again
         "autoencoder_weights": autoencoder_fingerprint(settings["autoencoder"]),
     }
+    # The dataset's own count, not the largest label + 1: a flat folder is unconditional (0 classes, every
+    # label 0) and empty trailing class folders still count. Kept out of `settings`, so that caches from
+    # before it was recorded still resume (they keep lacking it, like fingerprints: see CacheDataset).
+    classes = {"num_classes": 0 if captions is not None else int(dataset.num_classes)}  # captions are not classes
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         for key, value in settings.items():
@@ -587,15 +624,23 @@ def build_cache(
         # A resumed run must not append latents of other images or weights to the shards already written,
         # nor may a re-run report an outdated complete cache as up to date.
         _check_fingerprints(out, manifest, fingerprints)
+        if "num_classes" in manifest and manifest["num_classes"] != classes["num_classes"]:
+            # The files are unchanged (fingerprints), but a class folder was added or removed: labels moved.
+            raise CacheError(
+                f"{out} holds a cache of {manifest['num_classes']} classes, but data.root={settings['data']['root']} "
+                f"now has {classes['num_classes']} (a class folder added or removed?); choose another folder "
+                "(the existing cache is left untouched)"
+            )
         # Keep what the manifest says: an older cache stays unfingerprinted and an unknown (None) one stays
         # unknown, since shards already written may predate any check.
         fingerprints = {key: manifest[key] for key in fingerprints if key in manifest}
+        classes = {key: manifest[key] for key in classes if key in manifest}
     else:
         if out.exists() and any(out.iterdir()):
             raise CacheError(f"{out} exists and is not a ditkit cache; choose an empty or new folder")
         out.mkdir(parents=True, exist_ok=True)
         # built_in: where the cache was written, so that a reader can tell a project moved whole (see _recorded)
-        manifest = {**settings, **fingerprints, "built_in": str(out.absolute()), "complete": False}
+        manifest = {**settings, **fingerprints, **classes, "built_in": str(out.absolute()), "complete": False}
         _write_json_atomic(out / MANIFEST, manifest)
     for stale in out.glob("*.tmp"):  # left by a killed run; never read
         stale.unlink()
@@ -630,7 +675,15 @@ def build_cache(
     if not manifest.get("complete"):
         summary = _summarize(out, num_shards, c)
         where = {"built_in": manifest["built_in"]} if "built_in" in manifest else {}  # as first written
-        manifest = {**settings, **fingerprints, **where, "complete": True, "num_shards": num_shards, **summary}
+        manifest = {
+            **settings,
+            **fingerprints,
+            **classes,
+            **where,
+            "complete": True,
+            "num_shards": num_shards,
+            **summary,
+        }
         _write_json_atomic(out / MANIFEST, manifest)
         log.info("latent cache %s complete: %d images in %d shards", out, num_items, num_shards)
     return CacheReport(out, num_items, num_shards, written, bytes_per_image, (c, h, w), manifest)
@@ -668,13 +721,18 @@ def _summarize(out: Path, num_shards: int, channels: int) -> dict:
 
 def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only numpy memmap (no copy into memory)."""
-    start, header = _safetensors_header(path)
+    start, header = _shard_layout(path)
     arrays = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         begin, _ = info["data_offsets"]
-        arrays[name] = np.memmap(path, _NP_DTYPES[info["dtype"]], "r", offset=start + begin, shape=tuple(info["shape"]))
+        try:
+            arrays[name] = np.memmap(
+                path, _NP_DTYPES[info["dtype"]], "r", offset=start + begin, shape=tuple(info["shape"])
+            )
+        except (OSError, ValueError) as err:  # e.g. shortened since its header was checked
+            raise CacheError(f"{path}: cannot map tensor {name!r} ({type(err).__name__}: {err}); {_REPAIR}") from err
     return arrays
 
 
@@ -697,6 +755,16 @@ class CacheDataset(Dataset):
         self._shards: list[dict[str, np.ndarray]] | None = None
         labels = np.concatenate([self._arrays(k)["label"] for k in range(self.manifest["num_shards"])])
         self.labels = torch.from_numpy(labels.astype(np.int64))
+        self._num_classes = self.manifest.get("num_classes")
+        if self._num_classes is None and self.manifest.get("captions") is None:
+            self._num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+            log.warning(
+                "%s was built by an older ditkit that did not record its dataset's number of classes: assuming "
+                "%d (the largest label + 1), which is 1 for an unconditional (flat folder or unlabelled tar) "
+                "dataset and misses empty trailing class folders; rebuild the cache to record it",
+                self.path,
+                self._num_classes,
+            )
         self.captions: list[str] | None = None
         item_captions = read_captions(self.path, self.manifest)
         if item_captions is not None:
@@ -722,7 +790,7 @@ class CacheDataset(Dataset):
     def num_classes(self) -> int:
         if self.captions is not None:  # captions are not classes
             return 0
-        return int(self.labels.max()) + 1 if len(self.labels) else 0
+        return self._num_classes
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -134,12 +134,43 @@ def center_crop_resize(image: Image.Image, size: int | tuple[int, int]) -> Image
     return image.crop((left, top, left + width, top + height))
 
 
+# Unsigned 16-bit grey (16-bit PNG and TIFF). Pillow 9 and 10 opened 16-bit grey PNGs as 'I' instead, and
+# 16-bit PGMs open as 'I' scaled to 0..65535: in those formats 'I' holds at most 16 bits.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+
+
+def _to_mode(img: Image.Image, mode: str, path: Path | str) -> Image.Image:
+    """`img` converted to `mode` ('L' or 'RGB'), rescaling 16-bit grey instead of clipping it.
+
+    Pillow's `convert` clips integer modes to 0..255 rather than rescaling (a 16-bit mid-grey becomes
+    white) and maps float images through the same clip (a [0, 1] float TIFF becomes black).
+    """
+    if img.mode in _SIXTEEN_BIT_MODES or (img.mode == "I" and img.format in _SIXTEEN_BIT_I_FORMATS):
+        # The high byte, as Pillow itself reduces 16-bit RGB PNGs, so grey and colour files agree.
+        values = np.asarray(img).astype(np.uint32)  # (H, W); 'I;16B' arrives big-endian
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert(mode)  # (H, W) uint8 -> L
+    if img.mode.startswith(("I", "F")):
+        kind = "floating-point" if img.mode.startswith("F") else "signed or 32-bit integer"
+        raise DataError(
+            f"{path}: {img.format or 'image'} in mode {img.mode!r} ({kind} pixels) is not supported: the file does not "
+            "say which values are black and white, so it cannot be mapped to 8 bits without guessing; expected "
+            "8-bit or 16-bit grey, or 8-bit colour (save it as an 8- or 16-bit PNG)"
+        )
+    return img.convert(mode)
+
+
 def _open_image(path: Path | str, mode: str, source: object = None) -> Image.Image:
-    """Decode an image file (or file object `source`, named `path` in errors) into `mode`."""
+    """Decode an image file (or file object `source`, named `path` in errors) into `mode`.
+
+    16-bit grey is reduced to 8 bits; 32-bit integer and float images raise DataError (see `_to_mode`).
+    """
     try:
         with Image.open(path if source is None else source) as img:
             img.load()
-            return img.convert(mode)
+            return _to_mode(img, mode, path)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
 

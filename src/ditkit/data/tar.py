@@ -1,11 +1,15 @@
 """WebDataset-style .tar shards as a random-access dataset.
 
-A shard is a plain (uncompressed) tar whose members are grouped by key, the member path without its
-extension (https://github.com/webdataset/webdataset#the-webdataset-format): `0001.jpg`, `0001.cls`,
-`0001.txt`, ... A sample is one image (any of IMAGE_EXTENSIONS) plus an optional `.cls` holding an
-integer class label. Collections too large for a folder of files stay in a few big files; the
-member offsets are indexed once, so any sample is one positioned read (what shuffled training needs),
-not a sequential stream.
+A shard is a plain (uncompressed) tar whose members are grouped by key as WebDataset groups them
+(https://github.com/webdataset/webdataset#the-webdataset-format): the key is the member's folder plus
+its file name up to the first dot, the extension everything after it, so `a/0001.jpg`, `a/0001.cls`
+and `a/0001.seg.png` are the `jpg`, `cls` and `seg.png` of sample `a/0001`. A sample's image is its
+member whose whole extension is one of IMAGE_EXTENSIONS (`png`, `jpg`, ...); members with a longer
+extension (`seg.png`, `depth.png`: masks and other per-sample files) are not training images and are
+ignored, as are members whose name has no extension. An optional `cls` member holds an integer class
+label. Collections too large for a folder of files stay in a few big files; the member offsets are
+indexed once, so any sample is one positioned read (what shuffled training needs), not a sequential
+stream.
 
 Forked DataLoader workers inherit the parent's open shard handles, and an inherited file shares its
 offset with the parent and every sibling, so a seek in one worker followed by a read could return bytes
@@ -47,6 +51,18 @@ def find_shards(root: str | Path) -> list[Path]:
     return shards
 
 
+def _key_and_extension(name: str) -> tuple[str | None, str]:
+    """WebDataset's split of a member name: (folder + file name before its first dot, the rest).
+
+    (None, '') where the file name has no dot or starts with one (WebDataset skips those members).
+    """
+    folder, slash, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot:
+        return None, ""
+    return folder + slash + stem, ext
+
+
 class TarShardDataset(Dataset):
     """Samples of WebDataset-style shards: (image in [-1, 1] (C, size, size), label).
 
@@ -62,32 +78,54 @@ class TarShardDataset(Dataset):
         self.image_size, self.mode = image_size, ("L" if channels == 1 else "RGB")
         # (shard index, image member offset, size, name, label or None)
         index: list[tuple[int, int, int, str, int | None]] = []
+        imageless: list[str] = []  # image-like members of samples that have no image (shard:member)
         for shard_id, shard in enumerate(self.shards):
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             try:
                 with tarfile.open(shard, "r:") as tar:
                     for member in tar:
-                        if member.isfile():
-                            key, _, ext = member.name.rpartition(".")
+                        key, ext = _key_and_extension(member.name)
+                        if member.isfile() and key is not None:
                             groups.setdefault(key, {})["." + ext.lower()] = member
                     labels = {}
                     for key, members in groups.items():
                         if ".cls" in members:
-                            raw = tar.extractfile(members[".cls"]).read().decode().strip()
+                            data = tar.extractfile(members[".cls"]).read()
                             try:
+                                raw = data.decode().strip()
                                 labels[key] = int(raw)
+                            except UnicodeDecodeError as err:
+                                raise DataError(
+                                    f"{shard}: {members['.cls'].name} holds {data[:40]!r}, which is not UTF-8 text; "
+                                    "expected an integer class label as text, e.g. b'3'"
+                                ) from err
                             except ValueError as err:
-                                raise DataError(f"{shard}: {key}.cls holds {raw!r}, expected an integer") from err
+                                raise DataError(
+                                    f"{shard}: {members['.cls'].name} holds {raw!r}, expected an integer"
+                                ) from err
             except tarfile.TarError as err:
                 raise DataError(f"{shard}: not a readable tar file ({err})") from err
             for key in sorted(groups):
                 images = [m for ext, m in groups[key].items() if ext in IMAGE_EXTENSIONS]
                 if len(images) > 1:
-                    raise DataError(f"{shard}: sample {key!r} has {len(images)} images, expected one")
+                    names = ", ".join(m.name for m in images)
+                    raise DataError(f"{shard}: sample {key!r} has {len(images)} images ({names}), expected one")
                 if images:
                     index.append((shard_id, images[0].offset_data, images[0].size, images[0].name, labels.get(key)))
+                else:  # e.g. only `0001.seg.png`: an image file, but not the sample's image
+                    imageless += [
+                        f"{shard}:{m.name}" for m in groups[key].values() if m.name.lower().endswith(IMAGE_EXTENSIONS)
+                    ]
+        hint = (
+            f"; {len(imageless)} member(s) of samples without an image end like an image after a longer extension, "
+            f"e.g. {imageless[0]}: a sample's image is <key> plus exactly one of {', '.join(IMAGE_EXTENSIONS)}"
+            if imageless
+            else ""
+        )
         if not index:
-            raise DataError(f"no images found in the tar shards under {root}")
+            raise DataError(f"no images found in the tar shards under {root}{hint}")
+        if imageless:
+            log.warning("%s: ignored samples without an image%s", root, hint)
         with_label = sum(entry[4] is not None for entry in index)
         if 0 < with_label < len(index):
             raise DataError(f"{root}: {with_label} of {len(index)} samples have a .cls label; expected all or none")
