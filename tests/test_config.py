@@ -200,6 +200,29 @@ def test_invalid_model_value_raises_through_config_from_dict():
         config_from_dict({"model": {"class_dropout_prob": 1.5}})
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.out_dir=", "train.out_dir"),
+        ("train.out_dir=  ", "train.out_dir"),
+        ("train.init_from=", "train.init_from"),
+        ("train.wandb_project=", "train.wandb_project"),
+        ("data.root=", "data.root"),
+        ("data.cache=", "data.cache"),
+    ],
+)
+def test_empty_path_strings_are_refused_naming_the_key(override, key):
+    """An empty path would mean the current folder (out_dir='' wrote a run there); null stays the way to unset."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"{key} must not be empty (got {override.split('=', 1)[1]!r})" in str(err.value)
+    if key != "train.out_dir":
+        section, name = key.split(".")
+        assert getattr(getattr(load_config(None, [f"{key}=null"]), section), name) is None
+    with pytest.raises(ConfigError, match="data.root must not be empty"):
+        DataConfig(dataset="folder", root="")
+
+
 def test_folder_dataset_requires_root():
     with pytest.raises(ConfigError, match="data.root"):
         DataConfig(dataset="folder")
@@ -546,6 +569,22 @@ def test_override_with_unknown_key_raises_naming_it():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.stepz=5"])
     assert "train.stepz" in str(err.value)
+
+
+def test_an_unknown_override_key_is_blamed_on_the_overrides_not_the_file(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("train:\n  steps: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.steps=5", "train.stepz=5"])
+    message = str(err.value)
+    assert message.startswith("command-line overrides: unknown config key 'train.stepz'"), message
+    assert str(path) not in message and "steps" in message.split("valid keys here:")[1]
+    with pytest.raises(ConfigError, match="^command-line overrides: unknown config key 'modle'"):
+        load_config(path, ["modle.depth=3"])
+    # An unknown key in the file itself is still the file's.
+    path.write_text("train:\n  stepz: 10\n")
+    with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'train.stepz'"):
+        load_config(path, ["train.steps=5", "preset=DiT-S/2"])
 
 
 def test_override_with_wrong_type_raises_naming_key():

@@ -436,6 +436,176 @@ def test_max_minutes_counts_the_whole_loop_and_is_checked_before_each_step(tmp_p
     assert _steps_in(run / "metrics.jsonl") == [1, 2, 3]
 
 
+def _fake_clock(monkeypatch) -> list[float]:
+    """A fake training clock on which each step takes 1 s, each checkpoint save 10 s and each sample
+    grid 5 s (the grid itself is not drawn)."""
+    now = [0.0]
+    real_ema, real_save = train_mod.update_ema, train_mod.save_checkpoint
+
+    def timed(seconds, real):
+        def call(*args, **kwargs):
+            now[0] += seconds
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(train_mod, "_clock", lambda: now[0])
+    monkeypatch.setattr(train_mod, "update_ema", timed(1.0, real_ema))
+    monkeypatch.setattr(train_mod, "save_checkpoint", timed(10.0, real_save))
+    monkeypatch.setattr(train_mod, "save_sample_grid", timed(5.0, lambda *args, **kwargs: None))
+    return now
+
+
+def _records(run):
+    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+
+
+def test_img_per_s_leaves_out_checkpoints_and_sample_grids(tmp_path, monkeypatch):
+    """Every window is 2 steps of 8 images in 2 s of steps: 8 img/s, whatever checkpoint (10 s) or grid
+    (5 s) fell inside it; train_seconds still counts them."""
+    _fake_clock(monkeypatch)
+    run = tmp_path / "run"
+    config = make_tiny_config(run, steps=8, ckpt_every=3, log_every=2, sample_every=3, keep_last=1)
+    train(config, progress=False, dataset=make_tiny_dataset(20))
+    records = _records(run)
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert [r["img_per_s"] for r in records] == [8.0, 8.0, 8.0, 8.0]
+    assert records[-1]["train_seconds"] == 8 + 2 * 10 + 2 * 5  # 8 steps, checkpoints and grids at 3 and 6
+
+
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, monkeypatch):
+    """The logging window is saved with each checkpoint: resumed mid-window (log_every=4, a run of 3
+    steps), the record at step 4 still averages steps 1-4 over their 4 s, as the uninterrupted run's
+    does. The first run's own last record (step 3) leaves the window open. A checkpoint from before
+    the window was saved resumes with an empty one."""
+    import shutil
+
+    _fake_clock(monkeypatch)
+    data = make_tiny_dataset(20)
+
+    def config(name, steps):
+        return make_tiny_config(tmp_path / name, steps=steps, ckpt_every=3, log_every=4)
+
+    train(config("straight", 8), progress=False, dataset=data)
+    first = train(config("resumed", 3), progress=False, dataset=data)
+    state = load_state(first.checkpoint)
+    assert (state["window_steps"], state["window_seconds"], state["skipped_steps"]) == (3, 3.0, 0)
+    window_loss = state["window_loss"]
+    shutil.copytree(tmp_path / "resumed", tmp_path / "older")
+    for key in ("window_loss", "window_steps", "window_seconds", "skipped_steps"):
+        del state[key]
+    torch.save(state, tmp_path / "older" / "checkpoints" / first.checkpoint.name / "state.pt")  # an older ditkit's
+    train(config("resumed", 8), resume=tmp_path / "resumed", progress=False, dataset=data)
+    train(config("older", 8), resume=tmp_path / "older", progress=False, dataset=data)
+
+    def by_step(name):
+        return {r["step"]: {k: v for k, v in r.items() if k != "train_seconds"} for r in _records(tmp_path / name)}
+
+    straight, resumed, older = by_step("straight"), by_step("resumed"), by_step("older")
+    assert list(straight) == [4, 8] and list(resumed) == [3, 4, 8] and list(older) == [3, 4, 8]
+    assert resumed[3]["loss"] == window_loss / 3 and resumed[3]["img_per_s"] == 8.0
+    assert resumed[4] == straight[4] and resumed[8] == straight[8]
+    assert straight[4]["img_per_s"] == 8.0  # 4 steps in 4 s: the checkpoint at step 3 is left out
+    # The older checkpoint's first window holds step 4 alone: that step's loss, 8 images in 1 s.
+    assert older[4]["loss"] == pytest.approx(4 * straight[4]["loss"] - window_loss, rel=1e-5)
+    assert older[4]["img_per_s"] == 8.0 and older[8] == straight[8]
+
+
+def test_a_latent_cache_at_a_non_square_size_is_accepted(tmp_path):
+    """The cache manifest (JSON) holds data.image_size as [16, 24] where the config holds (16, 24), and
+    as 16 where a config may say [16, 16]: compared as (height, width), a run accepts its own cache,
+    and a cache of another size is still refused."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import save_tiny_autoencoder_kl
+    from ditkit.config import AutoencoderConfig, Config, DataConfig, ModelConfig, TrainConfig
+    from ditkit.data.cache import CacheError, build_cache
+
+    save_tiny_autoencoder_kl(tmp_path / "kl")
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        (tmp_path / "img" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "img" / f"c{k % 2}" / f"{k}.png")
+
+    def config(size, run, cache=None):
+        return Config(
+            model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2, learn_sigma=False),
+            data=DataConfig(
+                dataset="folder", root=str(tmp_path / "img"), image_size=size, channels=3, holdout=0, cache=cache
+            ),
+            autoencoder=AutoencoderConfig(kind="kl", path=str(tmp_path / "kl")),
+            train=TrainConfig(batch_size=4, steps=1, ckpt_every=1, device="cpu", out_dir=str(tmp_path / run)),
+        )
+
+    build_cache(config((16, 24), "unused"), tmp_path / "wide", progress=False)
+    build_cache(config(16, "unused"), tmp_path / "square", progress=False)
+    wide = train(config((16, 24), "wide_run", str(tmp_path / "wide")), progress=False)
+    assert wide.step == 1 and load_config_from_checkpoint(wide.checkpoint).model.input_hw == (8, 12)
+    square = train(config([16, 16], "square_run", str(tmp_path / "square")), progress=False)
+    assert square.step == 1
+    with pytest.raises(CacheError, match=r"holds \[16, 24\] px images, but data.image_size=\(24, 16\)"):
+        train(config((24, 16), "tall_run", str(tmp_path / "wide")), progress=False)
+
+
+def test_the_logged_lr_is_the_one_the_step_used(tmp_path):
+    """train.warmup_steps: step k (from 1) uses lr * min(1, k / warmup_steps), and logs that lr (it
+    logged the next step's, so the warmup looked one step short)."""
+    run = tmp_path / "run"
+    train(make_tiny_config(run, steps=6, warmup_steps=4, lr=1e-3), progress=False, dataset=make_tiny_dataset(20))
+    logged = [r["lr"] for r in _records(run)]
+    assert logged == pytest.approx([1e-3 * min(1.0, k / 4) for k in range(1, 7)], rel=1e-12)
+
+
+def test_a_resume_applies_this_runs_optimizer_settings(tmp_path, caplog):
+    """A changed train.lr / betas / weight_decay takes effect on resume (load_state_dict had put the
+    checkpoint's back, while config.json recorded the new ones), and the change is logged."""
+    data, run = make_tiny_dataset(20), tmp_path / "run"
+    train(make_tiny_config(run, steps=2, warmup_steps=4), progress=False, dataset=data)
+    changed = make_tiny_config(run, steps=4, warmup_steps=4, lr=1e-2, weight_decay=0.5, betas=(0.8, 0.99))
+    with caplog.at_level("INFO", logger="ditkit.train"):
+        result = train(changed, resume=run, progress=False, dataset=data)
+    assert [r["lr"] for r in _records(run)] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-2, 1e-2], rel=1e-12)
+    state = load_state(result.checkpoint)
+    (group,) = state["optimizer"]["param_groups"]
+    assert (group["lr"], group["initial_lr"], group["weight_decay"]) == (1e-2, 1e-2, 0.5)
+    assert tuple(group["betas"]) == (0.8, 0.99) and state["scheduler"]["base_lrs"] == [1e-2]
+    assert "optimizer settings replace the checkpoint's" in caplog.text
+    for change in (
+        "train.lr 0.001 -> 0.01",
+        "train.betas (0.9, 0.999) -> (0.8, 0.99)",
+        "train.weight_decay 0.0 -> 0.5",
+    ):
+        assert change in caplog.text
+    assert "AdamW eps" not in caplog.text
+    caplog.clear()
+    changed.train.steps = 5
+    with caplog.at_level("INFO", logger="ditkit.train"):
+        train(changed, resume=run, progress=False, dataset=data)
+    assert "optimizer settings" not in caplog.text  # unchanged: nothing to say
+
+
+def test_an_fp16_resume_of_a_checkpoint_saved_without_fp16_starts_a_fresh_loss_scale(tmp_path, caplog):
+    """A run without fp16 saves its disabled grad scaler as {}, which an enabled scaler's load_state_dict
+    refuses with a bare RuntimeError. fp16 training needs CUDA, so the loading is tested on its own."""
+    result = train(make_tiny_config(tmp_path / "run", steps=2, precision="bf16"), progress=False,
+                   dataset=make_tiny_dataset(20))  # fmt: skip
+    saved = load_state(result.checkpoint)["scaler"]
+    assert saved == {}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with caplog.at_level("INFO", logger="ditkit.train"):
+        train_mod._load_scaler(scaler, saved, result.checkpoint)
+    assert scaler.is_enabled() and scaler.get_scale() == 1024.0
+    assert f"{result.checkpoint} holds no grad scaler state" in caplog.text and "afresh at 1024" in caplog.text
+    fp16 = torch.amp.GradScaler("cpu", init_scale=1024.0)  # an fp16 checkpoint's state is loaded as saved
+    train_mod._load_scaler(fp16, torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=7).state_dict(), None)
+    assert fp16.get_scale() == 8.0 and fp16.state_dict()["growth_interval"] == 7
+    disabled = torch.amp.GradScaler("cpu", enabled=False)  # resumed without fp16: nothing to load
+    train_mod._load_scaler(disabled, saved, result.checkpoint)
+    assert not disabled.is_enabled()
+
+
 def test_fresh_run_starts_a_new_metrics_file_and_keeps_the_old_one(tmp_path, tiny_dataset):
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
@@ -521,22 +691,34 @@ def test_saving_a_checkpoint_onto_a_file_is_refused(tmp_path, tiny_config):
     assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
-def test_update_ema_copies_buffers():
+def test_update_ema_averages_parameters_and_copies_buffers():
+    """decay 0.9, not 0.5: at 0.5 the weights of the average and of the model are equal, so swapping
+    them (ema <- 0.1 ema + 0.9 model) would pass unseen."""
     from torch import nn
 
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     ema = copy.deepcopy(model)
     with torch.no_grad():
+        ema[0].weight.fill_(0.0)
+        model[0].weight.fill_(1.0)
         model[1].running_mean.fill_(2.0)
-        model[0].weight.add_(1.0)
-    train_mod.update_ema(ema, model, 0.5)
+    train_mod.update_ema(ema, model, 0.9)
+    torch.testing.assert_close(ema[0].weight, torch.full((3, 3), 0.1), rtol=0, atol=1e-7)  # 0.9 * 0 + 0.1 * 1
     assert torch.equal(ema[1].running_mean, model[1].running_mean)
-    assert torch.allclose(ema[0].weight, model[0].weight - 0.5)
     with torch.no_grad():
         model[1].running_mean.fill_(3.0)
-    train_mod.update_ema(ema, model, 0.5, copy_buffers=False)
+    train_mod.update_ema(ema, model, 0.9, copy_buffers=False)
+    torch.testing.assert_close(ema[0].weight, torch.full((3, 3), 0.19), rtol=0, atol=1e-7)  # 0.9 * 0.1 + 0.1 * 1
     assert torch.equal(ema[1].running_mean, torch.full((3,), 2.0))
-    assert torch.allclose(ema[0].weight, model[0].weight - 0.25)
+
+
+def test_ema_decay_warms_up_as_documented():
+    """min(decay, (1 + n) / (10 + n)) (train.ema_decay's docstring): 0.1 at the first step, the
+    configured decay once (1 + n) / (10 + n) passes it."""
+    assert train_mod.ema_decay_at(0, 0.9999) == pytest.approx(0.1, rel=1e-12)
+    assert train_mod.ema_decay_at(10, 0.9999) == pytest.approx(11 / 20, rel=1e-12)
+    assert train_mod.ema_decay_at(1_000_000, 0.9999) == 0.9999
+    assert train_mod.ema_decay_at(80, 0.9) == 0.9 and train_mod.ema_decay_at(79, 0.9) == pytest.approx(80 / 89)
 
 
 def test_training_skips_the_ema_buffer_walk_for_a_dit_which_has_no_buffers(tmp_path, monkeypatch):
@@ -579,16 +761,30 @@ def test_device_names_are_checked_where_they_are_given():
         make_tiny_config("unused", device="gpu")
 
 
-def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refusal", ["evaluation", "tensorboard", "wandb"])
+def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(tmp_path, monkeypatch, refusal):
     """Rolling back to an older checkpoint with a setting that fails at start-up (in-training evaluation
-    whose judge weights are missing) changes nothing: later checkpoints, metrics and config.json stay."""
+    whose judge weights are missing, a metrics tracker whose package is not installed) changes nothing:
+    later checkpoints, metrics and config.json stay."""
+    import sys
+
     monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "no-weights"))
     run, data = tmp_path / "run", make_tiny_dataset(20)
     train(make_tiny_config(run, steps=4, ckpt_every=2), progress=False, dataset=data)
     files = {p: p.read_bytes() for p in [run / "metrics.jsonl", run / "config.json"]}
-    config = make_tiny_config(run, steps=6, ckpt_every=2, eval_every=2)
-    config.data.dataset = "cifar10"  # judged by Inception, whose weights are not here
-    with pytest.raises(ConfigError, match="Inception-v3 weights"):
+    if refusal == "evaluation":
+        config = make_tiny_config(run, steps=6, ckpt_every=2, eval_every=2)
+        config.data.dataset = "cifar10"  # judged by Inception, whose weights are not here
+        message = "Inception-v3 weights"
+    elif refusal == "tensorboard":  # None in sys.modules: importing it fails, installed or not
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+        config = make_tiny_config(run, steps=6, ckpt_every=2, tensorboard=True)
+        message = "train.tensorboard=true needs the `tensorboard` package"
+    else:
+        monkeypatch.setitem(sys.modules, "wandb", None)
+        config = make_tiny_config(run, steps=6, ckpt_every=2, wandb_project="p")
+        message = "train.wandb_project='p' needs the `wandb` package"
+    with pytest.raises(ConfigError, match=message):
         train(config, resume=run / "checkpoints" / "step_0000002", progress=False, dataset=data)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert not list(run.glob("abandoned-*")) and all(p.read_bytes() == b for p, b in files.items())

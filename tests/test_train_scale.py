@@ -231,7 +231,11 @@ def test_kill_9_mid_training_then_resume_is_bitwise_exact(tmp_path):
 @pytest.mark.parametrize("inpaint", [False, True])
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, inpaint):
     """Inpainting too: each sample's random mask comes from its own stream (a stream per piece of the
-    batch gave 7 of 8 images other masks at grad_accum_steps=2, and mask weights 1.5e-3 apart)."""
+    batch gave 7 of 8 images other masks at grad_accum_steps=2, and mask weights 1.5e-3 apart).
+
+    The weights alone cannot see a missing 1 / grad_accum_steps on the pieces' losses: gradient
+    clipping and AdamW's update do not change when the gradients are scaled. The logged gradient norm
+    (before clipping) does, so it is compared too."""
     data = make_tiny_dataset(DATA)
 
     def run(name: str, accum: int):
@@ -243,6 +247,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, inpaint):
     assert abs(one.final_loss - two.final_loss) < 1e-6 and abs(one.final_loss - four.final_loss) < 1e-6
     for name in ("two", "four"):
         assert _max_diff(_weights(tmp_path / "one", 3), _weights(tmp_path / name, 3)) < 1e-6
+    grad_norms = {
+        name: [json.loads(line)["grad_norm"] for line in open(tmp_path / name / "metrics.jsonl")]
+        for name in ("one", "two", "four")
+    }
+    assert len(grad_norms["one"]) == 3 and min(grad_norms["one"]) > 0
+    for name in ("two", "four"):
+        assert grad_norms[name] == pytest.approx(grad_norms["one"], rel=1e-5), name
     with pytest.raises(ConfigError, match="grad_accum_steps=3"):
         make_tiny_config(tmp_path / "bad", grad_accum_steps=3)
 

@@ -4,8 +4,9 @@
       config.json        the full job config (Config), enough to rebuild the model
       model.safetensors  trained weights (config JSON also stored in the safetensors metadata)
       ema.safetensors    exponential moving average of the weights (what sampling uses by default)
-      state.pt           optimizer, LR schedule, grad scaler, step, RNG and data position: plain
-                         tensors and numbers that `torch.load(weights_only=True)` accepts
+      state.pt           optimizer, LR schedule, grad scaler, step, RNG, data position and the
+                         metrics log's open window: plain tensors and numbers that
+                         `torch.load(weights_only=True)` accepts
 
 The folder is written under a temporary name and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never a half-written one under the final name. Replacing a

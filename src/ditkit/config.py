@@ -36,6 +36,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
+    "size_hw",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -62,6 +63,25 @@ TextPooling = Literal["auto", "mean", "pooler", "first"]
 
 class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message names it."""
+
+
+def size_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of an image size given as one side (square) or as [height, width] (a JSON list or a tuple)."""
+    if isinstance(size, int):
+        return size, size
+    return tuple(size)
+
+
+def _require_nonempty(section: str, cfg: Any, meanings: dict[str, str]) -> None:
+    """Raise for a string field of `cfg` named in `meanings` that is empty (or only spaces).
+
+    An empty path is not "unset": Path('') is the current folder, so train.out_dir='' would write a
+    run into wherever the command was started. `meanings` says what the field wants instead.
+    """
+    for name, meaning in meanings.items():
+        value = getattr(cfg, name)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{section}.{name} must not be empty (got {value!r}): give {meaning}")
 
 
 def _require_finite(section: str, cfg: Any) -> None:
@@ -329,6 +349,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_finite("data", self)
+        _require_nonempty(
+            "data",
+            self,
+            {
+                "root": "the dataset's folder or file (null where the dataset needs none)",
+                "cache": "a latent cache folder, or null",
+            },
+        )
         if self.dataset in ("folder", "tar", "captions") and not self.root and not self.cache:
             raise ConfigError(f"data.root is required when data.dataset={self.dataset!r}")
         if self.channels not in (1, 3):
@@ -343,9 +371,7 @@ class DataConfig:
     @property
     def image_hw(self) -> tuple[int, int]:
         """(height, width) of the training images."""
-        if isinstance(self.image_size, int):
-            return self.image_size, self.image_size
-        return tuple(self.image_size)
+        return size_hw(self.image_size)
 
 
 @dataclass
@@ -424,6 +450,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_finite("train", self)
+        _require_nonempty(
+            "train",
+            self,
+            {
+                "out_dir": "the run folder, e.g. outputs/run",
+                "init_from": "a checkpoint or run folder, or null for a fresh initialisation",
+                "wandb_project": "a Weights & Biases project name, or null for no W&B logging",
+            },
+        )
         positive = ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -700,15 +735,29 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not user input
 
 
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+def _check_keys(cls: type, data: dict, prefix: str) -> None:
+    """Raise ConfigError naming the first key of `data` that the dataclass `cls` has no field for."""
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
             raise ConfigError(f"unknown config key '{where}' (valid keys here: {', '.join(sorted(names))})")
+
+
+def _check_override_keys(data: dict, cls: type = Config, prefix: str = "") -> None:
+    """_check_keys over the sections of `data` (the overrides alone, as apply_overrides nests them)."""
+    _check_keys(cls, data, prefix)
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            _check_override_keys(value, hints[key], f"{prefix}.{key}" if prefix else key)
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    _check_keys(cls, data, prefix)
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -861,6 +910,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     file's own model fields apply.
     """
     data = _read_mapping(Path(path)) if path is not None else {}
+    # An unknown key in the overrides is theirs, not the file's: checked alone, before they are merged.
+    given = apply_overrides({}, overrides or [])
+    given.pop("preset", None)
+    try:
+        _check_override_keys(given)
+    except ConfigError as err:
+        raise ConfigError(f"command-line overrides: {err}") from None
     data = apply_overrides(data, overrides or [])
     preset = data.pop("preset", None)
     if preset is not None:

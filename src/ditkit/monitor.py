@@ -16,7 +16,15 @@ from torch import nn
 
 from .config import Config, ConfigError, config_to_dict
 
-__all__ = ["RunLog", "MetricsError", "MetricsFile", "check_metrics", "truncate_metrics", "save_sample_grid"]
+__all__ = [
+    "RunLog",
+    "MetricsError",
+    "MetricsFile",
+    "check_metrics",
+    "truncate_metrics",
+    "save_sample_grid",
+    "tracking_packages",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +91,42 @@ def truncate_metrics(path: Path, last_step: int, parsed: MetricsFile | None = No
     os.replace(tmp, path)
 
 
+def tracking_packages(config: Config) -> tuple[Any, Any]:
+    """(TensorBoard's SummaryWriter, the wandb module) as `train.tensorboard` / `train.wandb_project` ask,
+    None for each one not asked for. Only imports, writes nothing: a missing package is a ConfigError
+    naming the setting, which training checks before it changes anything in the run folder."""
+    tc = config.train
+    writer, wandb = None, None
+    if tc.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter as writer
+        except ImportError as err:
+            raise ConfigError(
+                "train.tensorboard=true needs the `tensorboard` package (pip install tensorboard, "
+                f"or the ditkit[tracking] extra): {err}"
+            ) from err
+    if tc.wandb_project is not None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise ConfigError(
+                f"train.wandb_project={tc.wandb_project!r} needs the `wandb` package (pip install wandb, "
+                f"or the ditkit[tracking] extra): {err}"
+            ) from err
+    return writer, wandb
+
+
 class RunLog:
     """Appends one JSON object per record to out_dir/metrics.jsonl and mirrors the numbers to
     TensorBoard (`train.tensorboard`) and W&B (`train.wandb_project`) when asked."""
 
     def __init__(self, config: Config, out_dir: Path) -> None:
-        tc = config.train
+        writer, wandb = tracking_packages(config)  # first: a missing package leaves nothing open
         self.file = open(out_dir / "metrics.jsonl", "a")
-        self.tb: Any = None
+        self.tb: Any = writer(str(out_dir / "tensorboard")) if writer is not None else None
         self.wandb: Any = None
-        if tc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                self.file.close()
-                raise ConfigError(
-                    "train.tensorboard=true needs the `tensorboard` package (pip install tensorboard, "
-                    f"or the ditkit[tracking] extra): {err}"
-                ) from err
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        if tc.wandb_project is not None:
-            try:
-                import wandb
-            except ImportError as err:
-                self.close()
-                raise ConfigError(
-                    f"train.wandb_project={tc.wandb_project!r} needs the `wandb` package (pip install wandb, "
-                    f"or the ditkit[tracking] extra): {err}"
-                ) from err
-            self.wandb = wandb.init(project=tc.wandb_project, dir=str(out_dir), config=config_to_dict(config))
+        if wandb is not None:
+            self.wandb = wandb.init(project=config.train.wandb_project, dir=str(out_dir), config=config_to_dict(config))
 
     def write(self, record: dict[str, Any]) -> None:
         """Log a record that has a 'step' key; its other numbers become scalars."""

@@ -41,7 +41,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import Config, ConfigError, config_to_dict, save_config
+from .config import Config, ConfigError, config_to_dict, save_config, size_hw
 from .data import build_dataset
 from .data.cache import CacheDataset, CacheError, verify_cache
 from .data.sources import make_batch_source, measure_latent_stats
@@ -68,7 +68,7 @@ from .distributed import (
 from .inpainting import inpaint_loss, stream_masks
 from .models import DiT
 from .models.dit import resize_pos_embed
-from .monitor import RunLog, check_metrics, save_sample_grid, truncate_metrics
+from .monitor import RunLog, check_metrics, save_sample_grid, tracking_packages, truncate_metrics
 from .utils.images import plot_loss_curve
 
 __all__ = [
@@ -326,17 +326,24 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
 
     step, epoch, batch_in_epoch, train_seconds = 0, 0, 0, 0.0
+    # The logging window (steps since the last metrics.jsonl record) and the skipped-step count go into
+    # every checkpoint, so a resumed run's records average the same steps as an uninterrupted run's.
+    window_loss, window_n, window_time, skipped = 0.0, 0, 0.0, 0
     if resume_path is not None:
         _load_optimizer(model, optimizer, state["optimizer"], env, resume_path)
         for group in optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
             group["fused"] = fused
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        _apply_optimizer_settings(optimizer, scheduler, resume_path)
+        _load_scaler(scaler, state["scaler"], resume_path)
         rng = state.get("rng", [])
         if len(rng) == world:
             _set_rng_state(rng[env.rank], device)
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         train_seconds = float(state["train_seconds"])
+        # Checkpoints from before the window was saved resume with an empty one.
+        window_loss, window_n = float(state.get("window_loss", 0.0)), int(state.get("window_steps", 0))
+        window_time, skipped = float(state.get("window_seconds", 0.0)), int(state.get("skipped_steps", 0))
         log.info("resumed from %s at step %d", resume_path, step)
     sampler = EpochBatchSampler(
         len(dataset), tc.batch_size, tc.seed, epoch, batch_in_epoch, rank=env.rank, world_size=world
@@ -352,6 +359,8 @@ def _train(
     epoch, batch_in_epoch = sampler.start_epoch, sampler.start_batch
 
     # Whatever can still refuse this run is set up before a resume rolls the run's records back below.
+    if env.is_main:
+        tracking_packages(config)  # RunLog's, imported now: RunLog opens metrics.jsonl once it is in place
     evaluator = None
     if tc.eval_every and env.is_main:
         from .evaluation.in_training import InTrainingEvaluator
@@ -389,7 +398,8 @@ def _train(
         """Seconds of training loop so far, over every resume: steps, evaluations, grids, checkpoints."""
         return train_seconds + (_clock() - loop_start if loop_start is not None else 0.0)
 
-    def checkpoint() -> Path:
+    def checkpoint(window_time: float) -> Path:
+        """Save this step; `window_time`: the seconds of training in the logging window so far."""
         # Collectives first (every rank), then rank 0 writes while the others wait at the barrier.
         model_state, ema_state = full_state_dict(model), full_state_dict(ema)
         optimizer_state = full_optimizer_state(model, optimizer)
@@ -410,6 +420,10 @@ def _train(
                 "batch_size": tc.batch_size,
                 "seed": tc.seed,
                 "train_seconds": elapsed(),
+                "window_loss": window_loss,  # sum of the losses of the steps since the last record
+                "window_steps": window_n,
+                "window_seconds": window_time,
+                "skipped_steps": skipped,
             }
             save_checkpoint(path, config=config, model=model_state, ema=ema_state, state=ckpt_state)
             prune_checkpoints(ckpt_dir, tc.keep_last)  # keeps `path`, the newest
@@ -443,7 +457,7 @@ def _train(
     for embedder in (model.y_embedder, model.text_embedder):
         if embedder is not None:
             embedder.eval()  # label / caption dropout is drawn per sample below, not by the embedder
-    last_path, window_loss, window_n, last_loss, nonfinite_run, skipped = None, 0.0, 0, float("nan"), 0, 0
+    last_path, last_loss, nonfinite_run = None, float("nan"), 0
     saved_step = None
     if same_run:  # this step is already saved here: a finished run resumed again is not written again
         last_path, saved_step = resume_path, step
@@ -454,7 +468,8 @@ def _train(
     # agree afresh (_over_budget). One process reads its clock before every step.
     carry_budget = env.distributed and tc.max_minutes is not None
     agreed_over: bool | None = None  # the carried verdict, when it is still current
-    window_start = loop_start = _clock()
+    loop_start = _clock()
+    window_start = loop_start - window_time  # a resumed window goes on where the checkpoint left it
     try:
         while step < tc.steps:
             # The budget is checked before a step, so a run resumed already past it takes no step.
@@ -543,6 +558,7 @@ def _train(
             nonfinite_run = 0
             scaler.step(optimizer)
             scaler.update()
+            step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used; scheduler.step() sets the next
             scheduler.step()
             update_ema(ema, model, ema_decay_at(step, tc.ema_decay), copy_buffers=copy_buffers)
             step += 1
@@ -555,14 +571,20 @@ def _train(
                     "step": step,
                     "loss": window_loss / window_n,
                     "grad_norm": float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": step_lr,
                     "img_per_s": window_n * tc.batch_size / max(window_seconds, 1e-9),
                     "train_seconds": round(elapsed(), 3),
                     "skipped_steps": skipped,
                 }
                 run_log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                window_loss, window_n, window_start = 0.0, 0, _clock()
+                # The last step's record off the log_every grid leaves the window open: resumed for more
+                # steps, the run's next record averages the same steps as an uninterrupted run's.
+                if step % tc.log_every == 0:
+                    window_loss, window_n, window_start = 0.0, 0, _clock()
+            # Evaluations, grids and checkpoints are not training throughput: their time is kept out of
+            # the window (img_per_s), though not out of train_seconds.
+            paused = _clock()
             if tc.eval_every and step % tc.eval_every == 0:
                 # Under FSDP rank 0 alone sampling the sharded EMA hung the run at its first evaluation.
                 scored = full_ema()
@@ -574,14 +596,15 @@ def _train(
                 sample_grid()
                 agreed_over = None
             if step % tc.ckpt_every == 0 or step == tc.steps:
-                last_path, saved_step = checkpoint(), step
+                last_path, saved_step = checkpoint(paused - window_start), step
                 agreed_over = None
+            window_start += _clock() - paused
     finally:
         bar.close()
         if run_log is not None:
             run_log.close()
     if saved_step != step:  # stopped by max_minutes between checkpoints, or resumed at or past the end
-        last_path = checkpoint()
+        last_path = checkpoint(_clock() - window_start)
     if env.is_main and (out_dir / "metrics.jsonl").is_file():
         plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
     return TrainResult(out_dir, last_path, step, last_loss, elapsed())
@@ -755,7 +778,9 @@ def _training_dataset(config: Config) -> Dataset:
                 f"data.cache={config.data.cache} was encoded with autoencoder.{key}={value!r}, "
                 f"but this run has {getattr(config.autoencoder, key)!r}"
             )
-    if cache.manifest["data"]["image_size"] != config.data.image_size:
+    # Compared as (height, width): the manifest's JSON holds [16, 24] where the config holds (16, 24),
+    # and 16 where the config may say [16, 16].
+    if size_hw(cache.manifest["data"]["image_size"]) != config.data.image_hw:
         raise CacheError(
             f"data.cache={config.data.cache} holds {cache.manifest['data']['image_size']} px images, "
             f"but data.image_size={config.data.image_size}"
@@ -776,6 +801,56 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: d
             "process once (its next checkpoint is topology-independent)"
         )
     optimizer.load_state_dict(saved)
+
+
+_OPTIMIZER_KEYS = {"lr": "train.lr", "betas": "train.betas", "weight_decay": "train.weight_decay", "eps": "AdamW eps"}
+"""The AdamW settings of this run's config that a resume applies over those saved in the checkpoint."""
+
+
+def _apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, path: Path
+) -> None:
+    """After loading a checkpoint's optimizer and schedule: put back this run's AdamW settings.
+
+    `load_state_dict` restores each param group's lr, betas, weight decay and eps, and the schedule's
+    base learning rates, as they were saved, so a resume with a changed `train.lr` would silently keep
+    the old one while config.json recorded the new. The optimizer was built from this run's config, so
+    its `defaults` hold the wanted values; the current lr is recomputed from the schedule at the
+    restored step. Unchanged settings give back the very floats that were loaded (LambdaLR computes
+    base_lr * lambda(step) the same way), so an exact resume stays exact.
+    """
+    defaults = optimizer.defaults
+    changed = {}
+    for key, name in _OPTIMIZER_KEYS.items():
+        # The saved lr is the scheduled one; train.lr sets the schedule's base lr.
+        saved = scheduler.base_lrs[0] if key == "lr" else optimizer.param_groups[0][key]
+        wanted = defaults[key]
+        if key == "betas":  # a tuple or a list, as it was given
+            saved, wanted = tuple(saved), tuple(wanted)
+        if saved != wanted:
+            changed[name] = (saved, wanted)
+    scheduler.base_lrs = [defaults["lr"]] * len(optimizer.param_groups)
+    for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group.update({key: defaults[key] for key in ("betas", "weight_decay", "eps")})
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+    if changed:
+        log.info(
+            "%s: this run's optimizer settings replace the checkpoint's: %s",
+            path, ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()),
+        )  # fmt: skip
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict, path: Path) -> None:
+    """The fp16 grad scaler's state from a checkpoint. A run without fp16 saved its disabled scaler as
+    {}, which an enabled scaler refuses (a bare RuntimeError): resumed with fp16, the scale starts afresh."""
+    if scaler.is_enabled() and not saved:
+        log.info(
+            "%s holds no grad scaler state (it was trained without fp16): the fp16 loss scale starts afresh at %g",
+            path, scaler.get_scale(),
+        )  # fmt: skip
+        return
+    scaler.load_state_dict(saved)
 
 
 def _gather_rng_states(env: DistEnv, device: torch.device) -> list[dict[str, torch.Tensor]]:
