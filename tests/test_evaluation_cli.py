@@ -1,6 +1,7 @@
 """`ditkit eval` / `ditkit ref-stats` with the offline digit-classifier features, and reference sources."""
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -315,6 +316,115 @@ def test_a_sample_file_without_images_is_named_with_its_keys(tmp_path):
         check_sample_count(tmp_path / "stats.npz")
     np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     assert check_sample_count(tmp_path / "two.npz") == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "labels, shown",
+    [
+        (np.arange(6)[:, None], "int64 of shape (6, 1)"),  # would broadcast to a (6, 6) comparison
+        (np.arange(5), "int64 of shape (5,)"),
+        (np.arange(6).astype(np.float32), "float32 of shape (6,)"),
+    ],
+)
+def test_sample_labels_that_are_not_one_integer_per_image_are_refused_first(tmp_path, monkeypatch, labels, shown):
+    """arr_1 must be (N,) integers: refused by the sample check, naming the file, the key and both shapes,
+    before any feature is computed (an (N, 1) array used to give a silently wrong class accuracy)."""
+    from ditkit.evaluation.evaluate import check_sample_count
+
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((6, 8, 8, 1), np.uint8), arr_1=labels)
+    expected = (
+        f"{samples}: arr_1 must be 1-D integer class labels, one per image of arr_0 "
+        f"(shape (6,), as arr_0 is (6, 8, 8, 1)); got {shown}"
+    )
+    with pytest.raises(DataError) as err:
+        check_sample_count(samples)
+    assert str(err.value) == expected
+    computed = []
+    monkeypatch.setattr("ditkit.evaluation.evaluate.compute_features", lambda *a: computed.append(1))
+    ref = {"mu": np.zeros(4), "sigma": np.eye(4)}
+    net = ClassifierFeatures(DigitClassifier(ClassifierConfig(width=4)).eval())
+    with pytest.raises(DataError, match="arr_1 must be 1-D integer class labels"):
+        evaluate_npz(samples, ref, net, progress=False)
+    assert not computed
+    np.savez(samples, arr_0=np.zeros((6, 8, 8, 1), np.uint8), arr_1=np.arange(6, dtype=np.int32))
+    assert check_sample_count(samples) == (6, 8, 8, 1)  # any integer dtype of the right shape passes
+
+
+def test_score_features_refuses_labels_of_another_shape():
+    """Direct callers of `score_features` get a shape error, not an (N, N) broadcast: here every label is
+    predicted right, and an (N, 1) array would have scored 1/10."""
+    from ditkit.evaluation.evaluate import score_features
+    from ditkit.evaluation.features import reference_from_features
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(100) % 10
+    feats = {"pool": rng.standard_normal((100, 8)), "logits": np.eye(10)[labels] * 5.0}
+    ref = reference_from_features({"pool": rng.standard_normal((100, 8))}, "classifier")
+    assert score_features(feats, ref, labels, "classifier")["class_accuracy"] == 1.0
+    for bad in (labels[:, None], labels[:-1]):
+        with pytest.raises(
+            ValueError, match=rf"labels must be one per sample, shape \(100,\); got shape {re.escape(str(bad.shape))}"
+        ):
+            score_features(feats, ref, bad, "classifier")
+
+
+def _inception_reference(rng, **overrides):
+    """Well-formed Inception statistics (2048-wide FID, 2023-wide sFID) with `overrides` applied
+    (a value None removes the key)."""
+    ref = {
+        "mu": np.zeros(2048),
+        "sigma": np.eye(2048),
+        "mu_s": np.zeros(2023),
+        "sigma_s": np.eye(2023),
+        "pool": rng.standard_normal((5, 2048)).astype(np.float32),
+    }
+    ref.update(overrides)
+    return {k: v for k, v in ref.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"sigma_s": None}, "has 'mu_s' but no 'sigma_s': sFID statistics need both"),
+        ({"mu_s": None}, "has 'sigma_s' but no 'mu_s': sFID statistics need both"),
+        (
+            {"mu_s": np.zeros(2048), "sigma_s": np.eye(2048)},
+            "holds 2048-wide 'mu_s' features, but the inception network scoring these samples gives 2023-wide ones",
+        ),
+        (
+            {"sigma_s": np.eye(2022)},
+            "holds 'mu_s' of shape (2023,) and 'sigma_s' of shape (2022, 2022); "
+            "expected 'sigma_s' of shape (2023, 2023)",
+        ),
+        (
+            {"sigma": np.ones(2048)},
+            "holds 'mu' of shape (2048,) and 'sigma' of shape (2048,); expected 'sigma' of shape (2048, 2048)",
+        ),
+        ({"mu": np.zeros((1, 2048))}, "holds 'mu' of shape (1, 2048); expected a 1-D mean of shape (D,)"),
+    ],
+)
+def test_unusable_sfid_or_covariance_statistics_are_refused_before_scoring(tmp_path, monkeypatch, overrides, expected):
+    """sFID statistics without their other half, of another width than Inception's 2023 (ADM's 7 * 17 * 17
+    mixed_6/conv features), or a covariance that is not (D, D) for its mean: a DataError naming the
+    reference file and the key, before any sample's features are computed (not a KeyError or a shape error
+    from the metrics afterwards)."""
+    from ditkit.evaluation.features import InceptionFeatures
+    from ditkit.evaluation.inception import SPATIAL_DIM
+
+    assert SPATIAL_DIM == 7 * 17 * 17 == 2023
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, **_inception_reference(rng, **overrides))
+    computed = []
+    monkeypatch.setattr("ditkit.evaluation.evaluate.compute_features", lambda *a: computed.append(1))
+    with pytest.raises(DataError) as err:
+        evaluate_npz(tmp_path / "s.npz", ref, InceptionFeatures(_FakeInception()), progress=False)
+    assert str(err.value).startswith(f"the reference {ref} ") and expected in str(err.value)
+    assert not computed
+    # The well-formed statistics pass the same check (the cases above fail for their one defect).
+    features.check_reference_net(_inception_reference(rng), InceptionFeatures(_FakeInception()), str(ref))
 
 
 def test_a_reference_of_another_width_without_a_judge_id_is_refused_early(tmp_path, capsys, monkeypatch):

@@ -26,6 +26,12 @@ def test_fid_of_a_set_with_itself_is_zero():
     feats = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
     stats = FeatureStats.from_features(feats)
     assert frechet_distance(stats, stats) == pytest.approx(0.0, abs=1e-8)
+    # frechet_distance clips at 0, so the assertion above cannot see an overestimated trace term: check the
+    # term itself, tr((S S)^(1/2)) = tr(S), and the unclipped distance (~1e2 per term, 0 up to round-off).
+    trace = np.trace(stats.sigma)
+    assert trace_sqrt_product(stats.sigma, stats.sigma) == pytest.approx(trace, rel=1e-10)
+    unclipped = 2 * trace - 2 * trace_sqrt_product(stats.sigma, stats.sigma)
+    assert unclipped == pytest.approx(0.0, abs=1e-8 * trace)
 
 
 def test_fid_of_gaussian_samples_matches_the_closed_form():
@@ -134,6 +140,21 @@ def test_precision_recall_identical_disjoint_and_partial_sets():
     sam = rng.standard_normal((400, 2))
     precision, recall = precision_recall(ref, sam, batch_size=64)
     assert precision > 0.9 and 0.4 < recall < 0.55
+
+
+def test_score_features_reports_precision_and_recall_the_right_way_round():
+    """Samples on 2 of the reference's 4 modes: every sample is realistic (precision ~1) but half of the
+    reference is missed (recall ~1/2). `score_features` must pass the reference first."""
+    from ditkit.evaluation.evaluate import score_features
+    from ditkit.evaluation.features import reference_from_features
+
+    rng = np.random.default_rng(9)
+    centres = np.array([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [50.0, 50.0]])  # 4 modes, far apart
+    ref = np.concatenate([c + rng.standard_normal((100, 2)) for c in centres])
+    sam = np.concatenate([c + rng.standard_normal((100, 2)) for c in centres[:2]])
+    result = score_features({"pool": sam}, reference_from_features({"pool": ref}, "classifier"), kind="classifier")
+    assert result["precision"] > 0.9 and 0.4 < result["recall"] < 0.55
+    assert result["num_reference"] == 400 and result["num_samples"] == 200
 
 
 def test_manifold_radii_are_kth_neighbour_distances_and_batch_independent():

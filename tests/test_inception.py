@@ -212,3 +212,56 @@ def test_corrupt_safetensors_weights_name_the_file(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(InceptionWeightsError, match="bad.safetensors: could not read a safetensors file"):
         load_inception(path)
+
+
+def _fid_to_scaled_identity(features: np.ndarray, mu: np.ndarray, c: float) -> float:
+    """FID of the Gaussian fitted to (N, D) `features` against N(mu, c I), in closed form and cheaply:
+    tr((S c I)^(1/2)) = sqrt(c) tr(S^(1/2)), and S's non-zero eigenvalues are those of the (N, N) Gram
+    matrix of the centred features over N - 1 (no D x D eigendecomposition)."""
+    x = features - features.mean(0)  # (N, D)
+    eig = np.clip(np.linalg.eigvalsh(x @ x.T / (len(x) - 1)), 0, None)  # (N,)
+    diff = features.mean(0) - mu
+    return float(diff @ diff + eig.sum() + c * features.shape[1] - 2 * np.sqrt(c) * np.sqrt(eig).sum())
+
+
+def test_evaluate_npz_scores_an_adm_reference_batch_as_adm_does(inception, tmp_path):
+    """The Inception path of `evaluate_npz` against an ADM-style reference batch (arr_0 images next to stored
+    mu/sigma/mu_s/sigma_s): FID is the distance to the stored mu/sigma, sFID to the stored mu_s/sigma_s,
+    precision/recall compare the samples with the features of arr_0 (reference first), IS is the samples'."""
+    from ditkit.evaluation.evaluate import evaluate_npz
+    from ditkit.evaluation.features import InceptionFeatures
+    from ditkit.evaluation.metrics import inception_score, precision_recall
+
+    class Recording(InceptionFeatures):
+        """Keeps every batch's features, so the expected numbers need no second pass through the network."""
+
+        def __call__(self, images):
+            out = super().__call__(images)
+            self.seen[len(images)] = {k: v.double().numpy() for k, v in out.items()}
+            return out
+
+    net = Recording(inception)
+    net.seen = {}
+    rng = np.random.default_rng(0)
+    # Stored statistics far from those of arr_0's images (covariances of rank <= 6 with traces ~1e2).
+    stored = {"mu": rng.standard_normal(2048), "sigma": np.eye(2048) * 0.5}
+    stored |= {"mu_s": rng.standard_normal(2023), "sigma_s": np.eye(2023) * 2.0}
+    # 4 dark and 3 bright reference images; the samples are copies of the dark ones: they cover half of the
+    # reference (precision 1, recall 4/7), so a swap of precision and recall would show.
+    dark, bright = rng.integers(0, 60, (4, 32, 32, 3)), rng.integers(196, 256, (3, 32, 32, 3))
+    ref_images = np.concatenate([dark, bright]).astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images, **stored)
+    np.savez(tmp_path / "s.npz", arr_0=ref_images[:4])
+    result = evaluate_npz(tmp_path / "s.npz", tmp_path / "ref.npz", net, batch_size=7, progress=False)
+    ref, sam = net.seen[7], net.seen[4]  # one batch each: the reference's arr_0 and the samples
+    assert result["fid"] == pytest.approx(_fid_to_scaled_identity(sam["pool"], stored["mu"], 0.5), rel=1e-6)
+    assert result["sfid"] == pytest.approx(_fid_to_scaled_identity(sam["spatial"], stored["mu_s"], 2.0), rel=1e-6)
+    assert (result["precision"], result["recall"]) == precision_recall(ref["pool"], sam["pool"])
+    assert (result["precision"], result["recall"]) == (1.0, pytest.approx(4 / 7))
+    assert result["inception_score"] == pytest.approx(inception_score(sam["logits"]), rel=1e-12)
+    assert (result["num_samples"], result["num_reference"], result["features"]) == (4, 7, "inception")
+    # The checks can fail: statistics recomputed from arr_0 are nowhere near the stored ones.
+    for key, features in (("", ref["pool"]), ("_s", ref["spatial"])):
+        recomputed = np.cov(features, rowvar=False)
+        assert np.trace(recomputed) < 0.1 * np.trace(stored["sigma" + key])
+        assert np.abs(features.mean(0) - stored["mu" + key]).mean() > 0.5

@@ -122,7 +122,13 @@ def test_protocol_presets_apply_and_refuse_a_checkpoint_without_their_autoencode
     from ditkit.evaluation.protocols import PROTOCOLS, get_protocol
 
     p = get_protocol("dit-xl2-256")
-    assert (p.steps, p.cfg_scale, p.guidance_channels, p.num_samples, p.balanced_classes) == (250, 1.5, 3, 50_000, True)
+    assert (p.steps, p.cfg_scale, p.guidance_channels, p.num_samples, p.balanced_classes) == (
+        250,
+        1.5,
+        3,
+        50_000,
+        False,
+    )
     assert p.sampler == "ddpm" and p.clip_denoised is False  # latents are not clamped to [-1, 1]
     assert p.autoencoder == "stabilityai/sd-vae-ft-ema" and p.published["fid"] == 2.27
     assert PROTOCOLS["dit-xl2-512"].published["fid"] == 3.04
@@ -132,6 +138,93 @@ def test_protocol_presets_apply_and_refuse_a_checkpoint_without_their_autoencode
     assert code == 2 and "sd-vae-ft-ema" in capsys.readouterr().err and not (tmp_path / "p.npz").exists()
     with pytest.raises(ValueError, match="unknown evaluation protocol"):
         get_protocol("dit-xl2-1024")
+
+
+def test_protocol_references_are_adms_reference_batch_files():
+    """ADM's 256 px batch is VIRTUAL_imagenet256_labeled.npz, its 512 px batch VIRTUAL_imagenet512.npz
+    (no '_labeled'): a name built from one pattern got the 512 one wrong."""
+    from ditkit.evaluation.protocols import PROTOCOLS
+
+    assert {name: p.reference for name, p in PROTOCOLS.items()} == {
+        "dit-xl2-256": "VIRTUAL_imagenet256_labeled.npz",
+        "dit-xl2-256-nocfg": "VIRTUAL_imagenet256_labeled.npz",
+        "dit-xl2-512": "VIRTUAL_imagenet512.npz",
+    }
+
+
+def test_protocol_labels_are_seeded_uniform_draws_unless_balanced_is_asked_for(tmp_path, checkpoint, monkeypatch):
+    """DiT's published numbers come from labels drawn uniformly at random per sample, not i % num_classes:
+    a preset's job samples uniform labels (not exactly balanced), the same for the same --seed, and
+    --balanced-classes still opts in. The job is taken from the real `ditkit sample --protocol` route."""
+    from ditkit.evaluation import commands
+
+    jobs = []
+    # The tiny checkpoint is a pixel model: let the protocol accept it, and record the job instead of sampling.
+    monkeypatch.setattr(commands, "_apply_autoencoder", lambda config, protocol, vae: config)
+    monkeypatch.setattr(mass, "run_mass_sampling", lambda model, config, out, job, **kw: jobs.append(job))
+    _, config = load_model(checkpoint)
+    num_classes, n = config.model.num_classes, 40
+
+    def labels(*extra):
+        argv = ["sample", "--checkpoint", str(checkpoint), "--protocol", "dit-xl2-256", "--npz"]
+        argv += [str(tmp_path / "p.npz"), "--num-samples", str(n), "--device", "cpu", *extra]
+        assert main(argv) == 0
+        job = jobs[-1]
+        return mass.sample_labels(job.num, num_classes, job.balanced_classes, job.seed)
+
+    first = labels("--seed", "5")
+    counts = np.bincount(first, minlength=num_classes)
+    assert len(first) == n and counts.sum() == n and not (counts == n // num_classes).all()  # not 10 per class
+    np.testing.assert_array_equal(labels("--seed", "5"), first)  # reproducible for a seed
+    assert not np.array_equal(labels("--seed", "6"), first)
+    balanced = labels("--seed", "5", "--balanced-classes")
+    np.testing.assert_array_equal(balanced, np.arange(n) % num_classes)
+
+
+def test_merged_file_is_on_disk_before_the_parts_are_deleted(tmp_path, checkpoint, monkeypatch):
+    """The order of fsyncs, renames and deletions: each part is fsynced, renamed, and its folder fsynced;
+    OUT.npz is fsynced, renamed, and its folder fsynced, and only then are the parts deleted (else a
+    crash could leave a truncated OUT.npz with the parts gone)."""
+    events = []
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, Path.unlink
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def unlink(self, *args, **kwargs):
+        events.append(("unlink", str(self)))
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    model, config = load_model(checkpoint)
+    out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+    job = MassSamplingJob(num=4, part_size=2, sampling={"steps": 2})
+    run_mass_sampling(model, config, out, job, progress=False)
+
+    def at(event):
+        assert event in events, f"{event} not in {events}"
+        return events.index(event)
+
+    for k in range(2):
+        part, tmp = str(parts / f"part_{k:06d}.npz"), str(parts / f"part_{k:06d}.npz.tmp.npz")
+        renamed = at(("replace", tmp, part))
+        assert at(("fsync", tmp)) < renamed
+        assert ("fsync", str(parts)) in events[renamed + 1 : renamed + 2]  # the folder, right after the rename
+    merged = at(("replace", str(out) + ".tmp", str(out)))
+    assert at(("fsync", str(out) + ".tmp")) < merged
+    assert events[merged + 1] == ("fsync", str(tmp_path))
+    deleted = [i for i, e in enumerate(events) if e[0] == "unlink"]
+    assert len(deleted) == 3 and min(deleted) > merged + 1  # 2 parts + the manifest, all after the fsyncs
+    assert not parts.exists()
+    with np.load(out) as data:
+        assert data["arr_0"].shape == (4, 8, 8, 1)
 
 
 def test_a_refused_setting_leaves_no_parts_folder_and_the_corrected_command_runs(tmp_path, checkpoint, capsys):

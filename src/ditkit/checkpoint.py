@@ -33,6 +33,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, ConfigError, config_from_dict, config_to_dict
+from .utils.files import fsync_dir
 from .utils.safe_load import load_failure_reason, load_weights_only
 
 __all__ = [
@@ -62,19 +63,6 @@ class CheckpointError(ValueError):
 def checkpoint_name(step: int) -> str:
     """Folder name of the checkpoint taken after `step` optimizer steps."""
     return f"step_{step:07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _state_dict_for_save(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,13 +115,13 @@ def save_checkpoint(
     for file in tmp.iterdir():
         with open(file, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -86,14 +86,22 @@ def bundled_digits_reference(
 
 
 def check_sample_count(samples: str | Path | NpzReader) -> tuple[int, ...]:
-    """The shape of a sample file's arr_0 (a header read; `samples` is a path or the open file); DataError
-    naming the file when it has fewer than the 2 images a covariance needs."""
+    """The shape of a sample file's arr_0 (header reads; `samples` is a path or the open file); DataError
+    naming the file when it has fewer than the 2 images a covariance needs, or an arr_1 that is not one
+    integer label per image (an (N, 1) array would broadcast to an (N, N) comparison in class accuracy)."""
     if not isinstance(samples, NpzReader):
         with NpzReader(samples) as npz:
             return check_sample_count(npz)
     shape, _ = samples.array_info("arr_0")  # names the file and its keys when arr_0 is missing
     if shape[0] < 2:
         raise DataError(f"{samples.path}: {shape[0]} sample image(s) in arr_0; FID needs at least 2 (a covariance)")
+    if "arr_1" in samples.keys:
+        label_shape, dtype = samples.array_info("arr_1")
+        if label_shape != (shape[0],) or dtype.kind not in "iu":
+            raise DataError(
+                f"{samples.path}: arr_1 must be 1-D integer class labels, one per image of arr_0 (shape "
+                f"({shape[0]},), as arr_0 is {shape}); got {dtype} of shape {label_shape}"
+            )
     return shape
 
 
@@ -104,7 +112,10 @@ def score_features(
     kind: str = "inception",
 ) -> dict[str, float | int | str]:
     """Metrics of sample features against a reference from `reference_from_source`."""
-    result: dict[str, float | int | str] = {"features": kind, "num_samples": int(len(features["pool"]))}
+    num = len(features["pool"])
+    if labels is not None and np.shape(labels) != (num,):
+        raise ValueError(f"labels must be one per sample, shape ({num},); got shape {np.shape(labels)}")
+    result: dict[str, float | int | str] = {"features": kind, "num_samples": int(num)}
     stats = FeatureStats.from_features(features["pool"])
     result["fid"] = frechet_distance(stats, FeatureStats(ref["mu"], ref["sigma"]))
     if "spatial" in features and "mu_s" in ref:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..data import DataError
 from ..data.datasets import IMAGE_EXTENSIONS, _open_image, list_images
 from ..distributed import tf32
+from .inception import SPATIAL_DIM
 from .metrics import FeatureStats
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class InceptionFeatures:
     kind = "inception"
     feature_dim = 2048
     """Width of the 'pool' features: the FID graph's pool_3 (fixed by FID's definition, whatever the weights)."""
+    spatial_dim = SPATIAL_DIM
+    """Width of the 'spatial' (sFID) features: ADM's first 7 channels of mixed_6/conv, 7 * 17 * 17."""
 
     def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         self.network, self.device = network.to(device).eval(), torch.device(device)
@@ -396,13 +399,21 @@ def _ref_stats_hint(net: FeatureNet) -> str:
 def check_reference_net(ref: dict[str, np.ndarray], net: FeatureNet, ref_name: str) -> None:
     """Refuse reference statistics that cannot score `net`'s features, before any sample is scored: ones
     without FID statistics (mu, sigma), another judge's (by the id the reference records,
-    `REFERENCE_NET_KEY`), or statistics of another width than `net`'s features (a reference made before
-    judge ids existed, or by another network, e.g. a judge's against Inception), which would otherwise
-    fail only at the FID with a bare shape error. `ref_name` (the reference's file) is named in the error."""
+    `REFERENCE_NET_KEY`), statistics of another width than `net`'s features (a reference made before
+    judge ids existed, or by another network, e.g. a judge's against Inception), sFID statistics without
+    their other half (mu_s without sigma_s or the reverse), or a covariance that is not (D, D) for its
+    D-wide mean; these would otherwise fail only after every sample's features were computed, with a bare
+    KeyError or shape error. `ref_name` (the reference's file) is named in the error."""
     if "mu" not in ref or "sigma" not in ref:
         raise DataError(
             f"the reference {ref_name} has no FID statistics: it needs 'mu' and 'sigma', and has "
             f"{', '.join(sorted(ref)) or 'nothing'}; make it with {_ref_stats_hint(net)}"
+        )
+    if ("mu_s" in ref) != ("sigma_s" in ref):
+        has, lacks = ("mu_s", "sigma_s") if "mu_s" in ref else ("sigma_s", "mu_s")
+        raise DataError(
+            f"the reference {ref_name} has {has!r} but no {lacks!r}: sFID statistics need both (or neither, "
+            f"for a reference without sFID); make it again with {_ref_stats_hint(net)}"
         )
     made_by, scoring = ref.get(REFERENCE_NET_KEY), feature_net_id(net)
     if made_by is not None and scoring is not None and str(made_by) != scoring:
@@ -412,15 +423,31 @@ def check_reference_net(ref: dict[str, np.ndarray], net: FeatureNet, ref_name: s
             f"samples ({scoring}); make the reference with the same judge: {_ref_stats_hint(net)}"
         )
     expected = getattr(net, "feature_dim", None)
-    for key in ("mu", "pool"):
-        found = np.shape(ref[key])[-1:] if key in ref else (expected,)
-        if expected is not None and found != (expected,):
+    expected_spatial = getattr(net, "spatial_dim", None)
+    for key, want in (("mu", expected), ("pool", expected), ("mu_s", expected_spatial)):
+        found = np.shape(ref[key])[-1:] if key in ref else (want,)
+        if want is not None and found != (want,):
             width = f"{found[0]}-wide" if found else "scalar"
             raise DataError(
                 f"the reference {ref_name} holds {width} {key!r} features, but the {getattr(net, 'kind', '')} "
-                f"network scoring these samples gives {expected}-wide ones: the reference was made by another "
+                f"network scoring these samples gives {want}-wide ones: the reference was made by another "
                 f"network; make it again with this one: {_ref_stats_hint(net)}"
             )
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if mu_key not in ref:
+            continue
+        mu_shape, sigma_shape = np.shape(ref[mu_key]), np.shape(ref[sigma_key])
+        if len(mu_shape) != 1:
+            problem = f"{mu_key!r} of shape {mu_shape}; expected a 1-D mean of shape (D,)"
+        elif sigma_shape != (mu_shape[0], mu_shape[0]):
+            d = mu_shape[0]
+            problem = (
+                f"{mu_key!r} of shape {mu_shape} and {sigma_key!r} of shape {sigma_shape}; expected {sigma_key!r} "
+                f"of shape ({d}, {d}), the covariance of those {d} features"
+            )
+        else:
+            continue
+        raise DataError(f"the reference {ref_name} holds {problem}; make it again with {_ref_stats_hint(net)}")
 
 
 def save_reference(ref: dict[str, np.ndarray], path: str | Path) -> Path:

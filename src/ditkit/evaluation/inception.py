@@ -51,6 +51,8 @@ INCEPTION_WEIGHTS_URL = (
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7
 """ADM keeps the first 7 of mixed_6/conv's 192 channels: 7 * 17 * 17 = 2023 sFID dims."""
+SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17
+"""Width of the 'spatial' (sFID) features: those channels on mixed_6/conv's 17x17 grid, 2023."""
 
 
 class InceptionWeightsError(FileNotFoundError):

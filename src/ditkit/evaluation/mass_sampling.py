@@ -11,14 +11,14 @@ sample_ddp.py agree on: `arr_0` uint8 images (N, H, W, C) and, for class-conditi
   number of ranks: 1 and N processes give byte-identical files (on the same device type).
 - Each finished part is written atomically to `OUT.npz.parts/part_XXXXXX.npz`; a rerun with the same
   settings skips finished parts. When all parts exist, rank 0 streams them into OUT.npz (no second
-  copy of the images in memory) and removes the parts folder.
+  copy of the images in memory) and removes the parts folder only once OUT.npz and its folder entry
+  are on disk, so a crash at any point leaves either the parts or the whole OUT.npz.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..autoencoders import Autoencoder, build_autoencoder
 from ..config import Config
 from ..sampling import generate
+from ..utils.files import replace_durably
 from ..utils.images import to_uint8
 from .features import npz_array_info
 
@@ -101,7 +102,8 @@ def _npy_header(f, shape: tuple[int, ...], dtype: np.dtype) -> None:
 
 
 def write_npz_stream(path: str | Path, parts: list[Path], with_labels: bool, progress: bool = True) -> Path:
-    """Concatenate part files (arr_0 images, arr_1 labels) into one uncompressed .npz, streaming, atomically."""
+    """Concatenate part files (arr_0 images, arr_1 labels) into one uncompressed .npz, streaming, atomically;
+    the file and its folder entry are fsynced before this returns."""
     path = Path(path)
     shapes = [npz_array_info(part, "arr_0")[0] for part in parts]  # headers only
     total, image_shape = sum(shape[0] for shape in shapes), shapes[0][1:]
@@ -119,7 +121,7 @@ def write_npz_stream(path: str | Path, parts: list[Path], with_labels: bool, pro
                     labels.append(data["arr_1"])
             with zf.open(zipfile.ZipInfo("arr_1.npy", date_time=_ZIP_DATE), "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64), version=(1, 0))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)  # the caller deletes the parts next: the merged file must be on disk first
     return path
 
 
@@ -127,9 +129,7 @@ def _save_part(path: Path, images: np.ndarray, labels: np.ndarray | None) -> Non
     tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
     np.savez(tmp, **arrays)
-    with open(tmp, "rb") as f:  # the part must be on disk before it counts as finished
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)  # the part must be on disk before it counts as finished
 
 
 def _part_ok(path: Path, expected: int) -> bool:

@@ -2,8 +2,9 @@
 
 DiT (Peebles & Xie 2023, https://arxiv.org/abs/2212.09748), Table 4 and its appendix: ImageNet
 class-conditional samples, 250 DDPM steps (the learned-sigma sampler of Nichol & Dhariwal 2021), 50,000
-samples (50 per class), classifier-free guidance 1.5 applied to the first 3 of 4 latent channels (the
-release's legacy), decoded with the `stabilityai/sd-vae-ft-ema` autoencoder, judged by the ADM
+samples whose labels are drawn independently and uniformly at random (as the release's sample_ddp.py
+draws them; not 50 per class), classifier-free guidance 1.5 applied to the first 3 of 4 latent channels
+(the release's legacy), decoded with the `stabilityai/sd-vae-ft-ema` autoencoder, judged by the ADM
 evaluator against its ImageNet reference batch. `ditkit sample --protocol NAME` applies a preset;
 explicit command-line flags win.
 """
@@ -40,9 +41,11 @@ class Protocol:
     num_samples: int
     """How many samples the metric is computed from."""
     balanced_classes: bool
-    """Labels i % num_classes (an equal number per class) instead of random labels."""
+    """Labels i % num_classes (an equal number per class) instead of seeded uniform labels. False for the
+    DiT presets: the published numbers come from uniform random labels; `--balanced-classes` opts in."""
     reference: str
-    """The reference statistics the published number was measured against."""
+    """File name of the ADM evaluator's reference batch the published number was measured against
+    (guided-diffusion's evaluations/README.md)."""
     published: dict[str, float]
     """Published metrics (FID, sFID, IS, precision, recall) for this protocol."""
     source: str
@@ -51,8 +54,6 @@ class Protocol:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
-
-_ADM_REF = "ADM evaluator ImageNet reference batch VIRTUAL_imagenet{size}_labeled.npz"
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
@@ -68,8 +69,8 @@ PROTOCOLS: dict[str, Protocol] = {
             clip_denoised=False,
             autoencoder="stabilityai/sd-vae-ft-ema",
             num_samples=50_000,
-            balanced_classes=True,
-            reference=_ADM_REF.format(size=256),
+            balanced_classes=False,
+            reference="VIRTUAL_imagenet256_labeled.npz",
             published={"fid": 2.27, "sfid": 4.60, "inception_score": 278.24, "precision": 0.83, "recall": 0.57},
             source="Peebles & Xie 2023, Table 4 (DiT-XL/2-G, cfg=1.50)",
         ),
@@ -84,8 +85,8 @@ PROTOCOLS: dict[str, Protocol] = {
             clip_denoised=False,
             autoencoder="stabilityai/sd-vae-ft-ema",
             num_samples=50_000,
-            balanced_classes=True,
-            reference=_ADM_REF.format(size=256),
+            balanced_classes=False,
+            reference="VIRTUAL_imagenet256_labeled.npz",
             published={"fid": 9.62, "sfid": 6.85, "inception_score": 121.50, "precision": 0.67, "recall": 0.67},
             source="Peebles & Xie 2023, Table 4 (DiT-XL/2, no guidance)",
         ),
@@ -100,8 +101,8 @@ PROTOCOLS: dict[str, Protocol] = {
             clip_denoised=False,
             autoencoder="stabilityai/sd-vae-ft-ema",
             num_samples=50_000,
-            balanced_classes=True,
-            reference=_ADM_REF.format(size=512),
+            balanced_classes=False,
+            reference="VIRTUAL_imagenet512.npz",
             published={"fid": 3.04, "sfid": 5.02, "inception_score": 240.82, "precision": 0.84, "recall": 0.54},
             source="Peebles & Xie 2023, Table 5 (DiT-XL/2-G, cfg=1.50)",
         ),
