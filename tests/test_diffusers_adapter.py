@@ -8,6 +8,7 @@ from ditkit.diffusion import build_process
 from ditkit.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler
 from ditkit.samplers.diffusers_adapter import sample_with_scheduler
 from test_samplers import GaussianDenoiser
+from test_samplers_objectives import VarianceGaussian
 
 diffusers = pytest.importorskip("diffusers")
 LINEAR = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -47,6 +48,34 @@ def test_ddpm_scheduler_equals_sample_ddpm_on_its_respaced_grid(vp, x):
     theirs = sample_with_scheduler(den, scheduler, x, 10, generator=torch.Generator().manual_seed(4))
     ours = sample_ddpm(den, x, _grid(scheduler, 10), variance="small", generator=torch.Generator().manual_seed(4))
     assert (theirs - ours).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])  # both end at t=0 ('trailing' at 99: see below)
+def test_ddpm_scheduler_learned_range_equals_learned_variance_ddpm(vp, x, spacing):
+    """'learned_range' gets v = 2 frac - 1 and interpolates between the bounds of its own respaced step,
+    as sample_ddpm(variance='learned') does: same grid, same noise stream, same samples."""
+    scheduler = diffusers.DDPMScheduler(**LINEAR, clip_sample=False, variance_type="learned_range",
+                                        timestep_spacing=spacing)  # fmt: skip
+    den = VarianceGaussian(vp, MU, S)  # frac = 0.5 + 0.4 tanh(x_t), per element
+    theirs = sample_with_scheduler(den, scheduler, x, 10, generator=torch.Generator().manual_seed(4))
+    grid = _grid(scheduler, 10)
+    ours = sample_ddpm(den, x, grid, variance="learned", generator=torch.Generator().manual_seed(4))
+    # (On a grid ending at t > 0, DDPMScheduler adds noise on the step into data too; sample_ddpm does not.)
+    assert (theirs - ours).abs().max().item() < 1e-4
+    small = sample_ddpm(den, x, grid, variance="small", generator=torch.Generator().manual_seed(4))
+    assert (ours - small).abs().max().item() > 0.01  # the check can fail: the variance channels matter
+
+
+def test_ddpm_scheduler_learned_variance_types_it_cannot_serve_are_refused(vp, x):
+    learned = VarianceGaussian(vp, MU, S)
+    with pytest.raises(ValueError, match=r"DDPMScheduler with variance_type='learned' .*'fixed_large'"):
+        sample_with_scheduler(learned, diffusers.DDPMScheduler(**LINEAR, variance_type="learned"), x, 5)
+    with pytest.raises(ValueError, match=r"variance_type='learned_range' .*no learned variance.*'fixed_small'"):
+        scheduler = diffusers.DDPMScheduler(**LINEAR, variance_type="learned_range")
+        sample_with_scheduler(GaussianDenoiser(vp, MU, S), scheduler, x, 5)
+    with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler with variance_type='learned_range'"):
+        scheduler = diffusers.DPMSolverMultistepScheduler(**LINEAR, variance_type="learned_range")
+        sample_with_scheduler(learned, scheduler, x, 5)
 
 
 def test_dpm_solver_multistep_scheduler_equals_sample_dpmpp_2m(vp, x):

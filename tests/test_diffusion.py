@@ -91,6 +91,18 @@ def test_model_denoiser_converts_eps_prediction(process):
     assert torch.equal(denoiser.null_cond(torch.tensor([1, 2])), torch.tensor([7, 7]))
 
 
+def test_model_denoiser_refuses_eps_where_alpha_vanishes_at_the_noise_end():
+    """On the linear interpolant alpha(1) = 0: an eps network cannot give x0 there (every sampler returned NaN)."""
+    flow = build_process(DiffusionConfig(process="flow"))
+    with pytest.raises(ValueError, match=r"prediction 'eps' cannot sample LinearFlow .*use 'v', 'x0' or 'flow'"):
+        ModelDenoiser(torch.nn.Identity(), flow, "eps")
+    with pytest.raises(ValueError, match="prediction 'eps' cannot sample LinearFlow"):
+        ModelDenoiser(torch.nn.Identity(), flow)  # the default prediction is 'eps'
+    for prediction in ("v", "x0", "flow"):
+        assert ModelDenoiser(torch.nn.Identity(), flow, prediction).prediction == prediction
+    assert ModelDenoiser(torch.nn.Identity(), build_process(DiffusionConfig()), "eps").prediction == "eps"
+
+
 def test_loss_is_mse_to_the_added_noise(process):
     """A network that outputs the noise that was added has zero loss; outputting zero gives E[eps^2] = 1."""
     g_ref = torch.Generator().manual_seed(3)

@@ -53,9 +53,10 @@ def test_every_sampler_recovers_the_gaussian_on_the_linear_interpolant(flow, flo
     assert abs(out.std().item() - S) < 0.01
 
 
-def test_ddpm_refuses_the_linear_interpolant(flow, flow_prior):
-    with pytest.raises(ValueError, match="variance-preserving"):
-        sample_ddpm(GaussianDenoiser(flow, MU, S), flow_prior[:4], 10)
+@pytest.mark.parametrize("steps", [10, 1, torch.tensor([1.0, 0.0])])  # alpha^2 + sigma^2 = 1 at t = 1 and 0 only
+def test_ddpm_refuses_the_linear_interpolant(flow, flow_prior, steps):
+    with pytest.raises(ValueError, match="variance-preserving process .*got LinearFlow"):
+        sample_ddpm(GaussianDenoiser(flow, MU, S), flow_prior[:4], steps)
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,13 @@ class ModelDenoiser(Denoiser):
     ) -> None:
         if prediction not in ("eps", "v", "x0", "flow"):
             raise ValueError(f"unsupported prediction {prediction!r}; expected 'eps', 'v', 'x0' or 'flow'")
+        # The rule DiffusionConfig states for process 'flow', here for any process object: where alpha(t_max) = 0
+        # the noise says nothing about x0 = (x_t - sigma eps) / alpha, and every sampler's first step is NaN.
+        if prediction == "eps" and float(process.alpha(torch.tensor([process.t_max]))) == 0.0:
+            raise ValueError(
+                f"prediction 'eps' cannot sample {type(process).__name__} (alpha = 0 at its noise end "
+                f"t={process.t_max}, so x0 = (x_t - sigma eps) / alpha is undefined); use 'v', 'x0' or 'flow'"
+            )
         self.model = model
         self.process = process
         self.prediction = prediction

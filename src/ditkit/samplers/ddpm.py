@@ -14,7 +14,7 @@ The last step (into the data end, abar_s = 1) has mean x0 and adds no noise. The
 makes this exactly DDIM with eta = 1. 'learned' asks the denoiser for frac (`denoise_with_variance`)
 and interpolates between the bounds of the *respaced* step, as DiT's 250-step evaluation does; it is
 the default when the denoiser has a learned variance, 'small' otherwise. Only defined for
-variance-preserving processes.
+variance-preserving processes (`process.variance_preserving`).
 """
 
 from __future__ import annotations
@@ -58,12 +58,21 @@ def sample_ddpm(
     if variance == "learned" and not learned:
         raise ValueError("variance='learned' needs a denoiser with a learned variance (model.learn_sigma=true)")
     process = denoiser.process
+    # A property of the process, not of the grid: the linear interpolant has alpha^2 + sigma^2 = 1 at
+    # t = 1 and t = 0, so a grid [1, 0] alone would let it through.
+    if not getattr(process, "variance_preserving", False):
+        raise ValueError(
+            f"sample_ddpm needs a variance-preserving process (alpha^2 + sigma^2 = 1 at every t), got "
+            f"{type(process).__name__}; use another sampler (ddim, euler, heun, dpmpp_2m, ...)"
+        )
     grid = sampling_grid(process, steps, x.device)  # (steps + 1,), last entry is the data end
     steps = len(grid) - 1
     alphas = process.alpha(grid).to("cpu", torch.float64)
     sigmas = process.sigma(grid).to("cpu", torch.float64)
-    if not torch.allclose(alphas**2 + sigmas**2, torch.ones_like(alphas), atol=1e-4):
-        raise ValueError("sample_ddpm needs a variance-preserving process (alpha^2 + sigma^2 = 1 on the grid)")
+    if not torch.allclose(alphas**2 + sigmas**2, torch.ones_like(alphas), atol=1e-4):  # a process that says so
+        raise ValueError(
+            f"{type(process).__name__} declares variance_preserving but alpha^2 + sigma^2 != 1 on the grid"
+        )
     # The step coefficients are scalars formed in float64, then applied to x in x's dtype. The process
     # hands out alpha and sigma rounded to float32, so take abar = alpha^2 and 1 - abar = sigma^2 (1 - alpha^2
     # would lose 3 digits near the data, where abar ~ 0.9999), and take the gap abar_s - abar_t from

@@ -8,6 +8,12 @@ conversion layer (`ditkit.diffusion.x0_to_prediction`). So a model trained with 
 runs under any of these schedulers. The scheduler's `scale_model_input` must return the variance-
 preserving x_t (true of the schedulers above: sigma-space ones divide by sqrt(sigma^2 + 1)).
 
+A DDPMScheduler with `variance_type='learned_range'` also reads v in [-1, 1] from extra output channels
+and takes the log-variance frac log beta' + (1 - frac) log beta_tilde, frac = (v + 1) / 2, with the
+betas of its own (respaced) step: the interpolation of Improved DDPM that `sample_ddpm` uses. A
+denoiser with a learned variance supplies it (v = 2 frac - 1 from `denoise_with_variance`). Any other
+learned variance type is refused, as is 'learned_range' without a learned variance.
+
 Schedulers keep step indices and multistep history inside the object; the adapter works on a deep
 copy, so the caller's scheduler is never changed and the function can be called again.
 """
@@ -29,6 +35,29 @@ __all__ = ["sample_with_scheduler", "PREDICTION_TYPES"]
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 """diffusers `prediction_type` -> ditkit prediction name."""
+
+
+def _passes_variance(denoiser: Denoiser, scheduler: Any) -> bool:
+    """Whether the scheduler reads a learned variance from the model output (only DDPMScheduler's
+    'learned_range', whose semantics `sample_ddpm` shares); refuse the learned types it cannot be given."""
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    if variance_type not in ("learned", "learned_range"):
+        return False
+    name = type(scheduler).__name__
+    is_ddpm = any(cls.__name__ == "DDPMScheduler" for cls in type(scheduler).__mro__)
+    learned = bool(getattr(denoiser, "learned_variance", False))
+    if variance_type == "learned_range" and is_ddpm and learned:
+        return True
+    if not is_ddpm:
+        why = "the adapter passes a learned variance only to DDPMScheduler ('learned_range')"
+        fix = "a fixed variance type (variance_type=None on the DPM-Solver schedulers)"
+    elif variance_type == "learned":
+        why = "'learned' reads the variance itself, not ditkit's interpolation fraction (that is 'learned_range')"
+        fix = "variance_type='fixed_small' or 'fixed_large'"
+    else:
+        why = "the denoiser has no learned variance (model.learn_sigma=false)"
+        fix = "variance_type='fixed_small' or 'fixed_large'"
+    raise ValueError(f"{name} with variance_type={variance_type!r} is not supported: {why}; use {fix}")
 
 
 def _check_process(process: Any, scheduler: Any) -> None:
@@ -66,6 +95,7 @@ def sample_with_scheduler(
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {list(PREDICTION_TYPES)}")
     prediction = PREDICTION_TYPES[prediction_type]
+    with_variance = _passes_variance(denoiser, scheduler)
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(steps, device=x.device)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
@@ -76,8 +106,13 @@ def sample_with_scheduler(
     for i, t in bar:
         x_in = scheduler.scale_model_input(x, t)  # the variance-preserving x_t
         t_vec = t.to(device=x.device, dtype=torch.float32).reshape(1).expand(n)
-        denoised = denoiser(x_in, t_vec, cond)
+        if with_variance:
+            denoised, frac = denoiser.denoise_with_variance(x_in, t_vec, cond)
+        else:
+            denoised = denoiser(x_in, t_vec, cond)
         out = x0_to_prediction(prediction, denoised, x_in, process.alpha(t_vec), process.sigma(t_vec))
+        if with_variance:
+            out = torch.cat([out, (2 * frac - 1).to(out.dtype)], dim=1)  # (N, 2C, ...): the scheduler splits it
         extra = {"generator": generator} if takes_generator else {}
         x = scheduler.step(out, t, x, **extra).prev_sample
         if callback is not None:
