@@ -1,9 +1,13 @@
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ditkit.cli import main
@@ -397,3 +401,281 @@ def test_paint_refuses_an_existing_out_or_a_folder_before_loading(tmp_path, caps
     (tmp_path / "folder").mkdir()
     assert main([*argv, "--out", str(tmp_path / "folder")]) == 2
     assert f"--out {tmp_path / 'folder'} is a folder; give an image file name" in capsys.readouterr().err
+
+
+def test_convert_round_trip_through_diffusers_keeps_the_objective_and_sampling(tmp_path, config_file, capsys):
+    """diffusers' config.json holds the network only: the rest comes back from ditkit_config.json."""
+    pytest.importorskip("diffusers")
+    from ditkit.checkpoint import load_config_from_checkpoint, resolve_checkpoint
+
+    sample = ["sample.steps=7", "sample.sampler=heun", "sample.cfg_scale=2.5", "sample.seed=3"]
+    sample += ["sample.spacing=karras", "sample.guidance_interval=[0.1, 0.9]", "sample.clip_denoised=false"]
+    overrides = ["train.steps=1", "diffusion.prediction=v", "diffusion.schedule=cosine", *sample]
+    assert main(["train", "--config", str(config_file), "--no-progress", *overrides]) == 0
+    original = load_config_from_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    assert (original.diffusion.prediction, original.sample.sampler, original.sample.steps) == ("v", "heun", 7)
+    capsys.readouterr()
+
+    exported = tmp_path / "exported"
+    assert main(["convert", "to-diffusers", "--checkpoint", str(tmp_path / "run"), "--out", str(exported)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this model was trained with diffusion.prediction='v', diffusion.schedule='cosine';" in err
+    assert "diffusers' DiTPipeline samples eps prediction" in err and "would sample this model wrongly" in err
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "ditkit_config.json",
+    ]
+    side = json.loads((exported / "ditkit_config.json").read_text())
+    assert sorted(side) == ["autoencoder", "data", "diffusion", "sample"]
+    assert side["diffusion"]["prediction"] == "v" and side["data"] == {"image_size": 8, "channels": 1}
+
+    assert main(["convert", "from-diffusers", "--diffusers", str(exported), "--out", str(tmp_path / "back")]) == 0
+    out = capsys.readouterr().out
+    assert "restored from ditkit_config.json (diffusion.prediction='v', diffusion.process='vp')" in out
+    assert "Autoencoder recorded: none (pixel space)" in out
+    back = load_config_from_checkpoint(tmp_path / "back")
+    assert back.diffusion == original.diffusion and back.sample == original.sample
+    assert back.diffusion.prediction == "v" and back.diffusion.schedule == "cosine"
+    assert (back.sample.sampler, back.sample.steps, back.sample.cfg_scale, back.sample.seed) == ("heun", 7, 2.5, 3)
+    assert (back.sample.spacing, back.sample.guidance_interval) == ("karras", (0.1, 0.9))
+    assert back.sample.clip_denoised is False
+    assert back.autoencoder == original.autoencoder and back.model == original.model
+    assert (back.data.image_size, back.data.channels) == (8, 1)
+
+    # The side file says this is a pixel model: an autoencoder for it is refused, naming the file.
+    argv = ["convert", "from-diffusers", "--diffusers", str(exported), "--vae", str(tmp_path), "--out"]
+    assert main([*argv, str(tmp_path / "with-vae")]) == 2
+    assert f"{exported / 'ditkit_config.json'} records a pixel-space model" in capsys.readouterr().err
+    # A damaged side file is an error naming the file and the key, not a silent fall back to eps.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    side["diffusion"]["predicton"] = side["diffusion"].pop("prediction")
+    (damaged / "ditkit_config.json").write_text(json.dumps(side))
+    argv = ["convert", "from-diffusers", "--diffusers", str(damaged), "--out", str(tmp_path / "from-damaged")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged / 'ditkit_config.json'}:" in err and "diffusion.predicton" in err
+    assert not (tmp_path / "with-vae").exists() and not (tmp_path / "from-damaged").exists()
+
+
+def test_only_models_diffusers_dit_pipeline_samples_go_without_a_warning():
+    from ditkit.config import Config, DiffusionConfig, ModelConfig
+    from ditkit.convert.diffusers import pipeline_mismatch
+
+    assert pipeline_mismatch(Config()) == {}  # eps over DDPM's 1000 linear betas: DiT's own setting
+    flow = Config(diffusion=DiffusionConfig(process="flow"), model=ModelConfig(learn_sigma=False))
+    assert pipeline_mismatch(flow) == {"diffusion.process": "flow", "diffusion.prediction": "flow"}
+    assert pipeline_mismatch(Config(diffusion=DiffusionConfig(beta_end=0.012))) == {"diffusion.beta_end": 0.012}
+
+
+def test_from_diffusers_takes_a_sibling_vae_only_from_a_pipeline_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("diffusers")
+    from conftest import save_tiny_autoencoder_kl
+    from ditkit.checkpoint import load_config_from_checkpoint
+    from ditkit.config import ModelConfig
+    from ditkit.convert.diffusers import to_diffusers
+    from ditkit.models import DiT
+
+    def save_dit(in_channels: int, folder: Path) -> None:  # a diffusers DiT from elsewhere: no ditkit_config.json
+        config = ModelConfig(input_size=8, in_channels=in_channels, patch_size=2, hidden_size=32, depth=1, num_heads=2)
+        to_diffusers(DiT(config)).save_pretrained(folder)
+
+    # A vae/ folder beside a transformer folder that is not a pipeline's belongs to something else.
+    save_tiny_autoencoder_kl(tmp_path / "loose" / "vae")
+    save_dit(1, tmp_path / "loose" / "pixel")
+    save_dit(4, tmp_path / "loose" / "latent")
+    argv = ["convert", "from-diffusers", "--diffusers", str(tmp_path / "loose" / "pixel"), "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    assert "Autoencoder recorded: none (pixel space)" in capsys.readouterr().out
+    pixel = load_config_from_checkpoint(tmp_path / "a")
+    assert pixel.autoencoder.kind == "pixel" and pixel.autoencoder.path is None
+    assert (pixel.data.channels, pixel.diffusion.prediction, pixel.diffusion.process) == (1, "eps", "vp")
+    argv = ["convert", "from-diffusers", "--diffusers", str(tmp_path / "loose" / "latent")]
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert "a 4-channel model works in an autoencoder's latent space: pass --vae" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+    # A whole DiTPipeline folder: transformer/ beside model_index.json; its vae/ is recorded as an absolute path.
+    pipeline = tmp_path / "pipe"
+    save_dit(4, pipeline / "transformer")
+    save_tiny_autoencoder_kl(pipeline / "vae")
+    (pipeline / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "from-diffusers", "--diffusers", "pipe/transformer", "--out", "c"]) == 0
+    recorded = str(tmp_path / "pipe" / "vae")
+    assert f"Autoencoder recorded: {recorded} (kl, from the pipeline's vae/ folder)" in capsys.readouterr().out
+    latent = load_config_from_checkpoint(tmp_path / "c")
+    assert (latent.autoencoder.kind, latent.autoencoder.path, latent.autoencoder.scale) == ("kl", recorded, 0.18215)
+    assert (latent.data.image_size, latent.data.channels, latent.model.in_channels) == (16, 3, 4)
+
+
+def test_readme_python_snippets_sample_with_the_objective_the_model_was_trained_for(tmp_path, monkeypatch):
+    """Runs README.md's Python blocks as written, on a tiny version of configs/mnist.yaml (v-prediction)."""
+    import ditkit.config
+    import ditkit.diffusion
+
+    repo = Path(__file__).parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (repo / "README.md").read_text(), re.S)
+    assert len(blocks) == 2 and 'load_config("configs/mnist.yaml"' in blocks[0] and "sample_ddim(" in blocks[1]
+    tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.steps=2", "train.batch_size=4"]
+    tiny += ["train.warmup_steps=0", "train.ckpt_every=2", "train.log_every=1", "train.precision=fp32"]
+    tiny += ["train.device=cpu"]
+    real_load = ditkit.config.load_config
+
+    def tiny_load(path, overrides=()):  # the README's file and overrides, then the tiny model's
+        return real_load(repo / path, [*overrides, *tiny])
+
+    monkeypatch.setattr(ditkit.config, "load_config", tiny_load)
+    predictions = []
+
+    class RecordingDenoiser(ditkit.diffusion.ModelDenoiser):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            predictions.append(self.prediction)
+
+    monkeypatch.setattr(ditkit.diffusion, "ModelDenoiser", RecordingDenoiser)
+    monkeypatch.chdir(tmp_path)  # the snippets write outputs/mnist/ and digits.png
+    scope: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), scope)
+    config = scope["config"]
+    assert config.diffusion.prediction == "v" and config.autoencoder.kind == "pixel"
+    assert predictions == ["v"]  # the denoiser converts what the network predicts
+    assert (tmp_path / "outputs" / "mnist" / "checkpoints" / "step_0000002").is_dir()
+    assert (tmp_path / "digits.png").is_file()
+    # The low-level loop is `generate` spelled out: same noise, grid, guidance and clamping, same digits.
+    assert scope["x0"].shape == scope["images"].shape == (4, 1, 28, 28)
+    torch.testing.assert_close(scope["x0"], scope["images"], atol=1e-5, rtol=0)
+
+
+def test_demo_refuses_to_resume_a_smoke_demo_in_full(tmp_path, capsys, monkeypatch):
+    import ditkit.demo
+    from ditkit.evaluation import ClassifierResult, save_classifier
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    out = tmp_path / "demo"
+    torch.manual_seed(0)  # a placed random judge skips the classifier's training epoch
+    judge = ClassifierResult(DigitClassifier(ClassifierConfig(in_channels=1, num_classes=10)), 0.5)
+    save_classifier(judge, out / "classifier")
+    assert main(["demo", "--smoke", "--out", str(out), "--no-progress"]) == 0
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    for name in ("train", "train_classifier", "save_config", "load_mnist"):
+        monkeypatch.setattr(ditkit.demo, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran: nothing may"))
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds a --smoke demo; choose another --out or delete it" in err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["demo", "text-demo"])
+@pytest.mark.parametrize("held_smoke", [True, False])
+def test_demo_refuses_a_folder_of_the_other_kind_of_demo(tmp_path, capsys, monkeypatch, command, held_smoke):
+    """A folder whose config.yaml (the first thing a demo writes) is the other recipe's is not resumed."""
+    import ditkit.demo
+    import ditkit.text_demo
+    from ditkit.config import save_config
+
+    module = ditkit.demo if command == "demo" else ditkit.text_demo
+    make_config = ditkit.demo.demo_config if command == "demo" else ditkit.text_demo.text_demo_config
+    out = tmp_path / "held"
+    out.mkdir()
+    save_config(make_config(out, held_smoke), out / "config.yaml")
+    written = (out / "config.yaml").read_text()
+    for name in ("demo_judge", "demo_train", "save_config"):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran: nothing may"))
+    assert main([command, "--out", str(out), "--no-progress", *([] if held_smoke else ["--smoke"])]) == 2
+    held = "a --smoke" if held_smoke else "a full (not --smoke)"
+    assert f"--out {out} holds {held} {command}; choose another --out or delete it" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == written and [p.name for p in out.iterdir()] == ["config.yaml"]
+
+
+def test_image_out_under_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "s1.png"
+    blocker.write_bytes(b"the user's own file")
+    missing = str(tmp_path / "no-such-run")  # never looked at: the --out check comes first
+    for out in (blocker / "x.png", blocker / "deeper" / "x.png"):
+        assert main(["sample", "--checkpoint", missing, "--out", str(out)]) == 2
+        assert f"--out {out}: {blocker} is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--checkpoint", missing, "--out", "s1.png/x.png", "--overwrite"]) == 2
+    assert "--out s1.png/x.png: s1.png is a file, not a folder" in capsys.readouterr().err
+    argv = ["inpaint", "--checkpoint", missing, "--image", "a.png", "--mask", "m.png", "--out", "s1.png/x.png"]
+    assert main(argv) == 2
+    assert "--out s1.png/x.png: s1.png is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_bytes() == b"the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == ["s1.png"]
+
+
+def test_sample_flags_reach_generate(tmp_path, config_file, monkeypatch):
+    import ditkit.sampling
+
+    assert main(["train", "--config", str(config_file), "--no-progress", "train.steps=1"]) == 0
+    calls = []
+
+    def fake_generate(model, config, labels=None, **options):
+        calls.append((labels.tolist(), options))
+        return torch.zeros(len(labels), 1, 8, 8)
+
+    monkeypatch.setattr(ditkit.sampling, "generate", fake_generate)
+    base = ["sample", "--checkpoint", str(tmp_path / "run"), "--classes", "1", "4", "--per-class", "2"]
+    flags = ["--steps", "7", "--seed", "11", "--cfg-scale", "2.5", "--eta", "0.25", "--spacing", "karras"]
+    flags += ["--guidance-interval", "0.2", "0.8", "--clip-denoised", "--sampler", "dpmpp_2m"]
+    flags += ["--feature-cache", "2", "--no-cuda-graph", "--guidance-channels", "1", "--no-progress"]
+    assert main([*base, *flags, "--out", str(tmp_path / "a.png")]) == 0
+    assert calls[-1] == (
+        [1, 1, 4, 4],
+        {
+            "steps": 7,
+            "cfg_scale": 2.5,
+            "eta": 0.25,
+            "seed": 11,
+            "sampler": "dpmpp_2m",
+            "spacing": "karras",
+            "guidance_interval": (0.2, 0.8),
+            "clip_denoised": True,
+            "progress": False,
+            "feature_cache_interval": 2,
+            "cuda_graph": False,
+            "guidance_channels": 1,
+        },
+    )
+    # Unset flags reach it as None: generate then takes the checkpoint's sample.* values.
+    assert main([*base, "--no-clip-denoised", "--out", str(tmp_path / "b.png")]) == 0
+    assert calls[-1][1] == {
+        "steps": None,
+        "cfg_scale": None,
+        "eta": None,
+        "seed": 0,
+        "sampler": None,
+        "spacing": None,
+        "guidance_interval": None,
+        "clip_denoised": False,
+        "progress": True,
+        "feature_cache_interval": 1,
+        "cuda_graph": None,
+        "guidance_channels": None,
+    }
+    assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
+
+
+@pytest.mark.parametrize("command", ["inpaint", "outpaint"])
+def test_paint_resample_defaults_follow_the_method(command):
+    """RePaint's default resampling (5) goes to repaint and auto; `--method trained`, which `inpaint` refuses
+    any resampling for, gets 1 unless the user asks otherwise (then inpaint names the flag's value)."""
+    from ditkit.cli import _paint_options, build_parser
+    from ditkit.config import Config
+    from ditkit.inpainting import _check_method_options
+
+    def options(*extra):
+        argv = [command, "--checkpoint", "c", "--image", "a.png", "--out", "o.png", *extra]
+        return _paint_options(build_parser().parse_args(argv + (["--mask", "m.png"] if command == "inpaint" else [])))
+
+    assert (options()["resample"], options()["jump"]) == (5, 1)
+    assert (options("--method", "repaint")["resample"], options("--method", "repaint", "--jump", "2")["jump"]) == (5, 2)
+    trained = options("--method", "trained")
+    assert (trained["resample"], trained["jump"]) == (1, 1)
+    config = Config()
+    _check_method_options(config, "trained", trained["sampler"], trained["jump"], trained["resample"])  # accepted
+    asked = options("--method", "trained", "--resample", "3")
+    with pytest.raises(ValueError, match="resample=3"):
+        _check_method_options(config, "trained", asked["sampler"], asked["jump"], asked["resample"])

@@ -205,13 +205,71 @@ def test_inpaint_keeps_known_pixels_and_fills_the_rest(method):
     known = torch.ones(1, 1, 8, 8)
     known[..., 2:6, 2:6] = 0
     seen = []
+    resampling = {"resample": 2} if method == "repaint" else {}  # 'trained' refuses it
     out = inpaint(
-        model, cfg, image, known, [0, 1, 2], method=method, steps=4, resample=2, callback=lambda i: seen.append(i["i"])
+        model,
+        cfg,
+        image,
+        known,
+        [0, 1, 2],
+        method=method,
+        steps=4,
+        callback=lambda i: seen.append(i["i"]),
+        **resampling,
     )
     assert out.shape == (3, 1, 8, 8)
     assert torch.equal(out * known, image.expand(3, -1, -1, -1) * known)
     assert not torch.allclose(out[..., 2:6, 2:6], image[..., 2:6, 2:6].expand(3, -1, -1, -1))
     assert seen == list(range(len(seen))) and len(seen) == (4 if method == "trained" else 7)
+
+
+def test_inpaint_refuses_settings_the_named_method_would_ignore():
+    """'repaint' ignored any sampler (even a misspelt one) and 'trained' ignored jump / resample."""
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    model, cfg = _tiny_model()
+    for sampler in ("heun", "no_such_sampler"):
+        with pytest.raises(ValueError, match=f"sampler '{sampler}' does not apply to method 'repaint'"):
+            inpaint(model, cfg, image, known, [1], method="repaint", steps=2, sampler=sampler)
+    # The config's own sampler changes nothing (repaint ignores it when unset too), so callers may pass it.
+    plain = inpaint(model, cfg, image, known, [1], method="repaint", steps=2)
+    named = inpaint(model, cfg, image, known, [1], method="repaint", steps=2, sampler=cfg.sample.sampler)
+    assert torch.equal(plain, named)
+    model, cfg = _tiny_model(inpaint=True)
+    with pytest.raises(ValueError, match="jump=2 and resample=5 does not apply to method 'trained'"):
+        inpaint(model, cfg, image, known, [1], method="trained", steps=2, resample=5, jump=2)
+    with pytest.raises(ValueError, match="^resample=3 does not apply to method 'trained'"):
+        inpaint(model, cfg, image, known, [1], method="trained", steps=2, resample=3)
+
+
+def test_inpaint_auto_takes_both_methods_settings_and_uses_the_chosen_ones():
+    """A caller that does not know the model (the CLI's default --method auto, --resample 5) passes both."""
+    image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0
+    model, cfg = _tiny_model(inpaint=True)
+    trained = inpaint(model, cfg, image, known, [1], method="trained", sampler="euler", steps=2)
+    auto = inpaint(model, cfg, image, known, [1], sampler="euler", steps=2, resample=5, jump=1)
+    assert torch.equal(trained, auto)
+    model, cfg = _tiny_model()
+    repaint = inpaint(model, cfg, image, known, [1], method="repaint", steps=2, resample=2)
+    assert torch.equal(repaint, inpaint(model, cfg, image, known, [1], sampler="heun", steps=2, resample=2))
+    with pytest.raises(ValueError, match="unknown sampler 'no_such_sampler'"):  # still checked under 'auto'
+        inpaint(model, cfg, image, known, [1], sampler="no_such_sampler", steps=2)
+    with pytest.raises(ValueError, match="jump and resample must be >= 1, got jump=1, resample=0"):
+        inpaint(model, cfg, image, known, [1], steps=2, resample=0)
+
+
+def test_inpaint_checks_the_mask_batch():
+    model, cfg = _tiny_model()
+    image = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"known_mask must be \(1 or 3, 1, 8, 8\), got \(2, 1, 8, 8\)"):
+        inpaint(model, cfg, image, torch.ones(2, 1, 8, 8), [0, 1, 2], steps=2)
+    masks = torch.ones(3, 1, 8, 8)
+    masks[1, ..., :4] = 0  # one mask per label
+    out = inpaint(model, cfg, image, masks, [0, 1, 2], steps=2)
+    assert torch.equal(out[0], image[0]) and not torch.equal(out[1], image[0])
 
 
 def test_mask_conditioned_denoiser_feeds_mask_and_masked_image():

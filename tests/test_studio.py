@@ -2,6 +2,7 @@
 
 import base64
 import dataclasses
+import gc
 import http.client
 import io
 import json
@@ -10,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,10 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config, save_tiny_bert
+import ditkit.autoencoders
+import ditkit.sampling
+import ditkit.studio.server
+import ditkit.train
+from conftest import make_tiny_config, save_tiny_autoencoder_kl, save_tiny_bert
+from ditkit.autoencoders import resolve_autoencoder
 from ditkit.checkpoint import save_checkpoint
 from ditkit.cli import build_parser, main
-from ditkit.config import TextConfig
+from ditkit.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, SampleConfig, TextConfig
+from ditkit.inpainting import load_image, load_mask
 from ditkit.samplers import SAMPLERS
 from ditkit.sampling import generate
 from ditkit.studio import Job, Limits, Studio, StudioError, make_server
@@ -78,6 +86,7 @@ def client():
     c = Client(tiny_studio())
     yield c
     c.close()
+    c.studio.close()
 
 
 def png_data_url(arr: np.ndarray) -> str:
@@ -687,3 +696,236 @@ def test_a_cancel_after_the_last_step_still_cancels_and_cancelled_jobs_cannot_pi
         time.sleep(0.01)
     assert studio.queue.qsize() == 0
     assert studio.wait(studio.submit({"labels": [1], "steps": 2})).status == "done"  # room again
+
+
+# ----- serve on a busy port, closing a studio ------------------------------------------------------
+
+
+def test_cli_serve_on_a_busy_port_fails_at_once_without_loading_the_model(monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(ditkit.train, "load_model", lambda *args, **kwargs: loaded.append(args))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", "nowhere", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"ditkit serve: error: cannot listen on 127.0.0.1:{port}: Address already in use;" in err
+        assert "choose another --port (0 picks a free one)" in err and "Traceback" not in err
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            make_server(tiny_studio(), "127.0.0.1", port)
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine.
+    assert main(["serve", "--checkpoint", "nowhere", "--host", "192.0.2.1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 192.0.2.1:0: Cannot assign requested address; --host must be an address" in err
+    assert loaded == []  # refused before the checkpoint was read
+
+
+def test_serve_closes_its_studio_when_it_stops(monkeypatch):
+    studio = tiny_studio()
+    monkeypatch.setattr(ditkit.train, "load_model", lambda *args: (studio.model, studio.config))
+    made = []
+    monkeypatch.setattr(ditkit.studio.server, "Studio", lambda *a, **k: made.append(Studio(*a, **k)) or made[-1])
+
+    def interrupted(self, poll_interval=0.5):  # Ctrl+C while serving
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ditkit.studio.server._Server, "serve_forever", interrupted)
+    ditkit.studio.server.serve("tiny", port=0, device="cpu")
+    assert len(made) == 1 and made[0].closed and not made[0].worker.is_alive()
+    studio.close()
+
+
+def test_close_cancels_the_running_job_and_ends_the_worker(monkeypatch):
+    studio = tiny_studio()
+    started, gate = threading.Event(), threading.Event()
+    real_callback = studio._callback
+
+    def held_callback(job):
+        inner = real_callback(job)
+
+        def callback(info):
+            inner(info)
+            if job.id == "1":
+                started.set()
+                gate.wait(timeout=30)
+
+        return callback
+
+    monkeypatch.setattr(studio, "_callback", held_callback)
+    running = studio.submit({"labels": [0], "steps": 50})
+    queued = studio.submit({"labels": [1], "steps": 2})
+    assert started.wait(30) and running.status == "running"
+    closer = threading.Thread(target=studio.close)
+    closer.start()
+    deadline = time.time() + 30
+    while not studio.closed and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(StudioError, match="shutting down") as err:
+        studio.submit({"labels": [0], "steps": 2})
+    assert err.value.status == 503
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive() and not studio.worker.is_alive()
+    assert running.status == "cancelled" and running.images is None and running.step == 1
+    assert queued.status == "cancelled" and queued.step == 0
+    studio.close()  # again: nothing more to do
+
+    with tiny_studio() as studio:
+        assert studio.wait(studio.submit({"labels": [2], "steps": 2})).status == "done"
+    assert not studio.worker.is_alive()
+
+
+def test_a_studio_dropped_without_close_is_collected_with_its_worker():
+    studios = [tiny_studio() for _ in range(3)]
+    assert studios[0].wait(studios[0].submit({"labels": [0], "steps": 2})).status == "done"
+    workers, refs = [s.worker for s in studios], [weakref.ref(s) for s in studios]
+    del studios
+    gc.collect()
+    for worker in workers:
+        worker.join(10)
+    assert [w.is_alive() for w in workers] == [False] * 3 and [r() for r in refs] == [None] * 3
+
+
+# ----- batches over 64 images, latent checkpoints --------------------------------------------------
+
+
+def test_a_request_over_64_images_runs_as_one_batch_with_monotone_progress(monkeypatch):
+    studio = tiny_studio(limits=Limits(max_batch=100))
+    seen = []
+    real_callback = studio._callback
+
+    def spy(job):
+        inner = real_callback(job)
+
+        def callback(info):
+            inner(info)
+            seen.append((job.progress(), len(job.preview)))
+
+        return callback
+
+    monkeypatch.setattr(studio, "_callback", spy)
+    with studio:
+        job = studio.wait(studio.submit({"labels": [1] * 100, "steps": 3, "cfg_scale": 1}), timeout=120)
+    assert job.status == "done" and len(job.images) == 100
+    progress = [p for p, _ in seen]
+    assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) == 3
+    assert {n for _, n in seen} == {100}  # the preview shows every image, not a batch of them
+
+
+@pytest.fixture(scope="module")
+def latent_studio(tmp_path_factory):
+    """A tiny DiT on the 4-channel latents of a random-weight AutoencoderKL (16x16 RGB images)."""
+    pytest.importorskip("diffusers")
+    vae = tmp_path_factory.mktemp("studio_vae") / "kl"
+    save_tiny_autoencoder_kl(vae)
+    cfg = resolve_autoencoder(
+        Config(
+            model=ModelConfig(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False),
+            data=DataConfig(dataset="folder", root="unused", image_size=16, channels=3, holdout=0),
+            autoencoder=AutoencoderConfig(kind="kl", path=str(vae)),
+            sample=SampleConfig(steps=3, cfg_scale=2.0),
+        )
+    )
+    model = build_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    studio = Studio(model, cfg, name="tiny-latent")
+    yield studio
+    studio.close()
+
+
+def test_a_latent_checkpoint_builds_its_autoencoder_once_and_previews_images(latent_studio, monkeypatch):
+    studio = latent_studio
+    studio._autoencoder = None  # as a fresh studio
+    built = []
+    for module in (ditkit.autoencoders, ditkit.sampling):  # the studio's and generate's way of building it
+        real = module.build_autoencoder
+        monkeypatch.setattr(module, "build_autoencoder", lambda *a, real=real, **k: built.append(1) or real(*a, **k))
+    jobs = [studio.wait(studio.submit({"labels": [0, 2], "steps": 2}), timeout=120) for _ in range(3)]
+    assert [j.status for j in jobs] == ["done"] * 3 and len(built) == 1
+    grid = Image.open(io.BytesIO(jobs[-1].png("grid")))
+    preview = Image.open(io.BytesIO(jobs[-1].png("preview")))
+    assert grid.mode == preview.mode == "RGB" and preview.size == grid.size == (2 * 18 + 2, 20)  # 16 px images
+    # How often the preview is decoded (the final images are one more decode).
+    ae = studio.autoencoder()
+    decodes = []
+    monkeypatch.setattr(ae, "decode", lambda z, real=ae.decode: decodes.append(len(z)) or real(z))
+    monkeypatch.setattr(studio, "preview_min_interval", 3600.0)
+    assert studio.wait(studio.submit({"labels": [0], "steps": 5, "cfg_scale": 1}), timeout=120).status == "done"
+    assert len(decodes) == 1 + 1  # the first step's preview only
+    decodes.clear()
+    monkeypatch.setattr(studio, "preview_min_interval", 0.0)
+    monkeypatch.setattr(studio, "preview_overhead", 1.0)  # no limit: every step
+    assert studio.wait(studio.submit({"labels": [0], "steps": 5, "cfg_scale": 1}), timeout=120).status == "done"
+    assert len(decodes) == 5 + 1
+    decodes.clear()
+    assert studio.wait(studio.submit({"labels": [0], "steps": 5, "preview": False}), timeout=120).status == "done"
+    assert len(decodes) == 1
+
+
+def test_inpainting_a_latent_checkpoint_names_the_real_limit(latent_studio, tmp_path):
+    image = png_data_url(np.zeros((16, 16, 3), np.uint8))
+    mask = png_data_url(np.full((16, 16), 255, np.uint8))
+    with pytest.raises(StudioError, match=r"need a pixel-space checkpoint \(autoencoder.kind='pixel'\); this one is a"):
+        latent_studio.validate({"labels": [0], "kind": "inpaint", "image": image, "mask": mask})
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "in.png")
+    with pytest.raises(ConfigError, match=r"latent model \(autoencoder.kind='kl', 4 latent channels\)"):
+        load_image(tmp_path / "in.png", latent_studio.config)
+
+
+# ----- `ditkit inpaint` makes the studio's checks ------------------------------------------------------
+
+
+def test_cli_inpaint_refuses_empty_and_mis_sized_masks_as_the_studio_does(tmp_path, capsys):
+    studio = tiny_studio()
+    studio.close()
+    save_checkpoint(tmp_path / "ckpt", config=studio.config, model=studio.model, ema=studio.model)
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "small.png")
+    big = np.zeros((64, 64), np.uint8)
+    big[0, 0] = 255  # one white pixel, which NEAREST scaling to the model's 8x8 does not sample
+    Image.fromarray(big).save(tmp_path / "dot64.png")
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / "in64.png")
+    argv = ["inpaint", "--checkpoint", str(tmp_path / "ckpt"), "--steps", "2", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "out.png"
+    cases = [
+        ("in.png", "empty.png", f"the mask {tmp_path / 'empty.png'} is empty (no white pixel)"),
+        (
+            "in.png",
+            "small.png",
+            f"the mask {tmp_path / 'small.png'} is 4x4 px but the image {tmp_path / 'in.png'} is 8x8 px",
+        ),
+        ("in64.png", "dot64.png", f"mask {tmp_path / 'dot64.png'} marks only 1 px to fill, and none is left once"),
+    ]
+    for image, mask, message in cases:
+        rc = main([*argv, "--image", str(tmp_path / image), "--mask", str(tmp_path / mask), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.startswith("ditkit inpaint: error: "), err
+        assert not out.exists()
+    # A painted layer over transparency marks the region by its alpha, in the CLI and in the studio alike.
+    layer = np.zeros((8, 8, 4), np.uint8)
+    layer[:, 4:, 3] = 255
+    Image.fromarray(layer, "RGBA").save(tmp_path / "layer.png")
+    known = load_mask(tmp_path / "layer.png", (8, 8), image=tmp_path / "in.png")
+    assert known[..., :4].eq(1).all() and known[..., 4:].eq(0).all()
+    image = png_data_url(np.zeros((8, 8), np.uint8))
+    p = studio.validate({"labels": [0], "kind": "inpaint", "image": image, "mask": png_data_url(layer)})
+    assert torch.equal(p["known_mask"], known)
+    rc = main([*argv, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "layer.png"), "--out", str(out)])
+    assert rc == 0 and np.array_equal(np.asarray(Image.open(out))[:, :4], np.full((8, 4), 128, np.uint8))
+
+
+def test_repaint_jobs_ignore_the_pages_sampler(client):
+    """The page sends its sampler with every request; RePaint has steps of its own, and `inpaint` refuses a
+    sampler passed to it, so the studio passes each method only its own settings."""
+    src = np.full((8, 8), 90, np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, :4] = 255
+    body = {"labels": [1], "kind": "inpaint", "image": png_data_url(src), "mask": png_data_url(mask), "steps": 2}
+    for sampler in ("euler", "heun"):
+        s = client.run({**body, "sampler": sampler, "resample": 2})
+        assert s["status"] == "done" and s["error"] is None, s
+        out = np.asarray(Image.open(io.BytesIO(client.request(s["image_urls"][0])[2])))
+        assert np.array_equal(out[:, 4:], src[:, 4:])

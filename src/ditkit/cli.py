@@ -157,6 +157,10 @@ def _check_image_out(out: str, overwrite: bool | None) -> None:
     if path.exists() and not overwrite:
         offer = "" if overwrite is None else " or pass --overwrite"
         raise ValueError(f"--out {out} already exists; choose a new file{offer} (nothing was written)")
+    # The missing folders are created when the image is written; a file in their place would fail only then.
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder; choose a path inside a folder")
     extensions = Image.registered_extensions()
     if path.suffix.lower() not in extensions:
         raise ValueError(
@@ -309,31 +313,47 @@ def _from_official(source: str, out, args: argparse.Namespace) -> int:
 
 
 def _to_diffusers(args: argparse.Namespace, out) -> int:
-    from .convert.diffusers import to_diffusers
+    from .convert.diffusers import pipeline_mismatch, save_ditkit_config, to_diffusers
     from .train import load_model
 
     if not args.checkpoint:
         raise ValueError("to-diffusers needs --checkpoint")
-    model, _ = load_model(args.checkpoint, args.weights)
+    model, config = load_model(args.checkpoint, args.weights)
     try:
         converted = to_diffusers(model)
     except ImportError as err:
         raise ValueError("converting to diffusers needs diffusers: pip install 'ditkit[diffusers]'") from err
     converted.save_pretrained(out, safe_serialization=True)
+    # diffusers' config.json holds the network only: the objective, sampling defaults and autoencoder go beside it.
+    side = save_ditkit_config(config, out)
     print(
-        f"wrote a diffusers DiTTransformer2DModel to {out}. Note: diffusers' DiT computes timestep features "
-        "with downscale_freq_shift=1; set `block.norm1.emb.time_proj.downscale_freq_shift = 0` on every "
-        "block after loading to reproduce ditkit's outputs exactly"
+        f"wrote a diffusers DiTTransformer2DModel to {out}, with {side.name} beside it (the objective, sampling "
+        "and autoencoder settings diffusers' config.json has no place for; `ditkit convert from-diffusers` "
+        "restores them). Note: diffusers' DiT computes timestep features with downscale_freq_shift=1; set "
+        "`block.norm1.emb.time_proj.downscale_freq_shift = 0` on every block after loading to reproduce "
+        "ditkit's outputs exactly"
     )
+    mismatch = pipeline_mismatch(config)
+    if mismatch:
+        settings = ", ".join(f"{key}={value!r}" for key, value in mismatch.items())
+        print(
+            f"ditkit convert: warning: this model was trained with {settings}; diffusers' DiTPipeline samples "
+            "eps prediction over the DDPM process (process 'vp', 1000 linear betas from 1e-4 to 0.02), so it "
+            "would sample this model wrongly. Sample it with ditkit (after `ditkit convert from-diffusers`), "
+            "or give the pipeline a scheduler configured to match these settings",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _from_diffusers(args: argparse.Namespace, out) -> int:
+    import os
     from pathlib import Path
 
+    from .autoencoders import autoencoder_shape, resolve_autoencoder
     from .checkpoint import save_checkpoint
     from .config import AutoencoderConfig, Config, DataConfig
-    from .convert.diffusers import from_diffusers
+    from .convert.diffusers import DITKIT_CONFIG_FILE, from_diffusers, load_ditkit_config
 
     source = Path(args.diffusers or "")
     if not (source / "config.json").is_file():
@@ -347,27 +367,50 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise ValueError(f"--diffusers {source}: could not read a DiTTransformer2DModel ({err})") from err
     m = model.config
-    vae = args.vae
-    if vae is None and (source.parent / "vae" / "config.json").is_file():  # a whole DiTPipeline folder
-        vae = str(source.parent / "vae")
-    if vae is None:
-        if m.in_channels not in (1, 3):
-            raise ValueError(
-                f"{source}: a {m.in_channels}-channel model works in an autoencoder's latent space: pass "
-                "--vae FOLDER_OR_HUB_ID (e.g. stabilityai/sd-vae-ft-ema)"
-            )
-        config = Config(model=m, data=DataConfig(image_size=m.input_size, channels=m.in_channels))
+    # A local --vae folder is recorded as an absolute path, so the checkpoint finds it from any directory.
+    vae = os.path.abspath(args.vae) if args.vae is not None and Path(args.vae).is_dir() else args.vae
+    vae_origin = "--vae"
+    saved = load_ditkit_config(source, m)  # written by `ditkit convert to-diffusers`; None for other DiTs
+    if saved is not None:
+        config = saved
+        if vae is not None:
+            if saved.autoencoder.kind == "pixel":
+                raise ValueError(
+                    f"--vae {args.vae}: {source / DITKIT_CONFIG_FILE} records a pixel-space model, which has no "
+                    "autoencoder; drop --vae"
+                )
+            ae = dataclasses.replace(saved.autoencoder, path=vae, subfolder=None)
+            config = resolve_autoencoder(dataclasses.replace(saved, autoencoder=ae))  # its shape must fit
+        else:
+            vae_origin = DITKIT_CONFIG_FILE
+        settings = f"restored from {DITKIT_CONFIG_FILE}"
     else:
-        from .autoencoders import autoencoder_shape, resolve_autoencoder
-
-        ae = AutoencoderConfig(kind="kl", path=vae)
-        image_channels, _, factor = autoencoder_shape(ae)  # the image side follows from the downsampling
-        height, width = (side * factor for side in m.input_hw)
-        data = DataConfig(image_size=height if height == width else (height, width), channels=image_channels)
-        config = resolve_autoencoder(Config(model=m, data=data, autoencoder=ae))
+        # Only a whole DiTPipeline folder (transformer/ beside model_index.json) says that its vae/ is this
+        # model's autoencoder; any other sibling vae/ folder may belong to something else.
+        pipeline = source.name == "transformer" and (source.parent / "model_index.json").is_file()
+        if vae is None and pipeline and (source.parent / "vae" / "config.json").is_file():
+            vae, vae_origin = os.path.abspath(source.parent / "vae"), "the pipeline's vae/ folder"
+        if vae is None:
+            if m.in_channels not in (1, 3):
+                raise ValueError(
+                    f"{source}: a {m.in_channels}-channel model works in an autoencoder's latent space: pass "
+                    "--vae FOLDER_OR_HUB_ID (e.g. stabilityai/sd-vae-ft-ema)"
+                )
+            config = Config(model=m, data=DataConfig(image_size=m.input_size, channels=m.in_channels))
+        else:
+            ae = AutoencoderConfig(kind="kl", path=vae)
+            image_channels, _, factor = autoencoder_shape(ae)  # the image side follows from the downsampling
+            height, width = (side * factor for side in m.input_hw)
+            data = DataConfig(image_size=height if height == width else (height, width), channels=image_channels)
+            config = resolve_autoencoder(Config(model=m, data=data, autoencoder=ae))
+        settings = f"no {DITKIT_CONFIG_FILE}, so diffusers' DiT defaults: eps prediction over the DDPM process"
     save_checkpoint(out, config=config, model=model, ema=model)
+    ae = config.autoencoder
+    recorded = "none (pixel space)" if ae.kind == "pixel" else f"{ae.path} ({ae.kind}, from {vae_origin})"
     print(
-        f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights). Note: ditkit "
+        f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights). Objective and "
+        f"sampling settings: {settings} (diffusion.prediction={config.diffusion.prediction!r}, "
+        f"diffusion.process={config.diffusion.process!r}). Autoencoder recorded: {recorded}. Note: ditkit "
         "uses the paper's timestep features; diffusers' DiT uses downscale_freq_shift=1, so outputs differ "
         "slightly from the diffusers model's unless it ran with the shift set to 0"
     )
@@ -411,14 +454,17 @@ def _paint_setup(args: argparse.Namespace):
 
 
 def _paint_options(args: argparse.Namespace) -> dict[str, object]:
+    """inpaint/outpaint keyword arguments. RePaint's resampling count defaults to 5, except under
+    `--method trained`, which takes none (inpaint refuses settings its method would ignore)."""
+    resample = args.resample if args.resample is not None else (1 if args.method == "trained" else 5)
     return {
         "method": args.method,
         "steps": args.steps,
         "sampler": args.sampler,
         "cfg_scale": args.cfg_scale,
         "seed": args.seed,
-        "resample": args.resample,
-        "jump": args.jump,
+        "resample": resample,
+        "jump": 1 if args.jump is None else args.jump,
         "progress": not args.no_progress,
     }
 
@@ -445,7 +491,8 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
 
     model, config, request, out = _paint_setup(args)
     image = load_image(args.image, config)
-    known = load_mask(args.mask, config.model.input_hw)
+    # The studio's checks too: the mask is the image's size and marks something to fill.
+    known = load_mask(args.mask, config.model.input_hw, image=args.image)
     images = inpaint(model, config, image, known, **request, **_paint_options(args))
     _save_results(images, out, nrow=min(len(images), 8), scale=args.scale)
     print(f"wrote {len(images)} inpainted image(s) to {out}")
@@ -513,8 +560,8 @@ def _add_studio_parsers(sub) -> None:
         p.add_argument(
             "--method", choices=["auto", "repaint", "trained"], default="auto", help="auto: trained if the model has it"
         )
-        p.add_argument("--resample", type=int, default=5, help="RePaint resampling count (default 5)")
-        p.add_argument("--jump", type=int, default=1, help="RePaint jump length")
+        p.add_argument("--resample", type=int, help="RePaint resampling count (default 5; not with --method trained)")
+        p.add_argument("--jump", type=int, help="RePaint jump length (default 1; not with --method trained)")
         p.add_argument("--steps", type=positive_int, help="sampling steps (default: the checkpoint's sample.steps)")
         p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler of the 'trained' method")
         p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the checkpoint's)")

@@ -6,7 +6,8 @@
    and metrics.json with the classifier's accuracy on the conditional samples.
 
 Running it again resumes an unfinished run and reuses finished parts; a folder that holds anything
-else is refused, so the demo never overwrites a user's files.
+else is refused, so the demo never overwrites a user's files, and so is the other kind of demo (a --smoke
+folder for a full run, or the reverse), whose model and judge the run could not reuse.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ DEMO_ENTRIES = frozenset({"config.yaml", "classifier", "run", "loss_curve.png", 
 """Everything a demo (or the text demo) writes into its folder."""
 
 
-def check_demo_folder(out_dir: str | Path, *, text: bool = False) -> None:
+def check_demo_folder(out_dir: str | Path, *, text: bool = False, smoke: bool | None = None) -> None:
     """Refuse an `out_dir` that is a file, or a non-empty folder other than a previous (text) demo's.
 
     A previous demo folder holds only the demo's own entries, among them the config.yaml it wrote (a
     digits run into its `run/` folder, text-conditioned for the text demo); it is resumed, not refused.
+    With `smoke` given, a previous demo of the other kind (a --smoke one for a full run, or the reverse) is
+    refused too: its model cannot be resumed by the other recipe, and its judge (one epoch for --smoke)
+    must not grade a full run.
     """
     out = Path(out_dir)
     name = "text-demo" if text else "demo"
@@ -73,6 +77,27 @@ def check_demo_folder(out_dir: str | Path, *, text: bool = False) -> None:
         raise ValueError(
             f"{refusal} (its config.yaml describes another job); choose a new or empty folder (nothing was written)"
         )
+    held = _smoke_demo(saved, out)
+    if smoke is not None and held is not None and held != smoke:
+        kind, again = ("a --smoke", "with --smoke") if held else ("a full (not --smoke)", "without --smoke")
+        raise ValueError(
+            f"--out {out} holds {kind} {name}; choose another --out or delete it, or run it {again} to resume it "
+            "(nothing was written)"
+        )
+
+
+def _smoke_demo(saved: Config, out: Path) -> bool | None:
+    """Whether a demo's config.yaml is the --smoke recipe's (True), the full one's (False), or neither (None).
+
+    Told by the model's size: that is what --smoke shrinks and what resuming cannot change, while the rest of
+    a saved config may gain fields from one ditkit version to the next without becoming the other kind.
+    """
+    size = (saved.model.hidden_size, saved.model.depth)
+    for smoke in (True, False):
+        model = demo_config(out, smoke).model
+        if size == (model.hidden_size, model.depth):
+            return smoke
+    return None
 
 
 _SUBFOLDER_FILES = {
@@ -186,7 +211,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo into `out_dir`; returns (and writes) the metrics."""
     out_dir = Path(out_dir)
-    check_demo_folder(out_dir)
+    check_demo_folder(out_dir, smoke=smoke)  # before anything is written: a --smoke demo is not resumed in full
     out_dir.mkdir(parents=True, exist_ok=True)
     config = demo_config(out_dir, smoke)
     samples_per_class = samples_per_class or (2 if smoke else 100)

@@ -29,7 +29,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .diffusion import ClampDenoised, Denoiser, ModelDenoiser, NoiseProcess, build_process, diffusion_loss
 from .distributed import stream_seed
-from .samplers import ClassifierFreeGuidance, StepCallback
+from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 from .samplers.inpaint import MaskConditionedDenoiser, mask_channels, sample_repaint
 from .sampling import default_cfg_scale, request_conditions, resolve_clip_denoised, resolve_sampler
 
@@ -40,7 +40,9 @@ __all__ = [
     "inpaint_loss",
     "inpaint",
     "outpaint",
+    "check_image_model",
     "load_image",
+    "known_mask_from",
     "load_mask",
 ]
 
@@ -192,17 +194,22 @@ def inpaint(
 
     'auto' takes 'trained' for a model with `model.inpaint`, else 'repaint'. `jump`, `resample` and
     `eta` (default 1: DDPM steps) belong to 'repaint'; `sampler` to 'trained', where `eta` goes to a
-    sampler that takes one (ddim) and is an error for the others. x0 estimates are clamped to [-1, 1]
-    as in `generate` (`config.sample.clip_denoised`; unset: on for pixel-space models). The known pixels
-    of the result equal `image` exactly.
+    sampler that takes one (ddim) and is an error for the others. A setting the named method would
+    ignore is an error (jump or resample other than 1 for 'trained'; for 'repaint' a sampler other than
+    `config.sample.sampler`, which it ignores as it does an unset one); 'auto' takes both methods'
+    settings, for callers that do not know the model, and uses those of the method it picks. x0
+    estimates are clamped to [-1, 1] as in `generate` (`config.sample.clip_denoised`; unset: on for
+    pixel-space models). The known pixels of the result equal `image` exactly.
     """
     m, sc = config.model, config.sample
+    requested = method
     if method == "auto":
         method = "trained" if m.inpaint else "repaint"
     if method not in ("repaint", "trained"):
         raise ValueError(f"unknown inpainting method {method!r}; choose auto, repaint or trained")
     if method == "trained" and not m.inpaint:
         raise ValueError("method 'trained' needs a model trained with model.inpaint=true; use 'repaint'")
+    _check_method_options(config, requested, sampler, jump, resample)
     device = next(model.parameters()).device
     scale = default_cfg_scale(config, cfg_scale)
     labels, cond = request_conditions(config, labels, prompts, scale, device, text_encoder)
@@ -210,7 +217,12 @@ def inpaint(
     shape = (m.in_channels, *m.input_hw)
     if image.dim() != 4 or tuple(image.shape[1:]) != shape or image.shape[0] not in (1, n):
         raise ValueError(f"image must be (1 or {n}, {', '.join(map(str, shape))}), got {tuple(image.shape)}")
-    if known_mask.dim() != 4 or known_mask.shape[1] != 1 or tuple(known_mask.shape[2:]) != m.input_hw:
+    if (
+        known_mask.dim() != 4
+        or known_mask.shape[0] not in (1, n)
+        or known_mask.shape[1] != 1
+        or tuple(known_mask.shape[2:]) != m.input_hw
+    ):
         hw = f"{m.input_hw[0]}, {m.input_hw[1]}"
         raise ValueError(f"known_mask must be (1 or {n}, 1, {hw}), got {tuple(known_mask.shape)}")
     image = image.to(device).float().expand(n, *shape)
@@ -254,6 +266,29 @@ def inpaint(
         )
     out = out.clamp(-1, 1)
     return known_mask * image + (1 - known_mask) * out
+
+
+def _check_method_options(config: Config, requested: str, sampler: str | None, jump: int, resample: int) -> None:
+    """Refuse what an explicitly named inpainting method would silently ignore, as `resolve_sampler` refuses
+    an eta its sampler does not take; the values that change nothing (jump = resample = 1, the config's own
+    sampler) pass. Under 'auto' both methods' settings are accepted, and only checked to be valid."""
+    if requested == "repaint" and sampler is not None and sampler != config.sample.sampler:
+        raise ValueError(
+            f"sampler {sampler!r} does not apply to method 'repaint' (its steps are its own: DDIM steps with "
+            "eta, default 1); leave sampler unset, or use method 'trained' with a model.inpaint model"
+        )
+    if requested == "trained" and (jump != 1 or resample != 1):
+        given = " and ".join(
+            f"{name}={value}" for name, value in (("jump", jump), ("resample", resample)) if value != 1
+        )
+        raise ValueError(
+            f"{given} does not apply to method 'trained' (resampling is RePaint's, method 'repaint'); "
+            "leave jump and resample at 1"
+        )
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if jump < 1 or resample < 1:
+        raise ValueError(f"jump and resample must be >= 1, got jump={jump}, resample={resample}")
 
 
 def _to_rows_last(x: torch.Tensor, direction: str) -> torch.Tensor:
@@ -336,17 +371,35 @@ def _round_callback(callback: StepCallback, k: int, rounds: int) -> StepCallback
     return wrapped
 
 
+def check_image_model(config: Config) -> None:
+    """Refuse a checkpoint that cannot inpaint or outpaint images given as pixels (the CLI, the studio).
+
+    Those paste the image's pixels into the model's input, so the model must work on pixels
+    (`autoencoder.kind='pixel'`) with 1 or 3 channels; a latent model's input is the autoencoder's
+    latents, which an image and a pixel mask are not.
+    """
+    m, kind = config.model, config.autoencoder.kind
+    if kind != "pixel":
+        raise ConfigError(
+            "inpainting and outpainting from images need a pixel-space checkpoint (autoencoder.kind='pixel'); "
+            f"this one is a latent model (autoencoder.kind={kind!r}, {m.in_channels} latent channels)"
+        )
+    if m.in_channels not in (1, 3):
+        raise ConfigError(f"inpainting from images needs a 1- or 3-channel model, this one has {m.in_channels}")
+
+
 def load_image(path: str | Path, config: Config, *, resize: bool = True) -> torch.Tensor:
-    """A PNG/JPEG as (1, C, H, W) in [-1, 1] with the model's channels, resized to its input unless not `resize`."""
+    """A PNG/JPEG as (1, C, H, W) in [-1, 1] with the model's channels, resized to its input unless not `resize`.
+
+    ConfigError for a checkpoint that cannot take images (`check_image_model`)."""
     path = Path(path)
+    check_image_model(config)
     try:
         img = Image.open(path)
         img.load()
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from err
     img = img.convert("L" if config.model.in_channels == 1 else "RGB")
-    if config.model.in_channels not in (1, 3):
-        raise ConfigError(f"{path}: images need a 1- or 3-channel model, this one has {config.model.in_channels}")
     if resize:
         h, w = config.model.input_hw
         img = img.resize((w, h), Image.Resampling.LANCZOS)
@@ -355,16 +408,60 @@ def load_image(path: str | Path, config: Config, *, resize: bool = True) -> torc
     return (x[None, None] if x.dim() == 2 else x.permute(2, 0, 1)[None]).contiguous()  # (1, C, H, W)
 
 
-def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """A mask PNG (white = to generate) as a (1, 1, H, W) known mask (1 = keep), resized to `size`."""
+def known_mask_from(
+    mask: Image.Image,
+    image_size: tuple[int, int] | None,
+    size: tuple[int, int],
+    *,
+    mask_name: str = "the mask",
+    image_name: str = "the image",
+) -> torch.Tensor:
+    """A mask image (white = to generate, black = keep; or painted strokes over transparency) as a
+    (1, 1, H, W) known mask (1 = keep) scaled to `size` (H, W).
+
+    The one check of masks shared by `ditkit inpaint` and the studio: ValueError, naming the mask, when it
+    is not `image_size` (W, H: the image it was painted over; None skips this) or marks nothing to generate,
+    before or after scaling (the result would be the input unchanged).
+    """
+    if image_size is not None and mask.size != tuple(image_size):
+        raise ValueError(
+            f"{mask_name} is {mask.size[0]}x{mask.size[1]} px but {image_name} is {image_size[0]}x{image_size[1]} "
+            "px: paint the mask over the image, at the image's size"
+        )
+    if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema()[0] < 255:
+        mask = mask.getchannel("A")  # a painted layer over transparency: the strokes mark the region
+    mask = mask.convert("L")
+    painted = int((np.asarray(mask) > 127).sum())
+    if painted == 0:
+        raise ValueError(f"{mask_name} is empty (no white pixel): paint the region to fill white, the rest black")
+    h, w = size
+    if mask.size != (w, h):
+        mask = mask.resize((w, h), Image.Resampling.NEAREST)
+    paint = torch.from_numpy(np.asarray(mask) > 127)  # (H, W)
+    if not paint.any():
+        raise ValueError(
+            f"{mask_name} marks only {painted} px to fill, and none is left once it is scaled to the model's "
+            f"{w}x{h} px: paint a larger region"
+        )
+    return (~paint).float()[None, None]
+
+
+def load_mask(path: str | Path, size: tuple[int, int], *, image: str | Path | None = None) -> torch.Tensor:
+    """A mask PNG (white = to generate) as a (1, 1, H, W) known mask (1 = keep), resized to `size` (H, W).
+
+    With `image` (the file the mask is painted over) the mask must have that image's size. ValueError
+    naming the file for an unreadable, empty or (with `image`) differently sized mask (`known_mask_from`)."""
     path = Path(path)
     try:
         img = Image.open(path)
         img.load()
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable mask image ({err})") from err
-    if img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255:
-        img = img.getchannel("A")  # a painted layer over transparency: the strokes mark the region
-    img = img.convert("L").resize((size[1], size[0]), Image.Resampling.NEAREST)
-    paint = torch.from_numpy(np.asarray(img) > 127)
-    return (~paint).float()[None, None]
+    image_size = None
+    if image is not None:
+        try:
+            with Image.open(image) as src:  # reads the header only
+                image_size = src.size
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{image}: not a readable image ({err})") from err
+    return known_mask_from(img, image_size, size, mask_name=f"the mask {path}", image_name=f"the image {image}")

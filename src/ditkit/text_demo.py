@@ -94,7 +94,7 @@ def run_text_demo(
 ) -> dict[str, Any]:
     """Run the whole text demo into `out_dir`; returns (and writes) the metrics."""
     out_dir = Path(out_dir)
-    check_demo_folder(out_dir, text=True)  # a folder of other files is refused, a previous text demo reused
+    check_demo_folder(out_dir, text=True, smoke=smoke)  # other files, or the other kind of text demo: refused
     out_dir.mkdir(parents=True, exist_ok=True)
     config = text_demo_config(out_dir, smoke)
     samples_per_prompt = samples_per_prompt or (1 if smoke else 25)

@@ -17,18 +17,50 @@ not change the eval-mode function of the weights are not carried: `dropout` (dit
 `upcast_attention` (a precision switch), `norm_num_groups` (unused by the DiT block) and `norm_eps` of
 the MLP's LayerNorm: ditkit keeps the paper's 1e-6 where diffusers defaults to 1e-5, which moves outputs
 by about 1e-5 of their scale, and refusing it would refuse diffusers' default configuration.
+
+diffusers' config.json describes the network only. What else makes the checkpoint the same model (the
+objective and noise process, the sampling defaults, the autoencoder and its latent scale) travels in a
+side file, `ditkit_config.json` (`save_ditkit_config` / `load_ditkit_config`), so a round trip through
+diffusers keeps a v-prediction or flow model what it was. A folder without it (a DiT from the hub) gets
+diffusers' own DiT setting: eps prediction over the DDPM process.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from ..models import DiT
 
-__all__ = ["diffusers_config", "to_diffusers_state_dict", "from_diffusers_state_dict", "to_diffusers", "from_diffusers"]
+__all__ = [
+    "DITKIT_CONFIG_FILE",
+    "diffusers_config",
+    "to_diffusers_state_dict",
+    "from_diffusers_state_dict",
+    "to_diffusers",
+    "from_diffusers",
+    "save_ditkit_config",
+    "load_ditkit_config",
+    "pipeline_mismatch",
+]
+
+DITKIT_CONFIG_FILE = "ditkit_config.json"
+"""Written beside diffusers' config.json: the ditkit config sections a DiTTransformer2DModel cannot hold."""
+_SIDE_SECTIONS = ("diffusion", "sample", "autoencoder", "data")
+_SIDE_DATA_KEYS = ("image_size", "channels")
+_PIPELINE_DIFFUSION = {
+    "process": "vp",
+    "prediction": "eps",
+    "schedule": "linear",
+    "num_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+}
+"""The process diffusers' DiTPipeline samples as published (facebook/DiT-XL-2-*: DDPM-family schedulers)."""
 
 _BLOCK_MAP = {
     "adaLN_modulation.1": "norm1.linear",
@@ -237,3 +269,55 @@ def from_diffusers(diffusers_model: Any, num_classes: int | None = None) -> DiT:
     state["pos_embed"] = model.pos_embed.detach().clone()
     model.load_state_dict(state)
     return model.eval()
+
+
+def save_ditkit_config(config: Config, folder: str | Path) -> Path:
+    """Write what a diffusers DiT folder cannot hold of `config` into `folder`/ditkit_config.json.
+
+    That is the objective and noise process (`diffusion`), the sampling defaults (`sample`), the autoencoder
+    with its latent scale and shift (`autoencoder`) and the image shape behind the latents (`data.image_size`,
+    `data.channels`). `text` is not needed: diffusers' DiT takes class labels only, so `diffusers_config`
+    refuses text-conditioned models before anything is written. Training settings stay with the checkpoint.
+    """
+    data = config_to_dict(config)
+    side = {name: data[name] for name in ("diffusion", "sample", "autoencoder")}
+    side["data"] = {key: data["data"][key] for key in _SIDE_DATA_KEYS}
+    path = Path(folder) / DITKIT_CONFIG_FILE
+    path.write_text(json.dumps(side, indent=2) + "\n")
+    return path
+
+
+def load_ditkit_config(folder: str | Path, model: ModelConfig) -> Config | None:
+    """The config `save_ditkit_config` wrote into `folder`, around `model`; None without that file.
+
+    Raises ConfigError naming the file and what in it is wrong (unreadable JSON, an unknown section or key,
+    a value of the wrong type, an autoencoder or image shape that does not fit `model`).
+    """
+    path = Path(folder) / DITKIT_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not readable as JSON ({err})") from err
+    if not isinstance(side, dict) or set(side) - set(_SIDE_SECTIONS):
+        found = ", ".join(sorted(map(str, side))) if isinstance(side, dict) else f"a {type(side).__name__}"
+        raise ConfigError(f"{path}: expected a mapping of the sections {', '.join(_SIDE_SECTIONS)}; found {found}")
+    try:
+        return config_from_dict({**side, "model": config_to_dict(model)})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def pipeline_mismatch(config: Config) -> dict[str, Any]:
+    """The `diffusion.*` settings of `config` that diffusers' DiTPipeline, as published, does not sample.
+
+    Its schedulers predict eps over the DDPM process of 1000 linear betas from 1e-4 to 0.02; a model
+    trained otherwise (v or flow prediction, a cosine schedule, ...) comes out wrong from it, unnoticed.
+    Empty when the pipeline matches.
+    """
+    return {
+        f"diffusion.{key}": getattr(config.diffusion, key)
+        for key, value in _PIPELINE_DIFFUSION.items()
+        if getattr(config.diffusion, key) != value
+    }

@@ -3,8 +3,9 @@
 A request is checked against `Limits` before it is queued (steps, batch, resampling, outpainting
 rounds and canvas size, guidance, image sizes, prompt lengths and a total work budget), so one request
 cannot exhaust the machine. The queue is bounded: a full queue refuses new work (HTTP 429) instead of
-growing. Only the worker thread runs the model; a text-conditioned checkpoint's text encoder is loaded
-once, on the first request with prompts.
+growing. Only the worker thread runs the model; a text-conditioned checkpoint's text encoder and a latent
+checkpoint's autoencoder are loaded once, on the first request that needs them. `Studio.close` (or leaving
+a `with Studio(...)` block) cancels the jobs and ends the worker thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +30,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import Config
+from .. import autoencoders
+from ..config import Config, ConfigError
 from ..diffusion import build_process
-from ..inpainting import DIRECTIONS, inpaint, outpaint
+from ..inpainting import DIRECTIONS, check_image_model, inpaint, known_mask_from, outpaint
 from ..samplers import SAMPLERS
 from ..sampling import generate
 from ..utils.images import make_grid, to_uint8
@@ -241,7 +244,8 @@ def _choice(payload: dict, key: str, default: str, choices: tuple[str, ...] | li
 
 
 def decode_image(data: Any, key: str, max_side: int, mode: str) -> Image.Image:
-    """A PNG/JPEG given as a data URL or bare base64 string -> PIL image in `mode`."""
+    """A PNG/JPEG given as a data URL or bare base64 string -> PIL image in `mode` ('L', 'RGB'; 'mask': as
+    uploaded, for `ditkit.inpainting.known_mask_from`)."""
     if not isinstance(data, str) or not data:
         raise StudioError(f"{key} must be an image (a PNG data URL)")
     if data.startswith("data:"):
@@ -256,9 +260,9 @@ def decode_image(data: Any, key: str, max_side: int, mode: str) -> Image.Image:
         raise
     except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as err:
         raise StudioError(f"{key} is not a readable image ({err})") from None
-    if mode == "mask" and img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255:
-        return img.getchannel("A")  # painted strokes over transparency
-    return img.convert("L" if mode in ("L", "mask") else "RGB")
+    if mode == "mask":
+        return img  # its alpha, if painted over transparency, is read by known_mask_from
+    return img.convert("L" if mode == "L" else "RGB")
 
 
 def _image_tensor(img: Image.Image) -> torch.Tensor:
@@ -267,7 +271,17 @@ def _image_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class Studio:
-    """A loaded model, the request validation and the job queue with its worker thread."""
+    """A loaded model, the request validation and the job queue with its worker thread.
+
+    `close()` (or the end of a `with` block) stops it; a studio dropped without closing ends its worker
+    thread once it is garbage-collected (the thread holds it only while running a job).
+    """
+
+    preview_min_interval: float = 0.2
+    """Latent checkpoints: least seconds between two decoded previews (the page polls every 0.15 s)."""
+    preview_overhead: float = 0.2
+    """Latent checkpoints: largest share of a job's time spent decoding previews; a decode that took d
+    seconds waits d * (1 / share - 1) before the next."""
 
     def __init__(self, model: nn.Module, config: Config, *, name: str = "", limits: Limits | None = None) -> None:
         self.model, self.config, self.name = model, config, name
@@ -278,14 +292,46 @@ class Studio:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.jobs_lock = threading.Lock()
         # Unbounded: max_queue counts the jobs still waiting (`submit`), so that cancelled ones, which
-        # stay in the queue until the worker passes them, take no place.
-        self.queue: queue.Queue[Job] = queue.Queue()
+        # stay in the queue until the worker passes them, take no place. None tells the worker to end.
+        self.queue: queue.Queue[Job | None] = queue.Queue()
         self.ids = itertools.count(1)
+        self.closed = False
         self._text_encoder: Any = None
         self._text_encoder_error: str | None = None  # why it could not be loaded, answered without retrying
         self._text_encoder_lock = threading.Lock()
-        self.worker = threading.Thread(target=self._work, name="ditkit-studio-worker", daemon=True)
+        self._autoencoder: autoencoders.Autoencoder | None = None
+        self._autoencoder_error: str | None = None
+        self._autoencoder_lock = threading.Lock()
+        # The thread gets a weak reference: a bound method would keep the studio (and its model) alive for
+        # as long as the thread waits. The finalizer wakes the thread to end when the studio is collected.
+        self.worker = threading.Thread(
+            target=_work, args=(weakref.ref(self), self.queue), name="ditkit-studio-worker", daemon=True
+        )
         self.worker.start()
+        weakref.finalize(self, self.queue.put, None)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the studio: refuse new requests (503), cancel the queued jobs and the running one (it stops
+        at its next step), and end the worker thread, waiting up to `timeout` seconds for it. Calling it
+        again only waits for the thread."""
+        with self.jobs_lock:  # submit checks `closed` under the same lock: no job slips in after this
+            first, self.closed = not self.closed, True
+            jobs = list(self.jobs.values())
+        if first:
+            for job in jobs:
+                try:
+                    self.cancel(job)
+                except StudioError:  # already finished
+                    pass
+            self.queue.put(None)
+        if threading.current_thread() is not self.worker:
+            self.worker.join(timeout)
+
+    def __enter__(self) -> Studio:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ----- what the page needs to know -------------------------------------------------------
 
@@ -367,6 +413,28 @@ class Studio:
             if self._text_encoder_error is not None:
                 raise StudioError(self._text_encoder_error, 500)
             return self._text_encoder
+
+    def autoencoder(self) -> autoencoders.Autoencoder | None:
+        """A latent checkpoint's autoencoder (`config.autoencoder`) on the model's device, built on first use,
+        once, and passed to every job (which would otherwise load it from disk each time); None for a
+        pixel-space checkpoint. StudioError(500) when it cannot be built, answered again without retrying,
+        as for the text encoder."""
+        if self.config.autoencoder.kind == "pixel":
+            return None
+        with self._autoencoder_lock:
+            if self._autoencoder is None and self._autoencoder_error is None:
+                device = next(self.model.parameters()).device
+                try:
+                    self._autoencoder = autoencoders.build_autoencoder(self.config, device=device)
+                except (ConfigError, OSError, ValueError) as err:
+                    log.error("studio: cannot load the autoencoder: %s", err)
+                    self._autoencoder_error = (
+                        f"the studio cannot load this checkpoint's autoencoder: {err} "
+                        "(restart the studio once it is available)"
+                    )
+            if self._autoencoder_error is not None:
+                raise StudioError(self._autoencoder_error, 500)
+            return self._autoencoder
 
     # ----- validation ------------------------------------------------------------------------
 
@@ -452,22 +520,21 @@ class Studio:
             p["resample"] = _int(payload, "resample", 1, 1, lim.max_resample)
             p["jump"] = _int(payload, "jump", 1, 1, p["steps"])
             work *= p["resample"] if p["method"] == "repaint" else 1
-            if m.in_channels not in (1, 3):
-                raise StudioError(f"inpainting from images needs a 1- or 3-channel model, not {m.in_channels}")
+            try:
+                check_image_model(self.config)  # the same refusal as `ditkit inpaint`/`outpaint`
+            except ConfigError as err:
+                raise StudioError(str(err)) from None
             mode = "L" if m.in_channels == 1 else "RGB"
             image = decode_image(payload.get("image"), "image", lim.max_image_side, mode)
         h, w = m.input_hw
         if p["kind"] == "inpaint":
             mask = decode_image(payload.get("mask"), "mask", lim.max_image_side, "mask")
-            if mask.size != image.size:
-                sizes = f"{mask.size[0]}x{mask.size[1]} px but the image is {image.size[0]}x{image.size[1]}"
-                raise StudioError(f"the mask is {sizes}: paint it over the image")
+            try:  # the same checks as `ditkit inpaint`: the image's size, something to fill
+                p["known_mask"] = known_mask_from(mask, image.size, (h, w))
+            except ValueError as err:
+                raise StudioError(str(err)) from None
             image = image.resize((w, h), Image.Resampling.LANCZOS) if image.size != (w, h) else image
-            mask = mask.resize((w, h), Image.Resampling.NEAREST) if mask.size != (w, h) else mask
             p["image"] = _image_tensor(image)
-            p["known_mask"] = (~torch.from_numpy(np.asarray(mask) > 127)).float()[None, None]  # white = paint
-            if p["known_mask"].all():
-                raise StudioError("the mask is empty: paint the region to fill (white) first")
         elif p["kind"] == "outpaint":
             p["direction"] = _choice(payload, "direction", "right", DIRECTIONS)
             p["times"] = _int(payload, "times", 1, 1, lim.max_times)
@@ -505,15 +572,20 @@ class Studio:
             )
         if p["prompts"] is not None:
             self.text_encoder()  # loaded now, so that a missing encoder is this request's answer
+        self.autoencoder()  # likewise (None for a pixel-space checkpoint)
         return p
 
     # ----- queue -----------------------------------------------------------------------------
 
     def submit(self, payload: Any) -> Job:
         """Validate and queue a request; StudioError(429) when the queue is full."""
+        if self.closed:
+            raise StudioError("the studio is shutting down", 503)
         params = self.validate(payload)
         job = Job(id=str(next(self.ids)), params=params, nrow=params["nrow"])
         with self.jobs_lock:
+            if self.closed:
+                raise StudioError("the studio is shutting down", 503)
             waiting = sum(j.status == "queued" for j in self.jobs.values())
             # The queue also holds cancelled jobs until the worker passes them (without their inputs, see
             # `cancel`); bound those too, so that submitting and cancelling cannot grow it without end.
@@ -597,46 +669,61 @@ class Studio:
 
     # ----- the worker ------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            job = self.queue.get()
-            with job.lock:  # against a cancel arriving now
-                if job.cancel_requested:
-                    self.queue.task_done()
-                    continue
-                job.status = "running"
-            start = time.perf_counter()
-            # Every result field is set before `status` says the job finished: a poll that reads "done"
-            # (or "error") must also find its images and seconds.
-            images = None
-            try:
-                images = self._run(job).detach().float().cpu()
-                status = "done"
-            except _Cancelled:
+    def _run_job(self, job: Job) -> None:
+        """Run one job from the queue (on the worker thread) and settle its final status."""
+        with job.lock:  # against a cancel arriving now
+            if job.cancel_requested:
+                return
+            job.status = "running"
+        start = time.perf_counter()
+        # Every result field is set before `status` says the job finished: a poll that reads "done"
+        # (or "error") must also find its images and seconds.
+        images = None
+        try:
+            images = self._run(job).detach().float().cpu()
+            status = "done"
+        except _Cancelled:
+            status = "cancelled"
+        except ValueError as err:  # a request the model refuses: its message is for the user
+            job.error, status = str(err), "error"
+        except Exception:  # a bug: the details go to the log, not to the page
+            log.exception("studio job %s failed", job.id)
+            job.error, status = "internal error while sampling (details are in the server log)", "error"
+        with job.lock:  # a cancel answered while the last step finished still cancels (see `cancel`)
+            if status == "done" and job.cancel_requested:
                 status = "cancelled"
-            except ValueError as err:  # a request the model refuses: its message is for the user
-                job.error, status = str(err), "error"
-            except Exception:  # a bug: the details go to the log, not to the page
-                log.exception("studio job %s failed", job.id)
-                job.error, status = "internal error while sampling (details are in the server log)", "error"
-            with job.lock:  # a cancel answered while the last step finished still cancels (see `cancel`)
-                if status == "done" and job.cancel_requested:
-                    status = "cancelled"
-                if status == "done":
-                    job.images = images
-                job.seconds = round(time.perf_counter() - start, 3)
-                job.status = status
-            self.queue.task_done()
+            if status == "done":
+                job.images = images
+            job.seconds = round(time.perf_counter() - start, 3)
+            job.status = status
 
     def _callback(self, job: Job):
+        # A latent checkpoint's x0 estimate is latents: the preview decodes it, but not at every step (a
+        # decode can cost more than a step); `preview_min_interval` and `preview_overhead` bound how often.
+        autoencoder = self.autoencoder() if job.params["preview"] else None
+        last_end, wait = -math.inf, 0.0
+
         def callback(info: dict[str, Any]) -> None:
+            nonlocal last_end, wait
             if job.cancel_requested:  # stops the sampler between steps
                 raise _Cancelled
             job.step, job.num_steps = int(info["i"]) + 1, int(info["num_steps"])
             job.round, job.rounds = int(info.get("round", 0)), int(info.get("rounds", 1))
-            if job.params["preview"]:
-                with job.lock:
-                    job.preview = info["denoised"].detach().float().cpu().clamp(-1, 1)
+            if not job.params["preview"]:
+                return
+            denoised = info["denoised"].detach()
+            if autoencoder is not None:
+                began = time.perf_counter()
+                if began - last_end < wait:
+                    return
+                with torch.no_grad():
+                    denoised = autoencoder.decode(denoised)  # (N, C, H, W) images from (N, c, h, w) latents
+                last_end = time.perf_counter()
+                share = min(max(self.preview_overhead, 1e-3), 1.0)
+                wait = max(self.preview_min_interval, (last_end - began) * (1 / share - 1))
+            preview = denoised.float().cpu().clamp(-1, 1)
+            with job.lock:
+                job.preview = preview
 
         return callback
 
@@ -651,13 +738,21 @@ class Studio:
                 p["labels"],
                 sampler=p["sampler"],
                 eta=p["eta"],
-                batch_size=64,
+                # One batch for the whole request (at most max_batch images, as inpainting runs too): progress
+                # then rises once from 0 to 1 and the preview shows every image.
+                batch_size=self.limits.max_batch,
+                autoencoder=self.autoencoder(),
                 **text,
                 **common,
             )
-        options = {"method": p["method"], "sampler": p["sampler"], "resample": p["resample"], "jump": p["jump"]}
-        if p["eta"] is not None and p["method"] == "trained":
-            options["eta"] = p["eta"]
+        # Each method gets only its own settings (`inpaint` refuses a setting its method would ignore): the
+        # page sends a sampler with every request, which RePaint does not use.
+        if p["method"] == "repaint":
+            options = {"method": "repaint", "resample": p["resample"], "jump": p["jump"]}
+        else:
+            options = {"method": "trained", "sampler": p["sampler"]}
+            if p["eta"] is not None:
+                options["eta"] = p["eta"]
         if p["kind"] == "inpaint":
             return inpaint(
                 self.model, self.config, p["image"], p["known_mask"], p["labels"], **options, **text, **common
@@ -674,3 +769,19 @@ class Studio:
             **text,
             **common,
         )
+
+
+def _work(studio_ref: weakref.ref[Studio], jobs: queue.Queue[Job | None]) -> None:
+    """The worker thread: run queued jobs until None arrives (`Studio.close`, or the studio's collection).
+
+    It holds the studio only while running a job, so that an unclosed studio can still be collected."""
+    while True:
+        job = jobs.get()
+        try:
+            studio = studio_ref() if job is not None else None
+            if studio is None:
+                return
+            studio._run_job(job)
+            del studio
+        finally:
+            jobs.task_done()

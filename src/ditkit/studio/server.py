@@ -14,11 +14,14 @@ go to the server log, never to the page, and for a text-conditioned checkpoint w
 cannot be loaded, with a message saying what to install).
 
 The server listens on IPv4 or IPv6 as the host asks (`::1`, `127.0.0.1`, a name). On a loopback
-address it answers only requests whose Host header names a loopback address or `localhost`.
+address it answers only requests whose Host header names a loopback address or `localhost`. `serve`
+takes the port before it loads the checkpoint, so a busy port is refused at once (a ValueError naming
+host and port), and closes the studio when it stops.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -197,14 +200,34 @@ def _family(host: str, port: int) -> socket.AddressFamily:
     return families[0]
 
 
-def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for `studio` on `host` (IPv4 or IPv6); port 0 picks a free port (`server.server_address`)."""
-    handler = type("StudioHandler", (_Handler,), {"studio": studio})
+def _listen(host: str, port: int) -> _Server:
+    """A server bound to host:port and listening, whose requests wait until a studio is attached
+    (`_attach`). ValueError, naming host and port, when the port is taken or the host is not this machine's."""
     host = host.strip("[]")  # "[::1]" as written in URLs
     server_class = _Server6 if _family(host, port) == socket.AF_INET6 else _Server
-    server = server_class((host, port), handler)
+    try:
+        server = server_class((host, port), _Handler)  # closes its socket itself when binding fails
+    except OSError as err:
+        where = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
+        if err.errno == errno.EADDRNOTAVAIL:
+            hint = "--host must be an address of this machine (127.0.0.1, ::1, 0.0.0.0, ...)"
+        else:
+            hint = "choose another --port (0 picks a free one)"
+        raise ValueError(f"cannot listen on {where}: {err.strerror or err}; {hint}") from None
     server.loopback = is_loopback(server.server_address[0])
     return server
+
+
+def _attach(server: ThreadingHTTPServer, studio: Studio) -> ThreadingHTTPServer:
+    server.RequestHandlerClass = type("StudioHandler", (_Handler,), {"studio": studio})
+    return server
+
+
+def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server for `studio` on `host` (IPv4 or IPv6); port 0 picks a free port (`server.server_address`).
+
+    ValueError (naming host and port) when it cannot listen there, e.g. the port is in use."""
+    return _attach(_listen(host, port), studio)
 
 
 def serve(
@@ -217,21 +240,29 @@ def serve(
     limits: Limits | None = None,
     ready: threading.Event | None = None,
 ) -> None:
-    """Load a checkpoint and serve the studio until interrupted."""
+    """Load a checkpoint and serve the studio until interrupted; then cancel its jobs and end its worker.
+
+    The port is taken first, so that a busy one is a ValueError at once, not after loading the model."""
     from ..train import load_model, resolve_device
 
-    model, config = load_model(checkpoint, weights, resolve_device(device))
-    server = make_server(Studio(model, config, name=str(checkpoint), limits=limits), host, port)
-    bound = server.server_address[0]
-    url_host = f"[{bound}]" if ":" in bound else bound
-    print(f"ditkit studio: serving {checkpoint} at http://{url_host}:{server.server_address[1]}/ (Ctrl+C stops)")
-    if not server.loopback:
-        print(f"warning: listening on {host or bound}: anyone who can reach this machine can use the studio")
-    if ready is not None:
-        ready.set()
+    server = _listen(host, port)
+    studio = None
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        model, config = load_model(checkpoint, weights, resolve_device(device))
+        studio = Studio(model, config, name=str(checkpoint), limits=limits)
+        _attach(server, studio)
+        bound = server.server_address[0]
+        url_host = f"[{bound}]" if ":" in bound else bound
+        print(f"ditkit studio: serving {checkpoint} at http://{url_host}:{server.server_address[1]}/ (Ctrl+C stops)")
+        if not server.loopback:
+            print(f"warning: listening on {host or bound}: anyone who can reach this machine can use the studio")
+        if ready is not None:
+            ready.set()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
     finally:
         server.server_close()
+        if studio is not None:
+            studio.close(timeout=10.0)
