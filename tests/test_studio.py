@@ -21,6 +21,7 @@ from PIL import Image
 
 import ditkit.autoencoders
 import ditkit.sampling
+import ditkit.studio.jobs
 import ditkit.studio.server
 import ditkit.train
 from conftest import make_tiny_config, save_tiny_autoencoder_kl, save_tiny_bert
@@ -837,7 +838,7 @@ def latent_studio(tmp_path_factory):
 
 def test_a_latent_checkpoint_builds_its_autoencoder_once_and_previews_images(latent_studio, monkeypatch):
     studio = latent_studio
-    studio._autoencoder = None  # as a fresh studio
+    studio._autoencoder = ditkit.studio.jobs._LoadOnce("autoencoder", studio._load_autoencoder)  # as a fresh studio
     built = []
     for module in (ditkit.autoencoders, ditkit.sampling):  # the studio's and generate's way of building it
         real = module.build_autoencoder

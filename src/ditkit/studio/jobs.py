@@ -270,6 +270,33 @@ def _image_tensor(img: Image.Image) -> torch.Tensor:
     return (arr[None, None] if arr.dim() == 2 else arr.permute(2, 0, 1)[None]).contiguous()  # (1, C, H, W)
 
 
+class _LoadOnce:
+    """A resource a job needs, built on first use, once. A failure is remembered and answered again
+    (StudioError 500, saying to restart the studio) without retrying: a hub lookup alone can take half a
+    minute, and the request that met it was fine."""
+
+    def __init__(self, what: str, build: Any) -> None:
+        self.what, self.build = what, build
+        self.value: Any = None
+        self.error: str | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self.lock:
+            if self.value is None and self.error is None:
+                try:
+                    self.value = self.build()
+                except (ConfigError, OSError, ValueError) as err:
+                    log.error("studio: cannot load the %s: %s", self.what, err)
+                    self.error = (
+                        f"the studio cannot load this checkpoint's {self.what}: {err} "
+                        "(restart the studio once it is available)"
+                    )
+            if self.error is not None:
+                raise StudioError(self.error, 500)
+            return self.value
+
+
 class Studio:
     """A loaded model, the request validation and the job queue with its worker thread.
 
@@ -296,12 +323,8 @@ class Studio:
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.ids = itertools.count(1)
         self.closed = False
-        self._text_encoder: Any = None
-        self._text_encoder_error: str | None = None  # why it could not be loaded, answered without retrying
-        self._text_encoder_lock = threading.Lock()
-        self._autoencoder: autoencoders.Autoencoder | None = None
-        self._autoencoder_error: str | None = None
-        self._autoencoder_lock = threading.Lock()
+        self._text_encoder = _LoadOnce("text encoder", self._load_text_encoder)
+        self._autoencoder = _LoadOnce("autoencoder", self._load_autoencoder)
         # The thread gets a weak reference: a bound method would keep the studio (and its model) alive for
         # as long as the thread waits. The finalizer wakes the thread to end when the studio is collected.
         self.worker = threading.Thread(
@@ -392,27 +415,16 @@ class Studio:
         missing or corrupt): the message says what to install or download, since the request itself was
         fine. A failed load is not retried by later requests (a hub lookup alone can take half a minute):
         they get the same answer until the studio is restarted."""
-        with self._text_encoder_lock:
-            if self._text_encoder is None and self._text_encoder_error is None:
-                from ..config import ConfigError
-                from ..text import load_text_encoder
+        return self._text_encoder.get()
 
-                device = next(self.model.parameters()).device
-                try:
-                    encoder = load_text_encoder(self.config.text, device=device)
-                    # TextEncoder reads its weights on first use: load them here, once, so that missing or
-                    # corrupt weights are this request's answer (and cached) instead of every job's error.
-                    _ = encoder.model
-                    self._text_encoder = encoder
-                except (ConfigError, OSError, ValueError) as err:
-                    log.error("studio: cannot load the text encoder: %s", err)
-                    self._text_encoder_error = (
-                        f"the studio cannot load this checkpoint's text encoder: {err} "
-                        "(restart the studio once it is available)"
-                    )
-            if self._text_encoder_error is not None:
-                raise StudioError(self._text_encoder_error, 500)
-            return self._text_encoder
+    def _load_text_encoder(self) -> Any:
+        from ..text import load_text_encoder
+
+        encoder = load_text_encoder(self.config.text, device=next(self.model.parameters()).device)
+        # TextEncoder reads its weights on first use: load them here, once, so that missing or corrupt
+        # weights are this request's answer (and remembered) instead of every job's error.
+        _ = encoder.model
+        return encoder
 
     def autoencoder(self) -> autoencoders.Autoencoder | None:
         """A latent checkpoint's autoencoder (`config.autoencoder`) on the model's device, built on first use,
@@ -421,20 +433,10 @@ class Studio:
         as for the text encoder."""
         if self.config.autoencoder.kind == "pixel":
             return None
-        with self._autoencoder_lock:
-            if self._autoencoder is None and self._autoencoder_error is None:
-                device = next(self.model.parameters()).device
-                try:
-                    self._autoencoder = autoencoders.build_autoencoder(self.config, device=device)
-                except (ConfigError, OSError, ValueError) as err:
-                    log.error("studio: cannot load the autoencoder: %s", err)
-                    self._autoencoder_error = (
-                        f"the studio cannot load this checkpoint's autoencoder: {err} "
-                        "(restart the studio once it is available)"
-                    )
-            if self._autoencoder_error is not None:
-                raise StudioError(self._autoencoder_error, 500)
-            return self._autoencoder
+        return self._autoencoder.get()
+
+    def _load_autoencoder(self) -> autoencoders.Autoencoder:
+        return autoencoders.build_autoencoder(self.config, device=next(self.model.parameters()).device)
 
     # ----- validation ------------------------------------------------------------------------
 
