@@ -105,7 +105,7 @@ def test_page_and_info(client):
     status, info = client.json("/api/info")
     assert status == 200 and info["conditioning"] == "class" and info["num_classes"] == 4
     assert info["samplers"] == list(SAMPLERS) and "ddim" in info["samplers"]
-    assert (info["height"], info["width"], info["channels"]) == (8, 8, 1)
+    assert (info["height"], info["width"], info["channels"], info["latent"]) == (8, 8, 1, None)
     assert client.json("/api/nope")[0] == 404 and client.json("/static/../server.py")[0] == 404
 
 
@@ -834,6 +834,13 @@ def latent_studio(tmp_path_factory):
     studio = Studio(model, cfg, name="tiny-latent")
     yield studio
     studio.close()
+
+
+def test_a_latent_checkpoint_s_info_gives_the_image_size_and_the_latents(latent_studio):
+    """The page's header shows the images the studio returns (decoded: 16x16 RGB), and the latents beside."""
+    info = latent_studio.info()
+    assert (info["height"], info["width"], info["channels"]) == (16, 16, 3)
+    assert info["latent"] == [4, 8, 8]
 
 
 def test_a_latent_checkpoint_builds_its_autoencoder_once_and_previews_images(latent_studio, monkeypatch):

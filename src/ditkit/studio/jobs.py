@@ -360,16 +360,20 @@ class Studio:
 
     def info(self) -> dict[str, Any]:
         """Model facts, defaults and limits for the page."""
-        m, sc, lim = self.config.model, self.config.sample, self.limits
+        m, sc, lim, ae = self.config.model, self.config.sample, self.limits, self.config.autoencoder
         kind = conditioning_kind(self.config)
         guided = guidable(self.config)
+        # The images the page shows: a latent model's are its latents decoded, `downsample` times larger.
+        latent = ae.kind != "pixel" and ae.downsample is not None
+        factor = ae.downsample if latent else 1
         return {
             "checkpoint": self.name,
             "conditioning": kind,
             "num_classes": m.num_classes,
-            "channels": m.in_channels,
-            "height": m.input_hw[0],
-            "width": m.input_hw[1],
+            "channels": self.config.data.channels if latent else m.in_channels,
+            "height": m.input_hw[0] * factor,
+            "width": m.input_hw[1] * factor,
+            "latent": [m.in_channels, *m.input_hw] if latent else None,  # (C, H, W) the model samples
             "inpaint_model": m.inpaint,
             "guidance": guided,
             "samplers": list(SAMPLERS),

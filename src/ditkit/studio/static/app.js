@@ -352,7 +352,9 @@ async function start() {
   const info = state.info;
   const what = { class: `${info.num_classes} classes`, text: "text prompts", none: "unconditional" }[info.conditioning];
   $("#model-info").textContent =
-    `${info.checkpoint} · ${info.width}x${info.height}x${info.channels} · ${what}` + (info.inpaint_model ? " · inpainting model" : "");
+    `${info.checkpoint} · ${info.width}x${info.height}x${info.channels}` +
+    (info.latent ? ` (latents ${info.latent[2]}x${info.latent[1]}x${info.latent[0]})` : "") +
+    ` · ${what}` + (info.inpaint_model ? " · inpainting model" : "");
   $("#settings").append(makeSettings("A"), makeSettings("B"));
   $("#settings-B").hidden = true;
   $("#compare").addEventListener("change", (e) => { $("#settings-B").hidden = !e.target.checked; });
