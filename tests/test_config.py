@@ -585,6 +585,14 @@ def test_an_unknown_override_key_is_blamed_on_the_overrides_not_the_file(tmp_pat
     path.write_text("train:\n  stepz: 10\n")
     with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'train.stepz'"):
         load_config(path, ["train.steps=5", "preset=DiT-S/2"])
+    # So is a bad value: the override that gave it, else the file.
+    path.write_text("train:\n  steps: 10\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"^command-line override train\.steps=abc: train\.steps: expected an int"):
+        load_config(path, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match=r"^command-line override model\.depth=-1: model\.depth must be >= 1"):
+        load_config(path, ["model.depth=-1", "train.batch_size=4"])
+    with pytest.raises(ConfigError, match=f"^{path}: train\\.batch_size must be >= 1"):
+        load_config(path, ["train.steps=5"])
 
 
 def test_override_with_wrong_type_raises_naming_key():

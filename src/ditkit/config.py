@@ -929,6 +929,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return config_from_dict(data)
     except ConfigError as err:
+        # A bad value is blamed on where it came from: the override that names the key, else the file.
+        for override in overrides or []:
+            key = override.split("=", 1)[0].strip()
+            if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", str(err)):
+                raise ConfigError(f"command-line override {override}: {err}") from None
         if path is not None:
             raise ConfigError(f"{path}: {err}") from None
         raise
