@@ -477,14 +477,15 @@ def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, monkeypa
     """The logging window is saved with each checkpoint: resumed mid-window (log_every=4, a run of 3
     steps), the record at step 4 still averages steps 1-4 over their 4 s, as the uninterrupted run's
     does. The first run's own last record (step 3) leaves the window open. A checkpoint from before
-    the window was saved resumes with an empty one."""
+    the window was saved, or a resume with another log_every (whose grid the window is not on), starts
+    an empty one."""
     import shutil
 
     _fake_clock(monkeypatch)
     data = make_tiny_dataset(20)
 
-    def config(name, steps):
-        return make_tiny_config(tmp_path / name, steps=steps, ckpt_every=3, log_every=4)
+    def config(name, steps, log_every=4):
+        return make_tiny_config(tmp_path / name, steps=steps, ckpt_every=3, log_every=log_every)
 
     train(config("straight", 8), progress=False, dataset=data)
     first = train(config("resumed", 3), progress=False, dataset=data)
@@ -492,16 +493,18 @@ def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, monkeypa
     assert (state["window_steps"], state["window_seconds"], state["skipped_steps"]) == (3, 3.0, 0)
     window_loss = state["window_loss"]
     shutil.copytree(tmp_path / "resumed", tmp_path / "older")
-    for key in ("window_loss", "window_steps", "window_seconds", "skipped_steps"):
+    shutil.copytree(tmp_path / "resumed", tmp_path / "relogged")
+    for key in ("window_loss", "window_steps", "window_seconds", "skipped_steps", "window_log_every"):
         del state[key]
     torch.save(state, tmp_path / "older" / "checkpoints" / first.checkpoint.name / "state.pt")  # an older ditkit's
     train(config("resumed", 8), resume=tmp_path / "resumed", progress=False, dataset=data)
     train(config("older", 8), resume=tmp_path / "older", progress=False, dataset=data)
+    train(config("relogged", 8, log_every=2), resume=tmp_path / "relogged", progress=False, dataset=data)
 
     def by_step(name):
         return {r["step"]: {k: v for k, v in r.items() if k != "train_seconds"} for r in _records(tmp_path / name)}
 
-    straight, resumed, older = by_step("straight"), by_step("resumed"), by_step("older")
+    straight, resumed, older, relogged = by_step("straight"), by_step("resumed"), by_step("older"), by_step("relogged")
     assert list(straight) == [4, 8] and list(resumed) == [3, 4, 8] and list(older) == [3, 4, 8]
     assert resumed[3]["loss"] == window_loss / 3 and resumed[3]["img_per_s"] == 8.0
     assert resumed[4] == straight[4] and resumed[8] == straight[8]
@@ -509,6 +512,10 @@ def test_a_resumed_run_logs_what_the_uninterrupted_run_logged(tmp_path, monkeypa
     # The older checkpoint's first window holds step 4 alone: that step's loss, 8 images in 1 s.
     assert older[4]["loss"] == pytest.approx(4 * straight[4]["loss"] - window_loss, rel=1e-5)
     assert older[4]["img_per_s"] == 8.0 and older[8] == straight[8]
+    # On a log_every=2 grid, the record at step 4 is steps 3-4 of that grid, i.e. step 4 alone after a resume
+    # at 3: not the steps 1-3 of the first run's log_every=4 window.
+    assert list(relogged) == [3, 4, 6, 8] and relogged[4]["loss"] == older[4]["loss"]
+    assert relogged[4]["img_per_s"] == 8.0
 
 
 def test_a_latent_cache_at_a_non_square_size_is_accepted(tmp_path):

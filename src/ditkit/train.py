@@ -341,9 +341,12 @@ def _train(
             _set_rng_state(rng[env.rank], device)
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         train_seconds = float(state["train_seconds"])
-        # Checkpoints from before the window was saved resume with an empty one.
-        window_loss, window_n = float(state.get("window_loss", 0.0)), int(state.get("window_steps", 0))
-        window_time, skipped = float(state.get("window_seconds", 0.0)), int(state.get("skipped_steps", 0))
+        # The window carries on only on the same log_every grid (a record averages the steps since the last
+        # one on it); checkpoints from before the window was saved, or another log_every, start an empty one.
+        skipped = int(state.get("skipped_steps", 0))
+        if state.get("window_log_every") == tc.log_every:
+            window_loss, window_n = float(state["window_loss"]), int(state["window_steps"])
+            window_time = float(state["window_seconds"])
         log.info("resumed from %s at step %d", resume_path, step)
     sampler = EpochBatchSampler(
         len(dataset), tc.batch_size, tc.seed, epoch, batch_in_epoch, rank=env.rank, world_size=world
@@ -423,6 +426,7 @@ def _train(
                 "window_loss": window_loss,  # sum of the losses of the steps since the last record
                 "window_steps": window_n,
                 "window_seconds": window_time,
+                "window_log_every": tc.log_every,  # the grid the window belongs to
                 "skipped_steps": skipped,
             }
             save_checkpoint(path, config=config, model=model_state, ema=ema_state, state=ckpt_state)
