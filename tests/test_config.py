@@ -593,6 +593,13 @@ def test_an_unknown_override_key_is_blamed_on_the_overrides_not_the_file(tmp_pat
         load_config(path, ["model.depth=-1", "train.batch_size=4"])
     with pytest.raises(ConfigError, match=f"^{path}: train\\.batch_size must be >= 1"):
         load_config(path, ["train.steps=5"])
+    # The override that took effect (the last), and only one the message is about: a key named in the
+    # advice of another key's error is not blamed.
+    with pytest.raises(ConfigError, match=r"^command-line override train\.steps=abc: "):
+        load_config(path, ["train.steps=5", "train.steps=abc", "train.batch_size=4"])
+    path.write_text("model:\n  patch_size: 3\n")
+    with pytest.raises(ConfigError, match=f"^{path}: model\\.patch_size=3 must divide"):
+        load_config(path, ["model.input_size=32"])
 
 
 def test_override_with_wrong_type_raises_naming_key():

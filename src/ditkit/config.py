@@ -231,9 +231,7 @@ class ModelConfig:
         """(height, width) of the model input."""
         if self.input_size is None:
             raise ConfigError("model.input_size is not set")
-        if isinstance(self.input_size, int):
-            return self.input_size, self.input_size
-        return tuple(self.input_size)
+        return size_hw(self.input_size)
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -929,10 +927,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        # A bad value is blamed on where it came from: the override that names the key, else the file.
-        for override in overrides or []:
+        # A bad value is blamed on where it came from: the override that set the key the message is about
+        # (its subject, the message's first words; the last such override, the one that took effect),
+        # else the file.
+        for override in reversed(overrides or []):
             key = override.split("=", 1)[0].strip()
-            if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", str(err)):
+            if key and re.match(rf"{re.escape(key)}(?![\w.])", str(err)):
                 raise ConfigError(f"command-line override {override}: {err}") from None
         if path is not None:
             raise ConfigError(f"{path}: {err}") from None

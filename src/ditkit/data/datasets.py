@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import DataConfig, size_hw
 
 __all__ = [
     "DataError",
@@ -113,7 +113,7 @@ def load_mnist(
     if split != "all":
         keep = held if split == "holdout" else ~held
         images, labels = images[keep], labels[keep]
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    hw = size_hw(image_size)
     if hw != (28, 28):  # [H, W] stretches the digits: they fill their square frame
         resized = F.interpolate(images.float(), size=hw, mode="bilinear", antialias=True)
         images = resized.round().clamp(0, 255).to(torch.uint8)
@@ -122,7 +122,7 @@ def load_mnist(
 
 def center_crop_resize(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     """ADM-style: shrink by box-filter halvings, bicubic-resize to cover `size` ((H, W) or a side), center-crop."""
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = size_hw(size)
     while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
         image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.Resampling.BOX)
     scale = max(width / image.size[0], height / image.size[1])
@@ -278,7 +278,7 @@ class ImageFolderDataset(Dataset):
 
 def image_to_tensor(image: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
     """A PIL image (already in the wanted mode) -> ADM-style center crop -> (C, H, W) in [-1, 1]."""
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = size_hw(size)
     array = np.asarray(center_crop_resize(image, size), dtype=np.uint8).reshape(height, width, -1)
     return _to_unit_range(torch.from_numpy(array.copy()).permute(2, 0, 1))  # (H, W, C) -> (C, H, W)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import ModelConfig, TextConfig
+from ..config import ModelConfig, TextConfig, size_hw
 from .layers import (  # noqa: F401 - re-exported: these names have lived in this module
     Attention,
     CrossAttention,
@@ -335,13 +335,13 @@ def resize_pos_embed(
     model trained at 256 px is fine-tuned at 512 px. `old_grid` defaults to a square grid.
     """
     _, tokens, dim = pos_embed.shape
-    new_hw = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    new_hw = size_hw(new_grid)
     if old_grid is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise ValueError(f"pos_embed has {tokens} tokens, not a square grid: pass old_grid")
         old_grid = side
-    old_hw = (old_grid, old_grid) if isinstance(old_grid, int) else tuple(old_grid)
+    old_hw = size_hw(old_grid)
     if old_hw[0] * old_hw[1] != tokens:
         raise ValueError(f"pos_embed has {tokens} tokens, not the {old_hw[0]}x{old_hw[1]} grid given")
     if old_hw == new_hw:
