@@ -73,9 +73,23 @@ def test_ddpm_scheduler_learned_variance_types_it_cannot_serve_are_refused(vp, x
     with pytest.raises(ValueError, match=r"variance_type='learned_range' .*no learned variance.*'fixed_small'"):
         scheduler = diffusers.DDPMScheduler(**LINEAR, variance_type="learned_range")
         sample_with_scheduler(GaussianDenoiser(vp, MU, S), scheduler, x, 5)
-    with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler with variance_type='learned_range'"):
-        scheduler = diffusers.DPMSolverMultistepScheduler(**LINEAR, variance_type="learned_range")
-        sample_with_scheduler(learned, scheduler, x, 5)
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_dpm_solver_with_a_learned_variance_type_gets_the_mean(vp, variance_type):
+    """The DPM-Solver family reads no variance: with a learned type it samples as with none, as long as its
+    epsilon branch's cut to the first 3 channels leaves the mean whole; 4 channels are refused."""
+    den = GaussianDenoiser(vp, MU, S)
+    x3 = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    plain = sample_with_scheduler(den, diffusers.DPMSolverMultistepScheduler(**LINEAR), x3, 5)
+    learned = diffusers.DPMSolverMultistepScheduler(**LINEAR, variance_type=variance_type)
+    assert torch.equal(sample_with_scheduler(den, learned, x3, 5), plain)
+    x4 = torch.randn(64, 4, 2, 2, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"keeps only the first 3 channels .* these samples have 4"):
+        sample_with_scheduler(den, learned, x4, 5)
+    v_learned = diffusers.DPMSolverMultistepScheduler(**LINEAR, variance_type=variance_type, prediction_type="sample")
+    v_plain = diffusers.DPMSolverMultistepScheduler(**LINEAR, prediction_type="sample")
+    assert torch.equal(sample_with_scheduler(den, v_learned, x4, 5), sample_with_scheduler(den, v_plain, x4, 5))
 
 
 def test_dpm_solver_multistep_scheduler_equals_sample_dpmpp_2m(vp, x):

@@ -11,8 +11,9 @@ preserving x_t (true of the schedulers above: sigma-space ones divide by sqrt(si
 A DDPMScheduler with `variance_type='learned_range'` also reads v in [-1, 1] from extra output channels
 and takes the log-variance frac log beta' + (1 - frac) log beta_tilde, frac = (v + 1) / 2, with the
 betas of its own (respaced) step: the interpolation of Improved DDPM that `sample_ddpm` uses. A
-denoiser with a learned variance supplies it (v = 2 frac - 1 from `denoise_with_variance`). Any other
-learned variance type is refused, as is 'learned_range' without a learned variance.
+denoiser with a learned variance supplies it (v = 2 frac - 1 from `denoise_with_variance`). DDPMScheduler's
+other learned type is refused, as is 'learned_range' without a learned variance. The DPM-Solver family
+never reads a variance and gets the mean alone (refused only where it would cut a non-3-channel mean).
 
 Schedulers keep step indices and multistep history inside the object; the adapter works on a deep
 copy, so the caller's scheduler is never changed and the function can be called again.
@@ -37,27 +38,35 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 """diffusers `prediction_type` -> ditkit prediction name."""
 
 
-def _passes_variance(denoiser: Denoiser, scheduler: Any) -> bool:
+def _passes_variance(denoiser: Denoiser, scheduler: Any, channels: int) -> bool:
     """Whether the scheduler reads a learned variance from the model output (only DDPMScheduler's
-    'learned_range', whose semantics `sample_ddpm` shares); refuse the learned types it cannot be given."""
+    'learned_range', whose semantics `sample_ddpm` shares); refuse the learned types it cannot be given.
+
+    Other schedulers with a learned variance type (the DPM-Solver family) never read a variance: they are
+    given the mean alone, as with a fixed type, except where they would cut it to its first 3 channels
+    (epsilon prediction: `model_output[:, :3]`), which is wrong for any other channel count."""
     variance_type = getattr(scheduler.config, "variance_type", None)
     if variance_type not in ("learned", "learned_range"):
         return False
     name = type(scheduler).__name__
     is_ddpm = any(cls.__name__ == "DDPMScheduler" for cls in type(scheduler).__mro__)
-    learned = bool(getattr(denoiser, "learned_variance", False))
-    if variance_type == "learned_range" and is_ddpm and learned:
-        return True
     if not is_ddpm:
-        why = "the adapter passes a learned variance only to DDPMScheduler ('learned_range')"
-        fix = "a fixed variance type (variance_type=None on the DPM-Solver schedulers)"
-    elif variance_type == "learned":
+        if scheduler.config.prediction_type == "epsilon" and channels != 3:
+            raise ValueError(
+                f"{name} with variance_type={variance_type!r} and prediction_type='epsilon' keeps only the first 3 "
+                f"channels of the model output, but these samples have {channels}; use variance_type=None"
+            )
+        return False
+    if variance_type == "learned_range" and getattr(denoiser, "learned_variance", False):
+        return True
+    if variance_type == "learned":
         why = "'learned' reads the variance itself, not ditkit's interpolation fraction (that is 'learned_range')"
-        fix = "variance_type='fixed_small' or 'fixed_large'"
     else:
         why = "the denoiser has no learned variance (model.learn_sigma=false)"
-        fix = "variance_type='fixed_small' or 'fixed_large'"
-    raise ValueError(f"{name} with variance_type={variance_type!r} is not supported: {why}; use {fix}")
+    raise ValueError(
+        f"{name} with variance_type={variance_type!r} is not supported: {why}; "
+        "use variance_type='fixed_small' or 'fixed_large'"
+    )
 
 
 def _check_process(process: Any, scheduler: Any) -> None:
@@ -95,7 +104,7 @@ def sample_with_scheduler(
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {list(PREDICTION_TYPES)}")
     prediction = PREDICTION_TYPES[prediction_type]
-    with_variance = _passes_variance(denoiser, scheduler)
+    with_variance = _passes_variance(denoiser, scheduler, x.shape[1])
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(steps, device=x.device)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
