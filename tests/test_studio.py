@@ -173,9 +173,9 @@ def test_malformed_bodies_and_unknown_jobs(client):
     status, reply = client.json("/api/jobs/999999")
     assert status == 404 and "no job" in reply["error"]
     img = png_data_url(np.zeros((8, 8), np.uint8))
-    mask = png_data_url(np.zeros((4, 4), np.uint8))
+    mask = png_data_url(np.zeros((8, 4), np.uint8))
     status, reply = client.json("/api/jobs", {"labels": [0], "kind": "inpaint", "image": img, "mask": mask})
-    assert status == 400 and "the mask is 4x4 px but the image is 8x8" in reply["error"]
+    assert status == 400 and "the mask is 4x8 px but the image is 8x8 px, another shape" in reply["error"]
     empty = png_data_url(np.zeros((8, 8), np.uint8))
     status, reply = client.json("/api/jobs", {"labels": [0], "kind": "inpaint", "image": img, "mask": empty})
     assert status == 400 and "the mask is empty" in reply["error"]
@@ -891,7 +891,7 @@ def test_cli_inpaint_refuses_empty_and_mis_sized_masks_as_the_studio_does(tmp_pa
     save_checkpoint(tmp_path / "ckpt", config=studio.config, model=studio.model, ema=studio.model)
     Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "in.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
-    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.full((8, 4), 255, np.uint8)).save(tmp_path / "small.png")  # 4 wide, 8 high
     big = np.zeros((64, 64), np.uint8)
     big[0, 0] = 255  # one white pixel, which NEAREST scaling to the model's 8x8 does not sample
     Image.fromarray(big).save(tmp_path / "dot64.png")
@@ -903,7 +903,7 @@ def test_cli_inpaint_refuses_empty_and_mis_sized_masks_as_the_studio_does(tmp_pa
         (
             "in.png",
             "small.png",
-            f"the mask {tmp_path / 'small.png'} is 4x4 px but the image {tmp_path / 'in.png'} is 8x8 px",
+            f"the mask {tmp_path / 'small.png'} is 4x8 px but the image {tmp_path / 'in.png'} is 8x8 px, another",
         ),
         ("in64.png", "dot64.png", f"mask {tmp_path / 'dot64.png'} marks only 1 px to fill, and none is left once"),
     ]
@@ -923,6 +923,11 @@ def test_cli_inpaint_refuses_empty_and_mis_sized_masks_as_the_studio_does(tmp_pa
     assert torch.equal(p["known_mask"], known)
     rc = main([*argv, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "layer.png"), "--out", str(out)])
     assert rc == 0 and np.array_equal(np.asarray(Image.open(out))[:, :4], np.full((8, 4), 128, np.uint8))
+    # A mask of another size but the image's shape (here the 64 px image's mask at the model's 8 px) is scaled.
+    half = np.zeros((8, 8), np.uint8)
+    half[:, 4:] = 255
+    Image.fromarray(half).save(tmp_path / "half8.png")
+    assert torch.equal(load_mask(tmp_path / "half8.png", (8, 8), image=tmp_path / "in64.png"), known)
 
 
 def test_repaint_jobs_ignore_the_pages_sampler(client):

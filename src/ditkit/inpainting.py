@@ -419,15 +419,19 @@ def known_mask_from(
     """A mask image (white = to generate, black = keep; or painted strokes over transparency) as a
     (1, 1, H, W) known mask (1 = keep) scaled to `size` (H, W).
 
-    The one check of masks shared by `ditkit inpaint` and the studio: ValueError, naming the mask, when it
-    is not `image_size` (W, H: the image it was painted over; None skips this) or marks nothing to generate,
-    before or after scaling (the result would be the input unchanged).
+    The one check of masks shared by `ditkit inpaint` and the studio: ValueError, naming the mask, when its
+    shape is not that of `image_size` (W, H: the image it was painted over; None skips this) or it marks
+    nothing to generate, before or after scaling (the result would be the input unchanged). A mask of
+    another size with the image's aspect ratio (up to a pixel's rounding), e.g. one painted at the model's
+    resolution, is scaled like any other.
     """
-    if image_size is not None and mask.size != tuple(image_size):
-        raise ValueError(
-            f"{mask_name} is {mask.size[0]}x{mask.size[1]} px but {image_name} is {image_size[0]}x{image_size[1]} "
-            "px: paint the mask over the image, at the image's size"
-        )
+    if image_size is not None:
+        (mw, mh), (iw, ih) = mask.size, image_size
+        if abs(mw * ih - mh * iw) > max(iw, ih):  # cross-multiplied aspect ratios
+            raise ValueError(
+                f"{mask_name} is {mw}x{mh} px but {image_name} is {iw}x{ih} px, another shape: paint the mask "
+                "over the image, at the image's size (or any size of the same aspect ratio)"
+            )
     if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema()[0] < 255:
         mask = mask.getchannel("A")  # a painted layer over transparency: the strokes mark the region
     mask = mask.convert("L")
@@ -449,7 +453,7 @@ def known_mask_from(
 def load_mask(path: str | Path, size: tuple[int, int], *, image: str | Path | None = None) -> torch.Tensor:
     """A mask PNG (white = to generate) as a (1, 1, H, W) known mask (1 = keep), resized to `size` (H, W).
 
-    With `image` (the file the mask is painted over) the mask must have that image's size. ValueError
+    With `image` (the file the mask is painted over) the mask must have that image's shape. ValueError
     naming the file for an unreadable, empty or (with `image`) differently sized mask (`known_mask_from`)."""
     path = Path(path)
     try:
