@@ -679,3 +679,21 @@ def test_paint_resample_defaults_follow_the_method(command):
     asked = options("--method", "trained", "--resample", "3")
     with pytest.raises(ValueError, match="resample=3"):
         _check_method_options(config, "trained", asked["sampler"], asked["jump"], asked["resample"])
+
+
+def test_ditkit_config_records_a_local_autoencoder_folder_by_its_absolute_path(tmp_path, monkeypatch):
+    """A checkpoint trained with autoencoder.path=vae (relative to where it ran) exports the folder's absolute
+    path, so from-diffusers run anywhere finds it; a hub id (no folder here) is kept as written."""
+    from ditkit.config import AutoencoderConfig, Config, ModelConfig
+    from ditkit.convert.diffusers import load_ditkit_config, save_ditkit_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vae").mkdir()
+    model = ModelConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    for path, recorded in (("vae", str(tmp_path / "vae")), ("org/some-vae", "org/some-vae")):
+        config = Config(model=model, autoencoder=AutoencoderConfig(kind="kl", path=path, latent_channels=4))
+        folder = tmp_path / path.replace("/", "_")
+        folder.mkdir(exist_ok=True)
+        save_ditkit_config(config, folder)
+        assert json.loads((folder / "ditkit_config.json").read_text())["autoencoder"]["path"] == recorded
+        assert load_ditkit_config(folder, model).autoencoder.path == recorded

@@ -407,6 +407,8 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
     save_checkpoint(out, config=config, model=model, ema=model)
     ae = config.autoencoder
     recorded = "none (pixel space)" if ae.kind == "pixel" else f"{ae.path} ({ae.kind}, from {vae_origin})"
+    if ae.kind != "pixel" and not Path(ae.path).expanduser().is_dir():
+        recorded += " - not a folder here, so a hub id (fetched on use); if it is a folder elsewhere, pass --vae"
     print(
         f"wrote a ditkit checkpoint to {out} (model and EMA weights are the diffusers weights). Objective and "
         f"sampling settings: {settings} (diffusion.prediction={config.diffusion.prediction!r}, "

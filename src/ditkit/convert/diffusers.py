@@ -28,6 +28,7 @@ diffusers' own DiT setting: eps prediction over the DDPM process.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -275,12 +276,16 @@ def save_ditkit_config(config: Config, folder: str | Path) -> Path:
     """Write what a diffusers DiT folder cannot hold of `config` into `folder`/ditkit_config.json.
 
     That is the objective and noise process (`diffusion`), the sampling defaults (`sample`), the autoencoder
-    with its latent scale and shift (`autoencoder`) and the image shape behind the latents (`data.image_size`,
-    `data.channels`). `text` is not needed: diffusers' DiT takes class labels only, so `diffusers_config`
-    refuses text-conditioned models before anything is written. Training settings stay with the checkpoint.
+    with its latent scale and shift (`autoencoder`; a local folder's path made absolute) and the image shape
+    behind the latents (`data.image_size`, `data.channels`). `text` is not needed: diffusers' DiT takes class
+    labels only, so `diffusers_config` refuses text-conditioned models before anything is written. Training
+    settings stay with the checkpoint.
     """
     data = config_to_dict(config)
     side = {name: data[name] for name in ("diffusion", "sample", "autoencoder")}
+    path = side["autoencoder"].get("path")
+    if path and Path(path).expanduser().is_dir():  # a local folder, found again from any directory
+        side["autoencoder"]["path"] = os.path.abspath(Path(path).expanduser())
     side["data"] = {key: data["data"][key] for key in _SIDE_DATA_KEYS}
     path = Path(folder) / DITKIT_CONFIG_FILE
     path.write_text(json.dumps(side, indent=2) + "\n")
