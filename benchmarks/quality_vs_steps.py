@@ -1,6 +1,6 @@
 """Sample quality against step count for every sampler, judged by the digit classifier.
 
-    python benchmarks/quality_vs_steps.py --run /work/demo_run/run --classifier /work/demo_run/classifier \
+    python benchmarks/quality_vs_steps.py --run outputs/demo/run --classifier outputs/demo/classifier \
         --out outputs/quality --per-class 20 --steps 5 10 25 50
 
 For each (sampler, steps) cell it draws `per-class` samples of every class (the same seeded noise for
