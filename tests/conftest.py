@@ -40,6 +40,20 @@ def save_tiny_autoencoder_kl(path) -> None:
     vae.save_pretrained(path)
 
 
+def save_tiny_autoencoder_tiny(path) -> None:
+    """A random-weight AutoencoderTiny (TAESD layout, RGB, 4 latent channels, downsampling 2) saved as a folder."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).save_pretrained(path)
+
+
 def save_tiny_bert(folder, words: list[str], max_positions: int) -> str:
     """A random-weight 1-layer BERT (16-d) whose WordPiece vocabulary is `words`, saved as a model folder."""
     from transformers import BertConfig, BertModel, BertTokenizer

@@ -1,5 +1,6 @@
 """Autoencoders, the latent cache, tar shards and latent training, with tiny random-weight diffusers VAEs."""
 
+import dataclasses
 import io
 import json
 import os
@@ -17,8 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_tiny_autoencoder_kl
-from ditkit.autoencoders import AutoencoderError, build_autoencoder, resolve_autoencoder
+from conftest import save_tiny_autoencoder_kl, save_tiny_autoencoder_tiny
+from ditkit import autoencoders
+from ditkit.autoencoders import (
+    AutoencoderError,
+    autoencoder_shape,
+    build_autoencoder,
+    read_autoencoder_config,
+    resolve_autoencoder,
+)
 from ditkit.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from ditkit.data import DataError, TarShardDataset, build_dataset
 from ditkit.data import cache as cache_module
@@ -151,6 +159,78 @@ def test_missing_autoencoder_error_names_it(tmp_path, where):
     with pytest.raises(AutoencoderError) as err:
         build_autoencoder(AutoencoderConfig(kind="kl", path=path))
     assert path in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def taesd_path(tmp_path_factory) -> Path:
+    """A tiny AutoencoderTiny (RGB, 4 latent channels, downsampling 2) saved like a hub folder."""
+    path = tmp_path_factory.mktemp("taesd") / "tiny-taesd"
+    save_tiny_autoencoder_tiny(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "folder", "found"), [("kl", "taesd", "AutoencoderTiny"), ("tiny", "kl", "AutoencoderKL")]
+)
+def test_autoencoder_kind_must_match_the_class_of_the_folder(kl_path, taesd_path, image_folder, kind, folder, found):
+    # diffusers builds either class from either folder (random weights where the names differ) and only logs it
+    path = str(taesd_path if folder == "taesd" else kl_path)
+    config = latent_config(path, image_folder)
+    config = dataclasses.replace(config, autoencoder=AutoencoderConfig(kind=kind, path=path))
+    for load in (autoencoder_shape, build_autoencoder, lambda ae: resolve_autoencoder(config)):
+        with pytest.raises(AutoencoderError) as err:
+            load(config.autoencoder)
+        message = str(err.value)
+        assert path in message and f"autoencoder.kind={kind!r}" in message and found in message
+        assert f"set autoencoder.kind={'tiny' if kind == 'kl' else 'kl'!r}" in message
+
+
+@pytest.mark.parametrize("case", ["weights", "class"])
+def test_weights_missing_from_the_folder_are_refused(kl_path, tmp_path, case):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "vae"
+    shutil.copytree(kl_path, path)
+    if case == "weights":  # a truncated or edited weight file: AutoencoderKL would initialise the rest at random
+        weights = load_file(path / "diffusion_pytorch_model.safetensors")
+        del weights["decoder.conv_out.bias"], weights["quant_conv.weight"]
+        save_file(weights, path / "diffusion_pytorch_model.safetensors")
+        kind, key = "kl", "decoder.conv_out.bias"
+    else:  # no _class_name to compare: the wrong class is caught by its weights
+        cfg = json.loads((path / "config.json").read_text())
+        del cfg["_class_name"]
+        (path / "config.json").write_text(json.dumps(cfg))
+        kind, key = "tiny", "decoder.layers"
+    with pytest.raises(AutoencoderError) as err:
+        build_autoencoder(AutoencoderConfig(kind=kind, path=str(path)))
+    assert str(path) in str(err.value) and key in str(err.value) and "random" in str(err.value)
+
+
+def test_config_json_without_keys_at_their_defaults_gets_diffusers_defaults(kl_path, tmp_path, monkeypatch):
+    path = tmp_path / "vae"
+    shutil.copytree(kl_path, path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["latent_channels"], cfg["in_channels"]  # diffusers' defaults: 4 and 3, what this model has
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert diffusers.AutoencoderKL.from_pretrained(path).config.latent_channels == 4
+    ae_config = AutoencoderConfig(kind="kl", path=str(path))
+    assert autoencoder_shape(ae_config) == (3, 4, 2)
+    assert build_autoencoder(ae_config).latent_channels == 4
+    monkeypatch.setattr(autoencoders, "_init_defaults", lambda kind: {})  # a class without a default for it
+    with pytest.raises(AutoencoderError) as err:
+        autoencoder_shape(ae_config)
+    assert str(path) in str(err.value) and "'in_channels'" in str(err.value)
+
+
+def test_autoencoder_path_under_the_home_folder(kl_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(kl_path, tmp_path / "vaes" / "kl")
+    ae_config = AutoencoderConfig(kind="kl", path="~/vaes/kl")
+    assert read_autoencoder_config(ae_config)["latent_channels"] == 4
+    ae = build_autoencoder(ae_config)
+    reference = build_autoencoder(AutoencoderConfig(kind="kl", path=str(kl_path)))
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(ae.encode_distribution(images).mean, reference.encode_distribution(images).mean)
 
 
 def test_cache_contents_equal_direct_encoding(kl_path, image_folder, tmp_path):

@@ -809,3 +809,115 @@ def test_encoder_width_without_get_text_config(tiny_bert):
     assert enc.width == 16
     enc._config = types.SimpleNamespace(text_config=types.SimpleNamespace(hidden_size=24), projection_dim=8)
     assert enc.width == 24  # a composite (CLIP-like) config: its text tower's
+
+
+def test_an_encoder_saved_in_fp16_runs_in_fp32(tiny_bert, tmp_path, monkeypatch):
+    # transformers >= 5 loads weights in their stored dtype unless told otherwise (dtype="auto")
+    import transformers
+
+    from ditkit import text
+    from ditkit.text import TextEncoder
+
+    half = transformers.BertModel.from_pretrained(tiny_bert).half()
+    for name, model in (("fp16", half), ("fp32", copy.deepcopy(half).float())):  # the same (rounded) weights
+        transformers.BertTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
+        model.save_pretrained(tmp_path / name)
+    enc16, enc32 = (TextEncoder(str(tmp_path / name), max_length=8) for name in ("fp16", "fp32"))
+    captions = ["a handwritten seven", "the bar"]
+    got, want = enc16.encode(captions), enc32.encode(captions)
+    assert {p.dtype for p in enc16.model.parameters()} == {torch.float32}
+    assert got.tokens.dtype == torch.float32
+    torch.testing.assert_close(got.tokens, want.tokens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.pooled, want.pooled, atol=1e-6, rtol=0)
+    monkeypatch.setattr(transformers, "__version__", "4.55.2")  # before `dtype` replaced `torch_dtype`
+    assert text._fp32(transformers) == {"torch_dtype": torch.float32}
+
+
+def test_max_length_beyond_the_encoders_positions_is_refused_at_load(tiny_bert, tmp_path):
+    import shutil
+
+    from ditkit.text import TextEncoder, TextEncoderError
+
+    folder = tmp_path / "enc16"
+    folder.mkdir()
+    save_tiny_bert(folder, WORDS, max_positions=16)
+    (folder / "model.safetensors").unlink()  # the check reads the config only: no weights needed
+    with pytest.raises(TextEncoderError) as err:
+        TextEncoder(str(folder), max_length=24)
+    assert "text.max_length=24" in str(err.value) and "at most 16 tokens" in str(err.value)
+    assert str(folder) in str(err.value)
+    assert TextEncoder(str(folder), max_length=16).max_length == 16
+    shutil.copytree(tiny_bert, tmp_path / "enc32")
+    assert TextEncoder(str(tmp_path / "enc32"), max_length=32).encode(["a bar"]).tokens.shape == (1, 32, 16)
+    # RoBERTa-like encoders number positions from padding_idx + 1: 18 table rows hold 16 tokens
+    from transformers import BertTokenizer, RobertaConfig
+
+    roberta = tmp_path / "roberta"
+    RobertaConfig(vocab_size=20, hidden_size=16, max_position_embeddings=18).save_pretrained(roberta)
+    BertTokenizer.from_pretrained(tiny_bert).save_pretrained(roberta)
+    assert TextEncoder(str(roberta), max_length=16).max_length == 16
+    with pytest.raises(TextEncoderError, match="text.max_length=17 .* at most 16 tokens"):
+        TextEncoder(str(roberta), max_length=17)
+
+
+def test_encoder_path_under_the_home_folder(tiny_bert, tmp_path, monkeypatch):
+    import shutil
+
+    from ditkit.text import TextEncoder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_bert, tmp_path / "models" / "enc")
+    enc = TextEncoder("~/models/enc", max_length=6)
+    direct = TextEncoder(tiny_bert, max_length=6)
+    assert enc.describe()["fingerprint"] == direct.describe()["fingerprint"]
+    assert torch.equal(enc.encode(["the digit seven"]).tokens, direct.encode(["the digit seven"]).tokens)
+
+
+def test_embedding_caches_sharing_a_file_keep_each_others_rows(tiny_bert, tmp_path):
+    from ditkit.text import TextEmbeddingCache, TextEncoder
+
+    path = tmp_path / "text.safetensors"
+    enc = TextEncoder(tiny_bert, max_length=6)
+    first, second = TextEmbeddingCache(path), TextEmbeddingCache(path)  # two runs, opened before either saved
+    assert first.update(enc, ["top", "bar"]) == 2
+    assert second.update(enc, ["the digit seven"]) == 1
+    assert first.update(enc, ["one"]) == 1  # and back: the first keeps the second's row too
+    captions = ["top", "bar", "the digit seven", "one"]
+    saved = TextEmbeddingCache(path)
+    assert sorted(saved.captions) == sorted(captions)
+    direct = enc.encode(captions)  # one batch, where the caches encoded three: equal up to float rounding
+    torch.testing.assert_close(saved.lookup(captions).tokens, direct.tokens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(saved.lookup(captions).pooled, direct.pooled, atol=1e-6, rtol=0)
+    # rows another encoder saved are not taken in (they are other embeddings)
+    other = tmp_path / "other.safetensors"
+    first, second = TextEmbeddingCache(other), TextEmbeddingCache(other)
+    first.update(TextEncoder(tiny_bert, max_length=4), ["top"])
+    second.update(enc, ["bar"])
+    assert TextEmbeddingCache(other).captions == ["bar"]
+
+
+def test_caption_files_with_a_byte_order_mark(tmp_path):
+    # Excel's "CSV UTF-8" and Notepad start their files with a UTF-8 byte-order mark
+    from ditkit.data.captions import read_caption_pairs
+
+    _write_png(tmp_path / "cat.png", 0)
+    (tmp_path / "list.csv").write_bytes("image,caption\ncat.png,a cat\n".encode("utf-8-sig"))
+    (tmp_path / "list.jsonl").write_bytes('{"image": "cat.png", "caption": "a cat"}\n'.encode("utf-8-sig"))
+    (tmp_path / "cat.txt").write_bytes("a cat\n".encode("utf-8-sig"))
+    for source in ("list.csv", "list.jsonl", ""):
+        assert read_caption_pairs(tmp_path / source) == [(tmp_path / "cat.png", "a cat")]
+
+
+def test_jsonl_records_split_at_newlines_only(tmp_path):
+    # json.dumps(..., ensure_ascii=False) writes U+2028 and U+0085 raw inside strings; splitlines() splits there
+    from ditkit.data import DataError
+    from ditkit.data.captions import read_caption_pairs
+
+    _write_png(tmp_path / "a.png", 0)
+    captions = ["a cat\u2028on a mat", "wait\x85 what\u2029", "form\x0cfeed\x1cfile"]
+    lines = [json.dumps({"image": "a.png", "caption": c}, ensure_ascii=False) for c in captions]
+    (tmp_path / "list.jsonl").write_text("\r\n".join(lines) + "\n", encoding="utf-8", newline="")
+    assert [c for _, c in read_caption_pairs(tmp_path / "list.jsonl")] == captions
+    (tmp_path / "bad.jsonl").write_text("\n".join([*lines, "{not json"]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl line 4: not valid JSON"):
+        read_caption_pairs(tmp_path / "bad.jsonl")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -125,17 +126,29 @@ class PixelSpace(Autoencoder):
         return raw
 
 
+_CLASS_NAMES = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny"}
+"""The diffusers class each autoencoder.kind loads, as a folder's config.json names it in `_class_name`."""
+
+
 def _diffusers_class(kind: str) -> type:
     try:
         import diffusers
     except ImportError as err:
         raise AutoencoderError(f"autoencoder.kind={kind!r} needs diffusers: pip install 'ditkit[diffusers]'") from err
-    return diffusers.AutoencoderKL if kind == "kl" else diffusers.AutoencoderTiny
+    return getattr(diffusers, _CLASS_NAMES[kind])
+
+
+def _source(config: AutoencoderConfig) -> str:
+    """autoencoder.path with `~` expanded, as diffusers is given it (a hub id stays as it is)."""
+    return os.path.expanduser(config.path)
+
+
+def _where(config: AutoencoderConfig) -> str:
+    return config.path + (f" (subfolder {config.subfolder!r})" if config.subfolder else "")
 
 
 def _load_error(config: AutoencoderConfig, err: Exception) -> AutoencoderError:
-    where = config.path + (f" (subfolder {config.subfolder!r})" if config.subfolder else "")
-    local = Path(config.path).expanduser()
+    local = Path(_source(config))
     if local.exists():
         hint = f"{local} exists but does not hold a diffusers {config.kind!r} autoencoder (config.json + weights)"
     else:
@@ -144,41 +157,73 @@ def _load_error(config: AutoencoderConfig, err: Exception) -> AutoencoderError:
             f"download it where there is internet (`hf download {config.path}`) and copy the cache, or point "
             "autoencoder.path at a local folder"
         )
-    return AutoencoderError(f"cannot load autoencoder.path={where}: {hint} ({type(err).__name__}: {err})")
+    return AutoencoderError(f"cannot load autoencoder.path={_where(config)}: {hint} ({type(err).__name__}: {err})")
 
 
 def read_autoencoder_config(config: AutoencoderConfig) -> dict:
-    """The diffusers config.json of a 'kl'/'tiny' autoencoder, without loading its weights."""
+    """The diffusers config.json of a 'kl'/'tiny' autoencoder, without loading its weights.
+
+    Its `_class_name`, when it has one, must be the class `config.kind` loads: diffusers builds any
+    class from any folder, with freshly initialised weights where the names differ, and only logs it.
+    """
     cls = _diffusers_class(config.kind)
     try:
-        return dict(cls.load_config(config.path, subfolder=config.subfolder))
+        cfg = dict(cls.load_config(_source(config), subfolder=config.subfolder))
     except (OSError, ValueError) as err:
         raise _load_error(config, err) from err
+    found = cfg.get("_class_name")
+    if found is not None and found != cls.__name__:
+        kinds = {name: kind for kind, name in _CLASS_NAMES.items()}
+        fix = (
+            f"set autoencoder.kind={kinds[found]!r}"
+            if found in kinds
+            else "ditkit loads AutoencoderKL (kind 'kl') and AutoencoderTiny (kind 'tiny') only"
+        )
+        raise AutoencoderError(
+            f"autoencoder.path={_where(config)} holds a diffusers {found} but autoencoder.kind={config.kind!r} "
+            f"loads an {cls.__name__}: {fix}"
+        )
+    return cfg
 
 
-def _default_scaling(kind: str) -> float:
-    """The scaling_factor diffusers' autoencoder class takes when its config.json names none."""
+def _init_defaults(kind: str) -> dict[str, object]:
+    """The keyword defaults of the diffusers class's __init__: what diffusers itself takes for the keys
+    a config.json leaves out (one written before diffusers added them, or by hand)."""
     init = inspect.signature(_diffusers_class(kind).__init__)
-    return float(init.parameters["scaling_factor"].default)
+    return {name: p.default for name, p in init.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def _shape_from_diffusers(kind: str, cfg: dict) -> tuple[int, int, int, float, float | None]:
-    """(image channels, latent channels, downsampling factor, scaling_factor, shift_factor) of a config."""
-    blocks = cfg["block_out_channels"] if kind == "kl" else cfg["encoder_block_out_channels"]
+def _shape_from_diffusers(kind: str, cfg: dict, where: str) -> tuple[int, int, int, float, float | None]:
+    """(image channels, latent channels, downsampling factor, scaling_factor, shift_factor) of a config.
+
+    Keys the config leaves out take the class's defaults, as when diffusers loads the model: e.g. a
+    config.json without scaling_factor gets 0.18215 for AutoencoderKL, 1.0 for the tiny one.
+    """
+    cfg = {**_init_defaults(kind), **cfg}
+
+    def value(key: str) -> object:
+        if key not in cfg:
+            raise AutoencoderError(
+                f"{where}: its config.json has no {key!r} and diffusers' {_CLASS_NAMES[kind]} has no default for it"
+            )
+        return cfg[key]
+
+    blocks = value("block_out_channels" if kind == "kl" else "encoder_block_out_channels")
     return (
-        int(cfg.get("in_channels", 3)),
-        int(cfg["latent_channels"]),
+        int(value("in_channels")),
+        int(value("latent_channels")),
         2 ** (len(blocks) - 1),
-        # A config.json without the key (written before diffusers added it) gets the class's default, as
-        # diffusers itself does when it loads the model: 0.18215 for AutoencoderKL, 1.0 for the tiny one.
-        float(cfg["scaling_factor"] if "scaling_factor" in cfg else _default_scaling(kind)),
+        float(value("scaling_factor")),
         cfg.get("shift_factor"),
     )
 
 
 def autoencoder_shape(config: AutoencoderConfig) -> tuple[int, int, int]:
     """(image channels, latent channels, downsampling factor) from a 'kl'/'tiny' autoencoder's config.json."""
-    image_channels, channels, factor, _, _ = _shape_from_diffusers(config.kind, read_autoencoder_config(config))
+    cfg = read_autoencoder_config(config)
+    image_channels, channels, factor, _, _ = _shape_from_diffusers(
+        config.kind, cfg, f"autoencoder.path={_where(config)}"
+    )
     return image_channels, channels, factor
 
 
@@ -192,7 +237,10 @@ def resolve_autoencoder(config: Config) -> Config:
     ae = config.autoencoder
     if ae.kind == "pixel":
         return config
-    image_channels, channels, factor, scaling, shifting = _shape_from_diffusers(ae.kind, read_autoencoder_config(ae))
+    cfg = read_autoencoder_config(ae)
+    image_channels, channels, factor, scaling, shifting = _shape_from_diffusers(
+        ae.kind, cfg, f"autoencoder.path={_where(ae)}"
+    )
     if image_channels != config.data.channels:
         raise AutoencoderError(
             f"autoencoder.path={ae.path} takes {image_channels}-channel images but data.channels={config.data.channels}"
@@ -212,7 +260,9 @@ class DiffusersAutoencoder(Autoencoder):
 
     def __init__(self, config: AutoencoderConfig, module: nn.Module) -> None:
         kind = "kl" if config.kind == "kl" else "tiny"
-        _, channels, factor, scaling, shifting = _shape_from_diffusers(kind, dict(module.config))
+        _, channels, factor, scaling, shifting = _shape_from_diffusers(
+            kind, dict(module.config), f"autoencoder.path={_where(config)}"
+        )
         if config.scale is None:
             config = dataclasses.replace(config, scale=scaling)
         if config.shift is None:
@@ -244,10 +294,21 @@ def build_autoencoder(
             raise ValueError("a pixel-space autoencoder needs image_channels")
         return PixelSpace(ae_config, image_channels).to(device)
     cls = _diffusers_class(ae_config.kind)
+    read_autoencoder_config(ae_config)  # refuses a folder of another class before building one
     try:
-        module = cls.from_pretrained(ae_config.path, subfolder=ae_config.subfolder, low_cpu_mem_usage=False)
+        module, info = cls.from_pretrained(
+            _source(ae_config), subfolder=ae_config.subfolder, low_cpu_mem_usage=False, output_loading_info=True
+        )
     except (OSError, ValueError) as err:
         raise _load_error(ae_config, err) from err
+    # diffusers initialises parameters the weight files lack at random and only logs it.
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise AutoencoderError(
+            f"autoencoder.path={_where(ae_config)}: its weight files lack {len(missing)} of the {cls.__name__}'s "
+            f"parameters (e.g. {', '.join(missing[:3])}), which would be random; expected weights that match its "
+            "config.json (a complete diffusers autoencoder folder)"
+        )
     ae = DiffusersAutoencoder(ae_config, module)
     for name in ("latent_channels", "downsample"):
         want = getattr(ae_config, name)

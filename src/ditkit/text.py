@@ -44,6 +44,23 @@ _HASH_LIMIT = 1 << 30
 """Files up to 1 GiB are hashed by contents (MiniLM's 87 MiB: ~0.1 s); larger ones by size and mtime_ns."""
 
 
+def _fp32(transformers) -> dict[str, torch.dtype]:
+    """The from_pretrained keyword that loads weights in fp32 whatever dtype they were saved in.
+
+    transformers >= 5 loads a checkpoint in its stored dtype unless told otherwise (an fp16-saved encoder
+    would give fp16 embeddings); the keyword is `dtype` from 4.56 on, `torch_dtype` before.
+    """
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: torch.float32}
+
+
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "mpnet": 2}
+"""Position-table rows these model types reserve below the first token (their positions start after
+the padding index), so their longest input is max_position_embeddings minus this."""
+
+
 class TextEncoderError(ConfigError):
     """A text encoder or text-embedding cache cannot be loaded; the message says what to install or fix."""
 
@@ -101,7 +118,8 @@ class TextEncoder:
             import transformers
         except ImportError as err:
             raise TextEncoderError("text encoders need transformers: pip install 'ditkit[text]'") from err
-        self.path = path or default_encoder_path()
+        # `~` is expanded here: transformers would take "~/enc" for a hub id.
+        self.path = os.path.expanduser(path or default_encoder_path())
         local = Path(self.path)
         looks_local = local.is_absolute() or self.path.startswith((".", "~")) or local.exists()
         if looks_local and not (local / "config.json").is_file():
@@ -123,8 +141,29 @@ class TextEncoder:
             raise TextEncoderError(f"text.pooling={pooling!r} is not one of 'auto', 'mean', 'pooler', 'first'")
         self.pooling = pooling
         self.max_length = max_length
+        self._check_max_length()
         self.device = torch.device(device)
         self._fingerprint: str | None = None  # computed on first describe(): sampling never needs it
+
+    def _text_config(self):
+        """The config of the text tower (CLIP's, mllama's) or of the whole model."""
+        config = self._config
+        if hasattr(config, "get_text_config"):
+            return config.get_text_config()
+        return getattr(config, "text_config", config)  # transformers < 4.45
+
+    def _check_max_length(self) -> None:
+        """Refuse a max_length longer than the encoder's position table (from its config, no weights)."""
+        config = self._text_config()
+        positions = getattr(config, "max_position_embeddings", None)  # None: T5's relative positions
+        if not isinstance(positions, int):
+            return
+        limit = positions - _POSITION_OFFSET.get(self.model_type, 0)
+        if self.max_length > limit:
+            raise TextEncoderError(
+                f"text.max_length={self.max_length} but the encoder text.encoder={self.path} takes at most "
+                f"{limit} tokens (max_position_embeddings in its config.json); set text.max_length <= {limit}"
+            )
 
     def _load_error(self, err: Exception) -> TextEncoderError:
         return TextEncoderError(
@@ -141,14 +180,15 @@ class TextEncoder:
         if self._model is None:
             import transformers
 
+            fp32 = _fp32(transformers)  # the embeddings are fp32 (docs/text.md), whatever the files hold
             try:
                 if self.model_type == "clip":  # a whole CLIP folder: its text tower only
-                    model = transformers.CLIPTextModel.from_pretrained(self.path)
+                    model = transformers.CLIPTextModel.from_pretrained(self.path, **fp32)
                 else:
                     try:
-                        model = transformers.AutoModelForTextEncoding.from_pretrained(self.path)
+                        model = transformers.AutoModelForTextEncoding.from_pretrained(self.path, **fp32)
                     except ValueError:  # a model type without a text-encoding head: its base model
-                        model = transformers.AutoModel.from_pretrained(self.path)
+                        model = transformers.AutoModel.from_pretrained(self.path, **fp32)
             except (OSError, ValueError, SafetensorError) as err:  # missing or corrupt weights
                 raise self._load_error(err) from err
             self._model = model.to(self.device).eval().requires_grad_(False)
@@ -172,11 +212,7 @@ class TextEncoder:
     @property
     def width(self) -> int:
         """Embedding width E (what model.text_dim must be), from the model's config (no weights loaded)."""
-        config = self._config
-        if hasattr(config, "get_text_config"):  # a composite model's (CLIP's, mllama's) text tower
-            config = config.get_text_config()
-        else:  # transformers < 4.45
-            config = getattr(config, "text_config", config)
+        config = self._text_config()
         width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
         if not isinstance(width, int):
             raise TextEncoderError(
@@ -277,9 +313,19 @@ class TextEmbeddingCache:
         self.captions: list[str] = []
         self.encoder_info: dict[str, object] | None = None
         self.table: TextCond | None = None
+        self._stamp: tuple[int, int, int] | None = None  # the file as last read or written (see `_stamp_of`)
         self._remove_stale_temporaries()
         if self.path.exists():
             self._read()
+
+    def _stamp_of(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime_ns) of the file, None if there is none: every save is a new file (written
+        aside and renamed over it), so another process's save changes the inode even within one mtime tick."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def _temporary(self) -> Path:
         """This process's temporary file for a save (see `_write`)."""
@@ -316,6 +362,12 @@ class TextEmbeddingCache:
             log.info("removed %s, left by a run killed while saving the text-embedding cache", self.path.parent / name)
 
     def _read(self) -> None:
+        stamp = self._stamp_of()
+        self.captions, self.encoder_info, self.table = self._load()
+        self._stamp = stamp
+
+    def _load(self) -> tuple[list[str], dict[str, object], TextCond]:
+        """(captions, encoder description, embeddings) of the file."""
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -339,7 +391,7 @@ class TextEmbeddingCache:
             ) from err
         except OSError as err:
             raise TextEncoderError(f"text-embedding cache {self.path} is unreadable: {err}") from err
-        self.captions, self.encoder_info, self.table = captions, encoder_info, table
+        return captions, encoder_info, table
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -360,8 +412,26 @@ class TextEmbeddingCache:
         self.table = new if self.table is None else TextCond.cat([self.table, new])
         self.captions = self.captions + missing
         self.encoder_info = encoder.describe()
+        self._merge_saved_rows()
         self._write()
         return len(missing)
+
+    def _merge_saved_rows(self) -> None:
+        """Take in the rows another writer saved since this object read the file (another run or rank
+        sharing text.cache), so that this save does not drop them; rows of another encoder stay out.
+
+        Two saves at the same instant can still lose one's new rows (there is no lock): the next run
+        encodes them again.
+        """
+        if self._stamp_of() in (None, self._stamp):
+            return
+        captions, encoder_info, table = self._load()
+        known = set(self.captions)
+        extra = [i for i, c in enumerate(captions) if c not in known]
+        if not extra or self._other_encoder(encoder_info, self.encoder_info):
+            return
+        self.table = TextCond.cat([self.table, table[torch.tensor(extra, dtype=torch.long)]])
+        self.captions = self.captions + [captions[i] for i in extra]
 
     def _made_by(self, current: dict[str, object]) -> bool:
         """Whether the cached embeddings came from the encoder `current` describes (logs why not)."""
@@ -375,10 +445,7 @@ class TextEmbeddingCache:
                 current["encoder"],
             )
             return False
-        # The path is left out: the same files under another name (./enc, a moved folder) are the same encoder.
-        changed = sorted(
-            k for k in current.keys() | stored.keys() if k != "encoder" and stored.get(k) != current.get(k)
-        )
+        changed = self._other_encoder(stored, current)
         if changed:
             log.info(
                 "text-embedding cache %s was made by another encoder (%s: %s, now %s): re-encoding all %d captions",
@@ -389,6 +456,12 @@ class TextEmbeddingCache:
                 len(self.captions),
             )
         return not changed
+
+    @staticmethod
+    def _other_encoder(stored: dict[str, object], current: dict[str, object]) -> list[str]:
+        """The keys in which two encoder descriptions differ (none: the same embeddings)."""
+        # The path is left out: the same files under another name (./enc, a moved folder) are the same encoder.
+        return sorted(k for k in current.keys() | stored.keys() if k != "encoder" and stored.get(k) != current.get(k))
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -408,7 +481,9 @@ class TextEmbeddingCache:
             "encoder": json.dumps(self.encoder_info),
         }
         save_file(tensors, str(tmp), metadata=meta)
+        stat = tmp.stat()  # the rename keeps inode, size and mtime: the stamp of the file this save makes
         tmp.replace(self.path)
+        self._stamp = stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def lookup(self, captions: Sequence[str]) -> TextCond:
         """The cached embeddings of these captions, in order; every caption must be cached."""

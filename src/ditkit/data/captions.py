@@ -22,6 +22,9 @@ __all__ = ["CaptionedImageDataset", "TensorCaptionDataset", "item_caption", "rea
 
 _IMAGE_KEYS = ("image", "file_name", "path")
 _CAPTION_KEYS = ("caption", "text")
+_ENCODING = "utf-8-sig"
+"""UTF-8 that drops a leading byte-order mark (Excel's "CSV UTF-8" and Notepad write one), which would
+otherwise become part of the first CSV header ('\ufeffimage') or of a caption."""
 
 
 def item_caption(dataset: Dataset, index: int) -> str:
@@ -54,7 +57,7 @@ def read_caption_pairs(root: str | Path) -> list[tuple[Path, str]]:
             text = path.with_suffix(".txt")
             if not text.is_file():
                 raise DataError(f"{path} has no caption file {text.name} beside it")
-            pairs.append((path, text.read_text(encoding="utf-8").strip()))
+            pairs.append((path, text.read_text(encoding=_ENCODING).strip()))
         if not pairs:
             raise DataError(f"captioned folder {root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
         return pairs
@@ -62,10 +65,12 @@ def read_caption_pairs(root: str | Path) -> list[tuple[Path, str]]:
         raise DataError(f"data.root={root}: no such captioned folder, .csv or .jsonl file")
     rows: list[tuple[str, dict]] = []
     if root.suffix.lower() == ".csv":
-        with open(root, newline="", encoding="utf-8") as f:
+        with open(root, newline="", encoding=_ENCODING) as f:
             rows = [(f"{root} row {i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
     elif root.suffix.lower() == ".jsonl":
-        for i, line in enumerate(root.read_text(encoding="utf-8").splitlines()):
+        # One record per "\n": str.splitlines() would also split at U+2028, U+0085 and the like, which JSON
+        # writes raw inside strings (json.dumps(..., ensure_ascii=False)). Text mode turns \r\n into \n.
+        for i, line in enumerate(root.read_text(encoding=_ENCODING).split("\n")):
             if not line.strip():
                 continue
             try:
