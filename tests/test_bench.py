@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import off_identity_init_
-from ditkit.config import Config, DataConfig, ModelConfig, SampleConfig
-from ditkit.models import DiT
+from ditkit.config import MODEL_PRESETS, Config, DataConfig, ModelConfig, SampleConfig
+from ditkit.models import DiT, count_macs
 from ditkit.models.feature_cache import feature_cache
 from ditkit.sampling import generate
 
@@ -36,7 +36,19 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
         if sys.platform != "win32":  # POSIX reports page faults (Python's `resource`)
             faults = run["page_fault_mib_per_iteration"]
             assert set(faults) == {"ditkit", "diffusers"} and all(v >= 0 for v in faults.values())
-    assert results["gmacs_per_forward"] > 0
+    # The rates follow the documented arithmetic from the stored seconds: FLOPs = 2 x count_macs per image
+    # and forward, x3 for a training step (forward + backward), x2 per guided sampling step (cond + uncond).
+    macs = count_macs(ModelConfig(input_size=8, in_channels=results["settings"]["in_channels"], num_classes=10,
+                                  **MODEL_PRESETS["DiT-S/8"]))  # fmt: skip
+    assert results["gmacs_per_forward"] == pytest.approx(macs / 1e9, rel=1e-12) and macs > 0
+    batch, steps = 2, 2  # --batch, --steps above
+    for run in results["runs"]:
+        flops = 6 * macs * batch if run["kind"] == "train" else 4 * macs * batch * steps
+        gemm = results["gemm_gflops"][run["precision"]]
+        for name, seconds in run["seconds"].items():
+            assert run["img_per_s"][name] == pytest.approx(batch / seconds, rel=1e-12)
+            assert run["gflops"][name] == pytest.approx(flops / seconds / 1e9, rel=1e-12), (run["kind"], name)
+            assert run["fraction_of_gemm"][name] == pytest.approx(run["gflops"][name] / gemm, rel=1e-12)
     assert results["fused_kernels"] is False and results["gelu_epilogue"] is False  # CUDA only
     assert isinstance(results["allocator_env"], dict)
     assert "ditkit/diffusers" in capsys.readouterr().out
@@ -205,6 +217,21 @@ def test_feature_cache_interval_one_is_exact_and_sampling_runs_fewer_block_passe
     assert len(calls) == 2  # 6 denoiser calls, blocks run on calls 0 and 3
     assert cached.shape == plain.shape and torch.isfinite(cached).all()
     assert (cached - plain).abs().mean() < 0.5
+
+
+@torch.no_grad()
+def test_feature_cache_interval_must_be_a_positive_integer():
+    """2.5 was accepted and refreshed only on the calls divisible by it: every 5th one."""
+    model = _model()
+    config = Config(model=model.config, data=DataConfig(image_size=8, channels=1))
+    blocks = model.blocks
+    for bad in (2.5, 0, -2, True):
+        with pytest.raises(ValueError, match=rf"feature cache interval must be an integer >= 1 .*got {bad!r}$"):
+            with feature_cache(model, bad):
+                pass
+        with pytest.raises(ValueError, match=rf"got {bad!r}$"):
+            generate(model, config, [0, 1], steps=2, feature_cache_interval=bad)
+    assert model.blocks is blocks
 
 
 def test_saved_bytes_count_each_activation_once_and_no_parameters():

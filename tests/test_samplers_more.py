@@ -443,3 +443,20 @@ def test_explicit_sampling_grids_are_checked(times, message):
     assert torch.equal(
         sampling_grid(process, torch.tensor([999.0, 400.0, -1.0]), "cpu"), torch.tensor([999.0, 400.0, -1.0])
     )
+
+
+def test_generate_refuses_a_batch_size_below_one_before_calling_the_model(tiny_model):
+    """batch_size=-1 returned the clamped starting noise as images without one model call; 0 failed with
+    range()'s unnamed 'arg 3 must not be zero'."""
+    model, config = tiny_model
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for bad in (-1, 0, 2.5, True):
+            with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1 .*got {bad!r}$"):
+                generate(model, config, [0, 1, 2], steps=2, batch_size=bad)
+        assert calls == []
+        assert generate(model, config, [0, 1, 2], steps=2, batch_size=2).shape == (3, 1, 8, 8)
+        assert len(calls) == 2 * 2  # 2 batches (2 + 1 images), 2 steps each
+    finally:
+        handle.remove()

@@ -15,12 +15,17 @@ Test-only instruments (patched in here, not in the library):
                    a fake clock for train.max_minutes: it starts at 0 and each loss call of rank r
                    advances it by S_r seconds; RUN_DIR/all_sums-RANK receives how many all_sum
                    collectives (loss, non-finite and budget agreement) the rank ran.
+--count-grad-syncs
+                   RUN_DIR/grad_syncs-RANK receives a JSON list, per optimizer step, of the gradient
+                   reductions the rank ran since the previous step: DDP's bucket all-reduces (counted by a
+                   comm hook) or FSDP2's reduce-scatters (one per sharded module and backward pass).
 """
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import os
 import sys
 import time
@@ -42,6 +47,7 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--pause-at-step", type=int)
     parser.add_argument("--nan-calls", type=int, default=0)
     parser.add_argument("--step-seconds")
+    parser.add_argument("--count-grad-syncs", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     base = config_to_dict(make_tiny_config(args.out_dir))
@@ -50,10 +56,13 @@ def run(argv: list[str]) -> None:
     real_clock, real_all_sum, now, all_sums = train_mod._clock, train_mod.all_sum, [0.0], [0]
     rank = dist.get_rank() if dist.is_initialized() else 0
     step_seconds = [float(s) for s in args.step_seconds.split(",")][rank] if args.step_seconds else None
+    real_wrap, real_reduce_scatter, syncs, per_step = train_mod.wrap_model, dist.reduce_scatter_single, [0], []
 
     def update_ema(*a, **k):
         real_ema(*a, **k)
         calls["ema"] += 1
+        per_step.append(syncs[0])
+        syncs[0] = 0
         if calls["ema"] == args.pause_at_step:
             rank = dist.get_rank() if dist.is_initialized() else 0
             Path(args.out_dir, f"paused-{rank}.tmp").write_text(str(os.getpid()))
@@ -72,14 +81,35 @@ def run(argv: list[str]) -> None:
         all_sums[0] += 1
         return real_all_sum(*a, **k)
 
+    def wrap_model(model, env, parallel):
+        wrapped = real_wrap(model, env, parallel)
+        if hasattr(wrapped, "register_comm_hook"):  # DDP: every bucket's all-reduce passes through the hook
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(state, bucket):
+                syncs[0] += 1
+                return allreduce_hook(state, bucket)
+
+            wrapped.register_comm_hook(None, hook)
+        return wrapped
+
+    def reduce_scatter_single(*a, **k):  # FSDP2's gradient reduction (looked up on torch.distributed per call)
+        syncs[0] += 1
+        return real_reduce_scatter(*a, **k)
+
     train_mod.update_ema, train_mod.diffusion_loss = update_ema, diffusion_loss
     if step_seconds is not None:
         train_mod._clock, train_mod.all_sum = (lambda: now[0]), all_sum
+    if args.count_grad_syncs:
+        train_mod.wrap_model, dist.reduce_scatter_single = wrap_model, reduce_scatter_single
     try:
         train_mod.train(config, resume=args.resume, progress=False, dataset=make_tiny_dataset(20))
     finally:
         train_mod.update_ema, train_mod.diffusion_loss = real_ema, real_loss
         train_mod._clock, train_mod.all_sum = real_clock, real_all_sum
+        train_mod.wrap_model, dist.reduce_scatter_single = real_wrap, real_reduce_scatter
+        if args.count_grad_syncs:
+            Path(args.out_dir, f"grad_syncs-{rank}").write_text(json.dumps(per_step))
         if step_seconds is not None:
             Path(args.out_dir, f"all_sums-{rank}").write_text(str(all_sums[0]))
 

@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "DistEnv",
+    "choose_device",
     "init_distributed",
     "resolve_device",
     "shutdown_distributed",
@@ -91,28 +92,55 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def choose_device(name: str, world_size: int, local_rank: int) -> torch.device:
+    """The device of this process for train.device=`name`, checked by `resolve_device` in every case.
+
+    A single process takes that device (a bare 'cuda' becomes the current GPU: set_device needs an
+    index). Under torchrun (`world_size` > 1) a rank runs on the CPU, or on the GPU numbered
+    `local_rank` (LOCAL_RANK), which must exist; other device types have no tested backend here and
+    are refused, instead of training on the CPU over gloo as they once did without a word.
+    """
+    device = resolve_device(name)
+    if world_size == 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.device={name!r}: {device.type} devices are not supported under torchrun "
+            f"(WORLD_SIZE={world_size}); use 'cpu' or 'cuda'"
+        )
+    if device.index is not None:
+        raise ValueError(
+            f"train.device={name!r} names one GPU, but under torchrun each rank takes the GPU numbered "
+            f"by its LOCAL_RANK; use 'cuda' or 'auto'"
+        )
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} has no GPU of its own: this machine has {count} CUDA GPU(s) (cuda:0 to "
+            f"cuda:{count - 1}), and each rank takes the GPU numbered by its LOCAL_RANK; start at most {count} "
+            f"processes per node (torchrun --nproc-per-node) or train on 'cpu'"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(device_name: str = "auto") -> DistEnv:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any.
 
     Without WORLD_SIZE this is a plain single process. Under torchrun each rank takes the GPU
-    numbered LOCAL_RANK with NCCL, or the CPU with gloo. A process group that is already initialised
-    is reused (and left for its owner to destroy).
+    numbered LOCAL_RANK with NCCL, or the CPU with gloo (`choose_device`). A process group that is
+    already initialised is reused (and left for its owner to destroy).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
-    if world_size > 1 and use_cuda:
-        device = torch.device("cuda", local_rank)  # torchrun: one GPU per local rank
-    elif world_size > 1:
-        device = torch.device("cpu")
-    else:
-        device = resolve_device(device_name)
-        if device.type == "cuda" and device.index is None:  # set_device needs an index: the current GPU
-            device = torch.device("cuda", torch.cuda.current_device())
+    device = choose_device(device_name, world_size, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, world_size, local_rank, device)

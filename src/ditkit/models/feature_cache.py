@@ -16,6 +16,7 @@ context: one sampling run per context.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -61,8 +62,9 @@ def feature_cache(model: nn.Module, interval: int) -> Iterator[_Clock]:
     Yields a counter with `computed` and `reused` pass counts. At interval 1 the model is left as it
     is and nothing counts its passes: both stay 0.
     """
-    if interval < 1:
-        raise ValueError(f"feature cache interval must be >= 1, got {interval}")
+    # A fraction was accepted and refreshed on the calls divisible by it: every 5th one for 2.5.
+    if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
+        raise ValueError(f"feature cache interval must be an integer >= 1 (1: no caching), got {interval!r}")
     clock = _Clock(interval)
     if interval == 1:
         yield clock
