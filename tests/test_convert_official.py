@@ -76,6 +76,31 @@ def test_training_checkpoint_with_args_namespace_loads_its_ema(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
 
 
+def test_weights_model_takes_a_training_checkpoints_raw_weights(tmp_path, monkeypatch):
+    """`--weights model` (load_model's `which`) reaches an official training checkpoint: its 'model'
+    entry, not the EMA; a released file (one plain state dict) is that one set either way."""
+    import ditkit.convert.official as official
+    from ditkit.train import load_model
+
+    real = official.from_official  # the tiny model is no paper preset: its head count is given
+    monkeypatch.setattr(official, "from_official", lambda path, **kw: real(path, num_heads=4, **kw))
+    ema, raw = paper_model(seed=1), paper_model(seed=2)
+    ckpt = {"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": argparse.Namespace(lr=1e-4)}
+    torch.save(ckpt, tmp_path / "0100000.pt")
+    for which, expected in (("ema", ema), ("model", raw)):
+        model, _ = load_model(tmp_path / "0100000.pt", which)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
+    with pytest.raises(ValueError, match="--weights must be 'ema' or 'model', got 'bogus'"):
+        load_model(tmp_path / "0100000.pt", "bogus")
+    torch.save({"ema": ema.state_dict()}, tmp_path / "ema_only.pt")
+    with pytest.raises(OfficialFormatError, match=r"ema_only.pt: a training checkpoint without 'model' weights"):
+        load_model(tmp_path / "ema_only.pt", "model")
+    torch.save(raw.state_dict(), tmp_path / "release.pt")
+    for which in ("ema", "model"):
+        model, _ = load_model(tmp_path / "release.pt", which)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in raw.state_dict().items())
+
+
 class NotWeights:
     pass
 

@@ -907,11 +907,14 @@ def init_from_checkpoint(model: DiT, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[DiT, Config]:
-    """A DiT and its Config from a checkpoint (or run) folder, or an official DiT .pt file, in eval mode."""
+    """A DiT and its Config from a checkpoint (or run) folder, or an official DiT .pt file, in eval mode;
+    `which`: the 'ema' or the raw 'model' weights (an official release file holds one set, taken either way)."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"--weights must be 'ema' or 'model', got {which!r}")
     if Path(path).suffix in (".pt", ".pth") and Path(path).is_file():
         from .convert.official import from_official
 
-        model, config = from_official(path)
+        model, config = from_official(path, which=which)
         return model.to(device), config
     path = resolve_checkpoint(path)
     config = load_config_from_checkpoint(path)

@@ -54,8 +54,11 @@ class OfficialFormatError(ConfigError):
     """A file is not an official-format DiT state dict; the message names the file and the problem."""
 
 
-def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of an official DiT .pt file (a plain state dict, or a training checkpoint's 'ema')."""
+def load_official_state_dict(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """Tensors of an official DiT .pt file: a plain state dict (the released files, one set of weights, which
+    is taken whatever `which` says), or a training checkpoint's `which` ('ema' or 'model') entry."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     path = Path(path)
     if not path.is_file():
         raise OfficialFormatError(f"{path} does not exist")
@@ -66,8 +69,12 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: not a PyTorch file of plain tensors ({load_failure_reason(err)}); ditkit reads .pt files "
             "with torch.load(weights_only=True) only, so it never runs code pickled in them"
         ) from err
-    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
-        obj = obj["ema"]
+    if isinstance(obj, dict) and any(isinstance(obj.get(key), dict) for key in ("ema", "model")):
+        # A training checkpoint of the official code: {'model', 'ema', 'opt', 'args'}.
+        if not isinstance(obj.get(which), dict):
+            held = " and ".join(repr(k) for k in ("ema", "model") if isinstance(obj.get(k), dict))
+            raise OfficialFormatError(f"{path}: a training checkpoint without {which!r} weights (it holds {held})")
+        obj = obj[which]
     if isinstance(obj, dict):
         # A model saved while wrapped in DistributedDataParallel names every tensor 'module.<name>';
         # strip that before looking for the DiT's tensors, or such files are refused as not-a-DiT.
@@ -147,10 +154,12 @@ def official_config(model: ModelConfig, vae: str | None = None) -> Config:
     )
 
 
-def from_official(path: str | Path, *, num_heads: int | None = None, vae: str | None = None) -> tuple[DiT, Config]:
+def from_official(
+    path: str | Path, *, num_heads: int | None = None, vae: str | None = None, which: str = "ema"
+) -> tuple[DiT, Config]:
     """A ditkit DiT (eval mode) and its Config from an official DiT .pt file (`official_config` says which
-    space it works in; `vae` names its autoencoder)."""
-    state = load_official_state_dict(path)
+    space it works in; `vae` names its autoencoder; `which`: a training checkpoint's 'ema' or 'model')."""
+    state = load_official_state_dict(path, which)
     try:
         model_config = official_model_config(state, num_heads)
         config = official_config(model_config, vae)
