@@ -170,6 +170,13 @@ def test_demo_smoke(tmp_path):
     again = run_demo(tmp_path / "demo", smoke=True, progress=False)
     assert again["train_steps"] == 6 and again["conditional_accuracy"] == metrics["conditional_accuracy"]
     assert len(stamps) > 1 and {path: path.stat().st_mtime_ns for path in kept} == stamps
+    # The finished run's final loss comes back from its checkpoint (it was NaN, written as bare NaN: not JSON).
+    assert again["final_loss"] == metrics["final_loss"] and np.isfinite(metrics["final_loss"])
+
+    def not_json(constant):
+        raise ValueError(f"metrics.json holds {constant}, which is not JSON")
+
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text(), parse_constant=not_json) == again
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")))

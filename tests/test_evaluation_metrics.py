@@ -232,3 +232,31 @@ def test_the_same_seed_trains_the_same_judge_whatever_the_global_random_state():
         torch.manual_seed(state)
         assert torch.equal(after, torch.rand(1))  # the caller's generator as it was
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_saved_classifier_loads_and_a_damaged_one_is_named(tmp_path):
+    """save -> load gives the same network; a damaged classifier.json or weights that do not fit it are
+    CheckpointErrors naming the file (the demo reuses a folder whose classifier.json exists)."""
+    import json
+
+    from ditkit.checkpoint import CheckpointError
+    from ditkit.evaluation.classifier import ClassifierResult, load_classifier, save_classifier
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    torch.manual_seed(0)
+    model = DigitClassifier(ClassifierConfig(width=4)).eval()
+    folder = save_classifier(ClassifierResult(model, 0.75), tmp_path / "judge")
+    assert sorted(p.name for p in folder.iterdir()) == ["classifier.json", "model.safetensors"]  # no .tmp left
+    loaded = load_classifier(folder)
+    x = torch.randn(2, 1, 28, 28)
+    assert loaded.holdout_accuracy == 0.75 and torch.equal(loaded.model(x), model(x))
+    meta = folder / "classifier.json"
+    text = meta.read_text()
+    meta.write_text("")
+    with pytest.raises(CheckpointError, match=r"classifier\.json: not a readable classifier description"):
+        load_classifier(folder)
+    wider = json.loads(text)
+    wider["config"]["width"] = 8
+    meta.write_text(json.dumps(wider))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not hold the weights classifier\.json"):
+        load_classifier(folder)

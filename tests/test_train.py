@@ -698,6 +698,20 @@ def test_saving_a_checkpoint_onto_a_file_is_refused(tmp_path, tiny_config):
     assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
+def test_saving_a_checkpoint_into_a_folder_of_other_files_is_refused(tmp_path, tiny_config):
+    """An older checkpoint of the same name is replaced; a folder holding anything else is the user's."""
+    model = build_model(tiny_config, seed=0)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis_figures.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"mine: the folder holds files that are not a checkpoint's "):
+        save_checkpoint(folder, config=tiny_config, model=model, ema=model)
+    assert [p.name for p in folder.iterdir()] == ["thesis_figures.txt"] and len(list(tmp_path.iterdir())) == 1
+    ckpt = save_checkpoint(tmp_path / "ckpt", config=tiny_config, model=model, ema=model, state={"step": 1})
+    save_checkpoint(ckpt, config=tiny_config, model=model, ema=model, state={"step": 2})  # replaced
+    assert ckpt_mod.load_state(ckpt)["step"] == 2
+
+
 def test_update_ema_averages_parameters_and_copies_buffers():
     """decay 0.9, not 0.5: at 0.5 the weights of the average and of the model are equal, so swapping
     them (ema <- 0.1 ema + 0.9 model) would pass unseen."""

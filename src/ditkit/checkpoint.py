@@ -54,6 +54,8 @@ _OLD_DIR = re.compile(r"^\.(.+)\.old-\d+$")  # a checkpoint set aside by an inte
 _OLD_STEP_DIR = re.compile(r"^\.(step_(\d+))\.old-\d+$")
 log = logging.getLogger(__name__)
 REQUIRED_FILES = ("config.json", "model.safetensors", "ema.safetensors")
+CHECKPOINT_FILES = (*REQUIRED_FILES, "state.pt")
+"""Everything `save_checkpoint` writes into a checkpoint folder."""
 
 
 class CheckpointError(ValueError):
@@ -88,7 +90,8 @@ def save_checkpoint(
     ema: nn.Module | dict[str, torch.Tensor],
     state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at `path` atomically (replacing an older one of the same name).
+    """Write a checkpoint folder at `path` atomically (replacing an older checkpoint of the same name; a
+    folder holding anything else is refused).
 
     `model` and `ema` are modules or (unwrapped, full) state dicts.
     """
@@ -96,6 +99,14 @@ def save_checkpoint(
     if path.exists() and not path.is_dir():
         # Only a checkpoint folder is ever replaced; a file here is the user's, not ours to move.
         raise CheckpointError(f"cannot save a checkpoint at {path}: it exists and is not a folder (nothing written)")
+    if path.is_dir():
+        others = sorted(entry.name for entry in path.iterdir() if entry.name not in CHECKPOINT_FILES)
+        if others:  # a folder of the user's own files, not an older checkpoint: nothing of it is replaced
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise CheckpointError(
+                f"cannot save a checkpoint at {path}: the folder holds files that are not a checkpoint's ({shown}); "
+                "choose another folder (nothing written)"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     _recover_replaced(path.parent, path.name)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"

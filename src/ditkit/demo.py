@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ def run_metrics(result, saved: Config, judge: ClassifierResult, sample_seconds: 
         "classifier_holdout_accuracy": judge.holdout_accuracy,
         "train_steps": result.step,
         "train_minutes": round(result.train_seconds / 60, 2),
-        "final_loss": result.final_loss,
+        # None (JSON null) where no step of this run was ever recorded (a checkpoint from before last_loss
+        # was saved): bare NaN is not JSON.
+        "final_loss": result.final_loss if math.isfinite(result.final_loss) else None,
         "sampler": saved.sample.sampler,
         "sampling_steps": saved.sample.steps,
         "cfg_scale": saved.sample.cfg_scale,
@@ -241,7 +244,7 @@ def run_demo(
         "num_samples": len(labels),
         **run_metrics(result, saved, judge, sample_seconds, smoke),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     print(
         f"conditional accuracy of {len(labels)} samples: {metrics['conditional_accuracy']:.2%} "
         f"(judged by the classifier); grid: {out_dir / 'samples.png'}; metrics: {out_dir / 'metrics.json'}"

@@ -126,7 +126,7 @@ def run_text_demo(
             save_grid(images[idx], out_dir / "samples.png", nrow=len(templates) * cols, scale=3)
     sample_seconds = time.perf_counter() - t0
     metrics.update(run_metrics(result, saved, judge, sample_seconds, smoke))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     print(
         f"accuracy on {metrics['heldout_num_samples']} samples prompted in unseen wordings: "
         f"{metrics['heldout_wording_accuracy']:.2%} (seen wordings: {metrics['train_wording_accuracy']:.2%}); "

@@ -329,6 +329,7 @@ def _train(
     # The logging window (steps since the last metrics.jsonl record) and the skipped-step count go into
     # every checkpoint, so a resumed run's records average the same steps as an uninterrupted run's.
     window_loss, window_n, window_time, skipped = 0.0, 0, 0.0, 0
+    last_loss = float("nan")  # the latest step's loss (TrainResult.final_loss), saved with each checkpoint
     if resume_path is not None:
         _load_optimizer(model, optimizer, state["optimizer"], env, resume_path)
         for group in optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
@@ -343,7 +344,7 @@ def _train(
         train_seconds = float(state["train_seconds"])
         # The window carries on only on the same log_every grid (a record averages the steps since the last
         # one on it); checkpoints from before the window was saved, or another log_every, start an empty one.
-        skipped = int(state.get("skipped_steps", 0))
+        skipped, last_loss = int(state.get("skipped_steps", 0)), float(state.get("last_loss", last_loss))
         if state.get("window_log_every") == tc.log_every:
             window_loss, window_n = float(state["window_loss"]), int(state["window_steps"])
             window_time = float(state["window_seconds"])
@@ -428,6 +429,7 @@ def _train(
                 "window_seconds": window_time,
                 "window_log_every": tc.log_every,  # the grid the window belongs to
                 "skipped_steps": skipped,
+                "last_loss": last_loss,  # a run resumed at its end (no step to take) still reports it
             }
             save_checkpoint(path, config=config, model=model_state, ema=ema_state, state=ckpt_state)
             prune_checkpoints(ckpt_dir, tc.keep_last)  # keeps `path`, the newest
@@ -461,7 +463,7 @@ def _train(
     for embedder in (model.y_embedder, model.text_embedder):
         if embedder is not None:
             embedder.eval()  # label / caption dropout is drawn per sample below, not by the embedder
-    last_path, last_loss, nonfinite_run = None, float("nan"), 0
+    last_path, nonfinite_run = None, 0
     saved_step = None
     if same_run:  # this step is already saved here: a finished run resumed again is not written again
         last_path, saved_step = resume_path, step

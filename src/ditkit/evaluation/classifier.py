@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -15,6 +16,7 @@ from ..checkpoint import CheckpointError
 from ..data import TensorImageDataset
 from ..distributed import tf32
 from ..models.classifier import ClassifierConfig, DigitClassifier
+from ..utils.files import replace_durably
 
 __all__ = [
     "ClassifierResult",
@@ -115,10 +117,14 @@ def save_classifier(result: ClassifierResult, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"config": result.model.config.to_dict(), "holdout_accuracy": result.holdout_accuracy}
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+    # Both files are written aside and renamed into place, classifier.json last: its presence is what marks
+    # a finished classifier (the demo reuses one), so a crash never leaves a half-written one behind it.
     tmp = folder / "model.safetensors.tmp"
     save_file(state, tmp, metadata={"format": "ditkit-classifier", "meta": json.dumps(meta)})
-    tmp.replace(folder / "model.safetensors")
-    (folder / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+    replace_durably(tmp, folder / "model.safetensors")
+    tmp = folder / "classifier.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    replace_durably(tmp, folder / "classifier.json")
     return folder
 
 
@@ -128,10 +134,23 @@ def load_classifier(folder: str | Path) -> ClassifierResult:
     meta_file, weights = folder / "classifier.json", folder / "model.safetensors"
     if not meta_file.is_file() or not weights.is_file():
         raise CheckpointError(f"{folder} is not a classifier folder (needs classifier.json and model.safetensors)")
-    meta = json.loads(meta_file.read_text())
-    model = DigitClassifier(ClassifierConfig(**meta["config"]))
-    model.load_state_dict(load_file(weights))
-    return ClassifierResult(model.eval(), float(meta["holdout_accuracy"]))
+    try:
+        meta = json.loads(meta_file.read_text())
+        model = DigitClassifier(ClassifierConfig(**meta["config"]))
+        accuracy = float(meta["holdout_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSON errors are ValueErrors
+        raise CheckpointError(
+            f"{meta_file}: not a readable classifier description ({type(err).__name__}: {err}); delete the "
+            "folder to train the classifier again"
+        ) from err
+    try:
+        model.load_state_dict(load_file(weights))
+    except (OSError, SafetensorError, RuntimeError) as err:  # unreadable, or weights of another shape
+        raise CheckpointError(
+            f"{weights} does not hold the weights {meta_file.name} describes ({type(err).__name__}: {err}); "
+            "delete the folder to train the classifier again"
+        ) from err
+    return ClassifierResult(model.eval(), accuracy)
 
 
 @torch.no_grad()
