@@ -226,12 +226,15 @@ def test_feature_cache_interval_must_be_a_positive_integer():
     config = Config(model=model.config, data=DataConfig(image_size=8, channels=1))
     blocks = model.blocks
     for bad in (2.5, 0, -2, True):
-        with pytest.raises(ValueError, match=rf"feature cache interval must be an integer >= 1 .*got {bad!r}$"):
+        message = rf"feature cache interval \(1: no caching\) must be an integer >= 1, got {bad!r}$"
+        with pytest.raises(ValueError, match=message):
             with feature_cache(model, bad):
                 pass
         with pytest.raises(ValueError, match=rf"got {bad!r}$"):
             generate(model, config, [0, 1], steps=2, feature_cache_interval=bad)
     assert model.blocks is blocks
+    with feature_cache(model, torch.tensor(2)) as clock:  # any integer type, as operator.index takes it
+        assert clock.interval == 2
 
 
 def test_saved_bytes_count_each_activation_once_and_no_parameters():

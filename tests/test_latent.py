@@ -185,6 +185,21 @@ def test_autoencoder_kind_must_match_the_class_of_the_folder(kl_path, taesd_path
         assert f"set autoencoder.kind={'tiny' if kind == 'kl' else 'kl'!r}" in message
 
 
+def test_a_subclass_of_a_known_autoencoder_class_loads(kl_path, taesd_path, tmp_path):
+    """A folder saved from a subclass names its own class: not the other kind's, so it is not refused by
+    name; its weights are all found (build_autoencoder checks that). folder_kind reads the class."""
+    from ditkit.autoencoders import folder_kind
+
+    path = tmp_path / "myvae"
+    shutil.copytree(kl_path, path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "_class_name": "MyVAE"}))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mine, theirs = (build_autoencoder(AutoencoderConfig(kind="kl", path=str(p))) for p in (path, kl_path))
+    assert torch.equal(mine.encode_distribution(images).mean, theirs.encode_distribution(images).mean)
+    assert (folder_kind(str(kl_path)), folder_kind(str(taesd_path)), folder_kind(str(path))) == ("kl", "tiny", "kl")
+
+
 @pytest.mark.parametrize("case", ["weights", "class"])
 def test_weights_missing_from_the_folder_are_refused(kl_path, tmp_path, case):
     from safetensors.torch import load_file, save_file
@@ -803,7 +818,7 @@ def test_train_from_cache_and_sample_through_the_autoencoder(kl_path, image_fold
     assert (again.autoencoder.shift, again.autoencoder.scale) == (saved.autoencoder.shift, saved.autoencoder.scale)
 
 
-def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, tmp_path, capsys):
+def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, taesd_path, tmp_path, capsys):
     from ditkit.cli import main
     from ditkit.convert.diffusers import to_diffusers
     from ditkit.models import DiT
@@ -818,6 +833,11 @@ def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, tmp_path, 
     _, config = load_model(tmp_path / "b")
     assert config.autoencoder.path == str(kl_path) and config.autoencoder.scale == 0.18215
     assert config.data.image_size == 16 and config.model.in_channels == 4
+    # A TAESD folder is recorded as kind 'tiny', from its config.json (convert has no kind option to set)
+    args = ["convert", "from-diffusers", "--diffusers", str(tmp_path / "dit"), "--vae", str(taesd_path)]
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0
+    _, config = load_model(tmp_path / "c")
+    assert (config.autoencoder.kind, config.autoencoder.path) == ("tiny", str(taesd_path))
 
 
 def test_reference_statistics_from_a_latent_cache_decode_its_means(kl_path, image_folder, tmp_path):

@@ -3,6 +3,7 @@
 import math
 from typing import get_args
 
+import numpy as np
 import pytest
 import torch
 
@@ -453,10 +454,13 @@ def test_generate_refuses_a_batch_size_below_one_before_calling_the_model(tiny_m
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     try:
         for bad in (-1, 0, 2.5, True):
-            with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1 .*got {bad!r}$"):
+            message = rf"batch_size \(images per model call\) must be an integer >= 1, got {bad!r}$"
+            with pytest.raises(ValueError, match=message):
                 generate(model, config, [0, 1, 2], steps=2, batch_size=bad)
         assert calls == []
         assert generate(model, config, [0, 1, 2], steps=2, batch_size=2).shape == (3, 1, 8, 8)
         assert len(calls) == 2 * 2  # 2 batches (2 + 1 images), 2 steps each
+        for size in (np.int64(2), torch.tensor(2)):  # integers of other types, as before the check
+            assert generate(model, config, [0, 1, 2], steps=2, batch_size=size).shape == (3, 1, 8, 8)
     finally:
         handle.remove()

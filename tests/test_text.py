@@ -858,6 +858,20 @@ def test_max_length_beyond_the_encoders_positions_is_refused_at_load(tiny_bert, 
     assert TextEncoder(str(roberta), max_length=16).max_length == 16
     with pytest.raises(TextEncoderError, match="text.max_length=17 .* at most 16 tokens"):
         TextEncoder(str(roberta), max_length=17)
+    # So does data2vec-text (RoBERTa's scheme under another model type); DeBERTa without absolute positions
+    # has no length limit from its table.
+    from transformers import Data2VecTextConfig, DebertaV2Config
+
+    for name, config in (
+        ("data2vec", Data2VecTextConfig(vocab_size=20, hidden_size=16, max_position_embeddings=18)),
+        ("deberta", DebertaV2Config(vocab_size=20, hidden_size=16, max_position_embeddings=18,
+                                    position_biased_input=False)),
+    ):  # fmt: skip
+        config.save_pretrained(tmp_path / name)
+        BertTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
+    with pytest.raises(TextEncoderError, match="text.max_length=17 .* at most 16 tokens"):
+        TextEncoder(str(tmp_path / "data2vec"), max_length=17)
+    assert TextEncoder(str(tmp_path / "deberta"), max_length=40).max_length == 40
 
 
 def test_encoder_path_under_the_home_folder(tiny_bert, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ __all__ = [
     "resolve_autoencoder",
     "read_autoencoder_config",
     "autoencoder_shape",
+    "folder_kind",
 ]
 
 
@@ -128,6 +129,7 @@ class PixelSpace(Autoencoder):
 
 _CLASS_NAMES = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny"}
 """The diffusers class each autoencoder.kind loads, as a folder's config.json names it in `_class_name`."""
+_KINDS = {name: kind for kind, name in _CLASS_NAMES.items()}
 
 
 def _diffusers_class(kind: str) -> type:
@@ -172,18 +174,25 @@ def read_autoencoder_config(config: AutoencoderConfig) -> dict:
     except (OSError, ValueError) as err:
         raise _load_error(config, err) from err
     found = cfg.get("_class_name")
-    if found is not None and found != cls.__name__:
-        kinds = {name: kind for kind, name in _CLASS_NAMES.items()}
-        fix = (
-            f"set autoencoder.kind={kinds[found]!r}"
-            if found in kinds
-            else "ditkit loads AutoencoderKL (kind 'kl') and AutoencoderTiny (kind 'tiny') only"
-        )
+    # The other kind's class is refused here; a name ditkit does not know (a subclass saved under its own
+    # name) is left to build_autoencoder's check that every weight was found in the folder.
+    if found in _KINDS and found != cls.__name__:
         raise AutoencoderError(
             f"autoencoder.path={_where(config)} holds a diffusers {found} but autoencoder.kind={config.kind!r} "
-            f"loads an {cls.__name__}: {fix}"
+            f"loads an {cls.__name__}: set autoencoder.kind={_KINDS[found]!r}"
         )
     return cfg
+
+
+def folder_kind(path: str, subfolder: str | None = None) -> str:
+    """The `autoencoder.kind` of a diffusers autoencoder folder or hub id, from its config.json's class
+    ('tiny' for AutoencoderTiny, else 'kl'); the weights are not read."""
+    config = AutoencoderConfig(kind="kl", path=path, subfolder=subfolder)
+    try:
+        cfg = _diffusers_class("kl").load_config(_source(config), subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise _load_error(config, err) from err
+    return _KINDS.get(cfg.get("_class_name"), "kl")
 
 
 def _init_defaults(kind: str) -> dict[str, object]:

@@ -350,7 +350,7 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
     import os
     from pathlib import Path
 
-    from .autoencoders import autoencoder_shape, resolve_autoencoder
+    from .autoencoders import autoencoder_shape, folder_kind, resolve_autoencoder
     from .checkpoint import save_checkpoint
     from .config import AutoencoderConfig, Config, DataConfig
     from .convert.diffusers import DITKIT_CONFIG_FILE, from_diffusers, load_ditkit_config
@@ -398,7 +398,7 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
                 )
             config = Config(model=m, data=DataConfig(image_size=m.input_size, channels=m.in_channels))
         else:
-            ae = AutoencoderConfig(kind="kl", path=vae)
+            ae = AutoencoderConfig(kind=folder_kind(vae), path=vae)  # SD-VAE's AutoencoderKL, or TAESD
             image_channels, _, factor = autoencoder_shape(ae)  # the image side follows from the downsampling
             height, width = (side * factor for side in m.input_hw)
             data = DataConfig(image_size=height if height == width else (height, width), channels=image_channels)

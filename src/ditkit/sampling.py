@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,6 +14,7 @@ from .diffusion import ClampDenoised, ModelDenoiser, build_process
 from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
+from .utils.checks import count_at_least_one
 
 __all__ = [
     "generate",
@@ -175,9 +175,8 @@ def generate(
     with `text_encoder` (a `ditkit.text.TextEncoder`, loaded from `config.text` when not given), and
     guidance contrasts each prompt with the model's learned null text.
     """
-    # bool is an int too; -1 returned the starting noise as images without a model call, 0 failed in range()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1 (images per model call), got {batch_size!r}")
+    # -1 returned the starting noise as images without a model call, 0 failed in range()
+    batch_size = count_at_least_one(batch_size, "batch_size (images per model call)")
     sc = config.sample
     steps = sc.steps if steps is None else steps
     cfg_scale = default_cfg_scale(config, cfg_scale)

@@ -56,9 +56,13 @@ def _fp32(transformers) -> dict[str, torch.dtype]:
     return {name: torch.float32}
 
 
-_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "mpnet": 2}
-"""Position-table rows these model types reserve below the first token (their positions start after
-the padding index), so their longest input is max_position_embeddings minus this."""
+_PADDING_OFFSET_TYPES = frozenset(
+    {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl",
+     "longformer", "ibert"}
+)  # fmt: skip
+"""Model types whose positions start after the padding index (RoBERTa's scheme): their position table's
+first pad_token_id + 1 rows are never a token's, so the longest input is max_position_embeddings minus
+that (514 - 2 = 512 for RoBERTa)."""
 
 
 class TextEncoderError(ConfigError):
@@ -156,9 +160,11 @@ class TextEncoder:
         """Refuse a max_length longer than the encoder's position table (from its config, no weights)."""
         config = self._text_config()
         positions = getattr(config, "max_position_embeddings", None)  # None: T5's relative positions
-        if not isinstance(positions, int):
-            return
-        limit = positions - _POSITION_OFFSET.get(self.model_type, 0)
+        if not isinstance(positions, int) or getattr(config, "position_biased_input", True) is False:
+            return  # no absolute position table limits the length (DeBERTa-v2/v3 without one)
+        limit = positions
+        if getattr(config, "model_type", self.model_type) in _PADDING_OFFSET_TYPES:
+            limit -= (getattr(config, "pad_token_id", None) or 0) + 1
         if self.max_length > limit:
             raise TextEncoderError(
                 f"text.max_length={self.max_length} but the encoder text.encoder={self.path} takes at most "

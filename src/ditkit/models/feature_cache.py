@@ -16,11 +16,12 @@ context: one sampling run per context.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from ..utils.checks import count_at_least_one
 
 __all__ = ["feature_cache", "CachedBlock"]
 
@@ -63,8 +64,7 @@ def feature_cache(model: nn.Module, interval: int) -> Iterator[_Clock]:
     is and nothing counts its passes: both stay 0.
     """
     # A fraction was accepted and refreshed on the calls divisible by it: every 5th one for 2.5.
-    if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
-        raise ValueError(f"feature cache interval must be an integer >= 1 (1: no caching), got {interval!r}")
+    interval = count_at_least_one(interval, "feature cache interval (1: no caching)")
     clock = _Clock(interval)
     if interval == 1:
         yield clock
