@@ -38,14 +38,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    if math.isfinite(result.final_loss):
-        print(f"finished at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
-    elif args.resume and result.step >= config.train.steps:  # no step ran: there is no loss to report
+    if result.step == result.start_step and result.step >= config.train.steps:  # resumed at its end: no step ran
         print(
             f"the run had already finished at step {result.step} (train.steps={config.train.steps}); nothing "
             f"was trained; checkpoint: {result.checkpoint} (raise train.steps to train further)"
         )
-    else:
+    elif result.step > result.start_step and math.isfinite(result.final_loss):
+        print(f"finished at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
+    else:  # train.max_minutes spent before a step of this call finished
         print(f"stopped at step {result.step} before a training step finished; checkpoint: {result.checkpoint}")
     return 0
 

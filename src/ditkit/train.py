@@ -192,7 +192,10 @@ class TrainResult:
     checkpoint: Path
     step: int
     final_loss: float
+    """The last step's loss; from the checkpoint when this call took no step (NaN if none ever ran)."""
     train_seconds: float
+    start_step: int = 0
+    """The step this call started from (a resume's); `step - start_step` steps ran now."""
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -330,6 +333,7 @@ def _train(
     # every checkpoint, so a resumed run's records average the same steps as an uninterrupted run's.
     window_loss, window_n, window_time, skipped = 0.0, 0, 0.0, 0
     last_loss = float("nan")  # the latest step's loss (TrainResult.final_loss), saved with each checkpoint
+    start_step = 0
     if resume_path is not None:
         _load_optimizer(model, optimizer, state["optimizer"], env, resume_path)
         for group in optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
@@ -341,6 +345,7 @@ def _train(
         if len(rng) == world:
             _set_rng_state(rng[env.rank], device)
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        start_step = step
         train_seconds = float(state["train_seconds"])
         # The window carries on only on the same log_every grid (a record averages the steps since the last
         # one on it); checkpoints from before the window was saved, or another log_every, start an empty one.
@@ -613,7 +618,7 @@ def _train(
         last_path = checkpoint(_clock() - window_start)
     if env.is_main and (out_dir / "metrics.jsonl").is_file():
         plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-    return TrainResult(out_dir, last_path, step, last_loss, elapsed())
+    return TrainResult(out_dir, last_path, step, last_loss, elapsed(), start_step)
 
 
 def _over_budget(env: DistEnv, max_minutes: float | None, seconds: float) -> bool:
