@@ -83,7 +83,7 @@ def test_weights_model_takes_a_training_checkpoints_raw_weights(tmp_path, monkey
     from ditkit.train import load_model
 
     real = official.from_official  # the tiny model is no paper preset: its head count is given
-    monkeypatch.setattr(official, "from_official", lambda path, **kw: real(path, num_heads=4, **kw))
+    monkeypatch.setattr(official, "from_official", lambda path, **kw: real(path, **{**kw, "num_heads": 4}))
     ema, raw = paper_model(seed=1), paper_model(seed=2)
     ckpt = {"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": argparse.Namespace(lr=1e-4)}
     torch.save(ckpt, tmp_path / "0100000.pt")
@@ -95,6 +95,11 @@ def test_weights_model_takes_a_training_checkpoints_raw_weights(tmp_path, monkey
     torch.save({"ema": ema.state_dict()}, tmp_path / "ema_only.pt")
     with pytest.raises(OfficialFormatError, match=r"ema_only.pt: a training checkpoint without 'model' weights"):
         load_model(tmp_path / "ema_only.pt", "model")
+    # `ditkit convert official --weights model` converts the same entry
+    args = ["convert", "official", str(tmp_path / "0100000.pt"), str(tmp_path / "raw")]
+    assert main([*args, "--num-heads", "4", "--weights", "model"]) == 0
+    converted, _ = load_model(tmp_path / "raw")
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in raw.state_dict().items())
     torch.save(raw.state_dict(), tmp_path / "release.pt")
     for which in ("ema", "model"):
         model, _ = load_model(tmp_path / "release.pt", which)

@@ -838,6 +838,16 @@ def test_from_diffusers_latent_model_records_its_autoencoder(kl_path, taesd_path
     assert main([*args, "--out", str(tmp_path / "c")]) == 0
     _, config = load_model(tmp_path / "c")
     assert (config.autoencoder.kind, config.autoencoder.path) == ("tiny", str(taesd_path))
+    # So with a ditkit_config.json recording the KL autoencoder: TAESD's own shape and scale replace it
+    from ditkit.convert.diffusers import save_ditkit_config
+
+    _, kl_config = load_model(tmp_path / "b")
+    save_ditkit_config(kl_config, tmp_path / "dit")
+    assert main([*args, "--out", str(tmp_path / "d")]) == 0
+    _, config = load_model(tmp_path / "d")
+    ae = config.autoencoder
+    assert (ae.kind, ae.path, ae.scale) == ("tiny", str(taesd_path), 1.0)
+    assert config.diffusion == kl_config.diffusion
 
 
 def test_reference_statistics_from_a_latent_cache_decode_its_means(kl_path, image_folder, tmp_path):

@@ -860,17 +860,19 @@ def test_max_length_beyond_the_encoders_positions_is_refused_at_load(tiny_bert, 
         TextEncoder(str(roberta), max_length=17)
     # So does data2vec-text (RoBERTa's scheme under another model type); DeBERTa without absolute positions
     # has no length limit from its table.
-    from transformers import Data2VecTextConfig, DebertaV2Config
+    from transformers import Data2VecTextConfig, DebertaV2Config, LukeConfig
 
     for name, config in (
         ("data2vec", Data2VecTextConfig(vocab_size=20, hidden_size=16, max_position_embeddings=18)),
+        ("luke", LukeConfig(vocab_size=20, hidden_size=16, max_position_embeddings=18, pad_token_id=1)),
         ("deberta", DebertaV2Config(vocab_size=20, hidden_size=16, max_position_embeddings=18,
                                     position_biased_input=False)),
     ):  # fmt: skip
         config.save_pretrained(tmp_path / name)
         BertTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
-    with pytest.raises(TextEncoderError, match="text.max_length=17 .* at most 16 tokens"):
-        TextEncoder(str(tmp_path / "data2vec"), max_length=17)
+    for name in ("data2vec", "luke"):
+        with pytest.raises(TextEncoderError, match="text.max_length=17 .* at most 16 tokens"):
+            TextEncoder(str(tmp_path / name), max_length=17)
     assert TextEncoder(str(tmp_path / "deberta"), max_length=40).max_length == 40
 
 

@@ -299,7 +299,7 @@ def _from_official(source: str, out, args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .convert.official import from_official
 
-    model, config = from_official(source, num_heads=args.num_heads, vae=args.vae)
+    model, config = from_official(source, num_heads=args.num_heads, vae=args.vae, which=args.weights)
     save_checkpoint(out, config=config, model=model, ema=model)
     m = config.model
     pixel = config.autoencoder.kind == "pixel"
@@ -379,7 +379,11 @@ def _from_diffusers(args: argparse.Namespace, out) -> int:
                     f"--vae {args.vae}: {source / DITKIT_CONFIG_FILE} records a pixel-space model, which has no "
                     "autoencoder; drop --vae"
                 )
-            ae = dataclasses.replace(saved.autoencoder, path=vae, subfolder=None)
+            kind = folder_kind(vae)
+            if kind == saved.autoencoder.kind:  # the same kind elsewhere: the recorded scale and shift stay
+                ae = dataclasses.replace(saved.autoencoder, path=vae, subfolder=None)
+            else:  # another kind (TAESD for an SD-VAE model): its shape, scale and shift come from the folder
+                ae = AutoencoderConfig(kind=kind, path=vae)
             config = resolve_autoencoder(dataclasses.replace(saved, autoencoder=ae))  # its shape must fit
         else:
             vae_origin = DITKIT_CONFIG_FILE

@@ -58,7 +58,7 @@ def _fp32(transformers) -> dict[str, torch.dtype]:
 
 _PADDING_OFFSET_TYPES = frozenset(
     {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl",
-     "longformer", "ibert"}
+     "longformer", "ibert", "luke", "xmod"}
 )  # fmt: skip
 """Model types whose positions start after the padding index (RoBERTa's scheme): their position table's
 first pad_token_id + 1 rows are never a token's, so the longest input is max_position_embeddings minus

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
+import torch
+
 __all__ = ["count_at_least_one"]
 
 
@@ -11,10 +14,12 @@ def count_at_least_one(value: object, what: str) -> int:
     """`value` as an int >= 1, or ValueError naming `what` and the value.
 
     Any integer type is accepted (Python, numpy, a 0-d integer tensor: whatever `operator.index` takes);
-    bool, floats and the rest are refused, since 2.5 or True would silently mean something else.
+    bools (Python, numpy, bool tensors), floats and the rest are refused, since 2.5 or True would silently
+    mean something else.
     """
+    boolean = isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == torch.bool
     try:
-        number = None if isinstance(value, bool) else operator.index(value)
+        number = None if boolean else operator.index(value)
     except TypeError:
         number = None
     if number is None or number < 1:
