@@ -482,8 +482,9 @@ def test_metrics_reach_tensorboard_and_wandb_when_asked(tmp_path, monkeypatch):
     seen = {"tb": [], "wandb": [], "closed": []}
 
     class FakeWriter:
-        def __init__(self, log_dir):
+        def __init__(self, log_dir, purge_step=None):
             seen["log_dir"] = log_dir
+            seen.setdefault("purge_step", []).append(purge_step)
 
         def add_scalar(self, tag, value, step):
             seen["tb"].append((tag, value, step))
@@ -511,6 +512,10 @@ def test_metrics_reach_tensorboard_and_wandb_when_asked(tmp_path, monkeypatch):
     assert seen["wandb"][0][0] == 1 and seen["wandb"][0][1]["loss"] == records[0]["loss"]
     assert seen["log_dir"] == str(tmp_path / "run" / "tensorboard") and seen["project"] == "ditkit-test"
     assert sorted(seen["closed"]) == ["tb", "wandb"]
+    # Resumed from step 2, TensorBoard drops whatever an earlier timeline logged after it
+    config = make_tiny_config(tmp_path / "run", steps=3, tensorboard=True, wandb_project="ditkit-test")
+    train(config, resume=tmp_path / "run", progress=False, dataset=make_tiny_dataset(DATA))
+    assert seen["purge_step"] == [None, 3] and any(tag == "train/loss" and step == 3 for tag, _, step in seen["tb"])
 
 
 def test_torchrun_ranks_take_a_checked_device(monkeypatch):

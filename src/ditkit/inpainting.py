@@ -333,6 +333,11 @@ def outpaint(
     h, w = m.input_hw
     across, along = (h, w) if direction in ("left", "right") else (w, h)
     keep = max(1, round(overlap * along))
+    if keep >= along:  # every round would inpaint a window with nothing to fill and add no pixel
+        raise ValueError(
+            f"overlap={overlap} keeps all {along} px of the model's {along}-px window: nothing would be "
+            f"generated; use an overlap below {(along - 0.5) / along:.3g}"
+        )
     canvas = _to_rows_last(image.float(), direction)  # (N, C, across, length): grow to the right
     if canvas.shape[2] != across or canvas.shape[3] < keep:
         raise ValueError(

@@ -120,10 +120,17 @@ class RunLog:
     """Appends one JSON object per record to out_dir/metrics.jsonl and mirrors the numbers to
     TensorBoard (`train.tensorboard`) and W&B (`train.wandb_project`) when asked."""
 
-    def __init__(self, config: Config, out_dir: Path) -> None:
+    def __init__(self, config: Config, out_dir: Path, start_step: int = 0) -> None:
+        """`start_step`: the step a resumed run goes on from. metrics.jsonl has been cut back to it, and
+        TensorBoard drops its events after it (`purge_step`), so its curves do not show the abandoned
+        steps beside the new ones. W&B starts a new run at every start, as it always has: a W&B run
+        refuses steps below the last one it logged, so it could not take the resumed steps back."""
         writer, wandb = tracking_packages(config)  # first: a missing package leaves nothing open
         self.file = open(out_dir / "metrics.jsonl", "a")
-        self.tb: Any = writer(str(out_dir / "tensorboard")) if writer is not None else None
+        self.tb: Any = None
+        if writer is not None:
+            purge = {"purge_step": start_step + 1} if start_step else {}
+            self.tb = writer(str(out_dir / "tensorboard"), **purge)
         self.wandb: Any = None
         if wandb is not None:
             self.wandb = wandb.init(project=config.train.wandb_project, dir=str(out_dir), config=config_to_dict(config))

@@ -459,7 +459,7 @@ def _train(
             save_sample_grid(full, config, out_dir / "samples" / f"{checkpoint_name(step)}.png", **grid_text)
         barrier(env)
 
-    run_log = RunLog(config, out_dir) if env.is_main else None
+    run_log = RunLog(config, out_dir, start_step) if env.is_main else None
     bar = tqdm(
         total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and env.is_main),
         dynamic_ncols=True,

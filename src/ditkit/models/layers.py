@@ -200,6 +200,7 @@ class Linear(nn.Linear):
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
+            and x.numel() > 0  # oneDNN has no primitive for an empty batch; F.linear returns one
             and _onednn_fp32()
         ):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
