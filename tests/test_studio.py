@@ -291,6 +291,19 @@ def test_inpaint_and_outpaint_jobs_keep_the_source(client):
     assert out.shape == (8, 8 + 3 * 4) and np.array_equal(out[:, -8:], src)
 
 
+def test_an_overlap_that_keeps_the_whole_window_is_refused_at_validation():
+    """On a 4 px model an overlap of 0.9 keeps round(3.6) = 4 px: no round would add a pixel (outpaint
+    refuses it too; the studio says so before queueing)."""
+    cfg = make_tiny_config("unused")
+    cfg.model.input_size, cfg.data.image_size = 4, 4
+    with Studio(build_model(cfg, seed=0).eval(), cfg, name="tiny4") as studio:
+        image = png_data_url(np.zeros((4, 4), np.uint8))
+        body = {"labels": [0], "kind": "outpaint", "image": image, "steps": 1, "overlap": 0.9}
+        with pytest.raises(StudioError, match="overlap 0.9 keeps all 4 px of the model's window"):
+            studio.validate(body)
+        assert studio.validate({**body, "overlap": 0.5})["overlap"] == 0.5
+
+
 def test_outpainted_picture_is_bounded_and_counted_in_the_work_budget(client):
     # Scaled to the model's 8 px height, a 4096x1 image would be 32768 px wide (before any round).
     thin = png_data_url(np.zeros((1, 4096), np.uint8))

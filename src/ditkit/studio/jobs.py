@@ -554,6 +554,11 @@ class Studio:
             # picture before resizing: a 4096x1 upload would otherwise become 8x32768 on an 8 px model.
             along = max(1, round((iw / ih if sideways else ih / iw) * across))
             keep = max(1, round(p["overlap"] * window))
+            if keep >= window:  # as ditkit.inpainting.outpaint refuses it: no round would add a pixel
+                raise StudioError(
+                    f"overlap {p['overlap']:g} keeps all {window} px of the model's window: nothing would be "
+                    "generated; use a smaller overlap"
+                )
             final = along + p["times"] * (window - keep)
             if final > lim.max_image_side:
                 side = "wide" if sideways else "tall"
