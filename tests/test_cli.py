@@ -76,6 +76,9 @@ def test_train_sample_info_round_trip(tmp_path, config_file, capsys, monkeypatch
     assert main(["info", str(ckpt), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tokens"] == 16 and info["depth"] == 1
+    # A preset's shape flags are refused for a checkpoint, whose config gives its shape (they were ignored)
+    assert main(["info", str(ckpt), "--input-size", "64", "--no-learn-sigma"]) == 2
+    assert "--input-size, --no-learn-sigma: only for a preset" in capsys.readouterr().err
 
     # Resume continues from the saved step.
     assert (

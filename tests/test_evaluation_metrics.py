@@ -245,11 +245,12 @@ def test_a_saved_classifier_loads_and_a_damaged_one_is_named(tmp_path):
 
     torch.manual_seed(0)
     model = DigitClassifier(ClassifierConfig(width=4)).eval()
-    folder = save_classifier(ClassifierResult(model, 0.75), tmp_path / "judge")
+    folder = save_classifier(ClassifierResult(model, 0.75, (28, 28)), tmp_path / "judge")
     assert sorted(p.name for p in folder.iterdir()) == ["classifier.json", "model.safetensors"]  # no .tmp left
     loaded = load_classifier(folder)
     x = torch.randn(2, 1, 28, 28)
     assert loaded.holdout_accuracy == 0.75 and torch.equal(loaded.model(x), model(x))
+    assert loaded.image_hw == (28, 28)  # the size it was trained at, which its features are checked against
     meta = folder / "classifier.json"
     text = meta.read_text()
     meta.write_text("")
@@ -260,3 +261,19 @@ def test_a_saved_classifier_loads_and_a_damaged_one_is_named(tmp_path):
     meta.write_text(json.dumps(wider))
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not hold the weights classifier\.json"):
         load_classifier(folder)
+
+
+def test_the_digit_judge_refuses_images_of_another_size_than_its_own():
+    """It pools globally, so it runs at any size; but 8 px samples scored against 16 px references read
+    FID 67 where the same digits at one size read 0. Images of another size than it trained at are refused."""
+    from ditkit.data import DataError
+    from ditkit.evaluation.features import ClassifierFeatures
+    from ditkit.models.classifier import ClassifierConfig, DigitClassifier
+
+    judge = ClassifierFeatures(DigitClassifier(ClassifierConfig(width=4)), image_hw=(8, 8))
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    assert judge(images)["pool"].shape[0] == 3
+    with pytest.raises(DataError, match=r"trained on 8x8 px images, got 16x16 px"):
+        judge(torch.nn.functional.interpolate(images.float(), size=16).to(torch.uint8))
+    unknown = ClassifierFeatures(judge.classifier)  # a judge saved before its size was recorded: not checked
+    assert unknown(torch.zeros(1, 1, 16, 16, dtype=torch.uint8))["pool"].shape[0] == 1

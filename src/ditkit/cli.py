@@ -227,12 +227,18 @@ def _describe(model_cfg: ModelConfig, text_tokens: int | None = None) -> dict[st
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    preset_flags = {
+        "--input-size": args.input_size,
+        "--in-channels": args.in_channels,
+        "--num-classes": args.num_classes,
+        "--no-learn-sigma": args.no_learn_sigma or None,
+    }
     if args.target in MODEL_PRESETS:
         fields = dict(
             MODEL_PRESETS[args.target],
-            input_size=args.input_size,
-            in_channels=args.in_channels,
-            num_classes=args.num_classes,
+            input_size=32 if args.input_size is None else args.input_size,
+            in_channels=4 if args.in_channels is None else args.in_channels,
+            num_classes=1000 if args.num_classes is None else args.num_classes,
             learn_sigma=not args.no_learn_sigma,
         )
         model_cfg = ModelConfig(**fields)
@@ -246,6 +252,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 f"{args.target!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) nor an existing "
                 "checkpoint or run folder"
             )
+        given = [flag for flag, value in preset_flags.items() if value is not None]
+        if given:  # a checkpoint's shape is its own: these would be silently ignored
+            raise ValueError(f"{', '.join(given)}: only for a preset; a checkpoint's config.json gives its shape")
         path = resolve_checkpoint(args.target)
         saved = load_config_from_checkpoint(path)
         model_cfg, text_tokens = saved.model, saved.text.max_length  # a text model's cross-attention length
@@ -705,9 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters, tokens and GMACs of a preset or checkpoint")
     p.add_argument("target", help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint folder")
-    p.add_argument("--input-size", type=int, default=32, help="preset input size (32 = 256 px SD-VAE latents)")
-    p.add_argument("--in-channels", type=int, default=4, help="preset input channels")
-    p.add_argument("--num-classes", type=int, default=1000, help="preset classes")
+    p.add_argument("--input-size", type=int, help="preset input size (default 32 = 256 px SD-VAE latents)")
+    p.add_argument("--in-channels", type=int, help="preset input channels (default 4)")
+    p.add_argument("--num-classes", type=int, help="preset classes (default 1000)")
     p.add_argument("--no-learn-sigma", action="store_true", help="preset without the learned variance")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)

@@ -129,8 +129,9 @@ class RunLog:
         self.file = open(out_dir / "metrics.jsonl", "a")
         self.tb: Any = None
         if writer is not None:
-            purge = {"purge_step": start_step + 1} if start_step else {}
-            self.tb = writer(str(out_dir / "tensorboard"), **purge)
+            # From the first step on a fresh start too: a run that died before its first checkpoint left
+            # events that metrics.jsonl (set aside) no longer has.
+            self.tb = writer(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.wandb: Any = None
         if wandb is not None:
             self.wandb = wandb.init(project=config.train.wandb_project, dir=str(out_dir), config=config_to_dict(config))

@@ -35,6 +35,9 @@ class ClassifierResult:
 
     model: DigitClassifier
     holdout_accuracy: float
+    image_hw: tuple[int, int] | None = None
+    """(H, W) of the images it was trained on (None: not recorded, a classifier saved before ditkit kept it).
+    The network pools globally and runs at any size, but its features mean something only at this one."""
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -108,7 +111,7 @@ def _train_classifier(
     model.eval()
     hold_x, hold_y = holdout_set.__getitems__(list(range(len(holdout_set))))
     accuracy = (classify(model, hold_x) == hold_y).float().mean().item() if len(hold_y) else float("nan")
-    return ClassifierResult(model, accuracy)
+    return ClassifierResult(model, accuracy, tuple(images.shape[2:]))
 
 
 def save_classifier(result: ClassifierResult, folder: str | Path) -> Path:
@@ -116,6 +119,8 @@ def save_classifier(result: ClassifierResult, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"config": result.model.config.to_dict(), "holdout_accuracy": result.holdout_accuracy}
+    if result.image_hw is not None:
+        meta["image_hw"] = list(result.image_hw)
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     # Both files are written aside and renamed into place, classifier.json last: its presence is what marks
     # a finished classifier (the demo reuses one), so a crash never leaves a half-written one behind it.
@@ -138,6 +143,7 @@ def load_classifier(folder: str | Path) -> ClassifierResult:
         meta = json.loads(meta_file.read_text())
         model = DigitClassifier(ClassifierConfig(**meta["config"]))
         accuracy = float(meta["holdout_accuracy"])
+        image_hw = tuple(int(side) for side in meta["image_hw"]) if "image_hw" in meta else None
     except (OSError, ValueError, KeyError, TypeError) as err:  # JSON errors are ValueErrors
         raise CheckpointError(
             f"{meta_file}: not a readable classifier description ({type(err).__name__}: {err}); delete the "
@@ -150,7 +156,7 @@ def load_classifier(folder: str | Path) -> ClassifierResult:
             f"{weights} does not hold the weights {meta_file.name} describes ({type(err).__name__}: {err}); "
             "delete the folder to train the classifier again"
         ) from err
-    return ClassifierResult(model.eval(), accuracy)
+    return ClassifierResult(model.eval(), accuracy, image_hw)
 
 
 @torch.no_grad()

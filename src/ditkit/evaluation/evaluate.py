@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def digit_classifier(
         return load_classifier(folder)
     cached = cache_dir() / f"digit_classifier_{image_size}px_e{epochs}"
     if (cached / "classifier.json").is_file():
-        return load_classifier(cached)
+        judge = load_classifier(cached)
+        # Cached by an older ditkit, which did not record the size: the cache folder's name says it.
+        return judge if judge.image_hw is not None else dataclasses.replace(judge, image_hw=(image_size, image_size))
     train_set = load_mnist(image_size, "train")
     holdout = load_mnist(image_size, "holdout")
     result = train_classifier(train_set, holdout, epochs=epochs, progress=progress)
@@ -70,7 +73,7 @@ def build_feature_net(
             if isinstance(classifier, ClassifierResult)
             else digit_classifier(classifier, image_size, progress=progress)
         )
-        return ClassifierFeatures(judge.model, device)
+        return ClassifierFeatures(judge.model, device, judge.image_hw)
     raise ValueError(f"unknown feature network {kind!r}; choose 'inception' or 'classifier'")
 
 

@@ -101,8 +101,16 @@ class ClassifierFeatures:
 
     kind = "classifier"
 
-    def __init__(self, classifier: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        classifier: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        image_hw: tuple[int, int] | None = None,
+    ) -> None:
+        """`image_hw`: the (H, W) the judge was trained at, when known; other sizes are refused (it pools
+        globally, so it would run on them, giving features unrelated to those of its own size)."""
         self.classifier, self.device = classifier.to(device).eval(), torch.device(device)
+        self.image_hw = None if image_hw is None else tuple(image_hw)
 
     @property
     def feature_dim(self) -> int:
@@ -126,6 +134,12 @@ class ClassifierFeatures:
                 images = rgb_to_gray(images)  # the one RGB -> gray conversion of every image source
             else:
                 raise ValueError(f"the classifier takes {want}-channel images, got {images.shape[1]} channels")
+        if self.image_hw is not None and tuple(images.shape[2:]) != self.image_hw:
+            (h, w), (jh, jw) = images.shape[2:], self.image_hw
+            raise DataError(
+                f"the digit judge was trained on {jw}x{jh} px images, got {w}x{h} px: the samples and the "
+                "reference must both be at the judge's size (it follows the samples' size)"
+            )
         x = images.to(self.device).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1], as the classifier trained
         with tf32(self.device, False):  # full fp32 on a GPU too, as for Inception
             feats = self.classifier.features(x)
