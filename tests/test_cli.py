@@ -707,3 +707,18 @@ def test_ditkit_config_records_a_local_autoencoder_folder_by_its_absolute_path(t
         save_ditkit_config(config, folder)
         assert json.loads((folder / "ditkit_config.json").read_text())["autoencoder"]["path"] == recorded
         assert load_ditkit_config(folder, model).autoencoder.path == recorded
+
+
+def test_train_says_when_max_minutes_stopped_it(tmp_path, config_file, capsys, monkeypatch):
+    """A run cut short by train.max_minutes is not reported as finished: it says why, and how to go on."""
+    import ditkit.train
+    from ditkit.train import TrainResult
+
+    result = TrainResult(tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_0000003", 3, 0.5, 60.0, 0)
+    monkeypatch.setattr(ditkit.train, "train", lambda config, **kwargs: result)
+    argv = ["train", "--config", str(config_file), "--no-progress", "train.steps=10", "train.max_minutes=1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped by train.max_minutes=1.0 (of train.steps=10; --resume the run folder to go on) at step 3" in out
+    assert main(argv[:-2] + ["train.steps=3"]) == 0
+    assert capsys.readouterr().out.startswith("finished at step 3, loss 0.5000")

@@ -44,7 +44,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"was trained; checkpoint: {result.checkpoint} (raise train.steps to train further)"
         )
     elif result.step > result.start_step and math.isfinite(result.final_loss):
-        print(f"finished at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
+        # Short of train.steps only when train.max_minutes stopped it: say so, and how to go on.
+        done = (
+            "finished"
+            if result.step >= config.train.steps
+            else f"stopped by train.max_minutes={config.train.max_minutes} (of train.steps={config.train.steps}; "
+            "--resume the run folder to go on)"
+        )
+        print(f"{done} at step {result.step}, loss {result.final_loss:.4f}; checkpoint: {result.checkpoint}")
     else:  # train.max_minutes spent before a step of this call finished
         print(f"stopped at step {result.step} before a training step finished; checkpoint: {result.checkpoint}")
     return 0
