@@ -299,7 +299,7 @@ def test_an_overlap_that_keeps_the_whole_window_is_refused_at_validation():
     with Studio(build_model(cfg, seed=0).eval(), cfg, name="tiny4") as studio:
         image = png_data_url(np.zeros((4, 4), np.uint8))
         body = {"labels": [0], "kind": "outpaint", "image": image, "steps": 1, "overlap": 0.9}
-        with pytest.raises(StudioError, match="overlap 0.9 keeps all 4 px of the model's window"):
+        with pytest.raises(StudioError, match="overlap=0.9 keeps all 4 px of the model's window"):
             studio.validate(body)
         assert studio.validate({**body, "overlap": 0.5})["overlap"] == 0.5
 

@@ -233,6 +233,10 @@ def _describe(model_cfg: ModelConfig, text_tokens: int | None = None) -> dict[st
     }
 
 
+_INFO_DEFAULTS = {"input_size": 32, "in_channels": 4, "num_classes": 1000}
+"""`ditkit info PRESET`'s shape where no flag gives one: the paper's ImageNet 256 px (SD-VAE latents)."""
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     preset_flags = {
         "--input-size": args.input_size,
@@ -243,9 +247,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.target in MODEL_PRESETS:
         fields = dict(
             MODEL_PRESETS[args.target],
-            input_size=32 if args.input_size is None else args.input_size,
-            in_channels=4 if args.in_channels is None else args.in_channels,
-            num_classes=1000 if args.num_classes is None else args.num_classes,
+            input_size=_INFO_DEFAULTS["input_size"] if args.input_size is None else args.input_size,
+            in_channels=_INFO_DEFAULTS["in_channels"] if args.in_channels is None else args.in_channels,
+            num_classes=_INFO_DEFAULTS["num_classes"] if args.num_classes is None else args.num_classes,
             learn_sigma=not args.no_learn_sigma,
         )
         model_cfg = ModelConfig(**fields)
@@ -721,9 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters, tokens and GMACs of a preset or checkpoint")
     p.add_argument("target", help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint folder")
-    p.add_argument("--input-size", type=int, help="preset input size (default 32 = 256 px SD-VAE latents)")
-    p.add_argument("--in-channels", type=int, help="preset input channels (default 4)")
-    p.add_argument("--num-classes", type=int, help="preset classes (default 1000)")
+    p.add_argument("--input-size", type=int, help="preset input size (default %d = 256 px SD-VAE latents)"
+                   % _INFO_DEFAULTS["input_size"])  # fmt: skip
+    p.add_argument("--in-channels", type=int, help="preset input channels (default %d)" % _INFO_DEFAULTS["in_channels"])
+    p.add_argument("--num-classes", type=int, help="preset classes (default %d)" % _INFO_DEFAULTS["num_classes"])
     p.add_argument("--no-learn-sigma", action="store_true", help="preset without the learned variance")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)

@@ -40,6 +40,7 @@ __all__ = [
     "inpaint_loss",
     "inpaint",
     "outpaint",
+    "outpaint_keep",
     "check_image_model",
     "load_image",
     "known_mask_from",
@@ -332,12 +333,7 @@ def outpaint(
     m = config.model
     h, w = m.input_hw
     across, along = (h, w) if direction in ("left", "right") else (w, h)
-    keep = max(1, round(overlap * along))
-    if keep >= along:  # every round would inpaint a window with nothing to fill and add no pixel
-        raise ValueError(
-            f"overlap={overlap} keeps all {along} px of the model's {along}-px window: nothing would be "
-            f"generated; use an overlap below {(along - 0.5) / along:.3g}"
-        )
+    keep = outpaint_keep(overlap, along)
     canvas = _to_rows_last(image.float(), direction)  # (N, C, across, length): grow to the right
     if canvas.shape[2] != across or canvas.shape[3] < keep:
         raise ValueError(
@@ -367,6 +363,18 @@ def outpaint(
         canvas = canvas.expand(filled.shape[0], *canvas.shape[1:])
         canvas = torch.cat([canvas, filled[..., keep:]], dim=3)  # (N, C, across, length + along - keep)
     return _from_rows_last(canvas, direction)
+
+
+def outpaint_keep(overlap: float, window: int) -> int:
+    """Pixels of the model's `window` (its side along the direction) that each outpainting round keeps
+    from the picture so far; ValueError when that is the whole window (no round would add a pixel)."""
+    keep = max(1, round(overlap * window))
+    if keep >= window:
+        raise ValueError(
+            f"overlap={overlap:g} keeps all {window} px of the model's window: nothing would be generated; "
+            f"use an overlap below {(window - 0.5) / window:.3g}"
+        )
+    return keep
 
 
 def _round_callback(callback: StepCallback, k: int, rounds: int) -> StepCallback:

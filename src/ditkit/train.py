@@ -323,7 +323,6 @@ def _train(
     forward = compile_for_training(wrapped, model, tc.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps in DTensors
     optimizer = make_adamw(trainable, tc.fused_adamw, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    fused = optimizer.defaults["fused"]
     warmup = tc.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
@@ -336,8 +335,6 @@ def _train(
     start_step = 0
     if resume_path is not None:
         _load_optimizer(model, optimizer, state["optimizer"], env, resume_path)
-        for group in optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
-            group["fused"] = fused
         scheduler.load_state_dict(state["scheduler"])
         _apply_optimizer_settings(optimizer, scheduler, resume_path)
         _load_scaler(scaler, state["scaler"], resume_path)
@@ -842,7 +839,8 @@ def _apply_optimizer_settings(
             changed[name] = (saved, wanted)
     scheduler.base_lrs = [defaults["lr"]] * len(optimizer.param_groups)
     for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group.update({key: defaults[key] for key in ("betas", "weight_decay", "eps")})
+        # fused too: the kernel choice is this run's, not the checkpoint's (not logged: results are equal)
+        group.update({key: defaults[key] for key in ("betas", "weight_decay", "eps", "fused")})
         group["initial_lr"] = base_lr
         group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
     if changed:

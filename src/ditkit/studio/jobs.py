@@ -33,7 +33,7 @@ from torch import nn
 from .. import autoencoders
 from ..config import Config, ConfigError
 from ..diffusion import build_process
-from ..inpainting import DIRECTIONS, check_image_model, inpaint, known_mask_from, outpaint
+from ..inpainting import DIRECTIONS, check_image_model, inpaint, known_mask_from, outpaint, outpaint_keep
 from ..samplers import SAMPLERS
 from ..sampling import generate
 from ..utils.images import make_grid, to_uint8
@@ -553,12 +553,10 @@ class Studio:
             # follows and then grows by each round (as ditkit.inpainting.outpaint does). Bound the final
             # picture before resizing: a 4096x1 upload would otherwise become 8x32768 on an 8 px model.
             along = max(1, round((iw / ih if sideways else ih / iw) * across))
-            keep = max(1, round(p["overlap"] * window))
-            if keep >= window:  # as ditkit.inpainting.outpaint refuses it: no round would add a pixel
-                raise StudioError(
-                    f"overlap {p['overlap']:g} keeps all {window} px of the model's window: nothing would be "
-                    "generated; use a smaller overlap"
-                )
+            try:  # the rule `ditkit outpaint` applies: each round must add a pixel
+                keep = outpaint_keep(p["overlap"], window)
+            except ValueError as err:
+                raise StudioError(str(err)) from None
             final = along + p["times"] * (window - keep)
             if final > lim.max_image_side:
                 side = "wide" if sideways else "tall"
@@ -713,6 +711,7 @@ class Studio:
         # decode can cost more than a step); `preview_min_interval` and `preview_overhead` bound how often.
         autoencoder = self.autoencoder() if job.params["preview"] else None
         last_end, wait = -math.inf, 0.0
+        share = min(max(self.preview_overhead, 1e-3), 1.0)  # of a job's time spent decoding previews
 
         def callback(info: dict[str, Any]) -> None:
             nonlocal last_end, wait
@@ -730,7 +729,6 @@ class Studio:
                 with torch.no_grad():
                     denoised = autoencoder.decode(denoised)  # (N, C, H, W) images from (N, c, h, w) latents
                 last_end = time.perf_counter()
-                share = min(max(self.preview_overhead, 1e-3), 1.0)
                 wait = max(self.preview_min_interval, (last_end - began) * (1 / share - 1))
             preview = denoised.float().cpu().clamp(-1, 1)
             with job.lock:
