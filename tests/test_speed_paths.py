@@ -148,7 +148,10 @@ def test_dit_bf16_training_gradients_follow_fp32():
 
 @pytest.mark.skipif(not _onednn_fp32(), reason="this PyTorch has no oneDNN linear-pointwise kernel")
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_fp32_linear_matches_f_linear_forward_and_backward(bias):
+def test_onednn_fp32_linear_matches_f_linear_forward_and_backward(monkeypatch, bias):
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: True)  # the route taken on non-Intel CPUs
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias)
     x = torch.randn(3, 17, 48, requires_grad=True)
@@ -167,6 +170,120 @@ def test_onednn_fp32_linear_matches_f_linear_forward_and_backward(bias):
     assert empty.shape == (0, 17, 80) and x.grad.shape == x.shape and "OneDNN" not in type(empty.grad_fn).__name__
 
 
+@pytest.mark.parametrize(
+    ("env", "vendor", "expected"),
+    [
+        (None, "GenuineIntel", False),  # MKL is the faster fp32 GEMM on Intel's CPUs
+        (None, "AuthenticAMD", True),  # ... and about half oneDNN's rate on AMD's
+        ("auto", "", True),
+        ("blas", "AuthenticAMD", False),
+        ("onednn", "GenuineIntel", True),
+        (" OneDNN ", "GenuineIntel", True),
+    ],
+)
+def test_fp32_linear_route_follows_the_cpu_vendor_and_the_override(monkeypatch, env, vendor, expected):
+    from ditkit.models import layers
+
+    if env is None:
+        monkeypatch.delenv(layers.FP32_LINEAR_ENV, raising=False)
+    else:
+        monkeypatch.setenv(layers.FP32_LINEAR_ENV, env)
+    monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(layers, "_onednn_fp32", lambda: True)
+    layers._onednn_fp32_linear.cache_clear()
+    try:
+        assert layers._onednn_fp32_linear() is expected
+        monkeypatch.setattr(layers, "_onednn_fp32", lambda: False)  # no oneDNN op: never, whatever was asked
+        layers._onednn_fp32_linear.cache_clear()
+        assert layers._onednn_fp32_linear() is False
+    finally:
+        monkeypatch.undo()
+        layers._onednn_fp32_linear.cache_clear()
+
+
+def test_fp32_linear_override_rejects_unknown_values(monkeypatch):
+    from ditkit.models import layers
+
+    monkeypatch.setenv(layers.FP32_LINEAR_ENV, "mkl")
+    layers._onednn_fp32_linear.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"DITKIT_CPU_FP32_LINEAR='mkl'.*'auto', 'onednn' or 'blas'"):
+            layers._onednn_fp32_linear()
+    finally:
+        monkeypatch.undo()
+        layers._onednn_fp32_linear.cache_clear()
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    from ditkit.models import layers
+
+    vendor = layers._cpu_vendor()
+    assert isinstance(vendor, str)
+    try:
+        with open("/proc/cpuinfo") as f:
+            expected = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        expected = ""
+    assert vendor == expected
+
+
+@pytest.mark.skipif(not _onednn_bf16(), reason="this CPU/PyTorch has no oneDNN bf16 linear-pointwise kernel")
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_inference_linear_through_onednn_matches_f_linear(monkeypatch, bias):
+    """The AMX inference route (bias fused into oneDNN's matmul) gives autocast's F.linear numbers within
+    bf16 rounding, and steps aside wherever autograd records a graph."""
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_onednn_bf16_inference", lambda: True)
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=bias)
+    x = torch.randn(3, 20, 64)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(args[0].shape) or real(*args), raising=False
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = layer(x)
+            reference = F.linear(x, layer.weight, layer.bias)
+        assert calls == [x.shape]  # the oneDNN route really ran, once
+        assert fast.dtype == reference.dtype == torch.bfloat16
+        assert _rel(fast, reference) < 8e-3  # bf16 rounding of the output (2^-8 relative)
+        trained = layer(x)  # grad enabled, weights train: autocast's F.linear and its backward
+        assert calls == [x.shape] and trained.requires_grad
+        with torch.no_grad():
+            assert layer(x[:0]).shape == (0, 20, 96) and len(calls) == 1  # oneDNN has no empty-batch primitive
+    with torch.no_grad():
+        assert layer(x).dtype == torch.float32  # fp32 without autocast: not this route
+    assert len(calls) == 1 or layers._onednn_fp32_linear()
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_bf16_attention_takes_sdpa_for_inference_on_amx_only(monkeypatch, amx):
+    """'auto' on CPU in bf16: PyTorch's fused kernel for inference on AMX CPUs, the matmul form for training
+    (and everywhere without AMX); both give the same attention within bf16 rounding."""
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: amx)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g).bfloat16() for _ in range(3))
+    mask = torch.rand(2, 40, generator=g) > 0.3
+    mask[:, 0] = True
+    with torch.no_grad():
+        out = attention(q, k, v, "auto", mask)
+    assert len(calls) == (1 if amx else 0)
+    reference = attention(q.float(), k.float(), v.float(), "math", mask)
+    assert _rel(out, reference) < 1e-2
+    q.requires_grad_()
+    attention(q, k, v, "auto", mask)  # training: the matmul form, whose backward is the faster one here
+    assert len(calls) == (1 if amx else 0)
+    assert attention(q.half(), k.half(), v.half(), "auto").dtype == torch.float16 and len(calls) == (1 if amx else 0)
+
+
 def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch):
     """Training gradients and inference outputs with every fp32 fast path on vs all of them off."""
     from ditkit.models import layers
@@ -182,16 +299,22 @@ def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch):
         with torch.no_grad():
             return model.eval()(x, t, y), grads
 
+    monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: layers._onednn_fp32())  # the oneDNN linears
     fast_out, fast_grads = run()
     model.train()
     monkeypatch.setattr(layers, "_onednn_fp32", lambda: False)
+    monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: False)
     plain_out, plain_grads = run()
     assert _rel(fast_out, plain_out) < 1e-5 and _rel(fast_grads, plain_grads) < 1e-5
 
 
 @pytest.mark.skipif(not _onednn_fp32(), reason="this PyTorch has no oneDNN linear-pointwise kernel")
-def test_flop_counter_counts_the_onednn_paths_like_f_linear():
+def test_flop_counter_counts_the_onednn_paths_like_f_linear(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
+
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: True)
 
     torch.manual_seed(0)
     mlp = Mlp(16, 64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -183,28 +184,42 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose fp32 products on CPU run through oneDNN's matmul instead of the BLAS one.
+    """`nn.Linear` that takes the faster oneDNN matmul on CPU where it was measured faster. Same parameters,
+    same state dict as `nn.Linear`; everywhere else (CUDA, `torch.compile`, other dtypes) it is `F.linear`.
 
-    On this project's CPU (AMD EPYC, AVX-512) PyTorch's fp32 `addmm` goes to MKL's SGEMM, which reaches
-    about half the rate oneDNN's fp32 matmul does on the same shapes (202 vs 434 GFLOP/s on a 2048^3
-    product, 2 threads); both are IEEE fp32 (relative error vs fp64 2.5e-7 and 5.7e-7). Forward and
-    backward are routed there when oneDNN is available; bf16/fp16 (autocast included), CUDA and
-    `torch.compile` keep `F.linear`, which already uses the best kernel there. Same parameters, same
-    state dict as `nn.Linear`.
+    - **fp32, forward and backward, on CPUs where MKL is the slower BLAS** (`_onednn_fp32_linear`). PyTorch
+      sends fp32 `addmm` to MKL's SGEMM. On an AMD EPYC (AVX-512) that reached about half of oneDNN's
+      fp32 matmul on the same shapes (202 vs 434 GFLOP/s on a 2048^3 product, 2 threads); on an Intel
+      Xeon with AMX it is the faster of the two (335 vs 294), so Intel CPUs keep `F.linear`. Both are
+      IEEE fp32 (relative error vs fp64 2.5e-7 and 5.7e-7).
+    - **bf16 inference on CPUs with AMX** (`_onednn_bf16_inference`): one oneDNN matmul with the bias
+      fused in. aten's bf16 `addmm` first copies the broadcast bias into its output and then
+      accumulates onto it; on AMX, where the matmul itself is fast, that copy is a visible share
+      (docs/speed.md, eleventh session). Only without gradients: training keeps `F.linear`, whose
+      backward products were measured faster than oneDNN's with transposed operands.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and x.numel() > 0  # oneDNN has no primitive for an empty batch; F.linear returns one
-            and _onednn_fp32()
-        ):
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        if x.device.type == "cpu" and x.numel() > 0 and not torch.compiler.is_compiling():
+            # oneDNN has no primitive for an empty batch (F.linear returns one); Dynamo cannot trace the checks
+            if (
+                x.dtype == torch.float32
+                and self.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")
+                and _onednn_fp32_linear()
+            ):
+                return _OneDNNLinear.apply(x, self.weight, self.bias)
+            if compute_dtype(x) == torch.bfloat16 and _onednn_bf16_inference() and not _needs_grad(x, self):
+                # (a cache of the bf16 weights across calls measured no faster: S/2 forward 439 vs 438 ms)
+                bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+                weight = self.weight.to(torch.bfloat16)
+                return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd would record a graph through `module` applied to `x`."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 _CPU_SCORES_BYTES = 4 * 2**20
@@ -222,9 +237,16 @@ def attention(
     'sdpa' calls `F.scaled_dot_product_attention`; 'math' spells out the two matmuls. 'auto' takes SDPA
     except for reduced-precision tensors on CPU, where PyTorch's fused CPU kernel is slower in training:
     `benchmarks/cpu_training.py` measures the demo model at 267 img/s with the matmul form against
-    182 img/s fused (bf16, 2-core AMX CPU). In fp32 the fused kernel is the faster one.
+    182 img/s fused (bf16, 2-core AMX CPU). In fp32 the fused kernel is the faster one, and so it is in
+    bf16 inference on a CPU with AMX, whose tiles PyTorch's fused CPU kernel uses (S/2 forward at batch
+    32: 444 against 551 ms; on an AVX-512 CPU without AMX it was twice as slow as the matmul form).
     """
-    if impl == "math" or (impl == "auto" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
+    if impl == "auto" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        inference = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        # (under torch.compile first: Dynamo cannot trace the capability check; compiled graphs keep the math form)
+        fused_kernel = not torch.compiler.is_compiling() and q.dtype == torch.bfloat16 and _cpu_has_amx()
+        impl = "sdpa" if inference and fused_kernel else "math"
+    if impl == "math":
         rows = q.shape[0]
         if q.device.type == "cpu":  # cache-sized slices of the batch (see _CPU_SCORES_BYTES)
             sample_bytes = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
@@ -366,6 +388,53 @@ class Mlp(nn.Module):
 def _onednn_fp32() -> bool:
     """Whether this PyTorch has oneDNN's linear-pointwise op (fp32 runs on any x86-64 oneDNN supports)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+FP32_LINEAR_ENV = "DITKIT_CPU_FP32_LINEAR"
+"""Environment variable that overrides `_onednn_fp32_linear`'s choice: 'onednn', 'blas' or 'auto' (default)."""
+
+
+@functools.cache
+def _onednn_fp32_linear() -> bool:
+    """Whether `Linear` runs fp32 products on CPU through oneDNN rather than the BLAS (MKL).
+
+    'auto' (the default): where oneDNN has the op and the CPU is not Intel's, since MKL picks slower code
+    on other vendors' CPUs (half oneDNN's rate on an AMD EPYC) and is the faster one on Intel's.
+    """
+    choice = os.environ.get(FP32_LINEAR_ENV, "auto").strip().lower()
+    if choice not in ("auto", "onednn", "blas"):
+        raise ValueError(f"{FP32_LINEAR_ENV}={choice!r}: expected 'auto', 'onednn' or 'blas'")
+    if choice == "blas" or not _onednn_fp32():
+        return False
+    return choice == "onednn" or _cpu_vendor() != "GenuineIntel"
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...); '' where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (Intel Xeon since Sapphire Rapids), as PyTorch detects them."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def _onednn_bf16_inference() -> bool:
+    """Whether `Linear` runs bf16 inference through oneDNN with the bias fused (see `Linear`): AMX CPUs."""
+    return _onednn_bf16() and _cpu_has_amx()
 
 
 @functools.cache
