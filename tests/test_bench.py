@@ -52,7 +52,12 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
             assert run["fraction_of_gemm"][name] == pytest.approx(run["gflops"][name] / gemm, rel=1e-12)
     assert results["fused_kernels"] is False and results["gelu_epilogue"] is False  # CUDA only
     assert isinstance(results["allocator_env"], dict)
-    assert "ditkit/diffusers" in capsys.readouterr().out
+    from ditkit.models.layers import cpu_paths
+
+    assert results["cpu_paths"] == cpu_paths()  # which CPU kernels ran, since they depend on the CPU
+    assert results["cpu_paths"]["fp32_linear"] in ("onednn", "blas")
+    printed = capsys.readouterr().out
+    assert "ditkit/diffusers" in printed and f"fp32 linears: {results['cpu_paths']['fp32_linear']}" in printed
 
 
 @pytest.mark.parametrize(

@@ -214,6 +214,26 @@ def test_fp32_linear_override_rejects_unknown_values(monkeypatch):
         layers._onednn_fp32_linear.cache_clear()
 
 
+def test_cpu_paths_name_the_route_of_each_choice(monkeypatch):
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(layers, "_onednn_bf16_inference", lambda: True)
+    monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: False)
+    paths = layers.cpu_paths()
+    assert paths["amx"] is True and paths["fp32_linear"] == "blas"
+    assert paths["bf16_inference_linear"] == "onednn" and paths["bf16_inference_attention"] == "sdpa"
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(layers, "_onednn_bf16_inference", lambda: False)
+    monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: True)
+    paths = layers.cpu_paths()
+    assert (paths["fp32_linear"], paths["bf16_inference_linear"], paths["bf16_inference_attention"]) == (
+        "onednn",
+        "aten",
+        "math",
+    )
+
+
 def test_cpu_vendor_reads_proc_cpuinfo():
     from ditkit.models import layers
 

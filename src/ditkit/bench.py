@@ -36,6 +36,7 @@ from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import NoiseProcess, build_process, diffusion_loss
 from .models import DiT, count_macs
 from .models.fused import fused_kernels_available, fused_kernels_enabled
+from .models.layers import cpu_paths
 from .utils.files import prepare_json_out
 
 __all__ = [
@@ -457,6 +458,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        # the CPU kernels ditkit's DiT takes here depend on the CPU (models.layers.cpu_paths)
+        "cpu_paths": cpu_paths() if device.type == "cpu" else None,
         "allocator_env": {k: os.environ[k] for k in _ALLOCATOR_ENV if k in os.environ},
         "allocator_mallopt": mallopt,
         "gmacs_per_forward": macs / 1e9,
@@ -479,6 +482,13 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     if device.type == "cuda":
         state = fused_state(results["fused_kernels"], results["gelu_epilogue"], settings.compile)
         progress(f"ditkit's fused GPU kernels: {state}")
+    else:
+        paths = results["cpu_paths"]
+        progress(
+            f"CPU: {paths['cpu_model'] or 'unknown model'} (AMX: {'yes' if paths['amx'] else 'no'}); ditkit's "
+            f"fp32 linears: {paths['fp32_linear']}; bf16 inference linears: {paths['bf16_inference_linear']}, "
+            f"attention: {paths['bf16_inference_attention']}"
+        )
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         rates = gemm_rates(gemm_size, dtype, device)

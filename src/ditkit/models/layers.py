@@ -409,14 +409,35 @@ def _onednn_fp32_linear() -> bool:
     return choice == "onednn" or _cpu_vendor() != "GenuineIntel"
 
 
+def cpu_paths() -> dict[str, object]:
+    """Which CPU kernels this machine's DiT takes where `Linear` and `attention` choose by CPU (recorded by
+    `ditkit bench`): the CPU's vendor and model, whether it has AMX, and the route of each choice."""
+    return {
+        "cpu_vendor": _cpu_vendor(),
+        "cpu_model": _cpu_info_field("model name"),
+        "amx": _cpu_has_amx(),
+        "fp32_linear": "onednn" if _onednn_fp32_linear() else "blas",
+        "bf16_inference_linear": "onednn" if _onednn_bf16_inference() else "aten",
+        "bf16_inference_attention": "sdpa" if _cpu_has_amx() else "math",
+        "bf16_training_attention": "math",
+    }
+
+
 @functools.cache
 def _cpu_vendor() -> str:
     """The CPU's vendor id from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...); '' where unknown."""
+    return _cpu_info_field("vendor_id")
+
+
+@functools.cache
+def _cpu_info_field(name: str) -> str:
+    """The first `name : value` field of /proc/cpuinfo ('vendor_id', 'model name', ...); '' where unknown."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
