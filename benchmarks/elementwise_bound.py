@@ -12,8 +12,8 @@ meaningless and only the times count. Each variant removes one piece, and `all` 
 - `no-gate`: the gated residual x + gate * branch replaced by x + branch;
 - `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v, ditkit's matmul form of
   attention (in cache-sized batch slices on CPU) without the softmax. That is ditkit's own path in bf16
-  on CPU, the case this script is for; where ditkit picks SDPA (fp32, GPUs) the row swaps a fused kernel
-  for two matmuls, and is no bound;
+  on CPU, the case this script is for; where ditkit picks SDPA (fp32, GPUs, and bf16 inference on CPUs
+  with AMX) the row swaps a fused kernel for two matmuls, and its forward is no bound;
 - `no-gelu`: the MLP's GELU dropped (fc1 runs as a plain linear, also in inference).
 
 A removed piece costs nothing, which no kernel achieves, so the `all` row is an upper bound on what

@@ -303,12 +303,15 @@ def test_generate_batch_size_changes_only_stochastic_samplers_without_sample_see
 
     for options in ({"sampler": "euler"}, {"sampler": "dpmpp_2m"}, {"sampler": "ddim", "eta": 0.0}):
         whole, split = both(**options)
-        torch.testing.assert_close(split, whole, rtol=0, atol=1e-5, msg=str(options))
+        # Not bitwise: fp32 GEMMs round differently at another batch size. Through MKL (Intel CPUs) the
+        # images differed by about 1e-5 (9.3e-6 in one run, more in others); other noise moves them > 0.1.
+        torch.testing.assert_close(split, whole, rtol=0, atol=1e-4, msg=str(options))
     for options in ({"sampler": "ddpm"}, {"sampler": "ddim", "eta": 1.0}, {"sampler": "euler_maruyama"}):
         whole, split = both(**options)
         assert (whole - split).abs().max() > 0.1, options  # the same images would need per-sample noise
         whole, split = both(sample_seeds=list(range(10, 17)), **options)
-        torch.testing.assert_close(split, whole, rtol=0, atol=1e-5, msg=str(options))
+        # (not bitwise either, as above)
+        torch.testing.assert_close(split, whole, rtol=0, atol=1e-4, msg=str(options))
 
 
 def test_generate_passes_eta_only_to_samplers_that_take_it(tiny_model):

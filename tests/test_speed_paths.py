@@ -276,7 +276,11 @@ def test_bf16_inference_linear_through_onednn_matches_f_linear(monkeypatch, bias
             assert layer(x[:0]).shape == (0, 20, 96) and len(calls) == 1  # oneDNN has no empty-batch primitive
     with torch.no_grad():
         assert layer(x).dtype == torch.float32  # fp32 without autocast: not this route
-    assert len(calls) == 1 or layers._onednn_fp32_linear()
+        with pytest.raises(RuntimeError):  # bf16 input, fp32 weights, no autocast: F.linear's error, kept
+            layer(x.bfloat16())
+        bf16_layer = Linear(64, 96, bias=bias).bfloat16()  # a bf16 model without autocast takes the route
+        assert bf16_layer(x.bfloat16()).dtype == torch.bfloat16
+    assert len(calls) == 2 or layers._onednn_fp32_linear()
 
 
 @pytest.mark.parametrize("amx", [False, True])

@@ -209,12 +209,20 @@ class Linear(nn.Linear):
                 and _onednn_fp32_linear()
             ):
                 return _OneDNNLinear.apply(x, self.weight, self.bias)
-            if compute_dtype(x) == torch.bfloat16 and _onednn_bf16_inference() and not _needs_grad(x, self):
+            if _bf16_matmul(x, self.weight) and _onednn_bf16_inference() and not _needs_grad(x, self):
                 # (a cache of the bf16 weights across calls measured no faster: S/2 forward 439 vs 438 ms)
                 bias = None if self.bias is None else self.bias.to(torch.bfloat16)
                 weight = self.weight.to(torch.bfloat16)
                 return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `F.linear(x, weight)` would run in bf16: under bf16 autocast, or with both already bf16
+    (a bf16 input to fp32 weights without autocast stays an error, as in `F.linear`)."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype in (torch.float32, torch.bfloat16)
+    return x.dtype == weight.dtype == torch.bfloat16
 
 
 def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
