@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from . import cpu_kernels, fused
 
 __all__ = [
     "sincos_pos_embed_2d",
@@ -90,6 +90,9 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     out = fused.norm_modulate(x, shift, scale, eps, dtype)  # one pass on a GPU (see `fused`)
     if out is not None:
         return out
+    out = cpu_kernels.norm_modulate(x, shift, scale, eps, dtype)  # one compiled pass on CPU (see `cpu_kernels`)
+    if out is not None:
+        return out
     if dtype == x.dtype:
         return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
     with torch.autocast(x.device.type, enabled=False):  # CUDA autocast would put the norm back in fp32
@@ -100,6 +103,8 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """adaLN-Zero's x + gate * branch with a per-sample gate (N, D), in one pass; x keeps its dtype."""
     out = fused.gated_residual(x, gate, branch)  # a GPU kernel that also fuses the backward (see `fused`)
+    if out is None:
+        out = cpu_kernels.gated_residual(x, gate, branch)  # a compiled CPU pass (see `cpu_kernels`)
     if out is not None:
         return out
     return torch.addcmul(x, gate.unsqueeze(1).to(branch.dtype), branch)
@@ -350,7 +355,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._fused_fc1(x) if self.dwconv is None else None
         if h is None:
-            h = self.act(self.fc1(x))  # (N, T', hidden)
+            h = self._activation(self.fc1(x))  # (N, T', hidden)
         if self.dwconv is not None:
             n, (gh, gw) = h.shape[0], self.grid
             tokens = gh * gw
@@ -358,6 +363,18 @@ class Mlp(nn.Module):
             img = self.act(self.dwconv(img)).flatten(2).transpose(1, 2)  # (N, T, hidden)
             h = torch.cat([img, h[:, tokens:]], dim=1)  # (N, T', hidden)
         return self.fc2(h)
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        """self.act(h); the tanh-GELU on CPU through ditkit's compiled kernel (`cpu_kernels`), which is
+        3x PyTorch's speed there, unless a hook watches the activation module."""
+        if (
+            self.act.approximate == "tanh"
+            and h.device.type == "cpu"
+            and not torch.compiler.is_compiling()  # first: Dynamo cannot trace the hook check
+            and not _has_hooks(self.act)
+        ):
+            return cpu_kernels.gelu_tanh(h)
+        return self.act(h)
 
     def _fused_fc1(self, x: torch.Tensor) -> torch.Tensor | None:
         """act(fc1(x)) as one matmul with the GELU fused in, for inference; else None.

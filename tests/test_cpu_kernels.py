@@ -1,0 +1,239 @@
+"""ditkit's compiled CPU kernels (`ditkit.models.cpu_kernels`): the same numbers as PyTorch's ops and an fp64
+reference, values and gradients, the fall-backs where they do not apply, and the build's cache and errors."""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditkit.models import cpu_kernels, layers
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.load_library() is None, reason="no C compiler to build the kernels")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _gelu_tanh_fp64(x: torch.Tensor) -> torch.Tensor:
+    """The tanh-GELU in fp64 as x * sigmoid(2u), the same function as 0.5 x (1 + tanh(u)) without its
+    cancellation for large negative x (where even fp64's 1 + tanh(u) reads 0)."""
+    x = x.double()
+    return x * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3))
+
+
+@needs_kernels
+def test_gelu_tanh_matches_pytorch_in_fp32_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 257, generator=g) * 3).requires_grad_()  # odd size: the vector loop's remainder
+    y = cpu_kernels.gelu_tanh(x)
+    assert y.grad_fn is not None and "GeluTanh" in type(y.grad_fn).__name__  # the kernel really ran
+    ref = F.gelu(x, approximate="tanh")
+    assert _rel(y, ref) < 1e-6
+    w = torch.randn(x.shape, generator=g)
+    (grad,) = torch.autograd.grad((y * w).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), x)
+    assert _rel(grad, ref_grad) < 1e-6
+    # Against fp64: within a few fp32 roundings, as PyTorch's kernel (values 4.3e-7 there, ours 5.2e-7;
+    # gradients times w 3.0e-6 there, ours 5.2e-6: the inlined exp's 2e-7 shows through the derivative).
+    xd = x.detach().double().requires_grad_()
+    exact = F.gelu(xd, approximate="tanh")
+    (exact_grad,) = torch.autograd.grad((exact * w.double()).sum(), xd)
+    assert (y.detach().double() - exact).abs().max() < 1e-6
+    assert (grad.double() - exact_grad).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_gelu_tanh_in_bf16_is_within_one_rounding_of_pytorch():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, 1000, generator=g) * 3).bfloat16().requires_grad_()
+    y = cpu_kernels.gelu_tanh(x)
+    ref = F.gelu(x, approximate="tanh")
+    assert y.dtype == torch.bfloat16
+    exact = _gelu_tanh_fp64(x.detach())
+    ours_error, their_error = (y.double() - exact).abs(), (ref.double() - exact).abs()
+    # Each value within one bf16 unit in the last place of the exact one, or no further off than PyTorch's
+    # (in the far negative tail PyTorch's 1 + tanh(u) cancels and is the less accurate of the two); below
+    # x = -10.5 the clamped exp leaves x e^-88, under 1e-36 from the exact value (PyTorch gives -0 there).
+    assert (ours_error <= torch.maximum(exact.abs() * 2**-7, their_error).clamp_min(1e-36)).all()
+    assert ours_error.max() <= their_error.max()
+    w = torch.randn(x.shape, generator=g).bfloat16()
+    (grad,) = torch.autograd.grad((y * w).float().sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref * w).float().sum(), x)
+    assert grad.dtype == torch.bfloat16 and _rel(grad, ref_grad) < 4e-3  # bf16 rounding of both
+
+
+@needs_kernels
+def test_gelu_tanh_special_values_and_second_derivative():
+    x = torch.tensor([float("nan"), float("inf"), -100.0, -10.0, 0.0, 10.0, 100.0])
+    y = cpu_kernels.gelu_tanh(x)
+    assert y[0].isnan() and y[1] == float("inf") and y[4] == 0 and y[5] == 10 and y[6] == 100
+    assert y[2].abs() < 1e-30 and y[3].abs() < 1e-30  # the clamped exp: sigmoid is 0 there in fp32 anyway
+    x = torch.randn(50, dtype=torch.float32, requires_grad=True)
+    (grad,) = torch.autograd.grad(cpu_kernels.gelu_tanh(x).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), x)  # create_graph: PyTorch's differentiable formula
+    xr = x.detach().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(F.gelu(xr, approximate="tanh").sum(), xr, create_graph=True)
+    (ref_second,) = torch.autograd.grad(ref_grad.sum(), xr)
+    torch.testing.assert_close(second, ref_second)
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_norm_modulate_kernel_matches_fp64_values_and_gradients(out_dtype):
+    g = torch.Generator().manual_seed(2)
+    x, shift, scale = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((3, 37, 96), (3, 96), (3, 96)))
+    x = x * 2 + 0.5
+    w = torch.randn(3, 37, 96, generator=g, dtype=torch.float64)
+    exact = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    ref = F.layer_norm(exact[0], (96,), eps=1e-6) * (1 + exact[2][:, None]) + exact[1][:, None]
+    ref_grads = torch.autograd.grad((ref * w).sum(), exact)
+    ours = [t.float().requires_grad_() for t in (x, shift, scale)]
+    out = cpu_kernels.norm_modulate(*ours, 1e-6, out_dtype)
+    assert out is not None and out.dtype == out_dtype
+    grads = torch.autograd.grad((out.double() * w).sum(), ours)
+    bound = 1e-6 if out_dtype == torch.float32 else 4e-3  # fp32 arithmetic; bf16 rounds the output once
+    assert _rel(out, ref) < bound
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == torch.float32 and _rel(grad, ref_grad) < max(bound, 1e-6)
+
+
+@needs_kernels
+def test_norm_modulate_through_layers_under_autocast_takes_the_kernel_and_keeps_dtypes():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 64, generator=g, requires_grad=True)
+    shift = torch.randn(2, 64, generator=g).bfloat16().requires_grad_()  # autocast's adaLN output
+    scale = torch.randn(2, 64, generator=g).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layers.norm_modulate(x, shift, scale)
+    assert out.dtype == torch.bfloat16 and "NormModulate" in type(out.grad_fn).__name__
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and shift.grad.dtype == scale.grad.dtype == torch.bfloat16
+
+
+@needs_kernels
+@pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
+def test_gated_residual_kernel_matches_fp64_values_and_gradients(branch_dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 41, 80, generator=g).requires_grad_()
+    gate = torch.randn(3, 80, generator=g).to(branch_dtype).requires_grad_()
+    branch = torch.randn(3, 41, 80, generator=g).to(branch_dtype).requires_grad_()
+    w = torch.randn(3, 41, 80, generator=g)
+    out = cpu_kernels.gated_residual(x, gate, branch)
+    assert out is not None and out.dtype == torch.float32
+    ref = x.double() + gate.double()[:, None] * branch.double()
+    assert _rel(out, ref) < 1e-7
+    grads = torch.autograd.grad((out * w).sum(), (x, gate, branch))
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), (x, gate, branch))
+    for grad, ref_grad, param in zip(grads, ref_grads, (x, gate, branch)):
+        assert grad.dtype == param.dtype and _rel(grad, ref_grad) < (1e-6 if grad.dtype == torch.float32 else 4e-3)
+
+
+@needs_kernels
+def test_kernels_step_aside_where_they_do_not_apply():
+    x = torch.randn(2, 8, 16)
+    v = torch.randn(2, 16)
+    assert cpu_kernels.norm_modulate(x.transpose(1, 2).contiguous().transpose(1, 2), v, v, 1e-6, torch.float32) is None
+    assert cpu_kernels.norm_modulate(x.half(), v, v, 1e-6, torch.float16) is None
+    assert cpu_kernels.norm_modulate(x, v[:1], v, 1e-6, torch.float32) is None  # not one vector per sample
+    assert cpu_kernels.norm_modulate(x[:0], v[:0], v[:0], 1e-6, torch.float32) is None  # empty batch
+    assert cpu_kernels.gated_residual(x, v, x.half()) is None
+    assert cpu_kernels.gated_residual(x.bfloat16(), v, x) is None  # a bf16 residual stream: PyTorch's op
+    half = torch.randn(10).half()
+    assert cpu_kernels.gelu_tanh(half).dtype == torch.float16  # PyTorch's GELU
+    assert cpu_kernels.gelu_tanh(torch.randn(0)).shape == (0,)
+
+
+def test_everything_falls_back_when_the_kernels_are_off(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    cpu_kernels.load_library.cache_clear()
+    try:
+        assert cpu_kernels.load_library() is None
+        x = torch.randn(2, 8, 16)
+        v = torch.randn(2, 16)
+        assert cpu_kernels.norm_modulate(x, v, v, 1e-6, torch.float32) is None
+        assert cpu_kernels.gated_residual(x, v, x) is None
+        y = cpu_kernels.gelu_tanh(x.requires_grad_())
+        assert "GeluTanh" not in type(y.grad_fn).__name__
+        torch.testing.assert_close(
+            layers.norm_modulate(x, v, v), F.layer_norm(x, (16,), eps=1e-6) * (1 + v[:, None]) + v[:, None]
+        )
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.load_library.cache_clear()
+
+
+def test_a_missing_compiler_or_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    cpu_kernels.load_library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler found"):
+            assert cpu_kernels.load_library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_kernels.load_library() is None  # cached: warned once
+        if cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc"):
+            monkeypatch.undo()
+            broken = tmp_path / "broken.c"
+            broken.write_text("this is not C\n")
+            monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+            monkeypatch.setenv("DITKIT_CACHE_DIR", str(tmp_path / "cache"))
+            cpu_kernels.load_library.cache_clear()
+            with pytest.warns(RuntimeWarning, match=r"building its CPU kernels failed.*broken\.c"):
+                assert cpu_kernels.load_library() is None
+            assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.load_library.cache_clear()
+
+
+@needs_kernels
+def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("DITKIT_CACHE_DIR", str(tmp_path))
+    cc = cpu_kernels._compiler()
+    first = cpu_kernels._build(cc)
+    assert first.is_file() and first.is_relative_to(tmp_path / "cpu_kernels")
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels._build(cc) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "another CPU")
+    other = cpu_kernels._build(cc)
+    assert other != first and other.is_file()  # -march=native output is never shared between CPUs
+
+
+@needs_kernels
+def test_loading_the_library_leaves_the_floating_point_mode_alone(tmp_path):
+    """A library built with -ffast-math sets flush-to-zero for the whole process when it loads (GCC < 13)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "tiny = torch.tensor([1e-39]) * torch.tensor([1.0])\n"  # a subnormal survives unless FTZ/DAZ is set
+        "from ditkit.models import cpu_kernels\n"
+        "assert cpu_kernels.load_library() is not None\n"
+        "after = torch.tensor([1e-39]) * torch.tensor([1.0])\n"
+        "print(tiny.item() > 0, after.item() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
+@needs_kernels
+def test_the_library_exports_every_kernel_with_its_signature():
+    lib = cpu_kernels.load_library()
+    assert isinstance(lib, ctypes.CDLL)
+    for name in (
+        "ditkit_gelu_tanh_f32",
+        "ditkit_gelu_tanh_bf16",
+        "ditkit_gelu_tanh_backward_f32",
+        "ditkit_gelu_tanh_backward_bf16",
+        "ditkit_norm_modulate",
+        "ditkit_norm_modulate_backward",
+        "ditkit_gated_residual",
+        "ditkit_gated_residual_backward",
+    ):
+        assert getattr(lib, name).argtypes, name
