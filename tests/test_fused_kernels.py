@@ -23,6 +23,15 @@ DEVICE = "cuda" if CUDA else "cpu"
 cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def plain_ops_on_cpu(monkeypatch):
+    """The plain route these kernels are compared with is PyTorch's ops: ditkit's compiled CPU kernels
+    (`models.cpu_kernels`, tested in test_cpu_kernels.py) would otherwise take it on CPU."""
+    from ditkit.models import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "load_library", lambda: None)
+
+
 @pytest.fixture
 def kernels():
     """The Triton kernel module, interpreted on CPU when there is no GPU; skips where Triton is missing.

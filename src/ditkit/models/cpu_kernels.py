@@ -1,10 +1,11 @@
-"""Compiled CPU kernels for elementwise work that eager PyTorch runs slowly: the tanh-GELU and its gradient.
+"""Compiled CPU kernels for elementwise work that eager PyTorch runs slowly: the tanh-GELU, LayerNorm + adaLN
+modulation and adaLN-Zero's gated residual, forward and backward.
 
 PyTorch's CPU tanh-GELU is several times slower than its erf GELU (on an Intel Xeon with AMX: 6.0 ms
-forward and 6.3 ms backward for a (4096, 1536) bf16 activation, against 2.0 and 2.2 ms here), and it
-is the largest elementwise cost of a DiT training step there (docs/speed.md). `_cpu_kernels.c` computes
-it as x * sigmoid(2u) with an inlined exp, in fp32, vectorised by the C compiler for the machine it runs
-on.
+forward and 6.3 ms backward for a (4096, 1536) bf16 activation, against 1.7 and 2.2 ms here), and it was
+the largest elementwise cost of a DiT training step there; the norm + modulation and the gated residual
+each take several PyTorch ops and passes over memory where one loop suffices (docs/speed.md).
+`_cpu_kernels.c` computes them in fp32, vectorised by the C compiler for the machine it runs on.
 
 The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) into a cache
 directory (`$DITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/ditkit`, else `~/.cache/ditkit`), keyed by the
@@ -36,8 +37,9 @@ __all__ = ["cpu_kernels_enabled", "load_library", "gelu_tanh", "norm_modulate", 
 
 ENV = "DITKIT_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-FLAGS += ["-fPIC", "-shared"]
+FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+if platform.machine().lower() in ("x86_64", "amd64"):  # the options below are x86's (AVX-512 where present)
+    FLAGS += ["-march=native", "-mprefer-vector-width=512"]
 """Vectorised loops without -ffast-math: with it, GCC before 13 links crtfastmath.o into shared libraries,
 which sets flush-to-zero for the whole process when the library loads (tested: the library leaves the
 FPU's mode alone). The reductions vectorise through `omp simd`; -march=native builds for this CPU only."""
