@@ -234,6 +234,27 @@ def test_cpu_paths_name_the_route_of_each_choice(monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    ("processor", "expected"),
+    [
+        ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "GenuineIntel"),
+        ("AMD64 Family 25, AuthenticAMD", "AuthenticAMD"),
+        ("", ""),
+    ],
+)
+def test_cpu_vendor_falls_back_to_the_processor_name_without_proc(monkeypatch, processor, expected):
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_cpu_info_field", lambda name: "")  # no /proc/cpuinfo (Windows, macOS)
+    monkeypatch.setattr(layers.platform, "processor", lambda: processor)
+    layers._cpu_vendor.cache_clear()
+    try:
+        assert layers._cpu_vendor() == expected
+    finally:
+        monkeypatch.undo()
+        layers._cpu_vendor.cache_clear()
+
+
 def test_cpu_vendor_reads_proc_cpuinfo():
     from ditkit.models import layers
 
@@ -308,13 +329,14 @@ def test_cpu_bf16_attention_takes_sdpa_for_inference_on_amx_only(monkeypatch, am
     assert attention(q.half(), k.half(), v.half(), "auto").dtype == torch.float16 and len(calls) == (1 if amx else 0)
 
 
-def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "cross-attn", "in-context"])
+def test_dit_fp32_fast_paths_match_the_plain_path(monkeypatch, block_type):
     """Training gradients and inference outputs with every fp32 fast path on vs all of them off (the oneDNN
     linears and the compiled CPU kernels for the GELU, norm + modulation and gated residual)."""
     from ditkit.models import layers
 
     torch.manual_seed(0)
-    model = _live_dit()
+    model = _live_dit(block_type=block_type)
     x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5) * 999, torch.randint(0, 10, (5,))
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import functools
 import itertools
 import math
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -450,8 +451,13 @@ def cpu_paths() -> dict[str, object]:
 
 @functools.cache
 def _cpu_vendor() -> str:
-    """The CPU's vendor id from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...); '' where unknown."""
-    return _cpu_info_field("vendor_id")
+    """The CPU's vendor id from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...), else from the name
+    `platform.processor()` gives where there is no /proc (Windows: '... GenuineIntel'); '' where unknown."""
+    vendor = _cpu_info_field("vendor_id")
+    if not vendor:
+        name = platform.processor()
+        vendor = next((v for v in ("GenuineIntel", "AuthenticAMD") if v in name), "")
+    return vendor
 
 
 @functools.cache
