@@ -237,3 +237,96 @@ def test_the_library_exports_every_kernel_with_its_signature():
         "ditkit_gated_residual_backward",
     ):
         assert getattr(lib, name).argtypes, name
+
+
+@needs_kernels
+def test_buffers_do_not_follow_the_process_default_dtype():
+    """The C code writes fp32: its buffers must be fp32 whatever torch's default dtype (float64 gave
+    garbage gradients without an error)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 16, generator=g, requires_grad=True)
+    shift, scale, gate = (torch.randn(2, 16, generator=g, requires_grad=True) for _ in range(3))
+    branch = torch.randn(2, 6, 16, generator=g, requires_grad=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = cpu_kernels.norm_modulate(x, shift, scale, 1e-6, torch.float32)
+        grads = torch.autograd.grad(out.sum(), (x, shift, scale))
+        res = cpu_kernels.gated_residual(x, gate, branch)
+        gate_grad = torch.autograd.grad(res.sum(), gate)[0]
+    finally:
+        torch.set_default_dtype(previous)
+    torch.testing.assert_close(grads[1], torch.full((2, 16), 6.0))  # d(sum)/d(shift) = T
+    torch.testing.assert_close(gate_grad, branch.detach().sum(1))
+    assert grads[0].dtype == torch.float32 and torch.isfinite(grads[2]).all()
+
+
+@needs_kernels
+def test_gelu_second_derivative_reaches_a_non_contiguous_input():
+    x = torch.randn(6, 5, dtype=torch.float32).t().requires_grad_()  # transposed: not contiguous
+    (grad,) = torch.autograd.grad(cpu_kernels.gelu_tanh(x).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    xr = x.detach().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(F.gelu(xr, approximate="tanh").sum(), xr, create_graph=True)
+    torch.testing.assert_close(second, torch.autograd.grad(ref_grad.sum(), xr)[0])
+
+
+@needs_kernels
+def test_torch_func_transforms_take_pytorchs_ops():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 8, generator=g)
+    v = torch.randn(2, 8, generator=g)
+
+    def loss(x):
+        h = cpu_kernels.norm_modulate(x, v, v, 1e-6, torch.float32)
+        h = layers.norm_modulate(x, v, v) if h is None else h
+        r = cpu_kernels.gated_residual(x, v, h)
+        r = layers.gated_residual(x, v, h) if r is None else r
+        return cpu_kernels.gelu_tanh(r).sum()
+
+    grad = torch.func.grad(loss)(x)
+    xr = x.clone().requires_grad_()
+    h = F.layer_norm(xr, (8,), eps=1e-6) * (1 + v[:, None]) + v[:, None]
+    (ref,) = torch.autograd.grad(F.gelu(xr + v[:, None] * h, approximate="tanh").sum(), xr)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+    batched = torch.func.vmap(lambda r: cpu_kernels.gelu_tanh(r))(x)
+    torch.testing.assert_close(batched, F.gelu(x, approximate="tanh"))
+
+
+def test_mlp_activation_keeps_module_semantics():
+    """Hooks on the activation module (backward ones too) still fire, and a swapped-in activation runs."""
+    torch.manual_seed(0)
+    mlp = layers.Mlp(8, 16)
+    fired = []
+    mlp.act.register_full_backward_hook(lambda *args: fired.append("backward"))
+    mlp(torch.randn(2, 3, 8, requires_grad=True)).sum().backward()
+    assert fired == ["backward"]
+    mlp.act = torch.nn.SiLU()
+    x = torch.randn(2, 3, 8)
+    expected = mlp.fc2(F.silu(mlp.fc1(x)))
+    torch.testing.assert_close(mlp(x), expected)  # training path
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected)  # inference path (no fused GELU post-op)
+
+
+@needs_kernels
+def test_gelu_is_zero_far_below_like_pytorch():
+    x = torch.tensor([-3e38, -1e20, float("-inf")])
+    y = cpu_kernels.gelu_tanh(x)
+    assert y[0] == 0 and y[1] == 0 and y[2].isnan()  # PyTorch: -0, -0, nan
+
+
+@needs_kernels
+def test_the_cached_library_is_readable_by_other_users(monkeypatch, tmp_path):
+    monkeypatch.setenv("DITKIT_CACHE_DIR", str(tmp_path))
+    library = cpu_kernels._build(cpu_kernels._compiler())
+    assert library.stat().st_mode & 0o755 == 0o755  # mkstemp's 0600 would keep it to its builder
+
+
+def test_cc_may_carry_arguments(monkeypatch):
+    monkeypatch.setenv("CC", "env gcc")  # as 'ccache gcc' would
+    cc = cpu_kernels._compiler()
+    assert cc is not None and cc[0].endswith("env") and cc[1:] == ["gcc"]
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    cc = cpu_kernels._compiler()
+    assert cc is None or cc[0].endswith("gcc")  # falls back to gcc where there is one

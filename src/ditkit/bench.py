@@ -482,7 +482,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
     if device.type == "cuda":
         state = fused_state(results["fused_kernels"], results["gelu_epilogue"], settings.compile)
         progress(f"ditkit's fused GPU kernels: {state}")
-    else:
+    elif device.type == "cpu":
         paths = results["cpu_paths"]
         progress(
             f"CPU: {paths['cpu_model'] or 'unknown model'} (AMX: {'yes' if paths['amx'] else 'no'}); ditkit's "

@@ -12,8 +12,9 @@
  *           = x * sigmoid(2u)       (since 0.5 (1 + tanh(u)) = sigmoid(2u))
  *   gelu'(x) = s + x s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2),  s = sigmoid(2u)
  * The sigmoid form needs one exp per element and vectorises; the argument is clamped to +-88 so the
- * exp stays finite (sigmoid is 0 or 1 to fp32 precision well before that), and NaN inputs still give
- * NaN because the result is a product with x (and, in the backward, with the incoming gradient).
+ * exp stays finite (sigmoid is 0 or 1 to fp32 precision well before that; below -88 it is set to 0),
+ * and NaN inputs still give NaN because the result is a product with x (and, in the backward, with the
+ * incoming gradient).
  */
 #include <math.h>
 #include <stdint.h>
@@ -63,8 +64,9 @@ static inline float exp_clamped(float x) {
 
 static inline float sigmoid_2u(float x) {
     float z = 2.0f * SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
-    z = z > 88.0f ? 88.0f : (z < -88.0f ? -88.0f : z);
-    return 1.0f / (1.0f + exp_clamped(-z));
+    float zc = z > 88.0f ? 88.0f : (z < -88.0f ? -88.0f : z);
+    float s = 1.0f / (1.0f + exp_clamped(-zc));
+    return z < -88.0f ? 0.0f : s; /* exactly 0 below, so x * s is -0 even for x near -FLT_MAX */
 }
 
 static inline float gelu_grad(float x) {

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +45,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):  # the options below are x
 which sets flush-to-zero for the whole process when the library loads (tested: the library leaves the
 FPU's mode alone). The reductions vectorise through `omp simd`; -march=native builds for this CPU only."""
 _lock = threading.Lock()
+_TEMP_PREFIX = "ditkit-kernels-"
 
 
 def cpu_kernels_enabled() -> bool:
@@ -72,14 +74,19 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{fields.get('model name', '')}|{fields.get('flags', '')}"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC", "cc")
-    return shutil.which(cc) or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler's command line: `$CC` (which may carry arguments, e.g. 'ccache gcc'), else cc or gcc."""
+    words = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    found = shutil.which(words[0])
+    if found:
+        return [found, *words[1:]]
+    found = shutil.which("gcc")
+    return [found] if found else None
 
 
-def _build(cc: str) -> Path:
+def _build(cc: list[str]) -> Path:
     """Compile the C source into the cache (once per source, flags, compiler and CPU); the library's path."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
         b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
@@ -90,15 +97,16 @@ def _build(cc: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         out_dir = target.parent
     except OSError:  # a read-only home: build for this process only
-        out_dir = Path(tempfile.mkdtemp(prefix="ditkit-kernels-"))
+        out_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
         target = out_dir / target.name
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [*cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: other users sharing the cache must be able to load it
         os.replace(tmp, target)  # atomic: concurrent builders each put a whole library in place
     finally:
         if os.path.exists(tmp):
@@ -114,7 +122,7 @@ def load_library() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         warnings.warn(
-            f"ditkit: no C compiler found ($CC or cc), so its CPU kernels are off and PyTorch's slower tanh-GELU "
+            f"ditkit: no C compiler found ($CC, cc or gcc), so its CPU kernels are off and PyTorch's slower tanh-GELU "
             f"runs; install gcc, or set {ENV}=0 to silence this",
             RuntimeWarning,
             stacklevel=2,
@@ -122,7 +130,10 @@ def load_library() -> ctypes.CDLL | None:
         return None
     try:
         with _lock:
-            lib = ctypes.CDLL(str(_build(cc)))
+            path = _build(cc)
+            lib = ctypes.CDLL(str(path))
+            if path.parent.name.startswith(_TEMP_PREFIX):  # a per-process build: loaded, so not needed on disk
+                shutil.rmtree(path.parent, ignore_errors=True)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(
             f"ditkit: building its CPU kernels failed, PyTorch's kernels run instead ({exc}); set {ENV}=0 to "
@@ -156,16 +167,27 @@ def _run(fn, inputs: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A plain tensor: not a subclass, and not one of torch.func's wrappers (grad, vmap), which report
+    themselves as `torch.Tensor` but whose transforms these autograd functions do not support."""
+    if type(t) is not torch.Tensor:
+        return False
+    try:
+        return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    except AttributeError:  # another PyTorch: no functorch introspection
+        return True
+
+
 def _usable(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _SUFFIX and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in _SUFFIX and _plain(x)
 
 
 class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         lib = load_library()
+        ctx.save_for_backward(x)  # the input itself: a second derivative must reach it (see backward)
         x = x.contiguous()
-        ctx.save_for_backward(x)
         return _run(getattr(lib, f"ditkit_gelu_tanh_{_SUFFIX[x.dtype]}"), [x], torch.empty_like(x))
 
     @staticmethod
@@ -173,7 +195,7 @@ class _GeluTanh(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # backward(create_graph=True): PyTorch's formula, which is differentiable
             return torch.ops.aten.gelu_backward(grad.to(x.dtype), x, approximate="tanh")
-        grad = grad.to(x.dtype).contiguous()
+        grad, x = grad.to(x.dtype).contiguous(), x.contiguous()
         fn = getattr(load_library(), f"ditkit_gelu_tanh_backward_{_SUFFIX[x.dtype]}")
         return _run(fn, [grad, x], torch.empty_like(x))
 
@@ -196,10 +218,10 @@ class _NormModulate(torch.autograd.Function):
     def forward(ctx, x, shift, scale, eps: float, out_dtype: torch.dtype):
         n, t, d = x.shape
         shift32, scale32 = shift.float().contiguous(), scale.float().contiguous()
-        out = torch.empty(n, t, d, dtype=out_dtype)
+        out = torch.empty(n, t, d, dtype=out_dtype, device=x.device)  # never the process's default dtype/device
         train = any(ctx.needs_input_grad[:3])
-        mean = torch.empty(n, t) if train else None
-        rstd = torch.empty(n, t) if train else None
+        mean = torch.empty(n, t, dtype=torch.float32, device=x.device) if train else None
+        rstd = torch.empty(n, t, dtype=torch.float32, device=x.device) if train else None
         load_library().ditkit_norm_modulate(
             x.data_ptr(), shift32.data_ptr(), scale32.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16),
             _ptr(mean), _ptr(rstd), n, t, d, eps,
@@ -218,7 +240,8 @@ class _NormModulate(torch.autograd.Function):
             grad = grad.float()
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
-        grad_scale, grad_shift = torch.empty(n, d), torch.empty(n, d)
+        grad_scale = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        grad_shift = torch.empty(n, d, dtype=torch.float32, device=x.device)
         load_library().ditkit_norm_modulate_backward(
             grad.data_ptr(), int(grad.dtype == torch.bfloat16), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             scale32.data_ptr(), grad_x.data_ptr(), grad_scale.data_ptr(), grad_shift.data_ptr(), n, t, d,
@@ -230,14 +253,14 @@ class _NormModulate(torch.autograd.Function):
 def _applies(x: torch.Tensor, per_sample: tuple[torch.Tensor, ...]) -> bool:
     """Whether the compiled (N, T, D) kernels take x: fp32, contiguous, on CPU, (N, D) per-sample vectors."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # first: Dynamo cannot trace the checks below (PyTorch's ops run)
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 3
         and x.numel() > 0
         and x.is_contiguous()
-        and type(x) is torch.Tensor
-        and all(v.shape == (x.shape[0], x.shape[2]) and v.device.type == "cpu" for v in per_sample)
-        and not torch.compiler.is_compiling()
+        and _plain(x)
+        and all(v.shape == (x.shape[0], x.shape[2]) and v.device.type == "cpu" and _plain(v) for v in per_sample)
         and load_library() is not None
     )
 
@@ -280,7 +303,7 @@ class _GatedResidual(torch.autograd.Function):
         n, t, d = branch.shape
         grad32 = grad.float().contiguous()
         grad_branch = torch.empty_like(branch)
-        grad_gate = torch.empty(n, d)
+        grad_gate = torch.empty(n, d, dtype=torch.float32, device=branch.device)
         load_library().ditkit_gated_residual_backward(
             grad32.data_ptr(), gate32.data_ptr(), branch.data_ptr(), int(branch.dtype == torch.bfloat16),
             grad_branch.data_ptr(), grad_gate.data_ptr(), n, t, d,
@@ -293,5 +316,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     writing fp32, or None where the kernel does not apply. The product is formed in fp32 (as ditkit's eager
     `addcmul` does). Backward compiled too; no second derivative."""
     if branch.shape != x.shape or branch.dtype not in (torch.float32, torch.bfloat16) or not _applies(x, (gate,)):
+        return None
+    if not _plain(branch):
         return None
     return _GatedResidual.apply(x, gate, branch)

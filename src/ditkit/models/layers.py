@@ -369,10 +369,11 @@ class Mlp(nn.Module):
         """self.act(h); the tanh-GELU on CPU through ditkit's compiled kernel (`cpu_kernels`), which is
         3x PyTorch's speed there, unless a hook watches the activation module."""
         if (
-            self.act.approximate == "tanh"
+            isinstance(self.act, nn.GELU)  # a user may swap in another activation module
+            and self.act.approximate == "tanh"
             and h.device.type == "cpu"
             and not torch.compiler.is_compiling()  # first: Dynamo cannot trace the hook check
-            and not _has_hooks(self.act)
+            and not _has_hooks(self.act, backward=True)
         ):
             return cpu_kernels.gelu_tanh(h)
         return self.act(h)
@@ -397,6 +398,8 @@ class Mlp(nn.Module):
         # Under torch.compile first: Dynamo cannot trace the oneDNN capability checks, and a graph break
         # here split every block into its own graph (recompiled per block until the recompile limit).
         if torch.compiler.is_compiling() or _has_hooks(self.fc1):  # a hook on fc1 must see fc1 run
+            return None
+        if not isinstance(self.act, nn.GELU):  # the post-op is a GELU; another activation runs as itself
             return None
         dtype = compute_dtype(x)
         if x.device.type == "cuda":  # cuBLASLt's GELU epilogue is the tanh approximation only
@@ -498,15 +501,25 @@ def _onednn_bf16() -> bool:
         return False
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks (the module's own or global ones) watch `module`."""
+def _has_hooks(module: nn.Module, backward: bool = False) -> bool:
+    """Whether forward hooks (the module's own or global ones) watch `module`; with `backward`, backward
+    hooks too (they fire only when the module itself is called)."""
     from torch.nn.modules import module as module_mod
 
-    return bool(
+    forward = bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or module_mod._global_forward_hooks
         or module_mod._global_forward_pre_hooks
+    )
+    return forward or (
+        backward
+        and bool(
+            module._backward_hooks
+            or module._backward_pre_hooks
+            or module_mod._global_backward_hooks
+            or module_mod._global_backward_pre_hooks
+        )
     )
 
 
