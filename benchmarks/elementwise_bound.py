@@ -16,6 +16,10 @@ meaningless and only the times count. Each variant removes one piece, and `all` 
   with AMX) the row swaps a fused kernel for two matmuls, and its forward is no bound;
 - `no-gelu`: the MLP's GELU dropped (fc1 runs as a plain linear, also in inference).
 
+One more row goes the other way: `pytorch-ops` runs ditkit with its compiled CPU kernels
+(`ditkit.models.cpu_kernels`: GELU, norm + modulation, gated residual) off, i.e. on PyTorch's own ops,
+which is what the kernels are measured against (docs/speed.md).
+
 A removed piece costs nothing, which no kernel achieves, so the `all` row is an upper bound on what
 fusing them could give. Inference forwards run at --batch (a guided sampling step at batch 16 is one
 forward at 32), forward + backward (the training step without the optimizer) at --train-batch; the
@@ -37,6 +41,7 @@ import ditkit.models.dit as dit_module
 import ditkit.models.layers as layers
 from ditkit.bench import BenchSettings, interleaved_medians, paired_forwards, paired_models, retain_freed_memory
 from ditkit.config import MODEL_PRESETS
+from ditkit.models import cpu_kernels
 
 
 def _no_norm_mod(x, shift, scale, eps=1e-6):
@@ -99,7 +104,12 @@ def _no_gelu(model: torch.nn.Module):
 def _variant(names: tuple[str, ...], model: torch.nn.Module) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for name in names:
-        stack.enter_context(_no_gelu(model) if name == "no-gelu" else PIECES[name]())
+        if name == "no-gelu":
+            stack.enter_context(_no_gelu(model))
+        elif name == "pytorch-ops":  # ditkit's compiled CPU kernels off: PyTorch's ops instead
+            stack.enter_context(mock.patch.object(cpu_kernels, "load_library", lambda: None))
+        else:
+            stack.enter_context(PIECES[name]())
     return stack
 
 
@@ -118,6 +128,7 @@ def main() -> None:
     ours, theirs, _ = paired_models(BenchSettings(preset=args.preset, device=args.device), device)
     variants = {"ditkit": ()} | {f"ditkit {n}": (n,) for n in [*PIECES, "no-gelu"]}
     variants["ditkit all"] = (*PIECES, "no-gelu")
+    variants["ditkit pytorch-ops"] = ("pytorch-ops",)  # the other way: ditkit's CPU kernels off
 
     def timed(fns: dict[str, Callable[[], torch.Tensor]], wrap: Callable[[Callable], Callable]) -> dict[str, float]:
         calls: dict[str, Callable[[], object]] = {"diffusers": wrap(fns["diffusers"])}

@@ -295,6 +295,9 @@ def test_bf16_inference_linear_through_onednn_matches_f_linear(monkeypatch, bias
         assert calls == [x.shape] and trained.requires_grad
         with torch.no_grad():
             assert layer(x[:0]).shape == (0, 20, 96) and len(calls) == 1  # oneDNN has no empty-batch primitive
+            with pytest.raises(RuntimeError):  # autocast leaves fp64 alone: F.linear's dtype error, kept
+                layer(x.double())
+            assert len(calls) == 1
     with torch.no_grad():
         assert layer(x).dtype == torch.float32  # fp32 without autocast: not this route
         with pytest.raises(RuntimeError):  # bf16 input, fp32 weights, no autocast: F.linear's error, kept

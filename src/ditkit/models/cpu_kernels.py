@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cpu_kernels_enabled", "load_library", "gelu_tanh", "norm_modulate", "gated_residual"]
+__all__ = ["cpu_kernels_enabled", "cpu_info_field", "load_library", "gelu_tanh", "norm_modulate", "gated_residual"]
 
 ENV = "DITKIT_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("_cpu_kernels.c")
@@ -60,18 +60,24 @@ def _cache_root() -> Path:
     return Path(base).expanduser() / "ditkit"
 
 
-def _cpu_signature() -> str:
-    """The CPU model and feature flags, which -march=native compiles for."""
-    fields = {}
+@functools.cache
+def cpu_info_field(name: str) -> str:
+    """The first `name : value` field of /proc/cpuinfo ('vendor_id', 'model name', 'flags', ...); '' where
+    unknown (no /proc: Windows, macOS)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, sep, value = line.partition(":")
-                if sep and key.strip() in ("model name", "flags") and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return f"{platform.machine()}|{fields.get('model name', '')}|{fields.get('flags', '')}"
+    return ""
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags, which -march=native compiles for."""
+    return f"{platform.machine()}|{cpu_info_field('model name')}|{cpu_info_field('flags')}"
 
 
 def _compiler() -> list[str] | None:
@@ -236,9 +242,7 @@ class _NormModulate(torch.autograd.Function):
     def backward(ctx, grad):
         x, mean, rstd, scale32 = ctx.saved_tensors
         n, t, d = x.shape
-        if grad.dtype not in (torch.float32, torch.bfloat16):
-            grad = grad.float()
-        grad = grad.contiguous()
+        grad = grad.contiguous()  # in the output's dtype (fp32 or bf16), as autograd guarantees
         grad_x = torch.empty_like(x)
         grad_scale = torch.empty(n, d, dtype=torch.float32, device=x.device)
         grad_shift = torch.empty(n, d, dtype=torch.float32, device=x.device)
@@ -315,8 +319,8 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     """x + gate * branch (x fp32 (N, T, D), gate (N, D), branch (N, T, D) fp32 or bf16) as one compiled pass
     writing fp32, or None where the kernel does not apply. The product is formed in fp32 (as ditkit's eager
     `addcmul` does). Backward compiled too; no second derivative."""
-    if branch.shape != x.shape or branch.dtype not in (torch.float32, torch.bfloat16) or not _applies(x, (gate,)):
+    if branch.shape != x.shape or branch.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if not _plain(branch):
+    if not _applies(x, (gate,)) or not _plain(branch):  # _applies first: it checks for torch.compile
         return None
     return _GatedResidual.apply(x, gate, branch)

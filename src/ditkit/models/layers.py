@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels, fused
+from .cpu_kernels import cpu_info_field as _cpu_info_field
 
 __all__ = [
     "sincos_pos_embed_2d",
@@ -89,9 +90,8 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     """
     dtype = compute_dtype(x)
     out = fused.norm_modulate(x, shift, scale, eps, dtype)  # one pass on a GPU (see `fused`)
-    if out is not None:
-        return out
-    out = cpu_kernels.norm_modulate(x, shift, scale, eps, dtype)  # one compiled pass on CPU (see `cpu_kernels`)
+    if out is None:
+        out = cpu_kernels.norm_modulate(x, shift, scale, eps, dtype)  # one compiled pass on CPU (see `cpu_kernels`)
     if out is not None:
         return out
     if dtype == x.dtype:
@@ -226,8 +226,9 @@ class Linear(nn.Linear):
 def _bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `F.linear(x, weight)` would run in bf16: under bf16 autocast, or with both already bf16
     (a bf16 input to fp32 weights without autocast stays an error, as in `F.linear`)."""
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype in (torch.float32, torch.bfloat16)
+    if torch.is_autocast_enabled("cpu"):  # autocast casts fp32 (an fp64 input stays F.linear's error)
+        reduced = (torch.float32, torch.bfloat16)
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in reduced and weight.dtype in reduced
     return x.dtype == weight.dtype == torch.bfloat16
 
 
@@ -393,7 +394,7 @@ class Mlp(nn.Module):
             return None
         # oneDNN's op has no autograd formula: any gradient through fc1 (its weights, or the input when
         # the model is frozen and a gradient w.r.t. x is wanted, or earlier layers train) needs the pair.
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.fc1.parameters())):
+        if _needs_grad(x, self.fc1):
             return None
         # Under torch.compile first: Dynamo cannot trace the oneDNN capability checks, and a graph break
         # here split every block into its own graph (recompiled per block until the recompile limit).
@@ -447,8 +448,7 @@ def cpu_paths() -> dict[str, object]:
         "amx": _cpu_has_amx(),
         "fp32_linear": "onednn" if _onednn_fp32_linear() else "blas",
         "bf16_inference_linear": "onednn" if _onednn_bf16_inference() else "aten",
-        "bf16_inference_attention": "sdpa" if _cpu_has_amx() else "math",
-        "bf16_training_attention": "math",
+        "bf16_inference_attention": "sdpa" if _cpu_has_amx() else "math",  # training: always the math form
     }
 
 
@@ -461,20 +461,6 @@ def _cpu_vendor() -> str:
         name = platform.processor()
         vendor = next((v for v in ("GenuineIntel", "AuthenticAMD") if v in name), "")
     return vendor
-
-
-@functools.cache
-def _cpu_info_field(name: str) -> str:
-    """The first `name : value` field of /proc/cpuinfo ('vendor_id', 'model name', ...); '' where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
 
 
 @functools.cache
