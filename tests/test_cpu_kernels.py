@@ -157,6 +157,8 @@ def test_everything_falls_back_when_the_kernels_are_off(monkeypatch):
         v = torch.randn(2, 16)
         assert cpu_kernels.norm_modulate(x, v, v, 1e-6, torch.float32) is None
         assert cpu_kernels.gated_residual(x, v, x) is None
+        assert not cpu_kernels.amx_attention_available()
+        assert cpu_kernels.self_attention(torch.randn(2, 32, 3, 2, 64).bfloat16()) is None
         y = cpu_kernels.gelu_tanh(x.requires_grad_())
         assert "GeluTanh" not in type(y.grad_fn).__name__
         torch.testing.assert_close(
@@ -237,6 +239,11 @@ def test_the_library_exports_every_kernel_with_its_signature():
         "ditkit_gated_residual_backward",
     ):
         assert getattr(lib, name).argtypes, name
+    # the attention kernel exists in every build; it runs only where the build targets AMX
+    assert lib.ditkit_has_amx_attention.restype is ctypes.c_int32
+    if lib.ditkit_has_amx_attention():
+        for name in ("ditkit_amx_init", "ditkit_attention_amx", "ditkit_attention_amx_backward"):
+            assert getattr(lib, name).restype is not None or getattr(lib, name).argtypes, name
 
 
 @needs_kernels
@@ -330,3 +337,118 @@ def test_cc_may_carry_arguments(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     cc = cpu_kernels._compiler()
     assert cc is None or cc[0].endswith("gcc")  # falls back to gcc where there is one
+
+
+needs_amx = pytest.mark.skipif(
+    not cpu_kernels.amx_attention_available(), reason="the attention kernel needs a CPU with AMX tiles (and Linux)"
+)
+
+
+def _attention_fp64(qkv: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(D)) v of an (N, T, 3, H, D) projection in fp64: output (N, T, H, D), d/dqkv."""
+    x = qkv.detach().double().requires_grad_()
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+    out = (torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v).transpose(1, 2)
+    (g,) = torch.autograd.grad(out, x, grad.double())
+    return out.detach(), g
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("n", "t", "h", "d"),
+    [(2, 64, 3, 64), (3, 256, 6, 64), (2, 50, 2, 64), (2, 17, 1, 128), (1, 100, 2, 96), (2, 32, 2, 32)],
+)
+def test_amx_self_attention_matches_fp64_and_beats_pytorchs_bf16_form(n, t, h, d):
+    """Values and gradients against fp64, including token counts that are not whole tiles (padded inside the
+    kernel: padded keys must get no probability, padded queries must not be written)."""
+    g = torch.Generator().manual_seed(t + d)
+    qkv = (torch.randn(n, t, 3, h, d, generator=g) * 1.5).bfloat16().requires_grad_()
+    grad = torch.randn(n, t, h, d, generator=g).bfloat16()
+    out = cpu_kernels.self_attention(qkv)
+    assert out is not None and out.shape == (n, t, h, d) and out.dtype == torch.bfloat16
+    assert "SelfAttention" in type(out.grad_fn).__name__
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    exact, exact_grad = _attention_fp64(qkv, grad)
+    # PyTorch's bf16 matmul form (ditkit's 'math' attention) on the same bf16 inputs, for scale
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    theirs = layers._matmul_attention(q, k, v, None).transpose(1, 2)
+    (their_grad,) = torch.autograd.grad(theirs, qkv, grad)
+    for ours, their, ref in ((out, theirs, exact), (dqkv, their_grad, exact_grad)):
+        ours_err, their_err = _rel(ours, ref), _rel(their, ref)
+        assert ours_err < 6e-3, ours_err  # about bf16's rounding of the result (2^-9 = 2e-3 per value)
+        assert ours_err <= their_err, (ours_err, their_err)  # fp32 scores: more accurate than the bf16 form
+
+
+@needs_amx
+def test_amx_self_attention_inference_matches_training_forward():
+    qkv = torch.randn(2, 40, 3, 2, 64).bfloat16()
+    with torch.no_grad():
+        inference = cpu_kernels.self_attention(qkv)
+    training = cpu_kernels.self_attention(qkv.clone().requires_grad_())
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+
+
+@needs_amx
+def test_attention_module_takes_the_amx_kernel_and_agrees_with_the_math_form(monkeypatch):
+    torch.manual_seed(0)
+    attn = layers.Attention(128, 2)
+    x = torch.randn(2, 64, 128, requires_grad=True)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, attn.qkv.weight, attn.proj.weight])
+        return out, grads
+
+    out, grads = run()
+    assert any("SelfAttention" in type(node).__name__ for node in _walk(out.grad_fn))  # the kernel ran
+    monkeypatch.setattr(cpu_kernels, "self_attention", lambda qkv: None)  # the math form
+    ref_out, ref_grads = run()
+    assert _rel(out, ref_out) < 1e-2
+    for a, b in zip(grads, ref_grads):
+        assert _rel(a, b) < 2e-2
+
+
+def _walk(fn):
+    """Every node of an autograd graph."""
+    seen, stack = set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(child for child, _ in node.next_functions)
+
+
+@needs_amx
+def test_amx_kernel_and_pytorchs_own_amx_kernels_do_not_disturb_each_other():
+    """AMX tile state is per thread: ours must restore what it found, and PyTorch's fused attention and
+    oneDNN's bf16 matmul (which use the tiles too) must still be right after it, and ours after them."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, 64, 3, 2, 64, generator=g).bfloat16()
+    a, w = torch.randn(256, 384, generator=g).bfloat16(), torch.randn(512, 384, generator=g).bfloat16()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    ours_ref = _attention_fp64(qkv, torch.zeros(4, 64, 2, 64))[0]
+    sdpa_ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
+    mm_ref = a.double() @ w.double().t()
+    with torch.no_grad():
+        for _ in range(3):
+            assert _rel(cpu_kernels.self_attention(qkv), ours_ref) < 6e-3
+            assert _rel(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), sdpa_ref) < 1e-2
+            assert _rel(torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), mm_ref) < 1e-2
+            assert _rel(a @ w.t(), mm_ref) < 1e-2
+
+
+@needs_kernels
+def test_amx_self_attention_steps_aside_where_it_does_not_apply(monkeypatch):
+    qkv = torch.randn(2, 32, 3, 2, 64)
+    assert cpu_kernels.self_attention(qkv) is None  # fp32
+    assert cpu_kernels.self_attention(torch.randn(2, 32, 3, 2, 48).bfloat16()) is None  # head size not 32k
+    assert cpu_kernels.self_attention(qkv.bfloat16().transpose(0, 1).contiguous().transpose(0, 1)) is None
+    assert cpu_kernels.self_attention(qkv.bfloat16()[:0]) is None
+    monkeypatch.setattr(cpu_kernels, "amx_attention_available", lambda: False)  # a CPU without AMX
+    assert cpu_kernels.self_attention(qkv.bfloat16()) is None
+    attn = layers.Attention(128, 2)  # and the module runs the math form there
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(torch.randn(2, 32, 128)).shape == (2, 32, 128)

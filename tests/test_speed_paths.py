@@ -220,9 +220,14 @@ def test_cpu_paths_name_the_route_of_each_choice(monkeypatch):
     monkeypatch.setattr(layers, "_cpu_has_amx", lambda: True)
     monkeypatch.setattr(layers, "_onednn_bf16_inference", lambda: True)
     monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: False)
+    monkeypatch.setattr(layers.cpu_kernels, "amx_attention_available", lambda: True)
     paths = layers.cpu_paths()
     assert paths["amx"] is True and paths["fp32_linear"] == "blas"
-    assert paths["bf16_inference_linear"] == "onednn" and paths["bf16_inference_attention"] == "sdpa"
+    assert paths["bf16_inference_linear"] == "onednn"
+    assert paths["bf16_inference_attention"] == paths["bf16_training_attention"] == "amx-kernel"
+    monkeypatch.setattr(layers.cpu_kernels, "amx_attention_available", lambda: False)  # e.g. kernels off
+    paths = layers.cpu_paths()
+    assert (paths["bf16_inference_attention"], paths["bf16_training_attention"]) == ("sdpa", "math")
     monkeypatch.setattr(layers, "_cpu_has_amx", lambda: False)
     monkeypatch.setattr(layers, "_onednn_bf16_inference", lambda: False)
     monkeypatch.setattr(layers, "_onednn_fp32_linear", lambda: True)
@@ -232,6 +237,7 @@ def test_cpu_paths_name_the_route_of_each_choice(monkeypatch):
         "aten",
         "math",
     )
+    assert paths["bf16_training_attention"] == "math"
 
 
 @pytest.mark.parametrize(

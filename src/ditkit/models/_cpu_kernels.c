@@ -1,4 +1,5 @@
-/* ditkit's CPU kernels: elementwise work that eager PyTorch runs slowly on some CPUs.
+/* ditkit's CPU kernels: elementwise work that eager PyTorch runs slowly on some CPUs, and, on CPUs with
+ * AMX tiles, a fused self-attention (forward and backward; at the end of this file).
  *
  * Compiled on first use for the machine it runs on (see cpu_kernels.py) and called through ctypes on
  * contiguous buffers. The loops run on OpenMP threads: linked against libgomp.so.1, the library shares
@@ -284,4 +285,329 @@ void ditkit_gated_residual_backward(const float *restrict grad, const float *res
             }
         }
     }
+}
+
+/* ---- Self-attention on AMX tiles (bf16 in, fp32 accumulate), forward and backward ----
+ *
+ * softmax(scale q k^T) v for each (sample, head), with q, k, v read in place from strided rows (the
+ * (N, T, 3, H, D) output of a fused QKV projection needs no permute copies) and the output written as
+ * (N, T, H, D), ready for the output projection. Every product is C = A B on AMX tiles: A row-major
+ * bf16, B "pair-interleaved" (rows 2i and 2i+1 of B stored side by side, element by element, the layout
+ * the tile instruction reads), C fp32. Tokens are padded to a multiple of 32 in the per-thread buffers
+ * (padded keys get probability 0, padded queries are never written); the head size must be a multiple
+ * of 32. The scores stay fp32 from the product through the softmax (PyTorch's bf16 matmul form rounds them
+ * to bf16 first); the probabilities are rounded to bf16 once and, for training, saved pair-interleaved
+ * (N, H, Tp/2, Tp, 2), so the backward's dV = P^T dO reads them as its B operand directly.
+ *
+ * Backward (S = scale q k^T, P = softmax(S), dP = dO v^T):
+ *   dS = P (dP - rowsum(dO * O)) scale,  dq = dS k,  dk^T = q^T dS,  dv^T = dO^T P
+ * (dk and dv are formed transposed, so that both operands are row-major or pair-interleaved).
+ *
+ * AMX state is per thread: each OpenMP thread loads its tile configuration, and restores the one it found
+ * (or releases the tiles) before it leaves, so PyTorch's own AMX kernels find the state they left. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define DITKIT_AMX 1
+#include <immintrin.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Asks Linux for permission to use the AMX tile registers (per process; harmless to repeat). */
+int32_t ditkit_amx_init(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+static void amx_begin(tile_config *saved) {
+    tile_config cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64; /* every tile 16 rows x 64 bytes: 16x32 bf16 operands, 16x16 fp32 results */
+        cfg.rows[i] = 16;
+    }
+    _tile_storeconfig(saved);
+    _tile_loadconfig(&cfg);
+}
+
+static void amx_end(const tile_config *saved) {
+    if (saved->palette_id)
+        _tile_loadconfig(saved);
+    else
+        _tile_release();
+}
+
+/* C (M x N fp32, row stride ldc bytes) = A (M x K bf16, row stride lda bytes) B, with B pair-interleaved:
+ * row i of B's storage (stride ldb bytes) holds B[2i][j], B[2i+1][j] for j = 0..N-1. M, N, K multiples of
+ * 32; 2x2 blocks of 16x16 result tiles (tiles 0-3), A in tiles 4-5, B in tiles 6-7. */
+static void amx_gemm(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb, float *c, int64_t ldc,
+                     int64_t m, int64_t n, int64_t k) {
+    const char *A = (const char *)a, *B = (const char *)b;
+    char *C = (char *)c;
+    for (int64_t i = 0; i < m; i += 32) {
+        for (int64_t j = 0; j < n; j += 32) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            const char *a0 = A + i * lda, *b0 = B + j * 4;
+            for (int64_t kk = 0; kk < k; kk += 32) {
+                _tile_loadd(4, a0 + kk * 2, lda);
+                _tile_loadd(5, a0 + 16 * lda + kk * 2, lda);
+                _tile_loadd(6, b0 + (kk / 2) * ldb, ldb);
+                _tile_loadd(7, b0 + (kk / 2) * ldb + 64, ldb);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            char *c0 = C + i * ldc + j * 4;
+            _tile_stored(0, c0, ldc);
+            _tile_stored(1, c0 + 64, ldc);
+            _tile_stored(2, c0 + 16 * ldc, ldc);
+            _tile_stored(3, c0 + 16 * ldc + 64, ldc);
+        }
+    }
+}
+
+/* dst (tp x d) row-major = the t valid rows of src (row stride ld elements), zero rows after. */
+static void copy_rows(uint16_t *restrict dst, const uint16_t *restrict src, int64_t ld, int64_t t, int64_t tp,
+                      int64_t d) {
+    for (int64_t r = 0; r < tp; r++) {
+        if (r < t)
+            memcpy(dst + r * d, src + r * ld, d * 2);
+        else
+            memset(dst + r * d, 0, d * 2);
+    }
+}
+
+/* Two rows of 16 bf16 each, interleaved element by element: one 64-byte row of a pair-interleaved B. */
+static inline __m512i interleave16(__m256i row0, __m256i row1) {
+    return _mm512_or_si512(_mm512_cvtepu16_epi32(row0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(row1), 16));
+}
+
+static inline __m256i bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+/* dst (tp/2 x d x 2) = rows of src pair-interleaved (zero rows from t on): B operand with K over rows.
+ * d is a multiple of 16. */
+static void pair_rows(uint16_t *restrict dst, const uint16_t *restrict src, int64_t ld, int64_t t, int64_t tp,
+                      int64_t d) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t r = 0; r < tp; r += 2) {
+        const uint16_t *s0 = src + r * ld, *s1 = src + (r + 1) * ld;
+        for (int64_t j = 0; j < d; j += 16) {
+            __m256i a = r < t ? _mm256_loadu_si256((const __m256i *)(s0 + j)) : zero;
+            __m256i b = r + 1 < t ? _mm256_loadu_si256((const __m256i *)(s1 + j)) : zero;
+            _mm512_storeu_si512(dst + (r * d + 2 * j), interleave16(a, b));
+        }
+    }
+}
+
+/* 16 rows from r0 (row stride ld elements), zero from row t on: the 32-bit word at column `col` (a bf16
+ * pair) of each, gathered. */
+static inline __m512i gather_words(const uint16_t *src, int64_t ld, int64_t r0, int64_t t, int64_t col) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int64_t valid = t - r0;
+    __mmask16 m = valid >= 16 ? 0xffff : (valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1));
+    __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int32_t)(ld / 2)));
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, src + r0 * ld + col, 4);
+}
+
+/* dst (d/2 x tp x 2) = src^T pair-interleaved, i.e. dst[i][r] (32-bit) = src[r][2i..2i+1]: the B operand
+ * for a product with src^T (K over src's columns). Zero from row t on. ld even. */
+static void pair_transpose(uint16_t *restrict dst, const uint16_t *restrict src, int64_t ld, int64_t t, int64_t tp,
+                           int64_t d) {
+    for (int64_t i = 0; i < d / 2; i++)
+        for (int64_t r0 = 0; r0 < tp; r0 += 16)
+            _mm512_storeu_si512(dst + 2 * (i * tp + r0), gather_words(src, ld, r0, t, 2 * i));
+}
+
+/* dst (d x tp) = src^T (zero columns from t on): the A operand for a product with src^T. ld even. */
+static void transpose_rows(uint16_t *restrict dst, const uint16_t *restrict src, int64_t ld, int64_t t, int64_t tp,
+                           int64_t d) {
+    for (int64_t i = 0; i < d; i += 2)
+        for (int64_t r0 = 0; r0 < tp; r0 += 16) {
+            __m512i w = gather_words(src, ld, r0, t, i);
+            _mm256_storeu_si256((__m256i *)(dst + i * tp + r0), _mm512_cvtepi32_epi16(w));
+            _mm256_storeu_si256((__m256i *)(dst + (i + 1) * tp + r0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+        }
+}
+
+/* exp(x) for 16 floats x <= 0 (the softmax's shifted scores): exp_clamped's polynomial with the power of two
+ * applied by vscalefps; below -100 the result underflows to 0 (bf16 then reads 0). */
+static inline __m512 exp512(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(int64_t valid) {
+    return valid >= 16 ? 0xffff : (valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1));
+}
+
+/* Row r of the scores (fp32, tp wide, t valid) -> exp(scale (s - max)) in place, zero from t on; returns
+ * 1 / the row's sum. */
+static inline float softmax_exp(float *restrict sr, int64_t t, int64_t tp, float scale) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < t; j += 16)
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(t - j), sr + j));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sc = _mm512_set1_ps(scale);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < tp; j += 16) {
+        __mmask16 m = tail_mask(t - j);
+        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sc, shift)));
+        sum = _mm512_add_ps(sum, e);
+        _mm512_storeu_ps(sr + j, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+static inline int64_t round32(int64_t t) { return (t + 31) / 32 * 32; }
+
+static void *aligned_buffer(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* q, k, v: element (sample b, token i, head h, channel c) at ptr[b*sb + i*st + h*sh + c]; out likewise
+ * with (ob, ot, oh). p: NULL, or (N, H, Tp/2, Tp, 2) bf16 to keep the probabilities for the backward. */
+void ditkit_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb, int64_t st,
+                          int64_t sh, uint16_t *out, int64_t ob, int64_t ot, int64_t oh, uint16_t *p, int64_t n,
+                          int64_t t, int64_t h, int64_t d, float scale) {
+    const int64_t tp = round32(t);
+#pragma omp parallel
+    {
+        tile_config saved __attribute__((aligned(64)));
+        uint16_t *qb = aligned_buffer(tp * d * 2), *kt = aligned_buffer(tp * d * 2);
+        uint16_t *vp = aligned_buffer(tp * d * 2), *pb = aligned_buffer(32 * tp * 2);
+        float *s = aligned_buffer(32 * tp * 4), *o = aligned_buffer(32 * d * 4);
+        amx_begin(&saved);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < n * h; bh++) {
+            int64_t b = bh / h, hh = bh % h;
+            const int64_t off = b * sb + hh * sh;
+            copy_rows(qb, q + off, st, t, tp, d);
+            pair_transpose(kt, k + off, st, t, tp, d);
+            pair_rows(vp, v + off, st, t, tp, d);
+            uint16_t *pbh = p ? p + bh * tp * tp : NULL;
+            for (int64_t r0 = 0; r0 < tp; r0 += 32) {
+                amx_gemm(qb + r0 * d, d * 2, kt, tp * 4, s, tp * 4, 32, tp, d);
+                for (int64_t r = 0; r < 32; r += 2) { /* softmax, two rows at a time (a pair of P) */
+                    float *s0 = s + r * tp, *s1 = s0 + tp;
+                    const float inv0 = r0 + r < t ? softmax_exp(s0, t, tp, scale) : 0.0f; /* padded: 0 */
+                    const float inv1 = r0 + r + 1 < t ? softmax_exp(s1, t, tp, scale) : 0.0f;
+                    uint16_t *pair = pbh ? pbh + (r0 + r) * tp : NULL;
+                    for (int64_t j = 0; j < tp; j += 16) {
+                        __m256i a = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(s0 + j), _mm512_set1_ps(inv0)));
+                        __m256i b = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(s1 + j), _mm512_set1_ps(inv1)));
+                        _mm256_storeu_si256((__m256i *)(pb + r * tp + j), a);
+                        _mm256_storeu_si256((__m256i *)(pb + (r + 1) * tp + j), b);
+                        if (pair) _mm512_storeu_si512(pair + 2 * j, interleave16(a, b));
+                    }
+                }
+                amx_gemm(pb, tp * 2, vp, d * 4, o, d * 4, 32, d, tp);
+                for (int64_t r = 0; r < 32 && r0 + r < t; r++)
+                    store_bf16(out + b * ob + (r0 + r) * ot + hh * oh, o + r * d, d);
+            }
+        }
+        amx_end(&saved);
+        free(qb), free(kt), free(vp), free(pb), free(s), free(o);
+    }
+}
+
+/* The backward of ditkit_attention_amx: dout and out share (ob, ot, oh); dq, dk, dv share q's (sb, st, sh);
+ * p is what the forward saved. */
+void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb,
+                                   int64_t st, int64_t sh, const uint16_t *out, const uint16_t *dout, int64_t ob,
+                                   int64_t ot, int64_t oh, const uint16_t *p, uint16_t *dq, uint16_t *dk,
+                                   uint16_t *dv, int64_t n, int64_t t, int64_t h, int64_t d, float scale) {
+    const int64_t tp = round32(t);
+#pragma omp parallel
+    {
+        tile_config saved __attribute__((aligned(64)));
+        uint16_t *dob = aligned_buffer(tp * d * 2), *vt = aligned_buffer(tp * d * 2);
+        uint16_t *kp = aligned_buffer(tp * d * 2), *qt = aligned_buffer(tp * d * 2);
+        uint16_t *dot = aligned_buffer(tp * d * 2), *dsb = aligned_buffer(32 * tp * 2);
+        uint16_t *dsp = aligned_buffer(tp * tp * 2);
+        float *s = aligned_buffer(32 * tp * 4), *acc = aligned_buffer(tp * d * 4);
+        float *rowdot = aligned_buffer(tp * 4);
+        amx_begin(&saved);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < n * h; bh++) {
+            int64_t b = bh / h, hh = bh % h;
+            const int64_t off = b * sb + hh * sh, ooff = b * ob + hh * oh;
+            const uint16_t *pbh = p + bh * tp * tp;
+            copy_rows(dob, dout + ooff, ot, t, tp, d);
+            for (int64_t r = 0; r < tp; r++) {
+                float acc_r = 0.0f;
+                if (r < t) {
+                    const uint16_t *orow = out + ooff + r * ot, *grow = dob + r * d;
+#pragma omp simd reduction(+ : acc_r)
+                    for (int64_t c = 0; c < d; c++) acc_r += bf16_to_f32(orow[c]) * bf16_to_f32(grow[c]);
+                }
+                rowdot[r] = acc_r;
+            }
+            pair_transpose(vt, v + off, st, t, tp, d);
+            pair_rows(kp, k + off, st, t, tp, d);
+            transpose_rows(qt, q + off, st, t, tp, d);
+            transpose_rows(dot, dob, d, tp, tp, d);
+            for (int64_t r0 = 0; r0 < tp; r0 += 32) {
+                amx_gemm(dob + r0 * d, d * 2, vt, tp * 4, s, tp * 4, 32, tp, d); /* dP rows r0..r0+31 */
+                const __m512 sc = _mm512_set1_ps(scale), high = _mm512_castsi512_ps(_mm512_set1_epi32(-65536));
+                for (int64_t r = 0; r < 32; r += 2) { /* dS, two rows at a time: P is stored in pairs */
+                    const uint16_t *pair = pbh + (r0 + r) * tp;
+                    float *s0 = s + r * tp, *s1 = s0 + tp;
+                    const __m512 rd0 = _mm512_set1_ps(rowdot[r0 + r]), rd1 = _mm512_set1_ps(rowdot[r0 + r + 1]);
+                    for (int64_t j = 0; j < tp; j += 16) {
+                        __m512i w = _mm512_loadu_si512(pair + 2 * j);
+                        __m512 p0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+                        __m512 p1 = _mm512_and_ps(_mm512_castsi512_ps(w), high);
+                        __m512 ds0 = _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(s0 + j), rd0)), sc);
+                        __m512 ds1 = _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(s1 + j), rd1)), sc);
+                        __m256i a = bf16x16(ds0), b = bf16x16(ds1);
+                        _mm256_storeu_si256((__m256i *)(dsb + r * tp + j), a);
+                        _mm256_storeu_si256((__m256i *)(dsb + (r + 1) * tp + j), b);
+                        _mm512_storeu_si512(dsp + (r0 + r) * tp + 2 * j, interleave16(a, b));
+                    }
+                }
+                amx_gemm(dsb, tp * 2, kp, d * 4, acc, d * 4, 32, d, tp); /* dq rows */
+                for (int64_t r = 0; r < 32 && r0 + r < t; r++)
+                    store_bf16(dq + off + (r0 + r) * st, acc + r * d, d);
+            }
+            /* dk^T = q^T dS and dv^T = dO^T P, (d x tp) each, written back transposed */
+            for (int which = 0; which < 2; which++) {
+                amx_gemm(which ? dot : qt, tp * 2, which ? pbh : dsp, tp * 4, acc, tp * 4, d, tp, tp);
+                uint16_t *dst = (which ? dv : dk) + off;
+                const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+                const __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int32_t)tp));
+                for (int64_t r = 0; r < t; r++)
+                    for (int64_t c0 = 0; c0 < d; c0 += 16) /* 16 channels of token r: a column of acc */
+                        _mm256_storeu_si256((__m256i *)(dst + r * st + c0),
+                                            bf16x16(_mm512_i32gather_ps(idx, acc + c0 * tp + r, 4)));
+            }
+        }
+        amx_end(&saved);
+        free(dob), free(vt), free(kp), free(qt), free(dot), free(dsb), free(dsp), free(s), free(acc), free(rowdot);
+    }
+}
+#endif
+
+int32_t ditkit_has_amx_attention(void) {
+#ifdef DITKIT_AMX
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -4,7 +4,11 @@ modulation and adaLN-Zero's gated residual, forward and backward.
 PyTorch's CPU tanh-GELU is several times slower than its erf GELU (on an Intel Xeon with AMX: 6.0 ms
 forward and 6.3 ms backward for a (4096, 1536) bf16 activation, against 1.7 and 2.2 ms here), and it was
 the largest elementwise cost of a DiT training step there; the norm + modulation and the gated residual
-each take several PyTorch ops and passes over memory where one loop suffices (docs/speed.md).
+each take several PyTorch ops and passes over memory where one loop suffices (docs/speed.md). On CPUs with
+AMX tiles (Intel Xeon since Sapphire Rapids) it also holds DiT's self-attention, forward and backward, as
+one pass per sample and head on the tiles (`self_attention`): PyTorch's bf16 matmul form spends most of its
+time in small batched products, copies and the softmax's passes over memory, and its fused CPU kernel has
+a slow backward.
 `_cpu_kernels.c` computes them in fp32, vectorised by the C compiler for the machine it runs on.
 
 The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) into a cache
@@ -34,7 +38,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cpu_kernels_enabled", "cpu_info_field", "load_library", "gelu_tanh", "norm_modulate", "gated_residual"]
+__all__ = [
+    "cpu_kernels_enabled",
+    "cpu_info_field",
+    "load_library",
+    "amx_attention_available",
+    "gelu_tanh",
+    "norm_modulate",
+    "gated_residual",
+    "self_attention",
+]
 
 ENV = "DITKIT_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("_cpu_kernels.c")
@@ -154,13 +167,22 @@ def load_library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes, getattr(lib, name).restype = unary, None
     for name in ("ditkit_gelu_tanh_backward_f32", "ditkit_gelu_tanh_backward_bf16"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = binary, None
-    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.ditkit_norm_modulate.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, ctypes.c_float]
+    ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+    lib.ditkit_norm_modulate.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, f32]
     lib.ditkit_norm_modulate_backward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.ditkit_norm_modulate.restype = lib.ditkit_norm_modulate_backward.restype = None
     lib.ditkit_gated_residual.argtypes = [ptr, ptr, ptr, i32, ptr, i64, i64, i64]
     lib.ditkit_gated_residual_backward.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64]
     lib.ditkit_gated_residual.restype = lib.ditkit_gated_residual_backward.restype = None
+    lib.ditkit_has_amx_attention.argtypes, lib.ditkit_has_amx_attention.restype = [], ctypes.c_int32
+    if lib.ditkit_has_amx_attention():  # built for a CPU with AMX tiles (see the C file)
+        strides = [i64, i64, i64]
+        lib.ditkit_amx_init.argtypes, lib.ditkit_amx_init.restype = [], ctypes.c_int32
+        lib.ditkit_attention_amx.argtypes = [ptr, ptr, ptr, *strides, ptr, *strides, ptr, i64, i64, i64, i64, f32]
+        lib.ditkit_attention_amx_backward.argtypes = [
+            ptr, ptr, ptr, *strides, ptr, ptr, *strides, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
+        ]  # fmt: skip
+        lib.ditkit_attention_amx.restype = lib.ditkit_attention_amx_backward.restype = None
     return lib
 
 
@@ -324,3 +346,73 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     if not _applies(x, (gate,)) or not _plain(branch):  # _applies first: it checks for torch.compile
         return None
     return _GatedResidual.apply(x, gate, branch)
+
+
+def amx_attention_available() -> bool:
+    """Whether `self_attention`'s AMX kernel can run here: the kernels are built, for a CPU with AMX tiles
+    (the compiler targets this CPU), and Linux granted this process the tile registers."""
+    lib = load_library()
+    return lib is not None and _amx_granted(lib)
+
+
+@functools.cache
+def _amx_granted(lib: ctypes.CDLL) -> bool:
+    return bool(lib.ditkit_has_amx_attention()) and bool(lib.ditkit_amx_init())
+
+
+class _SelfAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        n, t, _, h, d = qkv.shape
+        tp = (t + 31) // 32 * 32  # tokens padded to whole tiles inside the kernel
+        out = torch.empty(n, t, h, d, dtype=torch.bfloat16, device=qkv.device)
+        train = ctx.needs_input_grad[0]
+        # the probabilities for the backward, rows paired as the tile instruction reads them (see the C file)
+        p = torch.empty(n, h, tp // 2, tp, 2, dtype=torch.bfloat16, device=qkv.device) if train else None
+        base, step = qkv.data_ptr(), h * d * qkv.element_size()
+        load_library().ditkit_attention_amx(
+            base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), t * h * d, h * d, d,
+            _ptr(p), n, t, h, d, scale,
+        )  # fmt: skip
+        if train:
+            ctx.save_for_backward(qkv, out, p)
+            ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        qkv, out, p = ctx.saved_tensors
+        n, t, _, h, d = qkv.shape
+        grad = grad.to(torch.bfloat16).contiguous()  # (N, T, H, D), the output's layout
+        grad_qkv = torch.empty_like(qkv)
+        base, gbase, step = qkv.data_ptr(), grad_qkv.data_ptr(), h * d * qkv.element_size()
+        load_library().ditkit_attention_amx_backward(
+            base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), grad.data_ptr(),
+            t * h * d, h * d, d, p.data_ptr(), gbase, gbase + step, gbase + 2 * step, n, t, h, d, ctx.scale,
+        )  # fmt: skip
+        return grad_qkv, None
+
+
+def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v for each head of a fused QKV projection, on the CPU's AMX tiles; None where
+    the kernel does not apply (then the caller runs `layers.attention`).
+
+    qkv: (N, T, 3, H, D) bf16, contiguous, on CPU, D a multiple of 32 (any T); returns (N, T, H, D) bf16,
+    the layout the output projection reads. q, k and v are read in place, the scores stay fp32 through the
+    softmax and the probabilities are rounded to bf16 once (PyTorch's bf16 matmul form rounds the scores
+    too), so it is at least as accurate as that form (tested against fp64). The backward is compiled too
+    (no second derivative). Needs an x86-64 CPU with AMX and Linux (`amx_attention_available`).
+    """
+    if not (
+        _usable(qkv)  # first: under torch.compile PyTorch's ops run
+        and qkv.dim() == 5
+        and qkv.shape[2] == 3
+        and qkv.dtype == torch.bfloat16
+        and qkv.shape[-1] % 32 == 0
+        and qkv.numel() > 0
+        and qkv.is_contiguous()
+        and amx_attention_available()
+    ):
+        return None
+    return _SelfAttention.apply(qkv, qkv.shape[-1] ** -0.5)
