@@ -452,3 +452,44 @@ def test_amx_self_attention_steps_aside_where_it_does_not_apply(monkeypatch):
     attn = layers.Attention(128, 2)  # and the module runs the math form there
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attn(torch.randn(2, 32, 128)).shape == (2, 32, 128)
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", [(4096, 384), (50, 6), (33, 1000), (1, 2), (100, 768)])
+def test_transpose_bf16_is_exact(shape):
+    x = torch.randn(shape).bfloat16()
+    torch.testing.assert_close(cpu_kernels.transpose_bf16(x), x.t().contiguous(), rtol=0, atol=0)
+    wide = torch.randn(shape[0], shape[1] + 10).bfloat16()[:, 4 : 4 + shape[1]]  # rows with a stride
+    torch.testing.assert_close(cpu_kernels.transpose_bf16(wide), wide.t().contiguous(), rtol=0, atol=0)
+
+
+@needs_kernels
+def test_transpose_bf16_steps_aside():
+    assert cpu_kernels.transpose_bf16(torch.randn(8, 6)) is None  # fp32
+    assert cpu_kernels.transpose_bf16(torch.randn(8, 5).bfloat16()) is None  # odd column count
+    assert cpu_kernels.transpose_bf16(torch.randn(6, 8).bfloat16().t()) is None  # columns not contiguous
+    assert cpu_kernels.transpose_bf16(torch.randn(2, 3, 4).bfloat16()) is None
+
+
+@needs_amx
+@pytest.mark.parametrize(("fan_in", "fan_out"), [(64, 192), (192, 64), (96, 96)])
+def test_bf16_training_linear_gradients_match_f_linear(fan_in, fan_out):
+    """The training Linear on AMX forms the weight gradient from a transposed copy of the smaller operand
+    (in < out: x; in > out: the output gradient); values and all three gradients as F.linear's."""
+    torch.manual_seed(fan_in + fan_out)
+    lin = layers.Linear(fan_in, fan_out)
+    x = torch.randn(3, 70, fan_in, requires_grad=True)
+    w = torch.randn(3, 70, fan_out)
+
+    def run(module_forward):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module_forward(x)
+        return out, torch.autograd.grad((out.float() * w).sum(), [x, lin.weight, lin.bias])
+
+    out, grads = run(lin)
+    assert any("Bf16TrainingLinear" in type(node).__name__ for node in _walk(out.grad_fn))
+    ref_out, ref_grads = run(lambda inp: F.linear(inp, lin.weight, lin.bias))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same product
+    for got, ref in zip(grads, ref_grads):
+        assert got.dtype == ref.dtype and got.shape == ref.shape and got.is_contiguous()
+        assert _rel(got, ref) < 4e-3  # bf16 products summed in another order, each rounded once

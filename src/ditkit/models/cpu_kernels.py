@@ -47,6 +47,7 @@ __all__ = [
     "norm_modulate",
     "gated_residual",
     "self_attention",
+    "transpose_bf16",
 ]
 
 ENV = "DITKIT_CPU_KERNELS"
@@ -183,6 +184,7 @@ def load_library() -> ctypes.CDLL | None:
             ptr, ptr, ptr, *strides, ptr, ptr, *strides, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
         ]  # fmt: skip
         lib.ditkit_attention_amx.restype = lib.ditkit_attention_amx_backward.restype = None
+        lib.ditkit_transpose_bf16.argtypes, lib.ditkit_transpose_bf16.restype = [ptr, i64, ptr, i64, i64], None
     return lib
 
 
@@ -416,3 +418,24 @@ def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     return _SelfAttention.apply(qkv, qkv.shape[-1] ** -0.5)
+
+
+def transpose_bf16(x: torch.Tensor) -> torch.Tensor | None:
+    """x.t().contiguous() for a 2-D bf16 CPU tensor with contiguous rows and an even number of columns, by the
+    compiled kernel (PyTorch's bf16 transposing copy is several times slower on CPU); None where it does not
+    apply. Built with the AMX kernels (`amx_attention_available`), for the weight gradients of bf16 training."""
+    if not (
+        _usable(x)
+        and x.dtype == torch.bfloat16
+        and x.dim() == 2
+        and x.numel() > 0
+        and x.stride(1) == 1
+        and x.shape[1] % 2 == 0
+        and x.stride(0) % 2 == 0
+        and amx_attention_available()
+    ):
+        return None
+    m, k = x.shape
+    out = torch.empty(k, m, dtype=x.dtype, device=x.device)
+    load_library().ditkit_transpose_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), m, k)
+    return out
