@@ -447,3 +447,34 @@ def test_dit_forward_traces_as_one_graph(block_type, training, bf16):
     with amp, torch.set_grad_enabled(training):
         explained = torch._dynamo.explain(model)(x, t, y)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_reuse_cast_weights_casts_once_and_sees_in_place_updates(monkeypatch):
+    """Inside `reuse_cast_weights` the inference route's bf16 copies are made once per layer and reused
+    while the parameters are unchanged; an in-place update (as an optimizer or EMA makes) is seen at once,
+    and nothing is kept outside the context or when autograd records a graph."""
+    from ditkit.models import layers
+
+    monkeypatch.setattr(layers, "_onednn_bf16_inference", lambda: True)
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        outside = layer(x)
+        with layers.reuse_cast_weights():
+            layer(x)
+            assert layer in layers._cast_cache.entries  # the layer's forward filled the cache
+            first = layers.cast_parameters(layer, torch.bfloat16)
+            assert layers.cast_parameters(layer, torch.bfloat16)[0] is first[0]  # reused, not re-cast
+            torch.testing.assert_close(layer(x), outside, rtol=0, atol=0)  # the same numbers
+            layer.weight.mul_(2)  # an in-place update bumps the version counter: a fresh copy
+            second = layers.cast_parameters(layer, torch.bfloat16)
+            assert second[0] is not first[0] and torch.equal(second[0], layer.weight.bfloat16())
+            doubled = layer(x)
+        assert layers._cast_cache.entries is None  # freed at exit
+        assert layers.cast_parameters(layer, torch.bfloat16)[0] is not layers.cast_parameters(layer, torch.bfloat16)[0]
+    expected = 2 * outside.float() - layer.bias.bfloat16().float()  # x (2W)^T + b
+    torch.testing.assert_close(doubled.float(), expected, atol=0.1, rtol=0.02)
+    with layers.reuse_cast_weights(), torch.autocast("cpu", dtype=torch.bfloat16):  # grad on: never cached
+        a, b = layers.cast_parameters(layer, torch.bfloat16), layers.cast_parameters(layer, torch.bfloat16)
+        assert a[0] is not b[0] and a[0].requires_grad

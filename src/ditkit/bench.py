@@ -36,7 +36,7 @@ from .config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from .diffusion import NoiseProcess, build_process, diffusion_loss
 from .models import DiT, count_macs
 from .models.fused import fused_kernels_available, fused_kernels_enabled
-from .models.layers import cpu_paths
+from .models.layers import cpu_paths, reuse_cast_weights
 from .utils.files import prepare_json_out
 
 __all__ = [
@@ -441,7 +441,8 @@ def _ditkit_ddim(model: DiT, labels: torch.Tensor, settings: BenchSettings, devi
     c = model.config
     g = torch.Generator(device).manual_seed(0)
     x = process.prior((len(labels), c.in_channels, *c.input_hw), generator=g, device=device)
-    sample_ddim(denoiser, x, settings.sample_steps, cond=labels, generator=g)
+    with reuse_cast_weights():
+        sample_ddim(denoiser, x, settings.sample_steps, cond=labels, generator=g)
 
 
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) -> dict:

@@ -13,6 +13,7 @@ from .config import Config
 from .diffusion import ClampDenoised, ModelDenoiser, build_process
 from .models.cuda_graph import CUDAGraphForward
 from .models.feature_cache import feature_cache
+from .models.layers import reuse_cast_weights
 from .samplers import SAMPLERS, ClassifierFreeGuidance, StepCallback
 from .utils.checks import count_at_least_one
 
@@ -212,7 +213,7 @@ def generate(
     grid = process.timesteps(steps, device=device, spacing=sc.spacing if spacing is None else spacing)
     out = []
     for start in range(0, len(labels), batch_size):
-        with feature_cache(model, feature_cache_interval):
+        with feature_cache(model, feature_cache_interval), reuse_cast_weights():
             x = noise[start : start + batch_size]
             x = sampler_fn(
                 denoiser,
