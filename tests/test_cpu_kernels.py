@@ -401,9 +401,14 @@ def test_attention_module_takes_the_amx_kernel_and_agrees_with_the_math_form(mon
         return out, grads
 
     out, grads = run()
-    assert any("SelfAttention" in type(node).__name__ for node in _walk(out.grad_fn))  # the kernel ran
-    monkeypatch.setattr(cpu_kernels, "self_attention", lambda qkv: None)  # the math form
+    # training: the projection and the kernel as one node (its backward also sums the bias gradient)
+    assert any("QKVAttention" in type(node).__name__ for node in _walk(out.grad_fn))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inference = attn(x)
+    monkeypatch.setattr(cpu_kernels, "amx_attention_available", lambda: False)  # the math form, plain linears
     ref_out, ref_grads = run()
+    assert not any("QKVAttention" in type(node).__name__ for node in _walk(ref_out.grad_fn))
+    assert _rel(inference, ref_out) < 1e-2  # inference takes the kernel too (`self_attention`)
     assert _rel(out, ref_out) < 1e-2
     for a, b in zip(grads, ref_grads):
         assert _rel(a, b) < 2e-2
@@ -493,3 +498,66 @@ def test_bf16_training_linear_gradients_match_f_linear(fan_in, fan_out):
     for got, ref in zip(grads, ref_grads):
         assert got.dtype == ref.dtype and got.shape == ref.shape and got.is_contiguous()
         assert _rel(got, ref) < 4e-3  # bf16 products summed in another order, each rounded once
+
+
+@needs_kernels
+def test_gelu_backward_with_bias_sums_what_it_writes():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 1100, generator=g) * 3).bfloat16()  # a row longer than one kernel block
+    grad = torch.randn(37, 1100, generator=g).bfloat16()
+    grad_x, grad_bias = cpu_kernels.gelu_tanh_backward_with_bias(grad, x)
+    xr = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(cpu_kernels.gelu_tanh(xr), xr, grad)
+    torch.testing.assert_close(grad_x, plain, rtol=0, atol=0)  # the same kernel's values
+    xd = x.double().requires_grad_()
+    (exact,) = torch.autograd.grad(_gelu_tanh_fp64(xd), xd, grad.double())
+    assert grad_bias.dtype == torch.float32 and _rel(grad_bias, exact.sum(0)) < 1e-5  # summed before rounding
+
+
+@needs_amx
+def test_attention_backward_sums_the_projection_bias_gradient():
+    g = torch.Generator().manual_seed(6)
+    n, t, h, d = 3, 70, 2, 64  # padded tokens must add nothing
+    qkv = torch.randn(n, t, 3, h, d, generator=g).bfloat16()
+    grad = torch.randn(n, t, h, d, generator=g).bfloat16()
+    out, p = cpu_kernels.attention_amx_forward(qkv, keep=True)
+    grad_qkv, grad_bias = cpu_kernels.attention_amx_backward(qkv, out, p, grad, bias_grad=True)
+    _, exact = _attention_fp64(qkv, grad)
+    assert grad_bias.shape == (3 * h * d,) and _rel(grad_bias, exact.sum((0, 1)).flatten()) < 6e-3
+    assert _rel(grad_bias, grad_qkv.double().sum((0, 1)).flatten()) < 6e-3
+    assert cpu_kernels.attention_amx_backward(qkv, out, p, grad, bias_grad=False)[1] is None
+
+
+@needs_amx
+def test_bf16_training_mlp_and_attention_fuse_on_amx_and_match_the_plain_layers(monkeypatch):
+    """fc1 + GELU and the QKV projection + attention each train as one node on AMX (their kernels also sum
+    the bias gradients); every gradient as the plain layers', and a hook on fc1 or qkv keeps them apart."""
+    torch.manual_seed(1)
+    mlp, attn = layers.Mlp(64, 256), layers.Attention(128, 2)
+    cases = [
+        (mlp, torch.randn(2, 40, 64), "LinearGelu", mlp.fc1),
+        (attn, torch.randn(2, 40, 128), "QKVAttention", attn.qkv),
+    ]
+    for module, x, node, inner in cases:
+        x.requires_grad_()
+        params = [x, *module.parameters()]
+
+        def run(module=module, x=x, params=params):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(x)
+            return out, torch.autograd.grad(out.float().square().sum(), params)
+
+        out, grads = run()
+        assert any(node in type(n).__name__ for n in _walk(out.grad_fn))
+        seen = []
+        handle = inner.register_forward_hook(lambda *args: seen.append(1))
+        hooked, hooked_grads = run()
+        handle.remove()
+        assert seen and not any(node in type(n).__name__ for n in _walk(hooked.grad_fn))
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "amx_attention_available", lambda: False)  # plain layers throughout
+            ref, ref_grads = run()
+        for got in (grads, hooked_grads):
+            for a, b in zip(got, ref_grads):
+                assert a.shape == b.shape and _rel(a, b) < 2e-2
+        assert _rel(out, ref) < 1e-2

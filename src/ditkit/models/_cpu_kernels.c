@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -131,6 +132,35 @@ void ditkit_gelu_tanh_backward_bf16(const uint16_t *restrict grad, const uint16_
 #pragma omp simd
         for (int64_t i = 0; i < m; i++) buf[i] = bf16_to_f32(gb[i]) * gelu_grad(bf16_to_f32(xb[i]));
         store_bf16(out + start, buf, m);
+    }
+}
+
+/* ditkit_gelu_tanh_backward_bf16 over an (m, k) matrix that also sums the result over its rows into
+ * bias_grad (k fp32, overwritten): the gradient of the bias of the linear layer before the GELU, formed
+ * while the values are at hand (fp32, before rounding) instead of in a second pass over the matrix. */
+void ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const uint16_t *restrict x,
+                                         uint16_t *restrict out, float *restrict bias_grad, int64_t m, int64_t k) {
+    for (int64_t j = 0; j < k; j++) bias_grad[j] = 0.0f;
+#pragma omp parallel if (m * k >= PARALLEL_MIN)
+    {
+        float *part = calloc(k, sizeof(float)), buf[BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; r++) {
+            for (int64_t start = 0; start < k; start += BLOCK) {
+                int64_t len = k - start < BLOCK ? k - start : BLOCK;
+                const uint16_t *gb = grad + r * k + start, *xb = x + r * k + start;
+                float *pb = part + start;
+#pragma omp simd
+                for (int64_t i = 0; i < len; i++) {
+                    buf[i] = bf16_to_f32(gb[i]) * gelu_grad(bf16_to_f32(xb[i]));
+                    pb[i] += buf[i];
+                }
+                store_bf16(out + r * k + start, buf, len);
+            }
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < k; j++) bias_grad[j] += part[j];
+        free(part);
     }
 }
 
@@ -546,11 +576,13 @@ void ditkit_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *
 }
 
 /* The backward of ditkit_attention_amx: dout and out share (ob, ot, oh); dq, dk, dv share q's (sb, st, sh);
- * p is what the forward saved. */
+ * p is what the forward saved. dbias: NULL, or (3, H, D) fp32 to receive the sums of dq, dk and dv over
+ * samples and tokens (the gradient of the QKV projection's bias, formed while the values are at hand). */
 void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb,
                                    int64_t st, int64_t sh, const uint16_t *out, const uint16_t *dout, int64_t ob,
                                    int64_t ot, int64_t oh, const uint16_t *p, uint16_t *dq, uint16_t *dk,
-                                   uint16_t *dv, int64_t n, int64_t t, int64_t h, int64_t d, float scale) {
+                                   uint16_t *dv, float *dbias, int64_t n, int64_t t, int64_t h, int64_t d,
+                                   float scale) {
     const int64_t tp = round32(t);
 #pragma omp parallel
     {
@@ -561,6 +593,7 @@ void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const u
         uint16_t *dsp = aligned_buffer(tp * tp * 2);
         float *s = aligned_buffer(32 * tp * 4), *acc = aligned_buffer(tp * d * 4);
         float *rowdot = aligned_buffer(tp * 4);
+        float *bias_sum = dbias ? calloc(3 * h * d, sizeof(float)) : NULL; /* this thread's share */
         amx_begin(&saved);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n * h; bh++) {
@@ -601,13 +634,28 @@ void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const u
                     }
                 }
                 amx_gemm(dsb, tp * 2, kp, d * 4, acc, d * 4, 32, d, tp); /* dq rows */
-                for (int64_t r = 0; r < 32 && r0 + r < t; r++)
+                for (int64_t r = 0; r < 32 && r0 + r < t; r++) {
                     store_bf16(dq + off + (r0 + r) * st, acc + r * d, d);
+                    if (bias_sum) {
+                        float *bq = bias_sum + hh * d;
+#pragma omp simd
+                        for (int64_t c = 0; c < d; c++) bq[c] += acc[r * d + c];
+                    }
+                }
             }
             /* dk^T = q^T dS and dv^T = dO^T P, (d x tp) each, written back transposed */
             for (int which = 0; which < 2; which++) {
                 amx_gemm(which ? dot : qt, tp * 2, which ? pbh : dsp, tp * 4, acc, tp * 4, d, tp, tp);
                 uint16_t *dst = (which ? dv : dk) + off;
+                if (bias_sum) { /* row c of acc: channel c over the tokens (padded ones are 0) */
+                    float *bkv = bias_sum + ((1 + which) * h + hh) * d;
+                    for (int64_t c = 0; c < d; c++) {
+                        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                        for (int64_t r = 0; r < t; r++) sum += acc[c * tp + r];
+                        bkv[c] += sum;
+                    }
+                }
                 const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
                 const __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int32_t)tp));
                 for (int64_t r = 0; r < t; r++)
@@ -617,7 +665,12 @@ void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const u
             }
         }
         amx_end(&saved);
+        if (bias_sum) {
+#pragma omp critical
+            for (int64_t i = 0; i < 3 * h * d; i++) dbias[i] += bias_sum[i];
+        }
         free(dob), free(vt), free(kp), free(qt), free(dot), free(dsb), free(dsp), free(s), free(acc), free(rowdot);
+        free(bias_sum);
     }
 }
 #endif

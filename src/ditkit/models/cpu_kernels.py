@@ -47,6 +47,10 @@ __all__ = [
     "norm_modulate",
     "gated_residual",
     "self_attention",
+    "self_attention_applies",
+    "attention_amx_forward",
+    "attention_amx_backward",
+    "gelu_tanh_backward_with_bias",
     "transpose_bf16",
 ]
 
@@ -168,6 +172,8 @@ def load_library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes, getattr(lib, name).restype = unary, None
     for name in ("ditkit_gelu_tanh_backward_f32", "ditkit_gelu_tanh_backward_bf16"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = binary, None
+    lib.ditkit_gelu_tanh_backward_bias_bf16.restype = None
+    lib.ditkit_gelu_tanh_backward_bias_bf16.argtypes = [*binary[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
     lib.ditkit_norm_modulate.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, f32]
     lib.ditkit_norm_modulate_backward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
@@ -181,7 +187,7 @@ def load_library() -> ctypes.CDLL | None:
         lib.ditkit_amx_init.argtypes, lib.ditkit_amx_init.restype = [], ctypes.c_int32
         lib.ditkit_attention_amx.argtypes = [ptr, ptr, ptr, *strides, ptr, *strides, ptr, i64, i64, i64, i64, f32]
         lib.ditkit_attention_amx_backward.argtypes = [
-            ptr, ptr, ptr, *strides, ptr, ptr, *strides, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
+            ptr, ptr, ptr, *strides, ptr, ptr, *strides, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
         ]  # fmt: skip
         lib.ditkit_attention_amx.restype = lib.ditkit_attention_amx_backward.restype = None
         lib.ditkit_transpose_bf16.argtypes, lib.ditkit_transpose_bf16.restype = [ptr, i64, ptr, i64, i64], None
@@ -362,38 +368,68 @@ def _amx_granted(lib: ctypes.CDLL) -> bool:
     return bool(lib.ditkit_has_amx_attention()) and bool(lib.ditkit_amx_init())
 
 
+def attention_amx_forward(qkv: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The AMX attention kernel's forward over a checked (N, T, 3, H, D) bf16 projection (`self_attention`):
+    the output (N, T, H, D), and with `keep` the probabilities its backward needs, else None."""
+    n, t, _, h, d = qkv.shape
+    tp = (t + 31) // 32 * 32  # tokens padded to whole tiles inside the kernel
+    out = torch.empty(n, t, h, d, dtype=torch.bfloat16, device=qkv.device)
+    # the probabilities, rows paired as the tile instruction reads them (see the C file)
+    p = torch.empty(n, h, tp // 2, tp, 2, dtype=torch.bfloat16, device=qkv.device) if keep else None
+    base, step = qkv.data_ptr(), h * d * qkv.element_size()
+    load_library().ditkit_attention_amx(
+        base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), t * h * d, h * d, d,
+        _ptr(p), n, t, h, d, d**-0.5,
+    )  # fmt: skip
+    return out, p
+
+
+def attention_amx_backward(
+    qkv: torch.Tensor, out: torch.Tensor, p: torch.Tensor, grad: torch.Tensor, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d(loss)/d(qkv) (N, T, 3, H, D) bf16 from `attention_amx_forward`'s output, probabilities and the output's
+    gradient; with `bias_grad`, also its sum over samples and tokens, (3 * H * D) fp32: the gradient of
+    the projection's bias, formed inside the kernel."""
+    n, t, _, h, d = qkv.shape
+    grad = grad.to(torch.bfloat16).contiguous()  # (N, T, H, D), the output's layout
+    grad_qkv = torch.empty_like(qkv)
+    grad_bias = torch.zeros(3 * h * d, dtype=torch.float32, device=qkv.device) if bias_grad else None
+    base, gbase, step = qkv.data_ptr(), grad_qkv.data_ptr(), h * d * qkv.element_size()
+    load_library().ditkit_attention_amx_backward(
+        base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), grad.data_ptr(),
+        t * h * d, h * d, d, p.data_ptr(), gbase, gbase + step, gbase + 2 * step, _ptr(grad_bias), n, t, h, d,
+        d**-0.5,
+    )  # fmt: skip
+    return grad_qkv, grad_bias
+
+
 class _SelfAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:
-        n, t, _, h, d = qkv.shape
-        tp = (t + 31) // 32 * 32  # tokens padded to whole tiles inside the kernel
-        out = torch.empty(n, t, h, d, dtype=torch.bfloat16, device=qkv.device)
-        train = ctx.needs_input_grad[0]
-        # the probabilities for the backward, rows paired as the tile instruction reads them (see the C file)
-        p = torch.empty(n, h, tp // 2, tp, 2, dtype=torch.bfloat16, device=qkv.device) if train else None
-        base, step = qkv.data_ptr(), h * d * qkv.element_size()
-        load_library().ditkit_attention_amx(
-            base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), t * h * d, h * d, d,
-            _ptr(p), n, t, h, d, scale,
-        )  # fmt: skip
-        if train:
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
+        out, p = attention_amx_forward(qkv, keep=ctx.needs_input_grad[0])
+        if p is not None:
             ctx.save_for_backward(qkv, out, p)
-            ctx.scale = scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         qkv, out, p = ctx.saved_tensors
-        n, t, _, h, d = qkv.shape
-        grad = grad.to(torch.bfloat16).contiguous()  # (N, T, H, D), the output's layout
-        grad_qkv = torch.empty_like(qkv)
-        base, gbase, step = qkv.data_ptr(), grad_qkv.data_ptr(), h * d * qkv.element_size()
-        load_library().ditkit_attention_amx_backward(
-            base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), grad.data_ptr(),
-            t * h * d, h * d, d, p.data_ptr(), gbase, gbase + step, gbase + 2 * step, n, t, h, d, ctx.scale,
-        )  # fmt: skip
-        return grad_qkv, None
+        return attention_amx_backward(qkv, out, p, grad, bias_grad=False)[0]
+
+
+def self_attention_applies(qkv: torch.Tensor) -> bool:
+    """Whether `self_attention`'s kernel takes this projection output (see there)."""
+    return (
+        _usable(qkv)  # first: under torch.compile PyTorch's ops run
+        and qkv.dim() == 5
+        and qkv.shape[2] == 3
+        and qkv.dtype == torch.bfloat16
+        and qkv.shape[-1] % 32 == 0
+        and qkv.numel() > 0
+        and qkv.is_contiguous()
+        and amx_attention_available()
+    )
 
 
 def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
@@ -406,18 +442,9 @@ def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
     too), so it is at least as accurate as that form (tested against fp64). The backward is compiled too
     (no second derivative). Needs an x86-64 CPU with AMX and Linux (`amx_attention_available`).
     """
-    if not (
-        _usable(qkv)  # first: under torch.compile PyTorch's ops run
-        and qkv.dim() == 5
-        and qkv.shape[2] == 3
-        and qkv.dtype == torch.bfloat16
-        and qkv.shape[-1] % 32 == 0
-        and qkv.numel() > 0
-        and qkv.is_contiguous()
-        and amx_attention_available()
-    ):
+    if not self_attention_applies(qkv):
         return None
-    return _SelfAttention.apply(qkv, qkv.shape[-1] ** -0.5)
+    return _SelfAttention.apply(qkv)
 
 
 def transpose_bf16(x: torch.Tensor) -> torch.Tensor | None:
@@ -439,3 +466,17 @@ def transpose_bf16(x: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(k, m, dtype=x.dtype, device=x.device)
     load_library().ditkit_transpose_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), m, k)
     return out
+
+
+def gelu_tanh_backward_with_bias(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tanh-GELU's backward for a bf16 (..., k) pre-activation `x` (kernels built, see `gelu_tanh`):
+    (d(loss)/dx bf16, its sum over all but the last dim in fp32, the gradient of the bias that produced x)."""
+    x = x.contiguous()
+    grad = grad.to(torch.bfloat16).contiguous()
+    out = torch.empty_like(x)
+    k = x.shape[-1]
+    bias_grad = torch.empty(k, dtype=torch.float32, device=x.device)
+    load_library().ditkit_gelu_tanh_backward_bias_bf16(
+        grad.data_ptr(), x.data_ptr(), out.data_ptr(), bias_grad.data_ptr(), x.numel() // k, k
+    )
+    return out, bias_grad

@@ -192,38 +192,103 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _bf16_linear_grads(
+    needs: tuple[bool, ...], x: torch.Tensor, weight: torch.Tensor, grad_2d: torch.Tensor, grad_bias=None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (x, weight, bias) of bf16 `F.linear(x, weight, bias)` given the output's gradient (M, out),
+    for bf16 training on AMX. The weight gradient is formed from a transposed copy of the smaller of its two
+    operands, so that the product reads both in the layout AMX runs fastest (see `Linear`); `grad_bias`,
+    where a kernel already summed the output's gradient, is the bias gradient (else grad_2d.sum(0))."""
+    out_features, in_features = weight.shape
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = (grad_2d @ weight).reshape(*x.shape[:-1], in_features)
+    if needs[1]:
+        x_2d = x.reshape(-1, in_features)  # (M, in)
+        if in_features < out_features:  # (x^T g)^T, from a transposed copy of x, the smaller one
+            x_t = cpu_kernels.transpose_bf16(x_2d)
+            grad_w_t = (x_2d.t() if x_t is None else x_t).mm(grad_2d)  # (in, out)
+            grad_w = cpu_kernels.transpose_bf16(grad_w_t)  # contiguous, as the weight
+            grad_w = grad_w_t.t() if grad_w is None else grad_w
+        else:  # g^T x, from a transposed copy of g where it is the smaller one
+            grad_t = cpu_kernels.transpose_bf16(grad_2d) if in_features > out_features else None
+            grad_w = (grad_2d.t() if grad_t is None else grad_t).mm(x_2d)
+    if len(needs) > 2 and needs[2]:
+        grad_b = grad_2d.sum(0) if grad_bias is None else grad_bias.to(grad_2d.dtype)
+    return grad_x, grad_w, grad_b
+
+
 class _Bf16TrainingLinear(torch.autograd.Function):
-    """bf16 x W^T + b as `F.linear`, whose weight gradient is formed from a transposed copy of the smaller of
-    its two operands, so that the product reads both in the layout AMX runs fastest (see `Linear`)."""
+    """bf16 x W^T + b as `F.linear`, with `_bf16_linear_grads`' backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        out_features, in_features = weight.shape
-        grad_2d = grad.reshape(-1, out_features)  # (M, out)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ weight).reshape(*x.shape[:-1], in_features)
-        if ctx.needs_input_grad[1]:
-            x_2d = x.reshape(-1, in_features)  # (M, in)
-            if in_features < out_features:  # (x^T g)^T, from a transposed copy of x, the smaller one
-                x_t = cpu_kernels.transpose_bf16(x_2d)
-                grad_w_t = (x_2d.t() if x_t is None else x_t).mm(grad_2d)  # (in, out)
-                grad_w = cpu_kernels.transpose_bf16(grad_w_t)  # contiguous, as the weight
-                grad_w = grad_w_t.t() if grad_w is None else grad_w
-            else:  # g^T x, from a transposed copy of g where it is the smaller one
-                grad_t = cpu_kernels.transpose_bf16(grad_2d) if in_features > out_features else None
-                grad_w = (grad_2d.t() if grad_t is None else grad_t).mm(x_2d)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_2d.sum(0)
-        return grad_x, grad_w, grad_b
+        return _bf16_linear_grads(ctx.needs_input_grad, x, weight, grad.reshape(-1, weight.shape[0]))
+
+
+class _Bf16LinearGelu(torch.autograd.Function):
+    """tanh-GELU(x W^T + b) in bf16 for training on AMX: one node, so that the GELU's compiled backward also
+    sums the bias gradient (`cpu_kernels.gelu_tanh_backward_with_bias`) instead of a second pass over the
+    largest activation of the block. Saves what the two layers would (x, the pre-activation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, h)
+        return cpu_kernels.gelu_tanh(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, h = ctx.saved_tensors
+        grad_h, grad_bias = cpu_kernels.gelu_tanh_backward_with_bias(grad, h)
+        return _bf16_linear_grads(ctx.needs_input_grad, x, weight, grad_h.reshape(-1, weight.shape[0]), grad_bias)
+
+
+class _Bf16QKVAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(Dh)) v of the projection x W^T + b in bf16 for training on AMX: one node, so that
+    the attention kernel's backward also sums the bias gradient (`cpu_kernels.attention_amx_backward`).
+    Returns (N, T, H, Dh); saves what the two would (x, the projection, the output, the probabilities)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = F.linear(x, weight, bias).reshape(n, t, 3, heads, d // heads)
+        out, p = cpu_kernels.attention_amx_forward(qkv, keep=True)
+        ctx.save_for_backward(x, weight, qkv, out, p)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, qkv, out, p = ctx.saved_tensors
+        grad_qkv, grad_bias = cpu_kernels.attention_amx_backward(qkv, out, p, grad, bias_grad=ctx.needs_input_grad[2])
+        grad_2d = grad_qkv.reshape(-1, weight.shape[0])
+        return *_bf16_linear_grads(ctx.needs_input_grad[:3], x, weight, grad_2d, grad_bias), None
+
+
+def _amx_bf16_training(x: torch.Tensor, linear: nn.Linear) -> bool:
+    """Whether `linear` applied to x trains in bf16 on a CPU with AMX and ditkit's kernels (the routes above)."""
+    return (
+        x.device.type == "cpu"
+        and x.numel() > 0
+        and not torch.compiler.is_compiling()  # first of the checks Dynamo cannot trace
+        and _bf16_matmul(x, linear.weight)
+        and _needs_grad(x, linear)
+        and cpu_kernels.amx_attention_available()
+        and cpu_kernels._plain(x)
+    )
+
+
+def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.bfloat16)
 
 
 class Linear(nn.Linear):
@@ -258,9 +323,8 @@ class Linear(nn.Linear):
                 return _OneDNNLinear.apply(x, self.weight, self.bias)
             if _bf16_matmul(x, self.weight) and _onednn_bf16_inference():
                 if _needs_grad(x, self):
-                    if cpu_kernels.amx_attention_available():  # the transposing kernel is built
-                        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-                        return _Bf16TrainingLinear.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), bias)
+                    if _amx_bf16_training(x, self):
+                        return _Bf16TrainingLinear.apply(_bf16(x), _bf16(self.weight), _bf16(self.bias))
                 else:
                     weight, bias = cast_parameters(self, torch.bfloat16)
                     return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
@@ -390,6 +454,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
+        if (
+            self.impl == "auto"
+            and not self.qk_norm
+            and (d // self.num_heads) % 32 == 0
+            and self.qkv.bias is not None
+            and _amx_bf16_training(x, self.qkv)
+            and not _has_hooks(self.qkv, backward=True)  # a hook on qkv must see it run
+        ):
+            out = _Bf16QKVAttention.apply(_bf16(x), _bf16(self.qkv.weight), _bf16(self.qkv.bias), self.num_heads)
+            return self.proj(out.reshape(n, t, d))
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
         if self.impl == "auto" and not self.qk_norm:
             # bf16 on a CPU with AMX: ditkit's compiled kernel, which reads q, k, v in place and writes the
@@ -444,6 +518,14 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.dwconv is None
+            and self.fc1.bias is not None
+            and _amx_bf16_training(x, self.fc1)
+            and self._gelu_kernel()
+            and not _has_hooks(self.fc1, backward=True)
+        ):
+            return self.fc2(_Bf16LinearGelu.apply(_bf16(x), _bf16(self.fc1.weight), _bf16(self.fc1.bias)))
         h = self._fused_fc1(x) if self.dwconv is None else None
         if h is None:
             h = self._activation(self.fc1(x))  # (N, T', hidden)
@@ -458,15 +540,16 @@ class Mlp(nn.Module):
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         """self.act(h); the tanh-GELU on CPU through ditkit's compiled kernel (`cpu_kernels`), which is
         3x PyTorch's speed there, unless a hook watches the activation module."""
-        if (
-            isinstance(self.act, nn.GELU)  # a user may swap in another activation module
-            and self.act.approximate == "tanh"
-            and h.device.type == "cpu"
-            and not torch.compiler.is_compiling()  # first: Dynamo cannot trace the hook check
-            and not _has_hooks(self.act, backward=True)
-        ):
+        if h.device.type == "cpu" and not torch.compiler.is_compiling() and self._gelu_kernel():
             return cpu_kernels.gelu_tanh(h)
         return self.act(h)
+
+    def _gelu_kernel(self) -> bool:
+        """Whether the activation may run as ditkit's tanh-GELU kernel: it is one (a user may swap in another
+        module) and no hook watches it. Not under torch.compile (Dynamo cannot trace the hook check)."""
+        return (
+            isinstance(self.act, nn.GELU) and self.act.approximate == "tanh" and not _has_hooks(self.act, backward=True)
+        )
 
     def _fused_fc1(self, x: torch.Tensor) -> torch.Tensor | None:
         """act(fc1(x)) as one matmul with the GELU fused in, for inference; else None.
