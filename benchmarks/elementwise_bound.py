@@ -12,12 +12,13 @@ meaningless and only the times count. Each variant removes one piece, and `all` 
 - `no-gate`: the gated residual x + gate * branch replaced by x + branch;
 - `no-softmax`: attention's softmax (and its q scaling) dropped: (q k^T) v, ditkit's matmul form of
   attention (in cache-sized batch slices on CPU) without the softmax. That is ditkit's own path in bf16
-  on CPU, the case this script is for; where ditkit picks SDPA (fp32, GPUs, and bf16 inference on CPUs
-  with AMX) the row swaps a fused kernel for two matmuls, and its forward is no bound;
+  on CPU, the case this script is for; where ditkit picks SDPA (fp32, GPUs) or its own AMX attention
+  kernel (bf16 on CPUs with AMX, which also takes the AMX training linears with it here) the row swaps
+  a fused kernel for two matmuls, and is no bound;
 - `no-gelu`: the MLP's GELU dropped (fc1 runs as a plain linear, also in inference).
 
 One more row goes the other way: `pytorch-ops` runs ditkit with its compiled CPU kernels
-(`ditkit.models.cpu_kernels`: GELU, norm + modulation, gated residual) off, i.e. on PyTorch's own ops,
+(`ditkit.models.cpu_kernels`: GELU, norm + modulation, gated residual, AMX attention) off, i.e. on PyTorch's own ops,
 which is what the kernels are measured against (docs/speed.md).
 
 A removed piece costs nothing, which no kernel achieves, so the `all` row is an upper bound on what
@@ -75,6 +76,7 @@ def _without_softmax():
     with (
         mock.patch.object(layers, "attention", _math_attention),
         mock.patch.object(layers, "_matmul_attention", _no_softmax),
+        mock.patch.object(cpu_kernels, "amx_attention_available", lambda: False),  # the AMX kernel bypasses both
     ):
         yield
 

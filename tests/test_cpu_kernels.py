@@ -561,3 +561,22 @@ def test_bf16_training_mlp_and_attention_fuse_on_amx_and_match_the_plain_layers(
             for a, b in zip(got, ref_grads):
                 assert a.shape == b.shape and _rel(a, b) < 2e-2
         assert _rel(out, ref) < 1e-2
+
+
+@needs_amx
+def test_torch_func_gradients_of_bf16_training_layers_take_pytorchs_ops():
+    """torch.func.grad over the parameters (functional_call) wraps the weights, not x: the AMX training
+    routes must step aside for them as well, and the gradients be the plain layers'."""
+    torch.manual_seed(2)
+    block = torch.nn.Sequential(layers.Attention(64, 2), layers.Mlp(64, 128))
+    x = torch.randn(2, 32, 64)
+    params = dict(block.named_parameters())
+
+    def loss(p):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.func.functional_call(block, p, (x,)).float().square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    ref = torch.autograd.grad(loss(params), list(params.values()))
+    for got, want in zip(grads.values(), ref):
+        assert _rel(got, want) < 2e-2

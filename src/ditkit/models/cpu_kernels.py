@@ -14,7 +14,7 @@ a slow backward.
 The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) into a cache
 directory (`$DITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/ditkit`, else `~/.cache/ditkit`), keyed by the
 source, the flags, the compiler's version and the CPU, so a cache shared between machines never hands
-one CPU another's instructions. It takes well under a second. Where there is no compiler or the build
+one CPU another's instructions. It takes about a second. Where there is no compiler or the build
 fails, a warning says why once and PyTorch's own kernels run instead; `DITKIT_CPU_KERNELS=0` turns the
 kernels off. Calls go through ctypes; the loops run on PyTorch's own OpenMP threads (the library links
 the libgomp PyTorch has loaded, see the C file), so `torch.set_num_threads` applies to them too.
@@ -204,9 +204,9 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def _plain(t: torch.Tensor) -> bool:
-    """A plain tensor: not a subclass, and not one of torch.func's wrappers (grad, vmap), which report
-    themselves as `torch.Tensor` but whose transforms these autograd functions do not support."""
-    if type(t) is not torch.Tensor:
+    """A plain tensor or parameter: not a subclass, and not one of torch.func's wrappers (grad, vmap), which
+    report themselves as `torch.Tensor` but whose transforms these autograd functions do not support."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
         return False
     try:
         return not torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -284,6 +284,7 @@ def _amx_bf16_training(x: torch.Tensor, linear: nn.Linear) -> bool:
         and _needs_grad(x, linear)
         and cpu_kernels.amx_attention_available()
         and cpu_kernels._plain(x)
+        and cpu_kernels._plain(linear.weight)  # torch.func's wrapped parameters take PyTorch's ops
     )
 
 
