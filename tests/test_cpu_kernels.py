@@ -580,3 +580,108 @@ def test_torch_func_gradients_of_bf16_training_layers_take_pytorchs_ops():
     ref = torch.autograd.grad(loss(params), list(params.values()))
     for got, want in zip(grads.values(), ref):
         assert _rel(got, want) < 2e-2
+
+
+@needs_amx
+def test_amx_attention_propagates_nan_like_pytorch():
+    """A NaN key poisons every query's row (PyTorch: all NaN); the kernel's clamp before exp must not hide it."""
+    qkv = torch.randn(1, 40, 3, 1, 64).bfloat16()
+    qkv[0, 7, 1, 0, 3] = float("nan")  # one channel of one key
+    out = cpu_kernels.self_attention(qkv)
+    assert torch.isnan(out).all()
+
+
+@needs_amx
+def test_direct_kernel_calls_get_the_tile_permission_first(tmp_path):
+    """The public forward asks Linux for the AMX registers itself (without it the first tile instruction
+    kills the process with SIGILL), so it works in a fresh process that never checked availability."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from ditkit.models import cpu_kernels as k; "
+        "out, p = k.attention_amx_forward(torch.randn(1, 32, 3, 1, 32).bfloat16(), keep=False); print(out.shape)"
+    )
+    env = {**__import__("os").environ, "DITKIT_CACHE_DIR": str(cpu_kernels._cache_root())}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+class _LoRALinear(torch.nn.Linear):
+    """nn.Linear plus a low-rank term: a subclass whose own forward must run."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__(fan_in, fan_out)
+        self.a = torch.nn.Parameter(torch.randn(4, fan_in) * 0.1)
+        self.b = torch.nn.Parameter(torch.randn(fan_out, 4) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + (x @ self.a.t()) @ self.b.t()
+
+
+@needs_amx
+def test_a_swapped_in_linear_subclass_runs_its_own_forward():
+    torch.manual_seed(3)
+    attn, mlp = layers.Attention(64, 2), layers.Mlp(64, 128)
+    attn.qkv, mlp.fc1 = _LoRALinear(64, 192), _LoRALinear(64, 128)
+    x = torch.randn(2, 32, 64)
+    for module, lora in ((attn, attn.qkv), (mlp, mlp.fc1)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            train = module(x)
+            train.float().sum().backward()
+            with torch.no_grad():
+                infer = module(x)
+        assert lora.a.grad is not None and lora.a.grad.abs().sum() > 0
+        assert _rel(train, infer) < 1e-2
+
+
+@needs_amx
+def test_second_derivatives_and_forward_ad_through_the_bf16_training_routes(monkeypatch):
+    """backward(create_graph=True) (a gradient penalty) and forward-mode AD work through the AMX routes as
+    through the plain layers (those routes recompute with PyTorch's ops, or step aside)."""
+    torch.manual_seed(4)
+    modules = [layers.Linear(64, 96), layers.Mlp(64, 128), layers.Attention(64, 2)]
+    x = torch.randn(2, 32, 64)
+
+    def penalty(module):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xr).float().square().sum()
+        (g,) = torch.autograd.grad(out, xr, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), list(module.parameters()))
+
+    def tangent(module):
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return fwad.unpack_dual(module(fwad.make_dual(x, torch.ones_like(x)))).tangent
+
+    results = [(penalty(m), tangent(m)) for m in modules]
+    monkeypatch.setattr(cpu_kernels, "amx_attention_available", lambda: False)  # the plain layers
+    for m, (grads, tan) in zip(modules, results):
+        ref_grads, ref_tan = penalty(m), tangent(m)
+        for a, b in zip(grads, ref_grads):
+            assert _rel(a, b) < 5e-2
+        assert _rel(tan, ref_tan) < 2e-2
+
+
+@needs_amx
+def test_fused_bias_gradients_are_the_same_every_run_with_more_threads():
+    """Per-thread partial sums are added in thread order, so the result does not depend on which thread
+    finishes first (it did with 3 or more threads)."""
+    g = torch.Generator().manual_seed(7)
+    x, grad = torch.randn(512, 1536, generator=g).bfloat16(), torch.randn(512, 1536, generator=g).bfloat16()
+    qkv = torch.randn(8, 64, 3, 2, 64, generator=g).bfloat16()
+    dout = torch.randn(8, 64, 2, 64, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        gelu = {cpu_kernels.gelu_tanh_backward_with_bias(grad, x)[1].numpy().tobytes() for _ in range(20)}
+        out, p = cpu_kernels.attention_amx_forward(qkv, keep=True)
+        attn = {
+            cpu_kernels.attention_amx_backward(qkv, out, p, dout, bias_grad=True)[1].numpy().tobytes()
+            for _ in range(20)
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert len(gelu) == 1 and len(attn) == 1

@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -138,12 +139,15 @@ void ditkit_gelu_tanh_backward_bf16(const uint16_t *restrict grad, const uint16_
 /* ditkit_gelu_tanh_backward_bf16 over an (m, k) matrix that also sums the result over its rows into
  * bias_grad (k fp32, overwritten): the gradient of the bias of the linear layer before the GELU, formed
  * while the values are at hand (fp32, before rounding) instead of in a second pass over the matrix. */
-void ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const uint16_t *restrict x,
-                                         uint16_t *restrict out, float *restrict bias_grad, int64_t m, int64_t k) {
-    for (int64_t j = 0; j < k; j++) bias_grad[j] = 0.0f;
+int32_t ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const uint16_t *restrict x,
+                                            uint16_t *restrict out, float *restrict bias_grad, int64_t m, int64_t k) {
+    /* one row of partial sums per thread, added up in thread order afterwards: the same result every run */
+    const int threads = omp_get_max_threads();
+    float *parts = calloc((size_t)threads * k, sizeof(float));
+    if (!parts) return -1;
 #pragma omp parallel if (m * k >= PARALLEL_MIN)
     {
-        float *part = calloc(k, sizeof(float)), buf[BLOCK];
+        float *part = parts + (size_t)omp_get_thread_num() * k, buf[BLOCK];
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; r++) {
             for (int64_t start = 0; start < k; start += BLOCK) {
@@ -158,10 +162,12 @@ void ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const ui
                 store_bf16(out + r * k + start, buf, len);
             }
         }
-#pragma omp critical
-        for (int64_t j = 0; j < k; j++) bias_grad[j] += part[j];
-        free(part);
     }
+    for (int64_t j = 0; j < k; j++) bias_grad[j] = 0.0f;
+    for (int i = 0; i < threads; i++)
+        for (int64_t j = 0; j < k; j++) bias_grad[j] += parts[(size_t)i * k + j];
+    free(parts);
+    return 0;
 }
 
 /* LayerNorm (no affine) + adaLN modulation over x (N, T, D) fp32, per-sample shift and scale (N, D) fp32:
@@ -474,9 +480,10 @@ static void transpose_rows(uint16_t *restrict dst, const uint16_t *restrict src,
 }
 
 /* exp(x) for 16 floats x <= 0 (the softmax's shifted scores): exp_clamped's polynomial with the power of two
- * applied by vscalefps; below -100 the result underflows to 0 (bf16 then reads 0). */
+ * applied by vscalefps; below -100 the result underflows to 0 (bf16 then reads 0). A NaN stays NaN (vmaxps
+ * returns its second operand when either is NaN), so a NaN score poisons its row as in PyTorch. */
 static inline __m512 exp512(__m512 x) {
-    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(1.4426950408889634f));
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.0f), x), _mm512_set1_ps(1.4426950408889634f));
     __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
@@ -531,19 +538,26 @@ static void *aligned_buffer(size_t bytes) { return aligned_alloc(64, (bytes + 63
 
 /* q, k, v: element (sample b, token i, head h, channel c) at ptr[b*sb + i*st + h*sh + c]; out likewise
  * with (ob, ot, oh). p: NULL, or (N, H, Tp/2, Tp, 2) bf16 to keep the probabilities for the backward. */
-void ditkit_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb, int64_t st,
-                          int64_t sh, uint16_t *out, int64_t ob, int64_t ot, int64_t oh, uint16_t *p, int64_t n,
-                          int64_t t, int64_t h, int64_t d, float scale) {
+int32_t ditkit_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb, int64_t st,
+                             int64_t sh, uint16_t *out, int64_t ob, int64_t ot, int64_t oh, uint16_t *p, int64_t n,
+                             int64_t t, int64_t h, int64_t d, float scale) {
     const int64_t tp = round32(t);
+    int32_t failed = 0; /* a thread's buffers could not be allocated: -1, the caller raises */
 #pragma omp parallel
     {
         tile_config saved __attribute__((aligned(64)));
         uint16_t *qb = aligned_buffer(tp * d * 2), *kt = aligned_buffer(tp * d * 2);
         uint16_t *vp = aligned_buffer(tp * d * 2), *pb = aligned_buffer(32 * tp * 2);
         float *s = aligned_buffer(32 * tp * 4), *o = aligned_buffer(32 * d * 4);
-        amx_begin(&saved);
+        const int ok = qb && kt && vp && pb && s && o;
+        if (!ok) {
+#pragma omp atomic write
+            failed = -1;
+        }
+        if (ok) amx_begin(&saved);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n * h; bh++) {
+            if (!ok) continue;
             int64_t b = bh / h, hh = bh % h;
             const int64_t off = b * sb + hh * sh;
             copy_rows(qb, q + off, st, t, tp, d);
@@ -570,20 +584,25 @@ void ditkit_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *
                     store_bf16(out + b * ob + (r0 + r) * ot + hh * oh, o + r * d, d);
             }
         }
-        amx_end(&saved);
+        if (ok) amx_end(&saved);
         free(qb), free(kt), free(vp), free(pb), free(s), free(o);
     }
+    return failed;
 }
 
 /* The backward of ditkit_attention_amx: dout and out share (ob, ot, oh); dq, dk, dv share q's (sb, st, sh);
  * p is what the forward saved. dbias: NULL, or (3, H, D) fp32 to receive the sums of dq, dk and dv over
  * samples and tokens (the gradient of the QKV projection's bias, formed while the values are at hand). */
-void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb,
+int32_t ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t sb,
                                    int64_t st, int64_t sh, const uint16_t *out, const uint16_t *dout, int64_t ob,
                                    int64_t ot, int64_t oh, const uint16_t *p, uint16_t *dq, uint16_t *dk,
                                    uint16_t *dv, float *dbias, int64_t n, int64_t t, int64_t h, int64_t d,
                                    float scale) {
-    const int64_t tp = round32(t);
+    const int64_t tp = round32(t), nb = 3 * h * d;
+    const int threads = omp_get_max_threads();
+    float *bias_parts = dbias ? calloc((size_t)threads * nb, sizeof(float)) : NULL; /* a row per thread */
+    if (dbias && !bias_parts) return -1;
+    int32_t failed = 0;
 #pragma omp parallel
     {
         tile_config saved __attribute__((aligned(64)));
@@ -593,10 +612,16 @@ void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const u
         uint16_t *dsp = aligned_buffer(tp * tp * 2);
         float *s = aligned_buffer(32 * tp * 4), *acc = aligned_buffer(tp * d * 4);
         float *rowdot = aligned_buffer(tp * 4);
-        float *bias_sum = dbias ? calloc(3 * h * d, sizeof(float)) : NULL; /* this thread's share */
-        amx_begin(&saved);
+        float *bias_sum = dbias ? bias_parts + (size_t)omp_get_thread_num() * nb : NULL; /* this thread's */
+        const int ok = dob && vt && kp && qt && dot && dsb && dsp && s && acc && rowdot;
+        if (!ok) {
+#pragma omp atomic write
+            failed = -1;
+        }
+        if (ok) amx_begin(&saved);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n * h; bh++) {
+            if (!ok) continue;
             int64_t b = bh / h, hh = bh % h;
             const int64_t off = b * sb + hh * sh, ooff = b * ob + hh * oh;
             const uint16_t *pbh = p + bh * tp * tp;
@@ -664,14 +689,15 @@ void ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, const u
                                             bf16x16(_mm512_i32gather_ps(idx, acc + c0 * tp + r, 4)));
             }
         }
-        amx_end(&saved);
-        if (bias_sum) {
-#pragma omp critical
-            for (int64_t i = 0; i < 3 * h * d; i++) dbias[i] += bias_sum[i];
-        }
+        if (ok) amx_end(&saved);
         free(dob), free(vt), free(kp), free(qt), free(dot), free(dsb), free(dsp), free(s), free(acc), free(rowdot);
-        free(bias_sum);
     }
+    if (dbias) { /* in thread order: the same sum every run */
+        for (int i = 0; i < threads; i++)
+            for (int64_t j = 0; j < nb; j++) dbias[j] += bias_parts[(size_t)i * nb + j];
+        free(bias_parts);
+    }
+    return failed;
 }
 #endif
 

@@ -172,7 +172,7 @@ def load_library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes, getattr(lib, name).restype = unary, None
     for name in ("ditkit_gelu_tanh_backward_f32", "ditkit_gelu_tanh_backward_bf16"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = binary, None
-    lib.ditkit_gelu_tanh_backward_bias_bf16.restype = None
+    lib.ditkit_gelu_tanh_backward_bias_bf16.restype = ctypes.c_int32  # 0, or -1: out of memory
     lib.ditkit_gelu_tanh_backward_bias_bf16.argtypes = [*binary[:3], ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
     lib.ditkit_norm_modulate.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64, f32]
@@ -189,7 +189,7 @@ def load_library() -> ctypes.CDLL | None:
         lib.ditkit_attention_amx_backward.argtypes = [
             ptr, ptr, ptr, *strides, ptr, ptr, *strides, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
         ]  # fmt: skip
-        lib.ditkit_attention_amx.restype = lib.ditkit_attention_amx_backward.restype = None
+        lib.ditkit_attention_amx.restype = lib.ditkit_attention_amx_backward.restype = i32  # -1: out of memory
         lib.ditkit_transpose_bf16.argtypes, lib.ditkit_transpose_bf16.restype = [ptr, i64, ptr, i64, i64], None
     return lib
 
@@ -208,6 +208,8 @@ def _plain(t: torch.Tensor) -> bool:
     report themselves as `torch.Tensor` but whose transforms these autograd functions do not support."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         return False
+    if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        return False  # forward-mode AD: these autograd functions have no jvp, PyTorch's ops do
     try:
         return not torch._C._functorch.is_functorch_wrapped_tensor(t)
     except AttributeError:  # another PyTorch: no functorch introspection
@@ -371,17 +373,32 @@ def _amx_granted(lib: ctypes.CDLL) -> bool:
 def attention_amx_forward(qkv: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The AMX attention kernel's forward over a checked (N, T, 3, H, D) bf16 projection (`self_attention`):
     the output (N, T, H, D), and with `keep` the probabilities its backward needs, else None."""
+    _require_amx()
     n, t, _, h, d = qkv.shape
     tp = (t + 31) // 32 * 32  # tokens padded to whole tiles inside the kernel
     out = torch.empty(n, t, h, d, dtype=torch.bfloat16, device=qkv.device)
     # the probabilities, rows paired as the tile instruction reads them (see the C file)
     p = torch.empty(n, h, tp // 2, tp, 2, dtype=torch.bfloat16, device=qkv.device) if keep else None
     base, step = qkv.data_ptr(), h * d * qkv.element_size()
-    load_library().ditkit_attention_amx(
+    status = load_library().ditkit_attention_amx(
         base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), t * h * d, h * d, d,
         _ptr(p), n, t, h, d, d**-0.5,
     )  # fmt: skip
+    _check(status, "attention", t)
     return out, p
+
+
+def _require_amx() -> None:
+    if not amx_attention_available():  # also asks Linux for the tile registers, without which AMX code faults
+        raise RuntimeError(
+            "ditkit's AMX attention kernel is not available here (no AMX tiles, kernels off or not built); "
+            "check cpu_kernels.self_attention_applies first"
+        )
+
+
+def _check(status: int, what: str, tokens: int) -> None:
+    if status != 0:
+        raise MemoryError(f"ditkit's {what} kernel could not allocate its per-thread buffers ({tokens} tokens)")
 
 
 def attention_amx_backward(
@@ -390,16 +407,18 @@ def attention_amx_backward(
     """d(loss)/d(qkv) (N, T, 3, H, D) bf16 from `attention_amx_forward`'s output, probabilities and the output's
     gradient; with `bias_grad`, also its sum over samples and tokens, (3 * H * D) fp32: the gradient of
     the projection's bias, formed inside the kernel."""
+    _require_amx()
     n, t, _, h, d = qkv.shape
     grad = grad.to(torch.bfloat16).contiguous()  # (N, T, H, D), the output's layout
     grad_qkv = torch.empty_like(qkv)
     grad_bias = torch.zeros(3 * h * d, dtype=torch.float32, device=qkv.device) if bias_grad else None
     base, gbase, step = qkv.data_ptr(), grad_qkv.data_ptr(), h * d * qkv.element_size()
-    load_library().ditkit_attention_amx_backward(
+    status = load_library().ditkit_attention_amx_backward(
         base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), grad.data_ptr(),
         t * h * d, h * d, d, p.data_ptr(), gbase, gbase + step, gbase + 2 * step, _ptr(grad_bias), n, t, h, d,
         d**-0.5,
     )  # fmt: skip
+    _check(status, "attention backward", t)
     return grad_qkv, grad_bias
 
 
@@ -459,6 +478,7 @@ def transpose_bf16(x: torch.Tensor) -> torch.Tensor | None:
         and x.stride(1) == 1
         and x.shape[1] % 2 == 0
         and x.stride(0) % 2 == 0
+        and x.stride(0) < 2**28  # the kernel's gather offsets are 32-bit
         and amx_attention_available()
     ):
         return None
@@ -476,7 +496,8 @@ def gelu_tanh_backward_with_bias(grad: torch.Tensor, x: torch.Tensor) -> tuple[t
     out = torch.empty_like(x)
     k = x.shape[-1]
     bias_grad = torch.empty(k, dtype=torch.float32, device=x.device)
-    load_library().ditkit_gelu_tanh_backward_bias_bf16(
+    status = load_library().ditkit_gelu_tanh_backward_bias_bf16(
         grad.data_ptr(), x.data_ptr(), out.data_ptr(), bias_grad.data_ptr(), x.numel() // k, k
     )
+    _check(status, "GELU backward", x.numel() // k)
     return out, bias_grad

@@ -218,18 +218,28 @@ def _bf16_linear_grads(
     return grad_x, grad_w, grad_b
 
 
+def _recomputed_grads(forward, inputs: tuple, needs: tuple[bool, ...], grad: torch.Tensor) -> tuple:
+    """For backward(create_graph=True) through the routes below: their gradients again, through PyTorch's
+    differentiable ops on the saved inputs (`forward` recomputes the output), so that a second derivative
+    (a gradient penalty, say) reaches x and the parameters."""
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    grads = iter(torch.autograd.grad(forward(*inputs), wanted, grad, create_graph=True))
+    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs))
+
+
 class _Bf16TrainingLinear(torch.autograd.Function):
     """bf16 x W^T + b as `F.linear`, with `_bf16_linear_grads`' backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _recomputed_grads(F.linear, (x, weight, bias), ctx.needs_input_grad, grad)
         return _bf16_linear_grads(ctx.needs_input_grad, x, weight, grad.reshape(-1, weight.shape[0]))
 
 
@@ -241,13 +251,15 @@ class _Bf16LinearGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight, h)
+        ctx.save_for_backward(x, weight, bias, h)
         return cpu_kernels.gelu_tanh(h)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight, h = ctx.saved_tensors
+        x, weight, bias, h = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            forward = lambda *args: F.gelu(F.linear(*args), approximate="tanh")  # noqa: E731
+            return _recomputed_grads(forward, (x, weight, bias), ctx.needs_input_grad, grad)
         grad_h, grad_bias = cpu_kernels.gelu_tanh_backward_with_bias(grad, h)
         return _bf16_linear_grads(ctx.needs_input_grad, x, weight, grad_h.reshape(-1, weight.shape[0]), grad_bias)
 
@@ -262,13 +274,22 @@ class _Bf16QKVAttention(torch.autograd.Function):
         n, t, d = x.shape
         qkv = F.linear(x, weight, bias).reshape(n, t, 3, heads, d // heads)
         out, p = cpu_kernels.attention_amx_forward(qkv, keep=True)
-        ctx.save_for_backward(x, weight, qkv, out, p)
+        ctx.save_for_backward(x, weight, bias, qkv, out, p)
+        ctx.heads = heads
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight, qkv, out, p = ctx.saved_tensors
+        x, weight, bias, qkv, out, p = ctx.saved_tensors
+        if torch.is_grad_enabled():
+
+            def forward(x, weight, bias):
+                n, t, d = x.shape
+                proj = F.linear(x, weight, bias).reshape(n, t, 3, ctx.heads, d // ctx.heads)
+                q, k, v = proj.permute(2, 0, 3, 1, 4).unbind(0)
+                return _matmul_attention(q, k, v, None).transpose(1, 2)  # (N, T, H, Dh)
+
+            return *_recomputed_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], grad), None
         grad_qkv, grad_bias = cpu_kernels.attention_amx_backward(qkv, out, p, grad, bias_grad=ctx.needs_input_grad[2])
         grad_2d = grad_qkv.reshape(-1, weight.shape[0])
         return *_bf16_linear_grads(ctx.needs_input_grad[:3], x, weight, grad_2d, grad_bias), None
@@ -343,7 +364,8 @@ def reuse_cast_weights():
     inside one. This is what autocast's own cast cache does for `F.linear` inside an autocast region (so
     a model of plain `nn.Linear` layers, diffusers' among them, casts its weights once per sampling loop),
     which the oneDNN route, an explicit cast, would otherwise not get: DiT-B/2 casts 130M parameters per
-    forward."""
+    forward. As with autocast's cache, writes through `.data` (which bypass the version counter) are not
+    seen inside the context; replacing or updating parameters in place (`copy_`, `load_state_dict`) is."""
     previous = getattr(_cast_cache, "entries", None)
     if previous is None:
         _cast_cache.entries = weakref.WeakKeyDictionary()
@@ -460,6 +482,7 @@ class Attention(nn.Module):
             and not self.qk_norm
             and (d // self.num_heads) % 32 == 0
             and self.qkv.bias is not None
+            and type(self.qkv) in (Linear, nn.Linear)  # a subclass (LoRA, say) must run its own forward
             and _amx_bf16_training(x, self.qkv)
             and not _has_hooks(self.qkv, backward=True)  # a hook on qkv must see it run
         ):
@@ -522,6 +545,7 @@ class Mlp(nn.Module):
         if (
             self.dwconv is None
             and self.fc1.bias is not None
+            and type(self.fc1) in (Linear, nn.Linear)  # a subclass (LoRA, say) must run its own forward
             and _amx_bf16_training(x, self.fc1)
             and self._gelu_kernel()
             and not _has_hooks(self.fc1, backward=True)
@@ -574,6 +598,8 @@ class Mlp(nn.Module):
         if torch.compiler.is_compiling() or _has_hooks(self.fc1):  # a hook on fc1 must see fc1 run
             return None
         if not isinstance(self.act, nn.GELU):  # the post-op is a GELU; another activation runs as itself
+            return None
+        if type(self.fc1) not in (Linear, nn.Linear):  # a subclass (LoRA, say) must run its own forward
             return None
         dtype = compute_dtype(x)
         if x.device.type == "cuda":  # cuBLASLt's GELU epilogue is the tanh approximation only
