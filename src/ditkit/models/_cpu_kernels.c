@@ -373,6 +373,18 @@ static void amx_begin(tile_config *saved) {
     _tile_loadconfig(&cfg);
 }
 
+/* A thread's start in a kernel: with its buffers allocated (ok), its tiles configured; else the whole call
+ * reports failure (-1: the caller raises MemoryError) and the thread skips its share. Returns ok. */
+static int thread_start(int ok, int32_t *failed, tile_config *saved) {
+    if (ok) {
+        amx_begin(saved);
+    } else {
+#pragma omp atomic write
+        *failed = -1;
+    }
+    return ok;
+}
+
 static void amx_end(const tile_config *saved) {
     if (saved->palette_id)
         _tile_loadconfig(saved);
@@ -549,12 +561,7 @@ int32_t ditkit_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_
         uint16_t *qb = aligned_buffer(tp * d * 2), *kt = aligned_buffer(tp * d * 2);
         uint16_t *vp = aligned_buffer(tp * d * 2), *pb = aligned_buffer(32 * tp * 2);
         float *s = aligned_buffer(32 * tp * 4), *o = aligned_buffer(32 * d * 4);
-        const int ok = qb && kt && vp && pb && s && o;
-        if (!ok) {
-#pragma omp atomic write
-            failed = -1;
-        }
-        if (ok) amx_begin(&saved);
+        const int ok = thread_start(qb && kt && vp && pb && s && o, &failed, &saved);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n * h; bh++) {
             if (!ok) continue;
@@ -613,12 +620,7 @@ int32_t ditkit_attention_amx_backward(const uint16_t *q, const uint16_t *k, cons
         float *s = aligned_buffer(32 * tp * 4), *acc = aligned_buffer(tp * d * 4);
         float *rowdot = aligned_buffer(tp * 4);
         float *bias_sum = dbias ? bias_parts + (size_t)omp_get_thread_num() * nb : NULL; /* this thread's */
-        const int ok = dob && vt && kp && qt && dot && dsb && dsp && s && acc && rowdot;
-        if (!ok) {
-#pragma omp atomic write
-            failed = -1;
-        }
-        if (ok) amx_begin(&saved);
+        const int ok = thread_start(dob && vt && kp && qt && dot && dsb && dsp && s && acc && rowdot, &failed, &saved);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n * h; bh++) {
             if (!ok) continue;
