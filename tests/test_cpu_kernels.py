@@ -243,7 +243,7 @@ def test_the_library_exports_every_kernel_with_its_signature():
     assert lib.ditkit_has_amx_attention.restype is ctypes.c_int32
     if lib.ditkit_has_amx_attention():
         for name in ("ditkit_amx_init", "ditkit_attention_amx", "ditkit_attention_amx_backward"):
-            assert getattr(lib, name).restype is not None or getattr(lib, name).argtypes, name
+            assert getattr(lib, name).argtypes is not None and getattr(lib, name).restype is ctypes.c_int32, name
 
 
 @needs_kernels

@@ -478,3 +478,30 @@ def test_reuse_cast_weights_casts_once_and_sees_in_place_updates(monkeypatch):
     with layers.reuse_cast_weights(), torch.autocast("cpu", dtype=torch.bfloat16):  # grad on: never cached
         a, b = layers.cast_parameters(layer, torch.bfloat16), layers.cast_parameters(layer, torch.bfloat16)
         assert a[0] is not b[0] and a[0].requires_grad
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dit_second_derivatives_through_the_cpu_kernels_match_pytorchs_ops(monkeypatch, bf16):
+    """A gradient penalty (backward with create_graph) through the whole DiT with ditkit's CPU kernels (norm +
+    modulation, gated residual, GELU; in bf16 on AMX also the attention kernel and the training routes) gives
+    the plain PyTorch ops' numbers: each kernel's backward recomputes in differentiable ops under create_graph."""
+    from ditkit.models import layers
+
+    torch.manual_seed(0)
+    # head size 32: the AMX attention kernel's too. fp32 attention on CPU would be PyTorch's fused kernel,
+    # which has no second derivative of its own; the matmul form isolates ditkit's kernels there.
+    model = _live_dit(num_heads=2, attn_impl="auto" if bf16 else "math")
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3) * 999, torch.randint(0, 10, (3,))
+
+    def penalty() -> torch.Tensor:
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(xr, t, y, generator=torch.Generator().manual_seed(0)).float().square().mean()
+        (g,) = torch.autograd.grad(out, xr, create_graph=True)
+        grads = torch.autograd.grad(g.square().sum(), [p for p in model.parameters() if p.requires_grad])
+        return torch.cat([gr.flatten() for gr in grads])
+
+    fast = penalty()
+    monkeypatch.setattr(layers.cpu_kernels, "load_library", lambda: None)  # PyTorch's ops throughout
+    plain = penalty()
+    assert _rel(fast, plain) < (5e-2 if bf16 else 1e-4)

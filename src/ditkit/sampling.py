@@ -212,20 +212,21 @@ def generate(
         noise = process.prior((len(labels), m.in_channels, *m.input_hw), generator=generator, device=device)
     grid = process.timesteps(steps, device=device, spacing=sc.spacing if spacing is None else spacing)
     out = []
-    for start in range(0, len(labels), batch_size):
-        with feature_cache(model, feature_cache_interval), reuse_cast_weights():
-            x = noise[start : start + batch_size]
-            x = sampler_fn(
-                denoiser,
-                x,
-                grid,
-                cond=conds[start : start + batch_size] if conds is not None else None,
-                generator=generator if per_sample is None else per_sample[start : start + batch_size],
-                callback=callback,
-                progress=progress,
-                **options,
-            )
-        out.append(x)
+    with reuse_cast_weights():  # the weights' bf16 copies made once for all batches (CPU inference)
+        for start in range(0, len(labels), batch_size):
+            with feature_cache(model, feature_cache_interval):
+                x = noise[start : start + batch_size]
+                x = sampler_fn(
+                    denoiser,
+                    x,
+                    grid,
+                    cond=conds[start : start + batch_size] if conds is not None else None,
+                    generator=generator if per_sample is None else per_sample[start : start + batch_size],
+                    callback=callback,
+                    progress=progress,
+                    **options,
+                )
+            out.append(x)
     samples = torch.cat(out) if out else noise
     if decode and not (pixel_space and autoencoder is None):
         if autoencoder is None:

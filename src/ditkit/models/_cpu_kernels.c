@@ -48,17 +48,16 @@ static inline uint16_t f32_to_bf16(float f) {
 /* exp(x) for |x| <= 88, inlined so the loops vectorise without calls: 2^(x log2 e) split into an integer
  * power of two (built in the exponent bits) and 2^f for f in [-0.5, 0.5] by Cephes' exp2f polynomial
  * (relative error about 2e-7, the size of fp32 rounding). */
+static const float EXP2_POLY[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                   5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+#define LOG2_E 1.4426950408889634f
+
 static inline float exp_clamped(float x) {
-    float t = x * 1.4426950408889634f;
+    float t = x * LOG2_E;
     float n = __builtin_rintf(t);
     float f = t - n;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
+    float p = EXP2_POLY[0];
+    for (int i = 1; i < 7; i++) p = p * f + EXP2_POLY[i];
     uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* 2^n, n in [-127, 127]; 2^-127 reads 0 */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -343,8 +342,6 @@ void ditkit_gated_residual_backward(const float *restrict grad, const float *res
  * (or releases the tiles) before it leaves, so PyTorch's own AMX kernels find the state they left. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define DITKIT_AMX 1
-#include <immintrin.h>
-#include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -495,16 +492,11 @@ static void transpose_rows(uint16_t *restrict dst, const uint16_t *restrict src,
  * applied by vscalefps; below -100 the result underflows to 0 (bf16 then reads 0). A NaN stays NaN (vmaxps
  * returns its second operand when either is NaN), so a NaN score poisons its row as in PyTorch. */
 static inline __m512 exp512(__m512 x) {
-    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.0f), x), _mm512_set1_ps(1.4426950408889634f));
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.0f), x), _mm512_set1_ps(LOG2_E));
     __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
     return _mm512_scalef_ps(p, n);
 }
 

@@ -51,6 +51,8 @@ __all__ = [
     "attention_amx_forward",
     "attention_amx_backward",
     "gelu_tanh_backward_with_bias",
+    "matmul_self_attention",
+    "recomputed_grads",
     "transpose_bf16",
 ]
 
@@ -251,6 +253,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def recomputed_grads(forward, inputs: tuple, needs: tuple[bool, ...], grad: torch.Tensor) -> tuple:
+    """For backward(create_graph=True) through these kernels' autograd functions (and `layers`' AMX training
+    routes): the gradients again, through PyTorch's differentiable ops on the saved inputs (`forward`
+    recomputes the output from them), so that a second derivative (a gradient penalty, say) reaches them."""
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    grads = iter(torch.autograd.grad(forward(*inputs), wanted, grad, create_graph=True))
+    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs))
+
+
 class _NormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps: float, out_dtype: torch.dtype):
@@ -265,14 +276,21 @@ class _NormModulate(torch.autograd.Function):
             _ptr(mean), _ptr(rstd), n, t, d, eps,
         )  # fmt: skip
         if train:
-            ctx.save_for_backward(x, mean, rstd, scale32)
-            ctx.dtypes = (shift.dtype, scale.dtype)
+            ctx.save_for_backward(x, mean, rstd, shift, scale)
+            ctx.eps, ctx.out_dtype = eps, out_dtype
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, mean, rstd, scale32 = ctx.saved_tensors
+        x, mean, rstd, shift, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): PyTorch's ops, which are differentiable
+
+            def forward(x, shift, scale):
+                normed = F.layer_norm(x, (x.shape[-1],), eps=ctx.eps)
+                return (normed * (1 + scale[:, None]) + shift[:, None]).to(ctx.out_dtype)
+
+            return *recomputed_grads(forward, (x, shift, scale), ctx.needs_input_grad[:3], grad), None, None
+        scale32 = scale.float().contiguous()
         n, t, d = x.shape
         grad = grad.contiguous()  # in the output's dtype (fp32 or bf16), as autograd guarantees
         grad_x = torch.empty_like(x)
@@ -282,8 +300,7 @@ class _NormModulate(torch.autograd.Function):
             grad.data_ptr(), int(grad.dtype == torch.bfloat16), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             scale32.data_ptr(), grad_x.data_ptr(), grad_scale.data_ptr(), grad_shift.data_ptr(), n, t, d,
         )  # fmt: skip
-        shift_dtype, scale_dtype = ctx.dtypes
-        return grad_x, grad_shift.to(shift_dtype), grad_scale.to(scale_dtype), None, None
+        return grad_x, grad_shift.to(shift.dtype), grad_scale.to(scale.dtype), None, None
 
 
 def _applies(x: torch.Tensor, per_sample: tuple[torch.Tensor, ...]) -> bool:
@@ -308,7 +325,7 @@ def norm_modulate(
 
     x (N, T, D) fp32 on CPU, shift and scale (N, D); the output in `out_dtype` (fp32 or bf16). The
     statistics come from the fp32 input (the eager bf16 route rounds x to bf16 first) and the output is
-    rounded once. Its backward is compiled too; a second derivative is not supported. Tensor subclasses
+    rounded once. Its backward is compiled too (a second derivative takes PyTorch's ops). Tensor subclasses
     (`torch.func` transforms' wrapped tensors among them) get None, and PyTorch's ops run instead.
     """
     if out_dtype not in (torch.float32, torch.bfloat16) or not _applies(x, (shift, scale)):
@@ -328,14 +345,16 @@ class _GatedResidual(torch.autograd.Function):
             n, t, d,
         )  # fmt: skip
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(gate32, branch)
-            ctx.gate_dtype = gate.dtype
+            ctx.save_for_backward(gate, branch)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gate32, branch = ctx.saved_tensors
+        gate, branch = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): the same formulas in differentiable ops
+            grad32 = grad.float()
+            return grad, (grad32 * branch).sum(1).to(gate.dtype), (gate[:, None].float() * grad32).to(branch.dtype)
+        gate32 = gate.float().contiguous()
         n, t, d = branch.shape
         grad32 = grad.float().contiguous()
         grad_branch = torch.empty_like(branch)
@@ -344,13 +363,13 @@ class _GatedResidual(torch.autograd.Function):
             grad32.data_ptr(), gate32.data_ptr(), branch.data_ptr(), int(branch.dtype == torch.bfloat16),
             grad_branch.data_ptr(), grad_gate.data_ptr(), n, t, d,
         )  # fmt: skip
-        return grad, grad_gate.to(ctx.gate_dtype), grad_branch
+        return grad, grad_gate.to(gate.dtype), grad_branch
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor | None:
     """x + gate * branch (x fp32 (N, T, D), gate (N, D), branch (N, T, D) fp32 or bf16) as one compiled pass
     writing fp32, or None where the kernel does not apply. The product is formed in fp32 (as ditkit's eager
-    `addcmul` does). Backward compiled too; no second derivative."""
+    `addcmul` does). Backward compiled too (a second derivative takes PyTorch's ops)."""
     if branch.shape != x.shape or branch.dtype not in (torch.float32, torch.bfloat16):
         return None
     if not _applies(x, (gate,)) or not _plain(branch):  # _applies first: it checks for torch.compile
@@ -431,10 +450,18 @@ class _SelfAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         qkv, out, p = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): PyTorch's matmul form, differentiable
+            return recomputed_grads(matmul_self_attention, (qkv,), ctx.needs_input_grad, grad)[0]
         return attention_amx_backward(qkv, out, p, grad, bias_grad=False)[0]
+
+
+def matmul_self_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """`self_attention` in PyTorch's ops (bf16 matmuls, the softmax accumulated in fp32): (N, T, H, D)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, D)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return (scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v).transpose(1, 2)
 
 
 def self_attention_applies(qkv: torch.Tensor) -> bool:
@@ -458,8 +485,8 @@ def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
     qkv: (N, T, 3, H, D) bf16, contiguous, on CPU, D a multiple of 32 (any T); returns (N, T, H, D) bf16,
     the layout the output projection reads. q, k and v are read in place, the scores stay fp32 through the
     softmax and the probabilities are rounded to bf16 once (PyTorch's bf16 matmul form rounds the scores
-    too), so it is at least as accurate as that form (tested against fp64). The backward is compiled too
-    (no second derivative). Needs an x86-64 CPU with AMX and Linux (`amx_attention_available`).
+    too), so it is at least as accurate as that form (tested against fp64). The backward is compiled too (a
+    second derivative takes PyTorch's ops). Needs an x86-64 CPU with AMX and Linux (`amx_attention_available`).
     """
     if not self_attention_applies(qkv):
         return None
@@ -491,6 +518,8 @@ def transpose_bf16(x: torch.Tensor) -> torch.Tensor | None:
 def gelu_tanh_backward_with_bias(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The tanh-GELU's backward for a bf16 (..., k) pre-activation `x` (kernels built, see `gelu_tanh`):
     (d(loss)/dx bf16, its sum over all but the last dim in fp32, the gradient of the bias that produced x)."""
+    if load_library() is None:
+        raise RuntimeError(f"ditkit's CPU kernels are not built here (no C compiler, or {ENV}=0)")
     x = x.contiguous()
     grad = grad.to(torch.bfloat16).contiguous()
     out = torch.empty_like(x)

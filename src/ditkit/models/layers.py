@@ -218,15 +218,6 @@ def _bf16_linear_grads(
     return grad_x, grad_w, grad_b
 
 
-def _recomputed_grads(forward, inputs: tuple, needs: tuple[bool, ...], grad: torch.Tensor) -> tuple:
-    """For backward(create_graph=True) through the routes below: their gradients again, through PyTorch's
-    differentiable ops on the saved inputs (`forward` recomputes the output), so that a second derivative
-    (a gradient penalty, say) reaches x and the parameters."""
-    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-    grads = iter(torch.autograd.grad(forward(*inputs), wanted, grad, create_graph=True))
-    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs))
-
-
 class _Bf16TrainingLinear(torch.autograd.Function):
     """bf16 x W^T + b as `F.linear`, with `_bf16_linear_grads`' backward."""
 
@@ -239,7 +230,7 @@ class _Bf16TrainingLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _recomputed_grads(F.linear, (x, weight, bias), ctx.needs_input_grad, grad)
+            return cpu_kernels.recomputed_grads(F.linear, (x, weight, bias), ctx.needs_input_grad, grad)
         return _bf16_linear_grads(ctx.needs_input_grad, x, weight, grad.reshape(-1, weight.shape[0]))
 
 
@@ -259,7 +250,7 @@ class _Bf16LinearGelu(torch.autograd.Function):
         x, weight, bias, h = ctx.saved_tensors
         if torch.is_grad_enabled():
             forward = lambda *args: F.gelu(F.linear(*args), approximate="tanh")  # noqa: E731
-            return _recomputed_grads(forward, (x, weight, bias), ctx.needs_input_grad, grad)
+            return cpu_kernels.recomputed_grads(forward, (x, weight, bias), ctx.needs_input_grad, grad)
         grad_h, grad_bias = cpu_kernels.gelu_tanh_backward_with_bias(grad, h)
         return _bf16_linear_grads(ctx.needs_input_grad, x, weight, grad_h.reshape(-1, weight.shape[0]), grad_bias)
 
@@ -286,10 +277,9 @@ class _Bf16QKVAttention(torch.autograd.Function):
             def forward(x, weight, bias):
                 n, t, d = x.shape
                 proj = F.linear(x, weight, bias).reshape(n, t, 3, ctx.heads, d // ctx.heads)
-                q, k, v = proj.permute(2, 0, 3, 1, 4).unbind(0)
-                return _matmul_attention(q, k, v, None).transpose(1, 2)  # (N, T, H, Dh)
+                return cpu_kernels.matmul_self_attention(proj)  # (N, T, H, Dh)
 
-            return *_recomputed_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], grad), None
+            return *cpu_kernels.recomputed_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], grad), None
         grad_qkv, grad_bias = cpu_kernels.attention_amx_backward(qkv, out, p, grad, bias_grad=ctx.needs_input_grad[2])
         grad_2d = grad_qkv.reshape(-1, weight.shape[0])
         return *_bf16_linear_grads(ctx.needs_input_grad[:3], x, weight, grad_2d, grad_bias), None
@@ -306,6 +296,18 @@ def _amx_bf16_training(x: torch.Tensor, linear: nn.Linear) -> bool:
         and cpu_kernels.amx_attention_available()
         and cpu_kernels._plain(x)
         and cpu_kernels._plain(linear.weight)  # torch.func's wrapped parameters take PyTorch's ops
+    )
+
+
+def _fused_training(x: torch.Tensor, linear: nn.Linear) -> bool:
+    """Whether `linear` and the op after it (attention, the GELU) may train as one of the fused AMX nodes
+    above: it is a plain linear with a bias (a subclass, LoRA say, must run its own forward), the AMX bf16
+    training route applies, and no hook watches it (a hook must see it run)."""
+    return (
+        type(linear) in (Linear, nn.Linear)
+        and linear.bias is not None
+        and _amx_bf16_training(x, linear)  # before the hook check: it steps aside under torch.compile first
+        and not _has_hooks(linear, backward=True)
     )
 
 
@@ -360,8 +362,8 @@ _cast_cache = threading.local()
 def reuse_cast_weights():
     """Within this context, the bf16 copies that `Linear`'s CPU inference paths make of their weight and bias
     are made once per layer and reused while the parameters are unchanged (same storage, same version
-    counter, so an in-place update is seen), and freed at exit; `ditkit.sampling.generate` runs each batch
-    inside one. This is what autocast's own cast cache does for `F.linear` inside an autocast region (so
+    counter, so an in-place update is seen), and freed at exit; `ditkit.sampling.generate` runs all its
+    batches inside one. This is what autocast's own cast cache does for `F.linear` inside an autocast region (so
     a model of plain `nn.Linear` layers, diffusers' among them, casts its weights once per sampling loop),
     which the oneDNN route, an explicit cast, would otherwise not get: DiT-B/2 casts 130M parameters per
     forward. As with autocast's cache, writes through `.data` (which bypass the version counter) are not
@@ -471,25 +473,17 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, dim * 3)
         self.proj = Linear(dim, dim)
         head_dim = dim // num_heads
-        self.qk_norm = qk_norm
         self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        if (
-            self.impl == "auto"
-            and not self.qk_norm
-            and (d // self.num_heads) % 32 == 0
-            and self.qkv.bias is not None
-            and type(self.qkv) in (Linear, nn.Linear)  # a subclass (LoRA, say) must run its own forward
-            and _amx_bf16_training(x, self.qkv)
-            and not _has_hooks(self.qkv, backward=True)  # a hook on qkv must see it run
-        ):
+        plain = self.impl == "auto" and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if plain and (d // self.num_heads) % 32 == 0 and _fused_training(x, self.qkv):
             out = _Bf16QKVAttention.apply(_bf16(x), _bf16(self.qkv.weight), _bf16(self.qkv.bias), self.num_heads)
             return self.proj(out.reshape(n, t, d))
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
-        if self.impl == "auto" and not self.qk_norm:
+        if plain:
             # bf16 on a CPU with AMX: ditkit's compiled kernel, which reads q, k, v in place and writes the
             # (N, T, H, Dh) layout the projection reads (see `cpu_kernels.self_attention`); else None
             out = cpu_kernels.self_attention(qkv)
@@ -542,14 +536,7 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.dwconv is None
-            and self.fc1.bias is not None
-            and type(self.fc1) in (Linear, nn.Linear)  # a subclass (LoRA, say) must run its own forward
-            and _amx_bf16_training(x, self.fc1)
-            and self._gelu_kernel()
-            and not _has_hooks(self.fc1, backward=True)
-        ):
+        if self.dwconv is None and _fused_training(x, self.fc1) and self._gelu_kernel():
             return self.fc2(_Bf16LinearGelu.apply(_bf16(x), _bf16(self.fc1.weight), _bf16(self.fc1.bias)))
         h = self._fused_fc1(x) if self.dwconv is None else None
         if h is None:
