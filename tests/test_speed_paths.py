@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 from conftest import off_identity_init_
 from ditkit.config import ModelConfig
+from ditkit.models import cpu_kernels
 from ditkit.models.dit import DiT
 from ditkit.models.layers import (
     Linear,
     Mlp,
     _onednn_bf16,
+    _onednn_bf16_inference,
     _onednn_fp32,
     attention,
     gated_residual,
@@ -94,6 +96,32 @@ def test_fused_linear_gelu_inference_is_as_accurate_as_eager(act):
     # No bf16 rounding of the pre-activation: at least as close to fp32 as the eager bf16 pair.
     assert _rel(fused, exact) <= 1.2 * _rel(eager, exact) + 1e-4
     assert _rel(fused, exact) < 1e-2
+
+
+@pytest.mark.skipif(not _onednn_bf16_inference(), reason="bf16 inference takes oneDNN's matmul on AMX CPUs only")
+@pytest.mark.skipif(cpu_kernels.load_library() is None, reason="ditkit's CPU kernels are not built here")
+def test_bf16_inference_on_amx_runs_the_gelu_kernel_after_the_matmul(monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256)
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        exact = mlp(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            post_op = torch.ops.mkldnn._linear_pointwise(  # oneDNN's GELU post-op, the route it replaces
+                x.bfloat16(), mlp.fc1.weight.bfloat16(), mlp.fc1.bias.bfloat16(), "gelu", [], "tanh"
+            )
+            post_op = mlp.fc2(post_op)
+            real, attrs = torch.ops.mkldnn._linear_pointwise, []
+            monkeypatch.setattr(
+                torch.ops.mkldnn, "_linear_pointwise", lambda *args: attrs.append(args[3]) or real(*args), raising=False
+            )
+            kernels = []
+            gelu = cpu_kernels.gelu_tanh
+            monkeypatch.setattr(cpu_kernels, "gelu_tanh", lambda h: kernels.append(h.shape) or gelu(h))
+            out = mlp(x)
+    assert attrs[0] == "none" and kernels == [(2, 50, 256)]  # the plain matmul, then the kernel
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, exact) < 1e-2 and _rel(out, post_op) < 1e-2  # bf16 rounding of the pre-activation
 
 
 def test_mlp_keeps_the_unfused_path_when_training():
@@ -225,6 +253,7 @@ def test_cpu_paths_name_the_route_of_each_choice(monkeypatch):
     assert paths["amx"] is True and paths["fp32_linear"] == "blas"
     assert paths["bf16_inference_linear"] == "onednn"
     assert paths["bf16_inference_attention"] == paths["bf16_training_attention"] == "amx-kernel"
+    assert paths["bf16_inference_gelu"] == ("kernel" if layers.cpu_kernels.load_library() else "onednn-post-op")
     monkeypatch.setattr(layers.cpu_kernels, "amx_attention_available", lambda: False)  # e.g. kernels off
     paths = layers.cpu_paths()
     assert (paths["bf16_inference_attention"], paths["bf16_training_attention"]) == ("sdpa", "math")

@@ -89,8 +89,98 @@ static inline void store_bf16(uint16_t *restrict dst, const float *restrict src,
     for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define DITKIT_AVX512 1
+/* exp_clamped for 16 lanes, clamped below at -100 (exp reads 0 there, to fp32 precision after a sum). The
+ * clamp's operand order keeps a NaN argument a NaN (vmaxps returns its second operand when one is NaN). */
+static inline __m512 exp512(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.0f), x), _mm512_set1_ps(LOG2_E));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* sigmoid_2u for 16 lanes. 1 / (1 + e) is the 14-bit reciprocal estimate refined by one Newton step
+ * (relative error about 2^-27, below fp32 rounding's 2^-24), which costs a few multiplies where a division
+ * costs as much as the rest of the GELU. As sigmoid_2u: 0 below z = -88, and a NaN x gives a NaN product
+ * (min_ps returns its second operand, 88, for a NaN; the callers multiply by x). */
+static inline __m512 sigmoid_2u_512(__m512 x) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(2.0f * SQRT_2_OVER_PI * GELU_CUBIC),
+                                                     _mm512_set1_ps(2.0f * SQRT_2_OVER_PI)));
+    const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(88.0f)));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_set1_ps(-88.0f), _CMP_GE_OQ), r);
+}
+
+/* gelu_grad for 16 lanes. */
+static inline __m512 gelu_grad_512(__m512 x) {
+    const __m512 s = sigmoid_2u_512(x);
+    const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(2.0f * SQRT_2_OVER_PI * 3.0f * GELU_CUBIC),
+                                         _mm512_set1_ps(2.0f * SQRT_2_OVER_PI));
+    const __m512 s1s = _mm512_mul_ps(s, _mm512_sub_ps(_mm512_set1_ps(1.0f), s));
+    return _mm512_fmadd_ps(_mm512_mul_ps(x, s1s), slope, s);
+}
+
+/* The first `valid` of 16 lanes (none for valid <= 0). */
+static inline __mmask16 tail_mask(int64_t valid) {
+    return valid >= 16 ? 0xffff : (valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1));
+}
+
+static inline __m512 load_bf16x16(const uint16_t *src, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src)), 16));
+}
+
+static inline void store_bf16x16(uint16_t *dst, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+#endif
+
 #define BLOCK 1024 /* elements per block of the bf16 loops: fp32 staging that stays in L1 */
 
+#ifdef DITKIT_AVX512
+/* The four elementwise GELU loops, 16 lanes at a time (the last vector masked). */
+void ditkit_gelu_tanh_f32(const float *restrict x, float *restrict y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+        _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(v, sigmoid_2u_512(v)));
+    }
+}
+
+void ditkit_gelu_tanh_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        const __m512 v = load_bf16x16(x + i, mask);
+        store_bf16x16(y + i, _mm512_mul_ps(v, sigmoid_2u_512(v)), mask);
+    }
+}
+
+void ditkit_gelu_tanh_backward_f32(const float *restrict grad, const float *restrict x, float *restrict out,
+                                   int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, grad + i);
+        _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(g, gelu_grad_512(_mm512_maskz_loadu_ps(mask, x + i))));
+    }
+}
+
+void ditkit_gelu_tanh_backward_bf16(const uint16_t *restrict grad, const uint16_t *restrict x,
+                                    uint16_t *restrict out, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 mask = tail_mask(n - i);
+        const __m512 g = load_bf16x16(grad + i, mask);
+        store_bf16x16(out + i, _mm512_mul_ps(g, gelu_grad_512(load_bf16x16(x + i, mask))), mask);
+    }
+}
+#else
 void ditkit_gelu_tanh_f32(const float *restrict x, float *restrict y, int64_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
@@ -134,6 +224,7 @@ void ditkit_gelu_tanh_backward_bf16(const uint16_t *restrict grad, const uint16_
         store_bf16(out + start, buf, m);
     }
 }
+#endif
 
 /* ditkit_gelu_tanh_backward_bf16 over an (m, k) matrix that also sums the result over its rows into
  * bias_grad (k fp32, overwritten): the gradient of the bias of the linear layer before the GELU, formed
@@ -153,12 +244,21 @@ int32_t ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const
                 int64_t len = k - start < BLOCK ? k - start : BLOCK;
                 const uint16_t *gb = grad + r * k + start, *xb = x + r * k + start;
                 float *pb = part + start;
+#ifdef DITKIT_AVX512
+                for (int64_t i = 0; i < len; i += 16) {
+                    const __mmask16 mask = tail_mask(len - i);
+                    const __m512 g = _mm512_mul_ps(load_bf16x16(gb + i, mask), gelu_grad_512(load_bf16x16(xb + i, mask)));
+                    _mm512_mask_storeu_ps(pb + i, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, pb + i), g));
+                    store_bf16x16(out + r * k + start + i, g, mask);
+                }
+#else
 #pragma omp simd
                 for (int64_t i = 0; i < len; i++) {
                     buf[i] = bf16_to_f32(gb[i]) * gelu_grad(bf16_to_f32(xb[i]));
                     pb[i] += buf[i];
                 }
                 store_bf16(out + r * k + start, buf, len);
+#endif
             }
         }
     }
@@ -455,10 +555,6 @@ static void pair_rows(uint16_t *restrict dst, const uint16_t *restrict src, int6
     }
 }
 
-static inline __mmask16 tail_mask(int64_t valid) {
-    return valid >= 16 ? 0xffff : (valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1));
-}
-
 /* 16 rows from r0 (row stride ld elements), zero from row t on: the 32-bit word at column `col` (a bf16
  * pair) of each, gathered. */
 static inline __m512i gather_words(const uint16_t *src, int64_t ld, int64_t r0, int64_t t, int64_t col) {
@@ -491,15 +587,6 @@ static void transpose_rows(uint16_t *restrict dst, const uint16_t *restrict src,
 /* exp(x) for 16 floats x <= 0 (the softmax's shifted scores): exp_clamped's polynomial with the power of two
  * applied by vscalefps; below -100 the result underflows to 0 (bf16 then reads 0). A NaN stays NaN (vmaxps
  * returns its second operand when either is NaN), so a NaN score poisons its row as in PyTorch. */
-static inline __m512 exp512(__m512 x) {
-    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.0f), x), _mm512_set1_ps(LOG2_E));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
-    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* Row r of the scores (fp32, tp wide, t valid) -> exp(scale (s - max)) in place, zero from t on; returns
  * 1 / the row's sum. */
 static inline float softmax_exp(float *restrict sr, int64_t t, int64_t tp, float scale) {
