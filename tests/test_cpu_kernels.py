@@ -380,12 +380,19 @@ def test_amx_self_attention_matches_fp64_and_beats_pytorchs_bf16_form(n, t, h, d
 
 
 @needs_amx
-def test_amx_self_attention_inference_matches_training_forward():
-    qkv = torch.randn(2, 40, 3, 2, 64).bfloat16()
+def test_amx_self_attention_inference_agrees_with_training_forward():
+    # Inference rounds the unnormalised probabilities to bf16 and scales each output row by 1 / its sum;
+    # training rounds the normalised ones, which its backward reads. Both are bf16 roundings of the same
+    # values, so they agree to within a bf16 rounding or two, and are as close to the exact result.
+    qkv = (torch.randn(2, 40, 3, 2, 64) * 2).bfloat16()
     with torch.no_grad():
         inference = cpu_kernels.self_attention(qkv)
-    training = cpu_kernels.self_attention(qkv.clone().requires_grad_())
-    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+    training = cpu_kernels.self_attention(qkv.clone().requires_grad_()).detach()
+    q, k, v = (qkv[:, :, i].transpose(1, 2).double() for i in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert not torch.equal(inference, training)  # the two roundings are really different
+    assert _rel(inference, training) < 5e-3  # measured 2.6e-3: bf16 roundings (2^-9 each) of the probabilities
+    assert _rel(inference, exact) < 1.2 * _rel(training, exact) + 1e-4 and _rel(inference, exact) < 4e-3
 
 
 @needs_amx
