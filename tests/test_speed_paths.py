@@ -24,6 +24,7 @@ from ditkit.models.layers import (
     gated_residual,
     modulate,
     norm_modulate,
+    norm_modulate_residual,
 )
 
 
@@ -78,6 +79,37 @@ def test_norm_modulate_under_bf16_autocast_matches_fp32_values_and_gradients():
     for grad, ref_grad in zip(grads, ref_grads):
         assert grad.dtype == torch.float32
         assert _rel(grad, ref_grad) < 2e-2
+
+
+@pytest.mark.skipif(cpu_kernels.load_library() is None, reason="ditkit's CPU kernels are not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reaches", ["both", "residual", "branch"])
+def test_norm_modulate_residual_adds_the_residual_gradient_in_the_kernel(dtype, reaches):
+    torch.manual_seed(0)
+    x, shift, scale = torch.randn(2, 5, 64), torch.randn(2, 64) * 0.3, torch.randn(2, 64) * 0.3
+    weights = torch.randn(2, 5, 64)
+
+    def run(fused: bool):
+        leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if fused:
+                h, skip = norm_modulate_residual(*leaves)
+            else:
+                h, skip = norm_modulate(*leaves), leaves[0]
+        loss = {"both": skip + h.float() * weights, "residual": skip * weights, "branch": h.float() * weights}[reaches]
+        grads = torch.autograd.grad(loss.square().sum(), leaves, allow_unused=True)
+        return h, skip, grads, (h.grad_fn, skip.grad_fn)
+
+    h, skip, grads, nodes = run(fused=True)
+    ref_h, ref_skip, ref_grads, _ = run(fused=False)
+    assert type(nodes[0]) is type(nodes[1]) and "NormModulate" in type(nodes[0]).__name__  # one node for both
+    assert torch.equal(h, ref_h) and torch.equal(skip, ref_skip)
+    for grad, ref in zip(grads, ref_grads):
+        if ref is None:  # through the residual alone: zeros for shift and scale (autograd materialises h's)
+            assert grad is None or not grad.any()
+        else:
+            assert grad is not None and grad.dtype == ref.dtype
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)  # the same sum, fused (FMA rounding)
 
 
 @pytest.mark.skipif(not _onednn_bf16(), reason="this CPU/PyTorch has no oneDNN bf16 linear-pointwise kernel")

@@ -315,11 +315,14 @@ void ditkit_norm_modulate(const float *restrict x, const float *restrict shift, 
  *   xhat = (x - mean) rstd,  g = grad (1 + scale[n])
  *   grad_x = rstd (g - mean_d(g) - xhat mean_d(g xhat))          (N, T, D) fp32
  *   grad_scale[n] = sum_t grad xhat,  grad_shift[n] = sum_t grad   (N, D) fp32
+ * plus `residual` (N, T, D) fp32 in grad_x where it is not NULL: the gradient x also receives through the
+ * residual connection around the branch, added here instead of in a separate pass over both.
  * Samples are split across threads, so each sample's sums over its tokens are one thread's. */
 void ditkit_norm_modulate_backward(const void *restrict grad, int32_t grad_bf16, const float *restrict x,
                                    const float *restrict mean, const float *restrict rstd,
-                                   const float *restrict scale, float *restrict grad_x, float *restrict grad_scale,
-                                   float *restrict grad_shift, int64_t n, int64_t t, int64_t d) {
+                                   const float *restrict scale, const float *restrict residual,
+                                   float *restrict grad_x, float *restrict grad_scale, float *restrict grad_shift,
+                                   int64_t n, int64_t t, int64_t d) {
 #pragma omp parallel for schedule(static) if (n * t * d >= PARALLEL_MIN)
     for (int64_t s = 0; s < n; s++) {
         float *gsc = grad_scale + s * d;
@@ -352,10 +355,19 @@ void ditkit_norm_modulate_backward(const void *restrict grad, int32_t grad_bf16,
                 sum_gx += g * xhat;
             }
             float mg = sum_g / (float)d, mgx = sum_gx / (float)d;
+            const float *res = residual ? residual + r * d : NULL;
+            if (res) {
 #pragma omp simd
-            for (int64_t i = 0; i < d; i++) {
-                float xhat = (xr[i] - m) * rs;
-                gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx);
+                for (int64_t i = 0; i < d; i++) {
+                    float xhat = (xr[i] - m) * rs;
+                    gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx) + res[i];
+                }
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) {
+                    float xhat = (xr[i] - m) * rs;
+                    gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx);
+                }
             }
         }
     }

@@ -33,6 +33,7 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     gated_residual,
     modulate,
     norm_modulate,
+    norm_modulate_residual,
     sincos_pos_embed_2d,
     timestep_embedding,
 )
@@ -96,15 +97,20 @@ class DiTBlock(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         # norm1 / norm2 are un-affine LayerNorms; norm_modulate applies them in the matmul dtype.
+        # norm_modulate_residual: (normed, x), x to add the branch to (see layers: one gradient pass fewer)
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = gated_residual(x, gate_msa, self.attn(norm_modulate(x, shift_msa, scale_msa, self.norm1.eps)))
+            h, x = norm_modulate_residual(x, shift_msa, scale_msa, self.norm1.eps)
+            x = gated_residual(x, gate_msa, self.attn(h))
             x = self._cross(x, context, mask)
-            return gated_residual(x, gate_mlp, self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps)))
+            h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
+            return gated_residual(x, gate_mlp, self.mlp(h))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        x = x + self.attn(norm_modulate(x, shift_msa, scale_msa, self.norm1.eps))
+        h, x = norm_modulate_residual(x, shift_msa, scale_msa, self.norm1.eps)
+        x = x + self.attn(h)
         x = self._cross(x, context, mask)
-        return x + self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps))
+        h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
+        return x + self.mlp(h)
 
     def _cross(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cross_attn is None:

@@ -104,6 +104,20 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
         return modulate(h, shift.to(dtype), scale.to(dtype))
 
 
+def norm_modulate_residual(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`norm_modulate(x, ...)`, x) for a pre-norm block's x + branch(norm_modulate(x)): add the branch to the
+    x returned. The same values as (norm_modulate(x, ...), x); when training with ditkit's CPU kernels, the
+    gradient reaching the returned x is added to the norm's own gradient of x inside its backward kernel,
+    instead of autograd summing the two in a pass of its own."""
+    if torch.is_grad_enabled() and x.requires_grad:  # (the CPU kernel; None elsewhere)
+        out = cpu_kernels.norm_modulate(x, shift, scale, eps, compute_dtype(x), residual=True)
+        if out is not None:
+            return out
+    return norm_modulate(x, shift, scale, eps), x
+
+
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """adaLN-Zero's x + gate * branch with a per-sample gate (N, D), in one pass; x keeps its dtype."""
     out = fused.gated_residual(x, gate, branch)  # a GPU kernel that also fuses the backward (see `fused`)
