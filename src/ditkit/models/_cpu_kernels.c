@@ -137,6 +137,18 @@ static inline __m512 load_bf16x16(const uint16_t *src, __mmask16 m) {
 static inline void store_bf16x16(uint16_t *dst, __m512 v, __mmask16 m) {
     _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
+
+/* Elements i..i+15 (masked) of a row that is bf16 or fp32, as fp32; and the store to such a row. */
+static inline __m512 load_row(const void *row, int32_t bf16, int64_t i, __mmask16 m) {
+    return bf16 ? load_bf16x16((const uint16_t *)row + i, m) : _mm512_maskz_loadu_ps(m, (const float *)row + i);
+}
+
+static inline void store_row(void *row, int32_t bf16, int64_t i, __m512 v, __mmask16 m) {
+    if (bf16)
+        store_bf16x16((uint16_t *)row + i, v, m);
+    else
+        _mm512_mask_storeu_ps((float *)row + i, m, v);
+}
 #endif
 
 #define BLOCK 1024 /* elements per block of the bf16 loops: fp32 staging that stays in L1 */
@@ -273,6 +285,45 @@ int32_t ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const
  *   out = (x - mean) * rstd * (1 + scale[n]) + shift[n],  rstd = 1 / sqrt(var + eps)  (biased variance)
  * written as fp32 (out_bf16 = 0) or bf16. Statistics in fp32 from the fp32 input; mean and rstd (N*T)
  * are stored when the pointers are not NULL (training keeps them for the backward). */
+#ifdef DITKIT_AVX512
+/* One row of ditkit_norm_modulate, 16 lanes at a time (the same two passes for the statistics). */
+static inline void norm_modulate_row512(const float *restrict xr, const float *restrict sh, const float *restrict sc,
+                                        void *restrict out, int32_t out_bf16, float *mean_out, float *rstd_out,
+                                        int64_t d, float eps) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+        acc0 = _mm512_add_ps(acc0, _mm512_loadu_ps(xr + i));
+        acc1 = _mm512_add_ps(acc1, _mm512_loadu_ps(xr + i + 16));
+    }
+    for (; i < d; i += 16) acc0 = _mm512_add_ps(acc0, _mm512_maskz_loadu_ps(tail_mask(d - i), xr + i));
+    const float mean = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) / (float)d;
+    const __m512 mv = _mm512_set1_ps(mean);
+    acc0 = acc1 = _mm512_setzero_ps();
+    for (i = 0; i + 32 <= d; i += 32) {
+        const __m512 a = _mm512_sub_ps(_mm512_loadu_ps(xr + i), mv), b = _mm512_sub_ps(_mm512_loadu_ps(xr + i + 16), mv);
+        acc0 = _mm512_fmadd_ps(a, a, acc0);
+        acc1 = _mm512_fmadd_ps(b, b, acc1);
+    }
+    for (; i < d; i += 16) {
+        const __mmask16 m = tail_mask(d - i);
+        const __m512 a = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + i), mv);
+        acc0 = _mm512_fmadd_ps(a, a, acc0);
+    }
+    const float rstd = 1.0f / sqrtf(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) / (float)d + eps);
+    if (mean_out) *mean_out = mean;
+    if (rstd_out) *rstd_out = rstd;
+    const __m512 rv = _mm512_set1_ps(rstd), one = _mm512_set1_ps(1.0f);
+    for (i = 0; i < d; i += 16) {
+        const __mmask16 m = tail_mask(d - i);
+        const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + i), mv), rv);
+        const __m512 o = _mm512_fmadd_ps(xhat, _mm512_add_ps(one, _mm512_maskz_loadu_ps(m, sc + i)),
+                                         _mm512_maskz_loadu_ps(m, sh + i));
+        store_row(out, out_bf16, i, o, m);
+    }
+}
+#endif
+
 void ditkit_norm_modulate(const float *restrict x, const float *restrict shift, const float *restrict scale,
                           void *restrict out, int32_t out_bf16, float *restrict mean_out, float *restrict rstd_out,
                           int64_t n, int64_t t, int64_t d, float eps) {
@@ -281,6 +332,11 @@ void ditkit_norm_modulate(const float *restrict x, const float *restrict shift, 
         const float *xr = x + row * d;
         const float *sh = shift + (row / t) * d;
         const float *sc = scale + (row / t) * d;
+#ifdef DITKIT_AVX512
+        void *o = out_bf16 ? (void *)((uint16_t *)out + row * d) : (void *)((float *)out + row * d);
+        norm_modulate_row512(xr, sh, sc, o, out_bf16, mean_out ? mean_out + row : NULL, rstd_out ? rstd_out + row : NULL,
+                             d, eps);
+#else
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < d; i++) sum += xr[i];
@@ -308,6 +364,7 @@ void ditkit_norm_modulate(const float *restrict x, const float *restrict shift, 
 #pragma omp simd
             for (int64_t i = 0; i < d; i++) o[i] = (xr[i] - mean) * rstd * (1.0f + sc[i]) + sh[i];
         }
+#endif
     }
 }
 
@@ -333,6 +390,34 @@ void ditkit_norm_modulate_backward(const void *restrict grad, int32_t grad_bf16,
             const float *xr = x + r * d;
             float *gx = grad_x + r * d;
             float m = mean[r], rs = rstd[r];
+#ifdef DITKIT_AVX512
+            const void *grow = grad_bf16 ? (const void *)((const uint16_t *)grad + r * d)
+                                         : (const void *)((const float *)grad + r * d);
+            const __m512 mv = _mm512_set1_ps(m), rv = _mm512_set1_ps(rs), one = _mm512_set1_ps(1.0f);
+            __m512 sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
+            for (int64_t i = 0; i < d; i += 16) {
+                const __mmask16 k = tail_mask(d - i);
+                const __m512 go = load_row(grow, grad_bf16, i, k);
+                const __m512 xhat = _mm512_maskz_mul_ps(k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr + i), mv), rv);
+                _mm512_mask_storeu_ps(gsc + i, k, _mm512_fmadd_ps(go, xhat, _mm512_maskz_loadu_ps(k, gsc + i)));
+                _mm512_mask_storeu_ps(gsh + i, k, _mm512_add_ps(go, _mm512_maskz_loadu_ps(k, gsh + i)));
+                const __m512 g = _mm512_mul_ps(go, _mm512_add_ps(one, _mm512_maskz_loadu_ps(k, sc + i)));
+                sum_g = _mm512_add_ps(sum_g, g);
+                sum_gx = _mm512_fmadd_ps(g, xhat, sum_gx);
+            }
+            const __m512 mg = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) / (float)d);
+            const __m512 mgx = _mm512_set1_ps(_mm512_reduce_add_ps(sum_gx) / (float)d);
+            const float *res = residual ? residual + r * d : NULL;
+            for (int64_t i = 0; i < d; i += 16) {
+                const __mmask16 k = tail_mask(d - i);
+                const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr + i), mv), rv);
+                const __m512 g = _mm512_mul_ps(load_row(grow, grad_bf16, i, k),
+                                               _mm512_add_ps(one, _mm512_maskz_loadu_ps(k, sc + i)));
+                __m512 out = _mm512_mul_ps(rv, _mm512_sub_ps(_mm512_sub_ps(g, mg), _mm512_mul_ps(xhat, mgx)));
+                if (res) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(k, res + i));
+                _mm512_mask_storeu_ps(gx + i, k, out);
+            }
+#else
             /* gx first holds the incoming gradient in fp32 */
             if (grad_bf16) {
                 const uint16_t *g = (const uint16_t *)grad + r * d;
@@ -369,6 +454,7 @@ void ditkit_norm_modulate_backward(const void *restrict grad, int32_t grad_bf16,
                     gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx);
                 }
             }
+#endif
         }
     }
 }
