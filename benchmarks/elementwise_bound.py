@@ -49,6 +49,20 @@ def _no_norm_mod(x, shift, scale, eps=1e-6):
     return x.to(layers.compute_dtype(x))
 
 
+def _no_norm_mod_residual(x, shift, scale, eps=1e-6):
+    return _no_norm_mod(x, shift, scale, eps), x
+
+
+@contextlib.contextmanager
+def _without_norm_mod():
+    """The blocks' norms (`norm_modulate_residual`) and the final layer's (`norm_modulate`) both removed."""
+    with (
+        mock.patch.object(dit_module, "norm_modulate", _no_norm_mod),
+        mock.patch.object(dit_module, "norm_modulate_residual", _no_norm_mod_residual),
+    ):
+        yield
+
+
 def _no_gate(x, gate, branch):
     return x + branch
 
@@ -82,7 +96,7 @@ def _without_softmax():
 
 
 PIECES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    "no-norm-mod": lambda: mock.patch.object(dit_module, "norm_modulate", _no_norm_mod),
+    "no-norm-mod": _without_norm_mod,
     "no-gate": lambda: mock.patch.object(dit_module, "gated_residual", _no_gate),
     "no-softmax": _without_softmax,
 }
