@@ -237,6 +237,7 @@ def test_the_library_exports_every_kernel_with_its_signature():
         "ditkit_norm_modulate_backward",
         "ditkit_gated_residual",
         "ditkit_gated_residual_backward",
+        "ditkit_gated_residual_norm_modulate",
     ):
         assert getattr(lib, name).argtypes, name
     # the attention kernel exists in every build; it runs only where the build targets AMX
@@ -692,3 +693,57 @@ def test_fused_bias_gradients_are_the_same_every_run_with_more_threads():
     finally:
         torch.set_num_threads(threads)
     assert len(gelu) == 1 and len(attn) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 40, 7])  # whole vectors, a masked tail, less than one vector
+def test_gated_residual_norm_modulate_is_the_two_kernels_in_turn(out_dtype, branch_dtype, d):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, d, generator=g) * 2 + 1
+    gate, shift, scale = (torch.randn(3, d, generator=g) * 0.5 for _ in range(3))
+    branch = torch.randn(3, 5, d, generator=g).to(branch_dtype)
+    with torch.no_grad():
+        h, x_new = cpu_kernels.gated_residual_norm_modulate(x, gate, branch, shift, scale, 1e-6, out_dtype)
+        ref_x = cpu_kernels.gated_residual(x, gate, branch)
+        ref_h = cpu_kernels.norm_modulate(ref_x, shift, scale, 1e-6, out_dtype)
+    assert x_new.dtype == torch.float32 and h.dtype == out_dtype
+    torch.testing.assert_close(x_new, ref_x, rtol=0, atol=0)  # the same fused multiply-add
+    torch.testing.assert_close(h, ref_h, rtol=0, atol=0)  # the same row code on the same values
+    exact = F.layer_norm(ref_x.double(), (d,), eps=1e-6) * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    assert _rel(h, exact) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+
+
+@needs_kernels
+def test_gated_residual_norm_modulate_leaves_training_to_the_kernels_with_a_backward():
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    v = torch.randn(2, 32)
+    assert cpu_kernels.gated_residual_norm_modulate(x, v, torch.randn(2, 4, 32), v, v, 1e-6, torch.float32) is None
+    h, x_new = layers.gated_residual_norm_modulate(x, v, torch.randn(2, 4, 32), v, v)  # the two kernels
+    torch.autograd.grad((h.square().sum() + x_new.sum()), x)  # and a gradient through both
+    with torch.no_grad():
+        assert (
+            cpu_kernels.gated_residual_norm_modulate(x, v, torch.randn(2, 4, 32), v, v, 1e-6, torch.float32) is not None
+        )
+
+
+@needs_kernels
+def test_dit_block_inference_takes_the_fused_residual_and_norm(monkeypatch):
+    from ditkit.config import ModelConfig
+    from ditkit.models.dit import DiT
+
+    model = DiT(
+        ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    )
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.tensor([1, 2])
+    calls = []
+    fused = cpu_kernels.gated_residual_norm_modulate
+    monkeypatch.setattr(cpu_kernels, "gated_residual_norm_modulate", lambda *a: calls.append(1) or fused(*a))
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert len(calls) == 2  # once per block
+        monkeypatch.setattr(cpu_kernels, "gated_residual_norm_modulate", lambda *a: None)  # the two kernels instead
+        torch.testing.assert_close(out, model(x, t, y), rtol=0, atol=0)

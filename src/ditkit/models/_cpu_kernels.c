@@ -91,8 +91,9 @@ static inline void store_bf16(uint16_t *restrict dst, const float *restrict src,
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define DITKIT_AVX512 1
-/* exp_clamped for 16 lanes, clamped below at -100 (exp reads 0 there, to fp32 precision after a sum). The
- * clamp's operand order keeps a NaN argument a NaN (vmaxps returns its second operand when one is NaN). */
+/* exp_clamped for 16 lanes, the power of two applied by vscalefps, clamped below at -100 (exp reads 0 there,
+ * to fp32 precision after a sum). The clamp's operand order keeps a NaN argument a NaN (vmaxps returns its
+ * second operand when one is NaN). */
 static inline __m512 exp512(__m512 x) {
     __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-100.0f), x), _mm512_set1_ps(LOG2_E));
     __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -249,7 +250,10 @@ int32_t ditkit_gelu_tanh_backward_bias_bf16(const uint16_t *restrict grad, const
     if (!parts) return -1;
 #pragma omp parallel if (m * k >= PARALLEL_MIN)
     {
-        float *part = parts + (size_t)omp_get_thread_num() * k, buf[BLOCK];
+        float *part = parts + (size_t)omp_get_thread_num() * k;
+#ifndef DITKIT_AVX512
+        float buf[BLOCK];
+#endif
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; r++) {
             for (int64_t start = 0; start < k; start += BLOCK) {
@@ -480,6 +484,34 @@ void ditkit_gated_residual(const float *restrict x, const float *restrict gate, 
     }
 }
 
+/* ditkit_gated_residual, then ditkit_norm_modulate of its result (inference: no statistics kept), row by
+ * row while the row is in L1: x_out = x + gate[n] * branch (fp32), out = LayerNorm(x_out) * (1 + scale[n])
+ * + shift[n] (fp32 or bf16). One pass over the residual stream where the two kernels make two. */
+void ditkit_gated_residual_norm_modulate(const float *restrict x, const float *restrict gate,
+                                         const void *restrict branch, int32_t branch_bf16, float *restrict x_out,
+                                         const float *restrict shift, const float *restrict scale, void *restrict out,
+                                         int32_t out_bf16, int64_t n, int64_t t, int64_t d, float eps) {
+#ifdef DITKIT_AVX512
+#pragma omp parallel for schedule(static) if (n * t * d >= PARALLEL_MIN)
+    for (int64_t row = 0; row < n * t; row++) {
+        const float *xr = x + row * d, *g = gate + (row / t) * d;
+        const void *b = branch_bf16 ? (const void *)((const uint16_t *)branch + row * d)
+                                    : (const void *)((const float *)branch + row * d);
+        float *o = x_out + row * d;
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 m = tail_mask(d - i);
+            _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + i), load_row(b, branch_bf16, i, m),
+                                                             _mm512_maskz_loadu_ps(m, xr + i)));
+        }
+        void *h = out_bf16 ? (void *)((uint16_t *)out + row * d) : (void *)((float *)out + row * d);
+        norm_modulate_row512(o, shift + (row / t) * d, scale + (row / t) * d, h, out_bf16, NULL, NULL, d, eps);
+    }
+#else /* the two passes */
+    ditkit_gated_residual(x, gate, branch, branch_bf16, x_out, n, t, d);
+    ditkit_norm_modulate(x_out, shift, scale, out, out_bf16, NULL, NULL, n, t, d, eps);
+#endif
+}
+
 /* Its backward for the branch and the gate (x's gradient is the incoming one, unchanged):
  *   grad_branch = grad * gate[n]  (in the branch's dtype),  grad_gate[n] = sum_t grad * branch  (fp32).
  * Samples are split across threads, so each sample's sum over its tokens is one thread's. */
@@ -682,10 +714,8 @@ static void transpose_rows(uint16_t *restrict dst, const uint16_t *restrict src,
         }
 }
 
-/* exp(x) for 16 floats x <= 0 (the softmax's shifted scores): exp_clamped's polynomial with the power of two
- * applied by vscalefps; below -100 the result underflows to 0 (bf16 then reads 0). A NaN stays NaN (vmaxps
- * returns its second operand when either is NaN), so a NaN score poisons its row as in PyTorch. */
-/* 2^t for t <= 0 (NaN stays NaN), for the softmax: a degree-4 polynomial on [-0.5, 0.5] (relative error
+/* 2^t for t <= 0 (NaN stays NaN: the clamp's operand order, as in exp512, so a NaN score poisons its row
+ * as in PyTorch), for the softmax: a degree-4 polynomial on [-0.5, 0.5] (relative error
  * 8.5e-6 where exp512 has 2e-7; the probabilities are rounded to bf16, 3.9e-3, for the product with v),
  * two fused multiply-adds fewer per 16 scores. Below 2^-150 it reads 0. */
 static const float EXP2_POLY4[5] = {9.25496406853199e-3f, 5.585603043437004e-2f, 2.4031251668930054e-1f,

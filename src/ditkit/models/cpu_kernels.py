@@ -9,7 +9,8 @@ AMX tiles (Intel Xeon since Sapphire Rapids) it also holds DiT's self-attention,
 one pass per sample and head on the tiles (`self_attention`): PyTorch's bf16 matmul form spends most of its
 time in small batched products, copies and the softmax's passes over memory, and its fused CPU kernel has
 a slow backward.
-`_cpu_kernels.c` computes them in fp32, vectorised by the C compiler for the machine it runs on.
+`_cpu_kernels.c` computes them in fp32: with AVX-512 intrinsics where the CPU has AVX-512 with bf16, else in
+loops the C compiler vectorises for the machine it runs on.
 
 The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) into a cache
 directory (`$DITKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/ditkit`, else `~/.cache/ditkit`), keyed by the
@@ -46,6 +47,7 @@ __all__ = [
     "gelu_tanh",
     "norm_modulate",
     "gated_residual",
+    "gated_residual_norm_modulate",
     "self_attention",
     "self_attention_applies",
     "attention_amx_forward",
@@ -63,7 +65,8 @@ if platform.machine().lower() in ("x86_64", "amd64"):  # the options below are x
     FLAGS += ["-march=native", "-mprefer-vector-width=512"]
 """Vectorised loops without -ffast-math: with it, GCC before 13 links crtfastmath.o into shared libraries,
 which sets flush-to-zero for the whole process when the library loads (tested: the library leaves the
-FPU's mode alone). The reductions vectorise through `omp simd`; -march=native builds for this CPU only."""
+FPU's mode alone). Without AVX-512 the loops and reductions vectorise through `omp simd`; -march=native builds
+for this CPU only."""
 _lock = threading.Lock()
 _TEMP_PREFIX = "ditkit-kernels-"
 
@@ -181,6 +184,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.ditkit_norm_modulate_backward.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.ditkit_norm_modulate.restype = lib.ditkit_norm_modulate_backward.restype = None
     lib.ditkit_gated_residual.argtypes = [ptr, ptr, ptr, i32, ptr, i64, i64, i64]
+    lib.ditkit_gated_residual_norm_modulate.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, i64, i64, i64, f32]
+    lib.ditkit_gated_residual_norm_modulate.restype = None
     lib.ditkit_gated_residual_backward.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64]
     lib.ditkit_gated_residual.restype = lib.ditkit_gated_residual_backward.restype = None
     lib.ditkit_has_amx_attention.argtypes, lib.ditkit_has_amx_attention.restype = [], ctypes.c_int32
@@ -394,6 +399,39 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
     return _GatedResidual.apply(x, gate, branch)
 
 
+def gated_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    branch: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(norm_modulate(x + gate * branch), x + gate * branch) in one compiled pass, for inference: None where the
+    kernels do not apply or any input needs a gradient (training takes the two kernels, whose backward exists).
+    The values are `gated_residual`'s and `norm_modulate`'s, as if called in turn."""
+    if out_dtype not in (torch.float32, torch.bfloat16) or branch.shape != x.shape:
+        return None
+    if branch.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    inputs = (x, gate, branch, shift, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return None
+    if not _applies(x, (gate, shift, scale)) or not _plain(branch):  # _applies first: it checks for torch.compile
+        return None
+    n, t, d = x.shape
+    gate32, shift32, scale32 = (v.float().contiguous() for v in (gate, shift, scale))
+    branch = branch.contiguous()
+    x_out = torch.empty_like(x)
+    out = torch.empty(n, t, d, dtype=out_dtype, device=x.device)
+    load_library().ditkit_gated_residual_norm_modulate(
+        x.data_ptr(), gate32.data_ptr(), branch.data_ptr(), int(branch.dtype == torch.bfloat16), x_out.data_ptr(),
+        shift32.data_ptr(), scale32.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16), n, t, d, eps,
+    )  # fmt: skip
+    return out, x_out
+
+
 def amx_attention_available() -> bool:
     """Whether `self_attention`'s AMX kernel can run here: the kernels are built, for a CPU with AMX tiles
     (the compiler targets this CPU), and Linux granted this process the tile registers."""
@@ -501,8 +539,10 @@ def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
 
     qkv: (N, T, 3, H, D) bf16, contiguous, on CPU, D a multiple of 32 (any T); returns (N, T, H, D) bf16,
     the layout the output projection reads. q, k and v are read in place, the scores stay fp32 through the
-    softmax and the probabilities are rounded to bf16 once (PyTorch's bf16 matmul form rounds the scores
-    too), so it is at least as accurate as that form (tested against fp64). The backward is compiled too (a
+    softmax, and one bf16 rounding follows (PyTorch's bf16 matmul form rounds the scores too), so it is at
+    least as accurate as that form (tested against fp64): training rounds the probabilities, which its
+    backward reads; inference rounds the unnormalised exponentials and scales each fp32 output row by
+    1 / its sum, so the two forwards differ by about a bf16 rounding. The backward is compiled too (a
     second derivative takes PyTorch's ops). Needs an x86-64 CPU with AMX and Linux (`amx_attention_available`).
     """
     if not self_attention_applies(qkv):

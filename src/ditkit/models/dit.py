@@ -31,6 +31,7 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     TimestepEmbedder,
     attention,
     gated_residual,
+    gated_residual_norm_modulate,
     modulate,
     norm_modulate,
     norm_modulate_residual,
@@ -101,9 +102,11 @@ class DiTBlock(nn.Module):
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
             h, x = norm_modulate_residual(x, shift_msa, scale_msa, self.norm1.eps)
-            x = gated_residual(x, gate_msa, self.attn(h))
-            x = self._cross(x, context, mask)
-            h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
+            if self.cross_attn is None:  # the MLP's norm straight after the residual: one pass for both
+                h, x = gated_residual_norm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.norm2.eps)
+            else:
+                x = self._cross(gated_residual(x, gate_msa, self.attn(h)), context, mask)
+                h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
             return gated_residual(x, gate_mlp, self.mlp(h))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         h, x = norm_modulate_residual(x, shift_msa, scale_msa, self.norm1.eps)

@@ -29,7 +29,9 @@ __all__ = [
     "modulate",
     "compute_dtype",
     "norm_modulate",
+    "norm_modulate_residual",
     "gated_residual",
+    "gated_residual_norm_modulate",
     "PatchEmbed",
     "TimestepEmbedder",
     "LabelEmbedder",
@@ -116,6 +118,23 @@ def norm_modulate_residual(
         if out is not None:
             return out
     return norm_modulate(x, shift, scale, eps), x
+
+
+def gated_residual_norm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    branch: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gated_residual(x, gate, branch)` followed by `norm_modulate_residual` of the result, for a block whose
+    next branch starts right after the residual: (normed, x + gate * branch). In CPU inference one compiled
+    pass makes both (the residual stream is read once where the two kernels read it twice)."""
+    out = cpu_kernels.gated_residual_norm_modulate(x, gate, branch, shift, scale, eps, compute_dtype(x))
+    if out is not None:
+        return out
+    return norm_modulate_residual(gated_residual(x, gate, branch), shift, scale, eps)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
