@@ -488,8 +488,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         progress(
             f"CPU: {paths['cpu_model'] or 'unknown model'} (AMX: {'yes' if paths['amx'] else 'no'}); ditkit's "
             f"fp32 linears: {paths['fp32_linear']}; bf16 inference linears: {paths['bf16_inference_linear']}, "
-            f"attention: {paths['bf16_inference_attention']}; bf16 training attention: "
-            f"{paths['bf16_training_attention']}"
+            f"attention: {paths['bf16_inference_attention']}, GELU: {paths['bf16_inference_gelu']}; bf16 training "
+            f"attention: {paths['bf16_training_attention']}"
         )
     for precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
