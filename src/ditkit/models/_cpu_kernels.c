@@ -135,8 +135,13 @@ static inline __m512 load_bf16x16(const uint16_t *src, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src)), 16));
 }
 
-static inline void store_bf16x16(uint16_t *dst, __m512 v, __mmask16 m) {
-    _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v));
+static inline __m256i bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+static inline void store_bf16x16(uint16_t *dst, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(dst, m, bf16x16(v)); }
+
+/* Element `offset` of a matrix that is bf16 or fp32. */
+static inline void *element_at(const void *base, int32_t bf16, int64_t offset) {
+    return (char *)base + offset * (bf16 ? 2 : 4);
 }
 
 /* Elements i..i+15 (masked) of a row that is bf16 or fp32, as fp32; and the store to such a row. */
@@ -155,43 +160,38 @@ static inline void store_row(void *row, int32_t bf16, int64_t i, __m512 v, __mma
 #define BLOCK 1024 /* elements per block of the bf16 loops: fp32 staging that stays in L1 */
 
 #ifdef DITKIT_AVX512
-/* The four elementwise GELU loops, 16 lanes at a time (the last vector masked). */
-void ditkit_gelu_tanh_f32(const float *restrict x, float *restrict y, int64_t n) {
+/* The elementwise GELU loops over fp32 or bf16, 16 lanes at a time (the last vector masked). */
+static void gelu_512(const void *restrict x, void *restrict y, int32_t bf16, int64_t n) {
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = tail_mask(n - i);
-        const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-        _mm512_mask_storeu_ps(y + i, mask, _mm512_mul_ps(v, sigmoid_2u_512(v)));
+        const __m512 v = load_row(x, bf16, i, mask);
+        store_row(y, bf16, i, _mm512_mul_ps(v, sigmoid_2u_512(v)), mask);
     }
 }
 
-void ditkit_gelu_tanh_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n) {
+static void gelu_backward_512(const void *restrict grad, const void *restrict x, void *restrict out, int32_t bf16,
+                              int64_t n) {
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = tail_mask(n - i);
-        const __m512 v = load_bf16x16(x + i, mask);
-        store_bf16x16(y + i, _mm512_mul_ps(v, sigmoid_2u_512(v)), mask);
+        const __m512 g = load_row(grad, bf16, i, mask);
+        store_row(out, bf16, i, _mm512_mul_ps(g, gelu_grad_512(load_row(x, bf16, i, mask))), mask);
     }
 }
+
+void ditkit_gelu_tanh_f32(const float *restrict x, float *restrict y, int64_t n) { gelu_512(x, y, 0, n); }
+
+void ditkit_gelu_tanh_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n) { gelu_512(x, y, 1, n); }
 
 void ditkit_gelu_tanh_backward_f32(const float *restrict grad, const float *restrict x, float *restrict out,
                                    int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 mask = tail_mask(n - i);
-        const __m512 g = _mm512_maskz_loadu_ps(mask, grad + i);
-        _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(g, gelu_grad_512(_mm512_maskz_loadu_ps(mask, x + i))));
-    }
+    gelu_backward_512(grad, x, out, 0, n);
 }
 
 void ditkit_gelu_tanh_backward_bf16(const uint16_t *restrict grad, const uint16_t *restrict x,
                                     uint16_t *restrict out, int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 mask = tail_mask(n - i);
-        const __m512 g = load_bf16x16(grad + i, mask);
-        store_bf16x16(out + i, _mm512_mul_ps(g, gelu_grad_512(load_bf16x16(x + i, mask))), mask);
-    }
+    gelu_backward_512(grad, x, out, 1, n);
 }
 #else
 void ditkit_gelu_tanh_f32(const float *restrict x, float *restrict y, int64_t n) {
@@ -337,9 +337,8 @@ void ditkit_norm_modulate(const float *restrict x, const float *restrict shift, 
         const float *sh = shift + (row / t) * d;
         const float *sc = scale + (row / t) * d;
 #ifdef DITKIT_AVX512
-        void *o = out_bf16 ? (void *)((uint16_t *)out + row * d) : (void *)((float *)out + row * d);
-        norm_modulate_row512(xr, sh, sc, o, out_bf16, mean_out ? mean_out + row : NULL, rstd_out ? rstd_out + row : NULL,
-                             d, eps);
+        norm_modulate_row512(xr, sh, sc, element_at(out, out_bf16, row * d), out_bf16, mean_out ? mean_out + row : NULL,
+                             rstd_out ? rstd_out + row : NULL, d, eps);
 #else
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -395,8 +394,7 @@ void ditkit_norm_modulate_backward(const void *restrict grad, int32_t grad_bf16,
             float *gx = grad_x + r * d;
             float m = mean[r], rs = rstd[r];
 #ifdef DITKIT_AVX512
-            const void *grow = grad_bf16 ? (const void *)((const uint16_t *)grad + r * d)
-                                         : (const void *)((const float *)grad + r * d);
+            const void *grow = element_at(grad, grad_bf16, r * d);
             const __m512 mv = _mm512_set1_ps(m), rv = _mm512_set1_ps(rs), one = _mm512_set1_ps(1.0f);
             __m512 sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
             for (int64_t i = 0; i < d; i += 16) {
@@ -445,18 +443,10 @@ void ditkit_norm_modulate_backward(const void *restrict grad, int32_t grad_bf16,
             }
             float mg = sum_g / (float)d, mgx = sum_gx / (float)d;
             const float *res = residual ? residual + r * d : NULL;
-            if (res) {
 #pragma omp simd
-                for (int64_t i = 0; i < d; i++) {
-                    float xhat = (xr[i] - m) * rs;
-                    gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx) + res[i];
-                }
-            } else {
-#pragma omp simd
-                for (int64_t i = 0; i < d; i++) {
-                    float xhat = (xr[i] - m) * rs;
-                    gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx);
-                }
+            for (int64_t i = 0; i < d; i++) {
+                float xhat = (xr[i] - m) * rs;
+                gx[i] = rs * (gx[i] * (1.0f + sc[i]) - mg - xhat * mgx) + (res ? res[i] : 0.0f);
             }
 #endif
         }
@@ -495,16 +485,15 @@ void ditkit_gated_residual_norm_modulate(const float *restrict x, const float *r
 #pragma omp parallel for schedule(static) if (n * t * d >= PARALLEL_MIN)
     for (int64_t row = 0; row < n * t; row++) {
         const float *xr = x + row * d, *g = gate + (row / t) * d;
-        const void *b = branch_bf16 ? (const void *)((const uint16_t *)branch + row * d)
-                                    : (const void *)((const float *)branch + row * d);
+        const void *b = element_at(branch, branch_bf16, row * d);
         float *o = x_out + row * d;
         for (int64_t i = 0; i < d; i += 16) {
             const __mmask16 m = tail_mask(d - i);
             _mm512_mask_storeu_ps(o + i, m, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + i), load_row(b, branch_bf16, i, m),
                                                              _mm512_maskz_loadu_ps(m, xr + i)));
         }
-        void *h = out_bf16 ? (void *)((uint16_t *)out + row * d) : (void *)((float *)out + row * d);
-        norm_modulate_row512(o, shift + (row / t) * d, scale + (row / t) * d, h, out_bf16, NULL, NULL, d, eps);
+        norm_modulate_row512(o, shift + (row / t) * d, scale + (row / t) * d, element_at(out, out_bf16, row * d), out_bf16,
+                             NULL, NULL, d, eps);
     }
 #else /* the two passes */
     ditkit_gated_residual(x, gate, branch, branch_bf16, x_out, n, t, d);
@@ -667,8 +656,6 @@ static void copy_rows(uint16_t *restrict dst, const uint16_t *restrict src, int6
 static inline __m512i interleave16(__m256i row0, __m256i row1) {
     return _mm512_or_si512(_mm512_cvtepu16_epi32(row0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(row1), 16));
 }
-
-static inline __m256i bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
 /* dst (tp/2 x d x 2) = rows of src pair-interleaved (zero rows from t on): B operand with K over rows.
  * d is a multiple of 16. */
