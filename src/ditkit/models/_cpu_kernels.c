@@ -117,6 +117,22 @@ static inline __m512 sigmoid_2u_512(__m512 x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_set1_ps(-88.0f), _CMP_GE_OQ), r);
 }
 
+/* 2^t (NaN stays NaN: the clamp's operand order, as in exp512, so a NaN score poisons its row as in
+ * PyTorch), for results rounded to bf16 (the attention's probabilities, 3.9e-3, and gelu_bf16_512): a
+ * degree-4 polynomial on [-0.5, 0.5] (relative error 8.5e-6 where exp512 has 2e-7), two fused
+ * multiply-adds fewer per 16 values. Below 2^-150 it reads 0, above 2^128 inf. */
+static const float EXP2_POLY4[5] = {9.25496406853199e-3f, 5.585603043437004e-2f, 2.4031251668930054e-1f,
+                                    6.93130612373352e-1f, 9.999977946281433e-1f};
+
+static inline __m512 exp2_softmax(__m512 t) {
+    t = _mm512_max_ps(_mm512_set1_ps(-150.0f), t);
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(EXP2_POLY4[0]);
+    for (int i = 1; i < 5; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY4[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* gelu_grad for 16 lanes. */
 static inline __m512 gelu_grad_512(__m512 x) {
     const __m512 s = sigmoid_2u_512(x);
@@ -160,13 +176,25 @@ static inline void store_row(void *row, int32_t bf16, int64_t i, __m512 v, __mma
 #define BLOCK 1024 /* elements per block of the bf16 loops: fp32 staging that stays in L1 */
 
 #ifdef DITKIT_AVX512
+/* The GELU for an output rounded to bf16 (8 significant bits): x / (1 + 2^t), t = -2u log2(e), with
+ * exp2_softmax's degree-4 polynomial (relative error 8.5e-6) and the reciprocal estimate alone (2^-14,
+ * 6.1e-5): about 7e-5 before the rounding, under 2% of a bf16 unit, where the fp32 kernel's exp and Newton
+ * step spend ten more instructions per 16 values on accuracy the rounding discards. t is clamped to
+ * [-150, 150] (NaN stays NaN, the clamps' operand order): above, 2^t is inf and the reciprocal 0, so
+ * x -> -0 far below as in sigmoid_2u_512, and -inf -> NaN as in PyTorch; below, 2^t is 0 and x passes. */
+static inline __m512 gelu_bf16_512(__m512 x) {
+    const __m512 a = _mm512_set1_ps(-2.0f * SQRT_2_OVER_PI * LOG2_E), b = _mm512_set1_ps(-2.0f * SQRT_2_OVER_PI * LOG2_E * GELU_CUBIC);
+    const __m512 t = _mm512_min_ps(_mm512_set1_ps(150.0f), _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(x, x), b, a)));
+    return _mm512_mul_ps(x, _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), exp2_softmax(t))));
+}
+
 /* The elementwise GELU loops over fp32 or bf16, 16 lanes at a time (the last vector masked). */
 static void gelu_512(const void *restrict x, void *restrict y, int32_t bf16, int64_t n) {
 #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = tail_mask(n - i);
         const __m512 v = load_row(x, bf16, i, mask);
-        store_row(y, bf16, i, _mm512_mul_ps(v, sigmoid_2u_512(v)), mask);
+        store_row(y, bf16, i, bf16 ? gelu_bf16_512(v) : _mm512_mul_ps(v, sigmoid_2u_512(v)), mask);
     }
 }
 
@@ -699,22 +727,6 @@ static void transpose_rows(uint16_t *restrict dst, const uint16_t *restrict src,
             _mm256_storeu_si256((__m256i *)(dst + i * tp + r0), _mm512_cvtepi32_epi16(w));
             _mm256_storeu_si256((__m256i *)(dst + (i + 1) * tp + r0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
         }
-}
-
-/* 2^t for t <= 0 (NaN stays NaN: the clamp's operand order, as in exp512, so a NaN score poisons its row
- * as in PyTorch), for the softmax: a degree-4 polynomial on [-0.5, 0.5] (relative error
- * 8.5e-6 where exp512 has 2e-7; the probabilities are rounded to bf16, 3.9e-3, for the product with v),
- * two fused multiply-adds fewer per 16 scores. Below 2^-150 it reads 0. */
-static const float EXP2_POLY4[5] = {9.25496406853199e-3f, 5.585603043437004e-2f, 2.4031251668930054e-1f,
-                                    6.93130612373352e-1f, 9.999977946281433e-1f};
-
-static inline __m512 exp2_softmax(__m512 t) {
-    t = _mm512_max_ps(_mm512_set1_ps(-150.0f), t);
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(EXP2_POLY4[0]);
-    for (int i = 1; i < 5; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY4[i]));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* Row r of the scores (fp32, tp wide, t valid) -> exp(scale (s - max)), zero from t on: in place (fp32), or,
