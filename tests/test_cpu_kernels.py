@@ -729,21 +729,37 @@ def test_gated_residual_norm_modulate_leaves_training_to_the_kernels_with_a_back
 
 
 @needs_kernels
-def test_dit_block_inference_takes_the_fused_residual_and_norm(monkeypatch):
+@pytest.mark.parametrize("head", ["linear", "deconv"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dit_inference_chains_each_residual_with_the_next_norm(monkeypatch, head, precision):
     from ditkit.config import ModelConfig
     from ditkit.models.dit import DiT
 
     model = DiT(
-        ModelConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-    )
+        ModelConfig(
+            input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10,
+            unpatchify=head,
+        )
+    ).eval()  # fmt: skip
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.tensor([1, 2])
     calls = []
     fused = cpu_kernels.gated_residual_norm_modulate
     monkeypatch.setattr(cpu_kernels, "gated_residual_norm_modulate", lambda *a: calls.append(1) or fused(*a))
-    with torch.no_grad():
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), amp:
         out = model(x, t, y)
-        assert len(calls) == 2  # once per block
+        # both residuals of every block, the last one's with the final layer's norm
+        assert len(calls) == 2 * 3
+        hook = model.blocks[1].register_forward_hook(lambda *a: None)  # a hook must see each block run
+        calls.clear()
+        torch.testing.assert_close(out, model(x, t, y), rtol=0, atol=0)  # the same values block by block
+        assert len(calls) == 3  # once per block, the attention's residual with the MLP's norm
+        hook.remove()
+        calls.clear()
+        with torch.enable_grad():  # training runs block by block (and checkpoints blocks where asked)
+            model(x, t, y)
+        assert len(calls) == 3
         monkeypatch.setattr(cpu_kernels, "gated_residual_norm_modulate", lambda *a: None)  # the two kernels instead
         torch.testing.assert_close(out, model(x, t, y), rtol=0, atol=0)

@@ -29,6 +29,7 @@ from .layers import (  # noqa: F401 - re-exported: these names have lived in thi
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    _has_hooks,
     attention,
     gated_residual,
     gated_residual_norm_modulate,
@@ -100,13 +101,13 @@ class DiTBlock(nn.Module):
         # norm1 / norm2 are un-affine LayerNorms; norm_modulate applies them in the matmul dtype.
         # norm_modulate_residual: (normed, x), x to add the branch to (see layers: one gradient pass fewer)
         if self.gated:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            modulation = self.adaLN_modulation(c).chunk(6, dim=1)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
             h, x = norm_modulate_residual(x, shift_msa, scale_msa, self.norm1.eps)
-            if self.cross_attn is None:  # the MLP's norm straight after the residual: one pass for both
-                h, x = gated_residual_norm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.norm2.eps)
-            else:
-                x = self._cross(gated_residual(x, gate_msa, self.attn(h)), context, mask)
-                h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
+            if self.cross_attn is None:
+                return self.gated_branches(h, x, modulation)
+            x = self._cross(gated_residual(x, gate_msa, self.attn(h)), context, mask)
+            h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
             return gated_residual(x, gate_mlp, self.mlp(h))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         h, x = norm_modulate_residual(x, shift_msa, scale_msa, self.norm1.eps)
@@ -114,6 +115,26 @@ class DiTBlock(nn.Module):
         x = self._cross(x, context, mask)
         h, x = norm_modulate_residual(x, shift_mlp, scale_mlp, self.norm2.eps)
         return x + self.mlp(h)
+
+    def gated_branches(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        modulation: tuple[torch.Tensor, ...],
+        then: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The gated block without cross-attention from its first norm on: x + both gated branches, for h the
+        first norm's output (`norm_modulate_residual` of x) and `modulation` the six chunks of adaLN(c).
+
+        Each residual and the norm after it are one pass (`gated_residual_norm_modulate`): the MLP's norm
+        after the attention's residual, and, given `then` = (shift, scale, eps) of the norm that follows the
+        block (the next block's first, or the final layer's), that norm after the MLP's residual, returning
+        (its output, x) instead of x (`DiT` chains its blocks so in inference)."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        h, x = gated_residual_norm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.norm2.eps)
+        if then is None:
+            return gated_residual(x, gate_mlp, self.mlp(h))
+        return gated_residual_norm_modulate(x, gate_mlp, self.mlp(h), *then)
 
     def _cross(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cross_attn is None:
@@ -176,7 +197,11 @@ class FinalLayer(nn.Module):
             x = norm_modulate(x, shift, scale, self.norm_final.eps)
         else:
             x = self.norm_final(x)
-        return x if self.linear is None else self.linear(x)
+        return self.head(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """`forward` after the norm, for h its output."""
+        return h if self.linear is None else self.linear(h)
 
 
 class DiT(nn.Module):
@@ -303,6 +328,9 @@ class DiT(nn.Module):
                 cond[0] = cond[0] + pooled  # one conditioning vector: t and pooled text embeddings added
         if self.adaptive:
             c = torch.stack(cond).sum(0)  # (N, D): t and y embeddings added
+            if self._chains():
+                x = self.final_layer.head(self._chained_blocks(x, c))
+                return self._head_to_image(x)
             for i, block in enumerate(self.blocks):
                 x = self._run_block(i, block, x, c, text_tokens, text_mask)  # (N, T, D)
         else:
@@ -317,12 +345,43 @@ class DiT(nn.Module):
             for i, block in enumerate(self.blocks):
                 x = self._run_block(i, block, x, context, mask)
             x = x[:, :tokens]  # (N, T, D): conditioning tokens removed before the final layer
-        x = self.final_layer(x, c)  # (N, T, p*p*C_out), or (N, T, D) for the deconv head
+        return self._head_to_image(self.final_layer(x, c))
+
+    def _head_to_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The final layer's output, (N, T, p*p*C_out) or (N, T, D) for the deconv head -> (N, C_out, H, W)."""
         if self.final_layer.deconv is not None:
             rows, cols = self.grid_hw
             x = x.transpose(1, 2).reshape(x.shape[0], -1, rows, cols)  # (N, D, h, w)
             return self.final_layer.deconv(x)  # (N, C_out, H, W)
         return self.unpatchify(x)  # (N, C_out, H, W)
+
+    def _chains(self) -> bool:
+        """Whether the blocks may run as one chain (`_chained_blocks`): in inference, with gated blocks without
+        cross-attention as built (not wrapped, by `feature_cache` say) and no hook to see a block or the final
+        layer run."""
+        final = self.final_layer
+        return (
+            not torch.is_grad_enabled()
+            and final.adaLN_modulation is not None
+            and not _has_hooks(final)
+            and all(type(b) is DiTBlock and b.gated and b.cross_attn is None and not _has_hooks(b) for b in self.blocks)
+        )
+
+    def _chained_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The blocks and the final layer's norm on x (N, T, D) with each block's last residual and the norm after
+        it in one pass (`DiTBlock.gated_branches`): the final norm's output (N, T, D). The same values as block
+        after block (the fused pass rounds as the two it replaces); the residual stream is read once fewer per
+        block."""
+        modulations = [block.adaLN_modulation(c).chunk(6, dim=1) for block in self.blocks]
+        final = self.final_layer
+        norms = [(m[0], m[1], block.norm1.eps) for m, block in zip(modulations, self.blocks)]
+        norms.append((*final.adaLN_modulation(c).chunk(2, dim=1), final.norm_final.eps))
+        if not self.blocks:
+            return norm_modulate(x, *norms[0])
+        h, x = norm_modulate_residual(x, *norms[0])
+        for block, modulation, then in zip(self.blocks, modulations, norms[1:]):
+            h, x = block.gated_branches(h, x, modulation, then)
+        return h
 
     def _run_block(self, i: int, block: nn.Module, x: torch.Tensor, *cond: torch.Tensor | None) -> torch.Tensor:
         """Block i on (x, *cond), through torch.utils.checkpoint when it is one of the checkpointed blocks."""
