@@ -245,6 +245,10 @@ def test_the_library_exports_every_kernel_with_its_signature():
     if lib.ditkit_has_amx_attention():
         for name in ("ditkit_amx_init", "ditkit_attention_amx", "ditkit_attention_amx_backward"):
             assert getattr(lib, name).argtypes is not None and getattr(lib, name).restype is ctypes.c_int32, name
+    # the fp32 attention: in every build with AVX-512
+    assert lib.ditkit_has_avx512.restype is ctypes.c_int32
+    if lib.ditkit_has_avx512():
+        assert lib.ditkit_attention_f32.argtypes is not None and lib.ditkit_attention_f32.restype is ctypes.c_int32
 
 
 @needs_kernels
@@ -451,6 +455,68 @@ def test_amx_kernel_and_pytorchs_own_amx_kernels_do_not_disturb_each_other():
             assert _rel(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), sdpa_ref) < 1e-2
             assert _rel(torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), mm_ref) < 1e-2
             assert _rel(a @ w.t(), mm_ref) < 1e-2
+
+
+needs_fp32_attention = pytest.mark.skipif(
+    not cpu_kernels.fp32_attention_available(torch.zeros(1)), reason="the fp32 attention kernel needs AVX-512"
+)
+
+
+@needs_fp32_attention
+@pytest.mark.parametrize(
+    ("n", "t", "h", "d"),
+    [(3, 256, 6, 64), (2, 37, 3, 64), (2, 5, 2, 72), (2, 33, 2, 40), (2, 17, 2, 100), (1, 1, 1, 8), (1, 70, 1, 16)],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_attention_matches_fp64_as_closely_as_pytorchs_kernel(n, t, h, d, with_bias):
+    """Token counts off the kernel's blocks (8 query rows, 32 keys: padded keys must get no probability,
+    padded queries must not be written) and head sizes off the 16-lane vectors; the projection's bias added
+    inside the kernel as it reads q, k and v."""
+    g = torch.Generator().manual_seed(t + d)
+    qkv = torch.randn(n, t, 3, h, d, generator=g) * 2
+    bias = torch.randn(3 * h * d, generator=g) if with_bias else None
+    with torch.no_grad():
+        out = cpu_kernels.fp32_self_attention(qkv, bias)
+    assert out is not None and out.shape == (n, t, h, d) and out.dtype == torch.float32
+    full = qkv if bias is None else qkv + bias.reshape(3, h, d)
+    exact = _attention_fp64(full, torch.zeros(n, t, h, d))[0]
+    q, k, v = full.permute(2, 0, 3, 1, 4).unbind(0)
+    theirs = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # PyTorch's fp32 fused kernel
+    assert _rel(out, exact) < 2e-6  # fp32 rounding (measured 2e-7 to 7e-7)
+    assert _rel(out, exact) <= 1.5 * _rel(theirs, exact) + 1e-7
+
+
+@needs_fp32_attention
+def test_fp32_attention_steps_aside_where_it_does_not_apply():
+    qkv = torch.randn(2, 8, 3, 2, 16)
+    assert cpu_kernels.fp32_self_attention(qkv.bfloat16()) is None  # bf16: the AMX kernel's
+    assert cpu_kernels.fp32_self_attention(qkv.transpose(0, 1)) is None  # not contiguous
+    assert cpu_kernels.fp32_self_attention(qkv, torch.zeros(5)) is None  # a bias of the wrong size
+    assert cpu_kernels.fp32_self_attention(qkv.requires_grad_()) is None  # a gradient is wanted: SDPA
+    with torch.no_grad():
+        assert cpu_kernels.fp32_self_attention(qkv) is not None
+
+
+@needs_fp32_attention
+def test_attention_module_fp32_inference_takes_the_kernel_with_the_bias_inside(monkeypatch):
+    torch.manual_seed(0)
+    attn = layers.Attention(96, 3).eval()
+    torch.nn.init.normal_(attn.qkv.bias, std=0.5)
+    x = torch.randn(2, 21, 96)
+    calls = []
+    kernel = cpu_kernels.fp32_self_attention
+    monkeypatch.setattr(cpu_kernels, "fp32_self_attention", lambda *a: calls.append(a[1]) or kernel(*a))
+    with torch.no_grad():
+        out = attn(x)
+        assert len(calls) == 1 and calls[0] is attn.qkv.bias  # the product ran without it
+        hook = attn.qkv.register_forward_hook(lambda *a: None)  # a hook must see qkv run
+        hooked = attn(x)
+        hook.remove()
+        assert len(calls) == 1
+    ref = attn(x)  # with gradients: PyTorch's SDPA after the full projection
+    assert len(calls) == 1
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, ref.detach(), rtol=1e-5, atol=1e-6)
 
 
 @needs_kernels

@@ -189,6 +189,27 @@ def load_library() -> ctypes.CDLL | None:
     lib.ditkit_gated_residual_backward.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64, i64]
     lib.ditkit_gated_residual.restype = lib.ditkit_gated_residual_backward.restype = None
     lib.ditkit_has_amx_attention.argtypes, lib.ditkit_has_amx_attention.restype = [], ctypes.c_int32
+    lib.ditkit_has_avx512.argtypes, lib.ditkit_has_avx512.restype = [], ctypes.c_int32
+    if lib.ditkit_has_avx512():  # built with AVX-512 (and AVX512-BF16): the fp32 attention is there
+        lib.ditkit_attention_f32.argtypes = [
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            f32,
+        ]
+        lib.ditkit_attention_f32.restype = i32
     if lib.ditkit_has_amx_attention():  # built for a CPU with AMX tiles (see the C file)
         strides = [i64, i64, i64]
         lib.ditkit_amx_init.argtypes, lib.ditkit_amx_init.restype = [], ctypes.c_int32
@@ -531,6 +552,44 @@ def self_attention_applies(qkv: torch.Tensor) -> bool:
         and qkv.is_contiguous()
         and amx_attention_available()
     )
+
+
+def fp32_attention_available(*tensors: torch.Tensor) -> bool:
+    """Whether `fp32_self_attention`'s kernel is built here (the kernels compiled with AVX-512) and these
+    tensors are fp32 CPU tensors it may read (not under torch.compile)."""
+    if not all(_usable(x) and x.dtype == torch.float32 for x in tensors):
+        return False
+    lib = load_library()
+    return lib is not None and bool(lib.ditkit_has_avx512())
+
+
+def fp32_self_attention(qkv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v for each head of a fused QKV projection in fp32, for inference, by ditkit's
+    compiled kernel (AVX-512 fused multiply-adds, with or without AMX); None where it does not apply (a
+    gradient is wanted, the kernels lack AVX-512, not an (N, T, 3, H, D) contiguous fp32 CPU tensor).
+
+    `bias`: None, or the projection's bias (3 H D,), which the kernel adds to q, k and v as it reads them,
+    so the projection may run without it (aten's product with a bias first copies the bias into its whole
+    output). Returns (N, T, H, D), the layout the output projection reads. Same arithmetic as PyTorch's
+    fused kernel (fp32 products, an fp32-accurate exp): tested against fp64 beside it.
+    """
+    if not fp32_attention_available(qkv, *(() if bias is None else (bias,))):
+        return None
+    if qkv.dim() != 5 or qkv.shape[2] != 3 or qkv.numel() == 0 or not qkv.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (qkv.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    n, t, _, h, d = qkv.shape
+    if bias is not None and (bias.shape != (3 * h * d,) or not bias.is_contiguous()):
+        return None
+    out = torch.empty(n, t, h, d, dtype=torch.float32, device=qkv.device)
+    base, step = qkv.data_ptr(), h * d * 4
+    status = load_library().ditkit_attention_f32(
+        base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, _ptr(bias), out.data_ptr(), t * h * d,
+        h * d, d, n, t, h, d, d**-0.5,
+    )  # fmt: skip
+    _check(status, "fp32 attention", t)
+    return out
 
 
 def self_attention(qkv: torch.Tensor) -> torch.Tensor | None:
