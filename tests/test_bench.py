@@ -59,6 +59,7 @@ def test_bench_command_writes_well_formed_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ditkit/diffusers" in printed and f"fp32 linears: {results['cpu_paths']['fp32_linear']}" in printed
     assert f"GELU: {results['cpu_paths']['bf16_inference_gelu']}" in printed
+    assert f"inference attention: {results['cpu_paths']['fp32_inference_attention']}" in printed
 
 
 @pytest.mark.parametrize(

@@ -283,6 +283,8 @@ def test_cpu_paths_name_the_route_of_each_choice(monkeypatch):
     monkeypatch.setattr(layers.cpu_kernels, "amx_attention_available", lambda: True)
     paths = layers.cpu_paths()
     assert paths["amx"] is True and paths["fp32_linear"] == "blas"
+    fp32_kernel = layers.cpu_kernels.fp32_attention_available(torch.zeros(1))
+    assert paths["fp32_inference_attention"] == ("kernel" if fp32_kernel else "sdpa")
     assert paths["bf16_inference_linear"] == "onednn"
     assert paths["bf16_inference_attention"] == paths["bf16_training_attention"] == "amx-kernel"
     assert paths["bf16_inference_gelu"] == ("kernel" if layers.cpu_kernels.load_library() else "onednn-post-op")

@@ -487,7 +487,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = print) 
         paths = results["cpu_paths"]
         progress(
             f"CPU: {paths['cpu_model'] or 'unknown model'} (AMX: {'yes' if paths['amx'] else 'no'}); ditkit's "
-            f"fp32 linears: {paths['fp32_linear']}; bf16 inference linears: {paths['bf16_inference_linear']}, "
+            f"fp32 linears: {paths['fp32_linear']}, inference attention: {paths['fp32_inference_attention']}; "
+            f"bf16 inference linears: {paths['bf16_inference_linear']}, "
             f"attention: {paths['bf16_inference_attention']}, GELU: {paths['bf16_inference_gelu']}; bf16 training "
             f"attention: {paths['bf16_training_attention']}"
         )

@@ -358,10 +358,12 @@ class DiT(nn.Module):
     def _chains(self) -> bool:
         """Whether the blocks may run as one chain (`_chained_blocks`): in inference, with gated blocks without
         cross-attention as built (not wrapped, by `feature_cache` say) and no hook to see a block or the final
-        layer run."""
+        layer run. Not under torch.compile (Inductor fuses these passes itself; Dynamo need not trace the
+        checks)."""
         final = self.final_layer
         return (
             not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
             and final.adaLN_modulation is not None
             and not _has_hooks(final)
             and all(type(b) is DiTBlock and b.gated and b.cross_attn is None and not _has_hooks(b) for b in self.blocks)

@@ -695,6 +695,8 @@ def cpu_paths() -> dict[str, object]:
         "cpu_model": _cpu_info_field("model name"),
         "amx": _cpu_has_amx(),
         "fp32_linear": "onednn" if _onednn_fp32_linear() else "blas",
+        # self-attention without QK-norm (`Attention._fp32_inference`); training takes SDPA
+        "fp32_inference_attention": "kernel" if cpu_kernels.fp32_attention_available(torch.zeros(1)) else "sdpa",
         "bf16_inference_linear": "onednn" if _onednn_bf16_inference() else "aten",
         # self-attention with a head size a multiple of 32 (DiT's); cross-attention takes SDPA or the math form
         "bf16_inference_attention": "amx-kernel" if amx_kernel else ("sdpa" if _cpu_has_amx() else "math"),
