@@ -251,13 +251,22 @@ def _bf16_linear_grads(
     return grad_x, grad_w, grad_b
 
 
+def _bf16_training_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b in bf16 for the AMX training nodes' forward: one oneDNN matmul with the bias fused in, as in
+    inference. aten's bf16 `addmm` first copies the broadcast bias into its whole output (B/2's fc1 at
+    batch 16: 8.8 ms against 7.9; 26 ms per B/2 training step over its 48 products)."""
+    if not _onednn_bf16():
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class _Bf16TrainingLinear(torch.autograd.Function):
-    """bf16 x W^T + b as `F.linear`, with `_bf16_linear_grads`' backward."""
+    """bf16 x W^T + b (`_bf16_training_product`), with `_bf16_linear_grads`' backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight, bias)
-        return F.linear(x, weight, bias)
+        return _bf16_training_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -274,7 +283,7 @@ class _Bf16LinearGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, weight, bias)
+        h = _bf16_training_product(x, weight, bias)
         ctx.save_for_backward(x, weight, bias, h)
         return cpu_kernels.gelu_tanh(h)
 
@@ -296,7 +305,7 @@ class _Bf16QKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
         n, t, d = x.shape
-        qkv = F.linear(x, weight, bias).reshape(n, t, 3, heads, d // heads)
+        qkv = _bf16_training_product(x, weight, bias).reshape(n, t, 3, heads, d // heads)
         out, p = cpu_kernels.attention_amx_forward(qkv, keep=True)
         ctx.save_for_backward(x, weight, bias, qkv, out, p)
         ctx.heads = heads
@@ -360,12 +369,14 @@ class Linear(nn.Linear):
     - **bf16 inference on CPUs with AMX** (`_onednn_bf16_inference`): one oneDNN matmul with the bias
       fused in. aten's bf16 `addmm` first copies the broadcast bias into its output and then
       accumulates onto it; on AMX, where the matmul itself is fast, that copy is a visible share
-      (docs/speed.md, eleventh session). Only without gradients: training keeps `F.linear`, whose
-      backward products were measured faster than oneDNN's with transposed operands.
-    - **bf16 training on CPUs with AMX** (with ditkit's compiled kernels): `F.linear` forward, and a
-      weight gradient formed from a transposed copy (`cpu_kernels.transpose_bf16`) of the smaller of the
-      input and the output gradient. PyTorch's backward multiplies a transposed view, which AMX ran at
-      about half the rate of the plain layout (S/2 fc2: 5.4 ms against 3.2 ms plus a 0.3 ms transpose).
+      (docs/speed.md, eleventh session). Without gradients; training (next) takes the same forward
+      product, but not oneDNN's backward products with transposed operands, which were measured slower.
+    - **bf16 training on CPUs with AMX** (with ditkit's compiled kernels): the same oneDNN product with the
+      bias fused forward (`_bf16_training_product`: B/2 training step 1886 -> 1815 ms against
+      `F.linear`'s bias copy), and a weight gradient formed from a transposed copy
+      (`cpu_kernels.transpose_bf16`) of the smaller of the input and the output gradient. PyTorch's
+      backward multiplies a transposed view, which AMX ran at about half the rate of the plain layout
+      (S/2 fc2: 5.4 ms against 3.2 ms plus a 0.3 ms transpose).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
