@@ -818,11 +818,27 @@ def test_dit_inference_chains_each_residual_with_the_next_norm(monkeypatch, head
         out = model(x, t, y)
         # both residuals of every block, the last one's with the final layer's norm
         assert len(calls) == 2 * 3
+        order = []  # submodules run in the block-by-block order in the chain too
+        inner = [
+            getattr(block, name).register_forward_hook(lambda *a, name=f"{name}{i}": order.append(name))
+            for i, block in enumerate(model.blocks)
+            for name in ("adaLN_modulation", "attn", "mlp")
+        ]
+        model(x, t, y)
+        chained, order[:] = list(order), []
         hook = model.blocks[1].register_forward_hook(lambda *a: None)  # a hook must see each block run
         calls.clear()
         torch.testing.assert_close(out, model(x, t, y), rtol=0, atol=0)  # the same values block by block
         assert len(calls) == 3  # once per block, the attention's residual with the MLP's norm
+        assert chained == order == [f"{name}{i}" for i in range(3) for name in ("adaLN_modulation", "attn", "mlp")]
         hook.remove()
+        for h in inner:
+            h.remove()
+        calls.clear()
+        model.blocks[2]._compiled_call_impl = model.blocks[2].forward  # as Module.compile sets: the chain steps aside
+        model(x, t, y)
+        assert len(calls) == 3
+        model.blocks[2]._compiled_call_impl = None
         calls.clear()
         with torch.enable_grad():  # training runs block by block (and checkpoints blocks where asked)
             model(x, t, y)

@@ -14,6 +14,7 @@ text-conditioned model (`text_dim > 0`) y is a `TextCond` of precomputed caption
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,20 +122,22 @@ class DiTBlock(nn.Module):
         h: torch.Tensor,
         x: torch.Tensor,
         modulation: tuple[torch.Tensor, ...],
-        then: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+        then: Callable[[], tuple[torch.Tensor, torch.Tensor, float]] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The gated block without cross-attention from its first norm on: x + both gated branches, for h the
         first norm's output (`norm_modulate_residual` of x) and `modulation` the six chunks of adaLN(c).
 
         Each residual and the norm after it are one pass (`gated_residual_norm_modulate`): the MLP's norm
-        after the attention's residual, and, given `then` = (shift, scale, eps) of the norm that follows the
-        block (the next block's first, or the final layer's), that norm after the MLP's residual, returning
-        (its output, x) instead of x (`DiT` chains its blocks so in inference)."""
+        after the attention's residual, and, given `then`, which returns (shift, scale, eps) of the norm that
+        follows the block (the next block's first, or the final layer's; called after the MLP, so modules run
+        in the block-by-block order), that norm after the MLP's residual, returning (its output, x) instead of
+        x (`DiT` chains its blocks so in inference)."""
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h, x = gated_residual_norm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.norm2.eps)
         if then is None:
             return gated_residual(x, gate_mlp, self.mlp(h))
-        return gated_residual_norm_modulate(x, gate_mlp, self.mlp(h), *then)
+        branch = self.mlp(h)
+        return gated_residual_norm_modulate(x, gate_mlp, branch, *then())
 
     def _cross(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cross_attn is None:
@@ -328,7 +331,7 @@ class DiT(nn.Module):
                 cond[0] = cond[0] + pooled  # one conditioning vector: t and pooled text embeddings added
         if self.adaptive:
             c = torch.stack(cond).sum(0)  # (N, D): t and y embeddings added
-            if self._chains():
+            if self._chains(x):
                 x = self.final_layer.head(self._chained_blocks(x, c))
                 return self._head_to_image(x)
             for i, block in enumerate(self.blocks):
@@ -355,34 +358,50 @@ class DiT(nn.Module):
             return self.final_layer.deconv(x)  # (N, C_out, H, W)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
-    def _chains(self) -> bool:
-        """Whether the blocks may run as one chain (`_chained_blocks`): in inference, with gated blocks without
-        cross-attention as built (not wrapped, by `feature_cache` say) and no hook to see a block or the final
-        layer run. Not under torch.compile (Inductor fuses these passes itself; Dynamo need not trace the
-        checks)."""
+    def _chains(self, x: torch.Tensor) -> bool:
+        """Whether the blocks may run as one chain (`_chained_blocks`): CPU inference (where the fused pass is;
+        elsewhere it would be the same two ops), gated blocks without cross-attention and the final layer as
+        built (not wrapped, by `feature_cache` say, nor compiled in place with `Module.compile`, which the
+        chain's direct calls would bypass), and no hook to see a block or the final layer run. Not under
+        torch.compile (Inductor fuses these passes itself; Dynamo need not trace the checks)."""
         final = self.final_layer
+
+        def plain(module: nn.Module) -> bool:
+            return not _has_hooks(module) and getattr(module, "_compiled_call_impl", None) is None
+
         return (
             not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
+            and x.device.type == "cpu"
+            and type(final) is FinalLayer
             and final.adaLN_modulation is not None
-            and not _has_hooks(final)
-            and all(type(b) is DiTBlock and b.gated and b.cross_attn is None and not _has_hooks(b) for b in self.blocks)
+            and plain(final)
+            and all(type(b) is DiTBlock and b.gated and b.cross_attn is None and plain(b) for b in self.blocks)
         )
 
     def _chained_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The blocks and the final layer's norm on x (N, T, D) with each block's last residual and the norm after
         it in one pass (`DiTBlock.gated_branches`): the final norm's output (N, T, D). The same values as block
         after block (the fused pass rounds as the two it replaces); the residual stream is read once fewer per
-        block."""
-        modulations = [block.adaLN_modulation(c).chunk(6, dim=1) for block in self.blocks]
-        final = self.final_layer
-        norms = [(m[0], m[1], block.norm1.eps) for m, block in zip(modulations, self.blocks)]
-        norms.append((*final.adaLN_modulation(c).chunk(2, dim=1), final.norm_final.eps))
-        if not self.blocks:
-            return norm_modulate(x, *norms[0])
-        h, x = norm_modulate_residual(x, *norms[0])
-        for block, modulation, then in zip(self.blocks, modulations, norms[1:]):
-            h, x = block.gated_branches(h, x, modulation, then)
+        block. Each block's modulation is made when the norm before it needs it (one alive at a time, and the
+        modules run in the block-by-block order)."""
+        blocks, final = list(self.blocks), self.final_layer
+        modulation: list[tuple[torch.Tensor, ...]] = []  # the current block's six chunks
+
+        def norm_before(i: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor, float]]:
+            def norm() -> tuple[torch.Tensor, torch.Tensor, float]:
+                if i == len(blocks):
+                    return (*final.adaLN_modulation(c).chunk(2, dim=1), final.norm_final.eps)
+                modulation[:] = [blocks[i].adaLN_modulation(c).chunk(6, dim=1)]
+                return modulation[0][0], modulation[0][1], blocks[i].norm1.eps
+
+            return norm
+
+        if not blocks:
+            return norm_modulate(x, *norm_before(0)())
+        h, x = norm_modulate_residual(x, *norm_before(0)())
+        for i, block in enumerate(blocks):
+            h, x = block.gated_branches(h, x, modulation[0], norm_before(i + 1))
         return h
 
     def _run_block(self, i: int, block: nn.Module, x: torch.Tensor, *cond: torch.Tensor | None) -> torch.Tensor:

@@ -550,7 +550,9 @@ class Attention(nn.Module):
         layer = self.qkv
         if type(layer) not in (Linear, nn.Linear) or torch.is_autocast_enabled("cpu") or _needs_grad(x, layer):
             return None  # (a subclass, LoRA say, must run its own forward)
-        if not cpu_kernels.fp32_attention_available(x, layer.weight) or _has_hooks(layer):  # a hook sees qkv run
+        if not cpu_kernels.fp32_attention_available(x, layer.weight):
+            return None
+        if any(_has_hooks(m) for m in (layer, self.q_norm, self.k_norm)):  # a hook must see them run
             return None
         n, t, d = x.shape
         w = layer.weight
