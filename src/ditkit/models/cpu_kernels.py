@@ -191,24 +191,7 @@ def load_library() -> ctypes.CDLL | None:
     lib.ditkit_has_amx_attention.argtypes, lib.ditkit_has_amx_attention.restype = [], ctypes.c_int32
     lib.ditkit_has_avx512.argtypes, lib.ditkit_has_avx512.restype = [], ctypes.c_int32
     if lib.ditkit_has_avx512():  # built with AVX-512 (and AVX512-BF16): the fp32 attention is there
-        lib.ditkit_attention_f32.argtypes = [
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            f32,
-        ]
+        lib.ditkit_attention_f32.argtypes = [ptr] * 3 + [i64] * 3 + [ptr] * 2 + [i64] * 7 + [f32]
         lib.ditkit_attention_f32.restype = i32
     if lib.ditkit_has_amx_attention():  # built for a CPU with AMX tiles (see the C file)
         strides = [i64, i64, i64]
@@ -474,13 +457,24 @@ def attention_amx_forward(qkv: torch.Tensor, keep: bool) -> tuple[torch.Tensor, 
     out = torch.empty(n, t, h, d, dtype=torch.bfloat16, device=qkv.device)
     # the probabilities, rows paired as the tile instruction reads them (see the C file)
     p = torch.empty(n, h, tp // 2, tp, 2, dtype=torch.bfloat16, device=qkv.device) if keep else None
-    base, step = qkv.data_ptr(), h * d * qkv.element_size()
     status = load_library().ditkit_attention_amx(
-        base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), t * h * d, h * d, d,
-        _ptr(p), n, t, h, d, d**-0.5,
-    )  # fmt: skip
+        *_qkv_views(qkv), out.data_ptr(), *_out_strides(qkv), _ptr(p), n, t, h, d, d**-0.5
+    )
     _check(status, "attention", t)
     return out, p
+
+
+def _qkv_views(qkv: torch.Tensor) -> tuple[int, ...]:
+    """The kernels' view of an (N, T, 3, H, D) projection: the q, k and v pointers and their (sample, token,
+    head) strides in elements; `_out_strides` is the same for an (N, T, H, D) output."""
+    n, t, _, h, d = qkv.shape
+    base, step = qkv.data_ptr(), h * d * qkv.element_size()
+    return base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d
+
+
+def _out_strides(qkv: torch.Tensor) -> tuple[int, int, int]:
+    _, t, _, h, d = qkv.shape
+    return t * h * d, h * d, d
 
 
 def _require_amx() -> None:
@@ -507,11 +501,9 @@ def attention_amx_backward(
     grad = grad.to(torch.bfloat16).contiguous()  # (N, T, H, D), the output's layout
     grad_qkv = torch.empty_like(qkv)
     grad_bias = torch.zeros(3 * h * d, dtype=torch.float32, device=qkv.device) if bias_grad else None
-    base, gbase, step = qkv.data_ptr(), grad_qkv.data_ptr(), h * d * qkv.element_size()
     status = load_library().ditkit_attention_amx_backward(
-        base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, out.data_ptr(), grad.data_ptr(),
-        t * h * d, h * d, d, p.data_ptr(), gbase, gbase + step, gbase + 2 * step, _ptr(grad_bias), n, t, h, d,
-        d**-0.5,
+        *_qkv_views(qkv), out.data_ptr(), grad.data_ptr(), *_out_strides(qkv), p.data_ptr(),
+        *_qkv_views(grad_qkv)[:3], _ptr(grad_bias), n, t, h, d, d**-0.5,
     )  # fmt: skip
     _check(status, "attention backward", t)
     return grad_qkv, grad_bias
@@ -583,11 +575,9 @@ def fp32_self_attention(qkv: torch.Tensor, bias: torch.Tensor | None = None) -> 
     if bias is not None and (bias.shape != (3 * h * d,) or not bias.is_contiguous()):
         return None
     out = torch.empty(n, t, h, d, dtype=torch.float32, device=qkv.device)
-    base, step = qkv.data_ptr(), h * d * 4
     status = load_library().ditkit_attention_f32(
-        base, base + step, base + 2 * step, t * 3 * h * d, 3 * h * d, d, _ptr(bias), out.data_ptr(), t * h * d,
-        h * d, d, n, t, h, d, d**-0.5,
-    )  # fmt: skip
+        *_qkv_views(qkv), _ptr(bias), out.data_ptr(), *_out_strides(qkv), n, t, h, d, d**-0.5
+    )
     _check(status, "fp32 attention", t)
     return out
 

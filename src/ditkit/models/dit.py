@@ -397,8 +397,6 @@ class DiT(nn.Module):
 
             return norm
 
-        if not blocks:
-            return norm_modulate(x, *norm_before(0)())
         h, x = norm_modulate_residual(x, *norm_before(0)())
         for i, block in enumerate(blocks):
             h, x = block.gated_branches(h, x, modulation[0], norm_before(i + 1))
