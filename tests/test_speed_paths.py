@@ -223,6 +223,13 @@ def test_onednn_fp32_linear_matches_f_linear_forward_and_backward(monkeypatch, b
     assert _rel(out, ref) < 1e-5
     for grad, ref_grad in zip(grads, ref_grads):
         assert _rel(grad, ref_grad) < 1e-5
+    # a second derivative (a gradient penalty) reaches the weights through the oneDNN node's backward too
+    penalties = []
+    for forward in (layer, lambda x: F.linear(x, layer.weight, layer.bias)):
+        (g,) = torch.autograd.grad(forward(x).pow(3).sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(g.square().sum(), list(layer.parameters())))
+    for second, ref_second in zip(*penalties):
+        assert _rel(second, ref_second) < 1e-5
     # oneDNN has no empty-batch primitive (its backward failed): F.linear takes an empty batch
     x = torch.randn(0, 17, 48, requires_grad=True)
     empty = layer(x)

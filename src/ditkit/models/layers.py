@@ -205,14 +205,14 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): F.linear's gradients, which are differentiable
+            return cpu_kernels.recomputed_grads(F.linear, (x, weight, bias), ctx.needs_input_grad, grad)
         grad_x = grad_w = grad_b = None
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
         if ctx.needs_input_grad[0]:
@@ -220,7 +220,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
             grad_w = torch.ops.mkldnn._linear_pointwise(grad_2d.t(), x_2d.t(), None, "none", [], "")  # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if bias is not None and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
 
