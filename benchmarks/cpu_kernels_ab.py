@@ -10,7 +10,8 @@ on this project's 2-core CPU, then falls on both alike. Only the C changes; the 
 working tree's, so the two versions must declare the same entry points (the script compares the two
 sources' exported signatures and refuses otherwise).
 
-`sample` times one inference forward at 2 x --batch (a guided sampling step) under bf16 autocast inside
+`sample` times one inference forward at 2 x --batch (a guided sampling step) under bf16 autocast (or in plain
+fp32 with `--precision fp32`) inside
 `reuse_cast_weights` (the weights cast once, as in `generate`); `train` times forward + backward at
 --batch (the training step without the optimizer). docs/speed.md reports what this measured.
 """
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--what", nargs="+", choices=["sample", "train"], default=["sample", "train"])
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast, or plain fp32")
     args = parser.parse_args()
 
     retain_freed_memory()  # as ditkit bench does: no page faults in either side's time
@@ -105,16 +107,18 @@ def main() -> None:
         t = torch.rand(n, generator=g) * 999
         y = torch.randint(0, config.num_classes, (n,), generator=g)
 
+        bf16 = args.precision == "bf16"
+
         def run(name: str, what: str = what):
             def call() -> None:
                 current["lib"] = libs[name]
                 if what == "sample":
                     model.eval()
-                    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                         model(x, t, y)
                 else:
                     model.train()
-                    with torch.autocast("cpu", torch.bfloat16):
+                    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                         out = model(x, t, y)
                     out.float().square().mean().backward()
                     model.zero_grad(set_to_none=True)
@@ -124,7 +128,7 @@ def main() -> None:
         with layers.reuse_cast_weights():
             seconds = interleaved_medians({"old": run("old"), "new": run("new")}, args.repeats, torch.device("cpu"))
         print(
-            f"{args.preset} {what} (batch {n}): old {seconds['old'] * 1e3:.1f} ms, new {seconds['new'] * 1e3:.1f} ms, "
+            f"{args.preset} {what} {args.precision} (batch {n}): old {seconds['old'] * 1e3:.1f} ms, new {seconds['new'] * 1e3:.1f} ms, "
             f"old/new {seconds['old'] / seconds['new']:.3f}"
         )
 
